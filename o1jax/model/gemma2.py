@@ -1,0 +1,335 @@
+"""Gemma2 as Flax linen layers, exposed as one pure function over an explicit params pytree.
+
+    logits = forward(params, cfg, tokens)                       # [B, T, V] float32
+    logits, cache = forward(params, cfg, tokens, cache=cache)   # prefill or decode
+
+The params pytree (linen's naming; every matmul kernel is `[in, out]`):
+
+    embedder/embedding                       [V, D]      tied with the output layer
+    layer_{i}/input_norm/scale               [D]         RMSNorm weights, applied as (1 + w)
+    layer_{i}/attn/{q,k,v}_proj/kernel       [D, H*Hd] / [D, K*Hd] / [D, K*Hd]
+    layer_{i}/attn/o_proj/kernel             [H*Hd, D]
+    layer_{i}/post_attn_norm/scale           [D]
+    layer_{i}/pre_ffw_norm/scale             [D]
+    layer_{i}/mlp/{gate,up}_proj/kernel      [D, F]
+    layer_{i}/mlp/down_proj/kernel           [F, D]
+    layer_{i}/post_ffw_norm/scale            [D]
+    final_norm/scale                         [D]
+
+Activations run in the params' dtype (float32 or bfloat16); norms, softmax and logits in float32.
+
+Attention masking is by *position*, never by slot: a key slot carries the position of its token
+(-1 for padding or an empty cache slot) and query at position p sees key position j iff
+0 <= j <= p and, on sliding layers (even index), j > p - W. This one rule covers left-padded
+batches, right-padded prompts, prefill and token-by-token decode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from o1jax.model.config import Gemma2Config
+
+Params = Any  # nested dict of arrays (see module docstring)
+Cache = dict  # see `init_cache`
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+# ----------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)`, computed in float32."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class LoRADense(nn.Module):
+    """A bias-free projection `x @ W` plus an optional low-rank update `scale * x @ A @ B`.
+
+    The LoRA factors come in as an argument (never as module params), so the frozen base and the
+    adapters stay separate pytrees and the base is never copied.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, lora: dict | None = None, lora_scale: float = 0.0):
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
+        )
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+        if lora is not None:
+            a, b = lora["a"], lora["b"]  # [in, r], [r, out]
+            delta = jnp.einsum("...i,ir,ro->...o", x.astype(a.dtype), a, b)
+            y = y + (lora_scale * delta).astype(y.dtype)
+        return y
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding with the half-split (rotate_half) convention.
+
+    x: [B, T, N, Hd]; positions: [B, T] int. Angles in float32, applied in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Hd]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask_from_positions(q_pos, k_pos, window: int | None):
+    """Which keys each query may see. q_pos [B, T], k_pos [B, S] (-1 = no key) -> [B, T, S]."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed &= kp > qp - window
+    return allowed
+
+
+def xla_attention(q, k, v, allowed, *, scale: float, softcap: float | None):
+    """Grouped-query attention that materialises scores (the reference path).
+
+    q: [B, T, H, Hd]; k, v: [B, S, K, Hd]; allowed: [B, T, S] bool. Returns [B, T, H, Hd].
+    Scores are soft-capped before the mask; the softmax runs in float32.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)  # [B, T, K, G, Hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+# ----------------------------------------------------------------------------- layers
+class Attention(nn.Module):
+    cfg: Gemma2Config
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        lora = lora or {}
+        proj = lambda name, n: LoRADense(n, name=name)(x, lora.get(name), lora_scale)
+        q = proj("q_proj", cfg.num_heads * cfg.head_dim).reshape(b, t, cfg.num_heads, -1)
+        k = proj("k_proj", cfg.num_kv_heads * cfg.head_dim).reshape(b, t, cfg.num_kv_heads, -1)
+        v = proj("v_proj", cfg.num_kv_heads * cfg.head_dim).reshape(b, t, cfg.num_kv_heads, -1)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+
+        window = cfg.layer_window(self.layer)
+        scale = cfg.query_pre_attn_scalar**-0.5
+        new_cache = None
+        if cache is not None:
+            # Write this chunk at slots [index, index + T) and attend over the whole cache.
+            index = cache["index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, 1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, 1
+            )
+            new_cache = {"k": k_all, "v": v_all}
+            allowed = attention_mask_from_positions(positions, key_positions, window)
+            out = xla_attention(
+                q,
+                k_all.astype(q.dtype),
+                v_all.astype(q.dtype),
+                allowed,
+                scale=scale,
+                softcap=cfg.attn_logit_softcapping,
+            )
+        elif cfg.attention_impl == "pallas":
+            import kernels  # the Pallas kernels live in a top-level package beside o1jax
+
+            out = kernels.attention(
+                q,
+                k,
+                v,
+                causal=True,
+                softcap=cfg.attn_logit_softcapping,
+                window=window,
+                scale=scale,
+                mask=token_mask,
+                impl="pallas",
+                interpret=jax.default_backend() == "cpu",
+            )
+        else:
+            allowed = attention_mask_from_positions(positions, key_positions, window)
+            out = xla_attention(q, k, v, allowed, scale=scale, softcap=cfg.attn_logit_softcapping)
+        out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return LoRADense(cfg.d_model, name="o_proj")(out, lora.get("o_proj"), lora_scale), new_cache
+
+
+class MLP(nn.Module):
+    cfg: Gemma2Config
+
+    @nn.compact
+    def __call__(self, x, lora, lora_scale):
+        lora = lora or {}
+        f = self.cfg.ffn_dim
+        gate = LoRADense(f, name="gate_proj")(x, lora.get("gate_proj"), lora_scale)
+        up = LoRADense(f, name="up_proj")(x, lora.get("up_proj"), lora_scale)
+        hidden = jax.nn.gelu(gate, approximate=True) * up
+        return LoRADense(self.cfg.d_model, name="down_proj")(
+            hidden, lora.get("down_proj"), lora_scale
+        )
+
+
+class DecoderLayer(nn.Module):
+    cfg: Gemma2Config
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask):
+        eps = self.cfg.rms_norm_eps
+        lora = lora or {}
+        h = RMSNorm(eps, name="input_norm")(x)
+        h, new_cache = Attention(self.cfg, self.layer, name="attn")(
+            h, positions, key_positions, lora.get("attn"), lora_scale, cache, token_mask
+        )
+        x = x + RMSNorm(eps, name="post_attn_norm")(h)
+        h = RMSNorm(eps, name="pre_ffw_norm")(x)
+        h = MLP(self.cfg, name="mlp")(h, lora.get("mlp"), lora_scale)
+        x = x + RMSNorm(eps, name="post_ffw_norm")(h)
+        return x, new_cache
+
+
+class Gemma2(nn.Module):
+    """The decoder. Call through `forward`; `init_params` builds a random params pytree."""
+
+    cfg: Gemma2Config
+
+    @nn.compact
+    def __call__(self, tokens, positions, key_positions, lora, lora_scale, cache, token_mask):
+        cfg = self.cfg
+        embedding = self.param(
+            "embedder",
+            lambda key, shape: {"embedding": jax.random.normal(key, shape) * 0.02},
+            (cfg.vocab_size, cfg.d_model),
+        )["embedding"]
+        dtype = embedding.dtype
+        x = embedding[tokens]  # [B, T, D]
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)  # normaliser rounded to dtype first
+        lora = lora or {}
+        new_layers = {}
+        for i in range(cfg.num_layers):
+            name = f"layer_{i}"
+            layer_cache = None if cache is None else {**cache[name], "index": cache["index"]}
+            x, new_layers[name] = DecoderLayer(cfg, i, name=name)(
+                x, positions, key_positions, lora.get(name), lora_scale, layer_cache, token_mask
+            )
+        x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+        logits = jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
+        if cfg.final_logit_softcapping is not None:
+            cap = cfg.final_logit_softcapping
+            logits = cap * jnp.tanh(logits / cap)
+        return logits, new_layers
+
+
+# ----------------------------------------------------------------------------- public API
+def init_params(cfg: Gemma2Config, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random params (normal(0.02) kernels, zero norm weights), cast to `dtype`."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    params = Gemma2(cfg).init(key, tokens, pos, pos, None, 0.0, None, None)["params"]
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache of `length` slots per row.
+
+    layer_{i}/k, layer_{i}/v   [B, S, K, Hd]
+    positions                  [B, S] int32, position of the token in each slot, -1 if none
+    index                      [] int32, next slot to write (shared by all rows)
+    """
+    kv = lambda: jnp.zeros((batch, length, cfg.num_kv_heads, cfg.head_dim), dtype)
+    cache: Cache = {f"layer_{i}": {"k": kv(), "v": kv()} for i in range(cfg.num_layers)}
+    cache["positions"] = jnp.full((batch, length), -1, jnp.int32)
+    cache["index"] = jnp.zeros((), jnp.int32)
+    return cache
+
+
+def forward(
+    params: Params,
+    cfg: Gemma2Config,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    lora=None,
+    cache: Cache | None = None,
+):
+    """Runs Gemma2 on `tokens` [B, T] and returns float32 logits [B, T, V].
+
+    positions: [B, T] int; defaults to `cumsum(attention_mask) - 1` (left padding) when a mask is
+      given, else `arange(T)`, offset by the cache's index when a cache is given.
+    attention_mask: [B, T], 1 for real tokens, 0 for padding (padding is never attended).
+    lora: a `LoRAParams` (see `o1jax.model.lora`) applied on the fly, or None.
+    cache: from `init_cache`; when given, the T new tokens are written at slots
+      [index, index + T) and `(logits, new_cache)` is returned.
+    """
+    chex.assert_rank(tokens, 2)
+    b, t = tokens.shape
+    if attention_mask is None:
+        token_mask = None
+        valid = jnp.ones((b, t), bool)
+    else:
+        chex.assert_shape(attention_mask, (b, t))
+        token_mask = attention_mask.astype(bool)
+        valid = token_mask
+    if positions is None:
+        if attention_mask is not None:
+            positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is not None:
+            positions = positions + cache["index"]
+    chex.assert_shape(positions, (b, t))
+    positions = positions.astype(jnp.int32)
+    new_key_positions = jnp.where(valid, positions, -1)  # [B, T]
+
+    if cache is not None:
+        key_positions = jax.lax.dynamic_update_slice_in_dim(
+            cache["positions"], new_key_positions, cache["index"], 1
+        )  # [B, S]
+    else:
+        key_positions = new_key_positions
+
+    lora_weights, lora_scale = (None, 0.0) if lora is None else (lora.weights, lora.scale)
+    logits, new_layers = Gemma2(cfg).apply(
+        {"params": params},
+        tokens,
+        positions,
+        key_positions,
+        lora_weights,
+        lora_scale,
+        cache,
+        token_mask,
+    )
+    if cache is None:
+        return logits
+    new_cache = dict(new_layers)
+    new_cache["positions"] = key_positions
+    new_cache["index"] = cache["index"] + t
+    return logits, new_cache

@@ -1,0 +1,128 @@
+"""Device meshes and partition rules for Gemma2 params, LoRA adapters and batches.
+
+Axes: `data` (pure data parallel: params replicated), `fsdp` (data parallel with params sharded
+along their input dimension, all-gathered per layer by XLA), `tensor` (Megatron-style: heads and
+FFN columns split). A batch is split over ("data", "fsdp").
+
+A rule names an axis for each dimension; a dimension that the axis size does not divide is left
+replicated instead (tiny models have single kv heads), so the same rules serve every model size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex over the '/'-joined param path, one mesh axis or None per dimension)
+PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embedder/embedding$", ("tensor", "fsdp")),  # [V, D]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # [D, out]
+    (r"(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # [in, D]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/a$", ("fsdp", None)),  # LoRA A [D, r]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/b$", (None, "tensor")),  # LoRA B [r, out]
+    (r"(o_proj|down_proj)/a$", ("tensor", None)),  # LoRA A [in, r]
+    (r"(o_proj|down_proj)/b$", (None, "fsdp")),  # LoRA B [r, D]
+    (r"scale$", (None,)),  # norms [D]
+)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` when a multi-host environment is detected.
+
+    JAX auto-detects the coordinator on TPU pods, SLURM and Open MPI; we start it when one of the
+    usual variables is present. Returns whether it ran.
+    """
+    markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "COORDINATOR_ADDRESS",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    )
+    if not any(os.environ.get(m) for m in markers):
+        return False
+    if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor). `shape` may give -1 for one axis (all the rest).
+
+    `make_mesh()` puts every device on `data`; `make_mesh({"fsdp": -1})` shards params instead.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(shape or {"data": -1})
+    unknown = set(shape) - set(AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; axes are {AXES}")
+    sizes = {a: int(shape.get(a, 1)) for a in AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide by {fixed}")
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh: shape {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}"
+        )
+    grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
+    return Mesh(grid, AXES)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of one array, by the first matching rule (replicated if none)."""
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path) and len(axes) == len(shape):
+            dims = [
+                ax if ax is not None and dim % mesh.shape[ax] == 0 and mesh.shape[ax] > 1 else None
+                for ax, dim in zip(axes, shape, strict=True)
+            ]
+            return PartitionSpec(*dims)
+    return PartitionSpec()
+
+
+def param_shardings(tree, mesh: Mesh):
+    """A pytree of NamedShardings matching `tree` (params, LoRA weights, or optimizer state)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, spec_for(_path_str(p), tuple(np.shape(x)), mesh)), tree
+    )
+
+
+def shard_params(tree, mesh: Mesh):
+    """Places every array of `tree` on `mesh` by the partition rules."""
+    return jax.device_put(tree, param_shardings(tree, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading dimension split over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(tree, mesh: Mesh):
+    return jax.device_put(tree, jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), tree))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,275 @@
+"""Gemma2: parity with transformers, cached decoding, LoRA, HF I/O, sharded loading, bad input."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from hf_models import PARITY_CONFIGS, build_hf_model, hf_logits
+from safetensors.numpy import load_file, save_file
+
+from o1jax.model import CheckpointError, Gemma2Config, forward, init_cache, load_hf, lora, save_hf
+from o1jax.parallel.mesh import make_mesh
+
+SEQ = 19  # longer than every test config's sliding window
+
+
+@pytest.fixture(scope="module", params=sorted(PARITY_CONFIGS))
+def hf_dir(request, tmp_path_factory):
+    model = build_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def _batch(vocab, seed=0, batch=3, seq=SEQ):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq))
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, :4] = 0  # left padding
+    mask[2, :11] = 0
+    return tokens, mask
+
+
+# ----------------------------------------------------------------------------- 1. parity
+def test_logits_match_transformers(hf_dir):
+    path, model = hf_dir
+    cfg, params = load_hf(path)
+    assert cfg.num_heads // cfg.num_kv_heads == model.config.num_attention_heads // (
+        model.config.num_key_value_heads
+    )
+    tokens, mask = _batch(cfg.vocab_size)
+    ref = hf_logits(model, tokens, mask)
+    ours = np.asarray(forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    assert np.abs(ref - ours)[valid].max() <= 1e-4
+    # Unpadded row without a mask equals HF too.
+    ours0 = np.asarray(forward(params, cfg, jnp.asarray(tokens[:1])))
+    assert np.abs(hf_logits(model, tokens[:1]) - ours0).max() <= 1e-4
+
+
+def test_config_round_trips_through_transformers():
+    for name in ("tiny", "gemma2_2b", "gemma2_9b", "gemma2_27b"):
+        cfg = Gemma2Config.preset(name)
+        hf = transformers.Gemma2Config(**cfg.to_hf())
+        assert Gemma2Config.from_hf(hf) == cfg
+        assert Gemma2Config.from_hf(hf.to_dict()) == cfg
+    assert Gemma2Config.gemma2_9b().query_pre_attn_scalar == 256  # not 224 (a known bug)
+    assert Gemma2Config.gemma2_27b().query_pre_attn_scalar == 144
+    assert (Gemma2Config.gemma2_2b().num_layers, Gemma2Config.gemma2_27b().ffn_dim) == (26, 36864)
+
+
+def test_bf16_base_runs_and_stays_close(hf_dir):
+    path, _ = hf_dir
+    cfg, p32 = load_hf(path)
+    _, p16 = load_hf(path, dtype=jnp.bfloat16)
+    assert jax.tree.leaves(p16)[0].dtype == jnp.bfloat16
+    tokens, mask = _batch(cfg.vocab_size)
+    l32 = forward(p32, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    l16 = forward(p16, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert l16.dtype == jnp.float32
+    valid = mask.astype(bool)
+    # bf16 has 8 mantissa bits; logits (capped at 30) agree to a few hundredths.
+    assert np.abs(np.asarray(l16) - np.asarray(l32))[valid].max() < 0.5
+
+
+# ----------------------------------------------------------------------------- 2. cache
+def test_cached_decoding_equals_full_forward(hf_dir):
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    tokens, mask = _batch(cfg.vocab_size, seed=1)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    full = forward(params, cfg, tokens, attention_mask=mask)
+    prefill = 6
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = init_cache(cfg, tokens.shape[0], SEQ + 3)
+    step = jax.jit(
+        lambda c, t, p, m: forward(params, cfg, t, positions=p, attention_mask=m, cache=c)
+    )
+    logits, cache = step(cache, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill])
+    outs = [logits]
+    for i in range(prefill, SEQ):  # one token at a time, well past the window
+        logits, cache = step(
+            cache, tokens[:, i : i + 1], positions[:, i : i + 1], mask[:, i : i + 1]
+        )
+        outs.append(logits)
+    cached = jnp.concatenate(outs, axis=1)
+    valid = np.asarray(mask).astype(bool)
+    assert np.abs(np.asarray(cached) - np.asarray(full))[valid].max() <= 1e-5
+    assert int(cache["index"]) == SEQ
+
+
+# ----------------------------------------------------------------------------- 3. LoRA
+def _random_lora(cfg, seed=0):
+    lcfg = lora.LoRAConfig(rank=4, alpha=8.0)
+    adapter = lora.init(cfg, jax.random.key(seed), lcfg)
+    # Non-zero B so the adapter really changes the model.
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def test_lora_with_zero_b_is_exactly_the_base(hf_dir):
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    adapter = lora.init(cfg, jax.random.key(0), lora.LoRAConfig(rank=4, alpha=16))
+    tokens, mask = _batch(cfg.vocab_size)
+    base = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    with_lora = forward(
+        params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), lora=adapter
+    )
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
+
+
+def test_lora_equals_merged_and_saves_for_transformers(hf_dir, tmp_path):
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    adapter = _random_lora(cfg)
+    tokens, mask = _batch(cfg.vocab_size)
+    tokens_j, mask_j = jnp.asarray(tokens), jnp.asarray(mask)
+    with_lora = np.asarray(forward(params, cfg, tokens_j, attention_mask=mask_j, lora=adapter))
+    base = np.asarray(forward(params, cfg, tokens_j, attention_mask=mask_j))
+    merged = np.asarray(forward(lora.merge(params, adapter), cfg, tokens_j, attention_mask=mask_j))
+    valid = mask.astype(bool)
+    assert np.abs(with_lora - base)[valid].max() > 1e-3  # the adapter does something
+    assert np.abs(with_lora - merged)[valid].max() <= 1e-5
+
+    save_hf(str(tmp_path), cfg, params, lora=adapter)
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert np.abs(hf_logits(hf.eval(), tokens, mask) - with_lora)[valid].max() <= 1e-4
+
+
+def test_gradients_reach_only_the_lora_pytree(hf_dir):
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    adapter = _random_lora(cfg)
+    tokens, _ = _batch(cfg.vocab_size)
+    tokens = jnp.asarray(tokens)
+
+    def loss(adapter):
+        logits = forward(params, cfg, tokens[:, :-1], lora=adapter)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(adapter)
+    base_before = jax.tree.map(np.asarray, params)
+    grads = jax.grad(loss)(adapter)
+    assert isinstance(grads, lora.LoRAParams)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    updates, opt_state = opt.update(grads, opt_state, adapter)
+    new_adapter = optax.apply_updates(adapter, updates)
+    assert float(loss(new_adapter)) < float(loss(adapter))
+    # The optimizer state holds only adapter-shaped leaves; the base is untouched.
+    n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
+    assert n_opt <= 2 * lora.num_params(adapter) + 8
+    jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, params))
+
+
+# ----------------------------------------------------------------------------- 4. mesh
+def test_load_on_a_mesh_of_8_devices_shards_and_matches(hf_dir):
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    _, sharded = load_hf(path, mesh=mesh)
+    emb = sharded["embedder"]["embedding"]
+    assert len(emb.sharding.device_set) == 8
+    q = sharded["layer_0"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec[0] == "fsdp" or q.sharding.spec[1] == "tensor"
+    assert q.addressable_shards[0].data.size < q.size  # really split, not replicated
+    tokens, mask = _batch(cfg.vocab_size)
+    ref = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda p, t, m: forward(p, cfg, t, attention_mask=m))(
+            sharded, jnp.asarray(tokens), jnp.asarray(mask)
+        )
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(out) - np.asarray(ref))[valid].max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- 5. bad input
+@pytest.fixture()
+def good_dir(tmp_path):
+    model = build_hf_model("mha_window3")
+    model.save_pretrained(tmp_path / "good")
+    return tmp_path / "good"
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_hf(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        load_hf(str(tmp_path / "empty"))
+
+
+def test_wrong_architecture(good_dir):
+    cfg_file = good_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["model_type"] = "llama"
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: model_type is 'llama'"):
+        load_hf(str(good_dir))
+
+
+def _rewrite(good_dir, fn):
+    file = good_dir / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_tensor(good_dir):
+    _rewrite(good_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj"):
+        load_hf(str(good_dir))
+
+
+def test_unexpected_tensor(good_dir):
+    _rewrite(
+        good_dir, lambda t: t.__setitem__("model.layers.9.extra.weight", np.zeros(3, np.float32))
+    )
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*model\.layers\.9\.extra"):
+        load_hf(str(good_dir))
+
+
+def test_shape_mismatch_names_both_shapes(good_dir):
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][
+            :-1
+        ]
+
+    _rewrite(good_dir, shrink)
+    with pytest.raises(
+        CheckpointError, match=r"k_proj\.weight has shape \[63, 48\], expected \[64, 48\]"
+    ):
+        load_hf(str(good_dir))
+
+
+def test_pickle_only_checkpoint_is_refused(good_dir):
+    os.remove(good_dir / "model.safetensors")
+    (good_dir / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_hf(str(good_dir))
+
+
+def test_sharded_index_layout_loads(good_dir, tmp_path):
+    cfg, params = load_hf(str(good_dir))
+    out = tmp_path / "sharded"
+    save_hf(str(out), cfg, params, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    _, again = load_hf(str(out))
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+    # An index naming a missing shard is reported.
+    shard = sorted(p for p in os.listdir(out) if p.startswith("model-"))[0]
+    os.remove(out / shard)
+    with pytest.raises(CheckpointError, match=f"lists {shard}, which is missing"):
+        load_hf(str(out))
+    shutil.rmtree(out)
