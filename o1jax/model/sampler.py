@@ -1,0 +1,165 @@
+"""A jitted batched sampler: one prefill, then a `while_loop` of one-token decode steps.
+
+    out = generate(params, cfg, prompt_tokens, prompt_lengths, key=key, max_new_tokens=64,
+                   temperature=1.0, stop_tokens=(end_of_thought_id,), num_samples=2)
+    out.tokens    # [B * num_samples, max_new_tokens]  pad after each row's stop token
+    out.lengths   # [B * num_samples]                  stop token included
+    out.logprobs  # [B * num_samples, max_new_tokens]  log p(token) under the raw model (T = 1)
+
+Prompts are right-padded `[B, P]` with per-row lengths; each prompt is prefilled once and its KV
+cache handed to its `num_samples` continuations (rows `b * num_samples + j`), so search can draw
+K candidate thoughts per leaf without prefilling the shared prefix K times. Everything from the
+prefill to the last decode step is one compiled program per distinct set of static arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from o1jax.model.config import Gemma2Config
+from o1jax.model.gemma2 import forward, init_cache
+
+
+@struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # [R, N] int32, pad after the stop token
+    lengths: jax.Array  # [R] int32, number of generated tokens, stop token included
+    logprobs: (
+        jax.Array
+    )  # [R, N] float32, log-prob of each token under the untempered model; 0 on pad
+    stopped: jax.Array  # [R] bool, whether the row ended on a stop token (not on the budget)
+
+
+def filter_logits(logits, temperature: float, top_k: int, top_p: float):
+    """Tempered, top-k- and nucleus-filtered logits [R, V] (filtered entries are -inf)."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [R, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [R, V] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p  # the first token is always kept
+        # The smallest kept logit is the threshold; ties at the threshold are kept.
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits, key, temperature, top_k, top_p):
+    """Next tokens [R] from logits [R, V]: argmax if temperature == 0, else a filtered sample."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    params,
+    cfg: Gemma2Config,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: tuple[int, ...] = (),
+    num_samples: int = 1,
+    lora=None,
+) -> SampleOutput:
+    """Samples `num_samples` continuations of each right-padded prompt.
+
+    prompt_tokens: [B, P] int, right-padded; prompt_lengths: [B] int in [1, P].
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    Returns a `SampleOutput` with R = B * num_samples rows.
+    """
+    chex.assert_rank(prompt_tokens, 2)
+    chex.assert_shape(prompt_lengths, (prompt_tokens.shape[0],))
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+        raise ValueError(
+            f"generate: bad sampling settings temperature={temperature} top_k={top_k} "
+            f"top_p={top_p} max_new_tokens={max_new_tokens}"
+        )
+    if cfg.pad_token_id in stop_tokens:
+        raise ValueError(f"generate: the pad token {cfg.pad_token_id} cannot be a stop token")
+    return _generate(
+        params, prompt_tokens, prompt_lengths, key, lora, cfg=cfg,
+        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), stop_tokens=tuple(int(s) for s in stop_tokens),
+        num_samples=int(num_samples),
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens",
+                     "num_samples"),
+)  # fmt: skip
+def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_tokens,
+              temperature, top_k, top_p, stop_tokens, num_samples):  # fmt: skip
+    b, p = prompt_tokens.shape
+    rows = b * num_samples
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    dtype = jax.tree.leaves(params)[0].dtype
+
+    # Prefill every prompt once; its cache then serves all of its samples.
+    prompt_mask = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    cache = init_cache(cfg, b, p + max_new_tokens, dtype)
+    logits, cache = forward(params, cfg, prompt_tokens, positions=positions,
+                            attention_mask=prompt_mask, lora=lora, cache=cache)  # fmt: skip
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    if num_samples > 1:
+        repeat = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim and x.shape[0] == b else x
+        cache = jax.tree.map(repeat, cache)
+        last = repeat(last)
+        prompt_lengths = repeat(prompt_lengths)
+    stop_ids = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, tokens, logprobs, done, key = state
+        key, sub = jax.random.split(key)
+        token = _choose(logits, sub, temperature, top_k, top_p)  # [R]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(done, cfg.pad_token_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
+        new_done = done | jnp.isin(token, stop_ids)
+        pos = (prompt_lengths + step)[:, None]  # [R, 1]
+        logits, cache = forward(params, cfg, token[:, None], positions=pos,
+                                attention_mask=~done[:, None], lora=lora, cache=cache)  # fmt: skip
+        return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, key
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        last,
+        jnp.full((rows, max_new_tokens), cfg.pad_token_id, jnp.int32),
+        jnp.zeros((rows, max_new_tokens), jnp.float32),
+        jnp.zeros((rows,), bool),
+        key,
+    )
+    _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+    is_stop = jnp.isin(tokens, stop_ids) if stop_tokens else jnp.zeros_like(tokens, bool)
+    stopped = jnp.any(is_stop, axis=1)
+    first_stop = jnp.argmax(is_stop, axis=1)
+    lengths = jnp.where(stopped, first_stop + 1, max_new_tokens).astype(jnp.int32)
+    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped)
+
+
+def prefill_token_count(prompt_lengths: jax.Array, num_samples: int) -> dict[str, int]:
+    """Prompt tokens prefilled with shared prefixes, against prefilling every sample's prefix."""
+    total = int(jnp.sum(prompt_lengths))
+    return {"prefilled": total, "without_sharing": total * num_samples}

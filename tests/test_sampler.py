@@ -1,0 +1,153 @@
+"""The jitted sampler: greedy == repeated full forwards, exact log-probs, distribution, stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from o1jax.model import Gemma2Config, forward, init_params
+from o1jax.model.sampler import _generate, filter_logits, generate
+
+VOCAB = 48
+STOP_CANDIDATES = (5, 6, 7)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = Gemma2Config.tiny(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                            num_kv_heads=2, head_dim=16, ffn_dim=128, sliding_window=4)  # fmt: skip
+    params = init_params(cfg, jax.random.key(3))
+    # Larger weights and random norm gains give varied, non-repeating greedy continuations.
+    keys = iter(jax.random.split(jax.random.key(4), 64))
+    params = jax.tree.map(
+        lambda x: jax.random.normal(next(keys), x.shape) * (0.7 if x.ndim == 1 else 0.25), params
+    )
+    return cfg, params
+
+
+def _prompts(lengths, width=9, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(8, VOCAB, (len(lengths), width))
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+    return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
+def _greedy_reference(params, cfg, prompt, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        logits = forward(params, cfg, jnp.asarray([seq]))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt) :]
+
+
+def test_greedy_equals_repeated_full_forward_and_rows_are_independent(model):
+    cfg, params = model
+    tokens, lengths = _prompts([9, 3, 6])
+    out = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=8,
+                   temperature=0.0)  # fmt: skip
+    assert len({tuple(r) for r in np.asarray(out.tokens)}) == 3
+    for i, n in enumerate([9, 3, 6]):
+        expected = _greedy_reference(params, cfg, list(np.asarray(tokens[i, :n])), 8)
+        assert list(np.asarray(out.tokens[i])) == expected
+        alone = generate(params, cfg, tokens[i : i + 1, :n], lengths[i : i + 1],
+                         key=jax.random.key(9), max_new_tokens=8, temperature=0.0)  # fmt: skip
+        np.testing.assert_array_equal(alone.tokens[0], out.tokens[i])
+
+
+def test_logprobs_equal_full_forward_log_softmax(model):
+    cfg, params = model
+    tokens, lengths = _prompts([7, 4])
+    out = generate(params, cfg, tokens, lengths, key=jax.random.key(1), max_new_tokens=6,
+                   temperature=1.0)  # fmt: skip
+    for i, n in enumerate([7, 4]):
+        seq = jnp.concatenate([tokens[i, :n], out.tokens[i]])[None]
+        logp = jax.nn.log_softmax(forward(params, cfg, seq)[0])  # [n + 6, V]
+        expected = logp[n - 1 + jnp.arange(6), out.tokens[i]]
+        np.testing.assert_allclose(out.logprobs[i], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 6, 1.0), (1.3, 0, 0.8)])
+def test_samples_follow_the_filtered_softmax(model, temperature, top_k, top_p):
+    cfg, params = model
+    params = jax.tree.map(lambda x: 0.4 * x, params)  # a flatter next-token distribution
+    tokens, lengths = _prompts([5])
+    n = 6000
+    out = generate(params, cfg, tokens, lengths, key=jax.random.key(2), max_new_tokens=1,
+                   temperature=temperature, top_k=top_k, top_p=top_p, num_samples=n)  # fmt: skip
+    logits = forward(params, cfg, tokens[:, :5])[:, -1]
+    probs = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p))[0])
+    counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=VOCAB)
+    assert counts[probs == 0].sum() == 0  # filtered tokens are never drawn
+    support = probs > 0
+    if top_k:
+        assert support.sum() == top_k
+    if top_p < 1:
+        assert support.sum() < VOCAB
+    # Pool rare categories so every expected count is >= 5, then a chi-square test.
+    expected = probs[support].astype(np.float64)
+    expected = expected / expected.sum() * n
+    observed = counts[support]
+    order = np.argsort(expected)
+    small = expected[order] < 5
+    exp_pooled = np.append(expected[order][~small], expected[order][small].sum())
+    obs_pooled = np.append(observed[order][~small], observed[order][small].sum())
+    if exp_pooled[-1] == 0:
+        exp_pooled, obs_pooled = exp_pooled[:-1], obs_pooled[:-1]
+    assert stats.chisquare(obs_pooled, exp_pooled).pvalue > 1e-3
+
+
+def test_stop_tokens_end_rows_independently(model):
+    cfg, params = model
+    tokens, lengths = _prompts([9, 3, 6, 8], seed=5)
+    free = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=12,
+                    temperature=0.0)  # fmt: skip
+    # Choose stop tokens that occur at different steps in different rows.
+    first_tokens = np.asarray(free.tokens)
+    stops = tuple(sorted({int(first_tokens[0, 2]), int(first_tokens[1, 5])}))
+    out = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=12,
+                   temperature=0.0, stop_tokens=stops)  # fmt: skip
+    for row in range(4):
+        hits = np.flatnonzero(np.isin(first_tokens[row], stops))
+        length = hits[0] + 1 if hits.size else 12
+        assert int(out.lengths[row]) == length
+        assert bool(out.stopped[row]) == bool(hits.size)
+        np.testing.assert_array_equal(out.tokens[row, :length], first_tokens[row, :length])
+        assert np.all(np.asarray(out.tokens[row, length:]) == cfg.pad_token_id)
+        assert np.all(np.asarray(out.logprobs[row, length:]) == 0.0)
+    assert len(set(np.asarray(out.lengths).tolist())) > 1
+
+
+def test_shared_prefix_samples_equal_separate_prefills(model):
+    cfg, params = model
+    tokens, lengths = _prompts([6, 4])
+    shared = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=5,
+                      temperature=0.0, num_samples=3)  # fmt: skip
+    single = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=5,
+                      temperature=0.0)  # fmt: skip
+    np.testing.assert_array_equal(shared.tokens, np.repeat(np.asarray(single.tokens), 3, axis=0))
+    np.testing.assert_allclose(shared.logprobs, np.repeat(np.asarray(single.logprobs), 3, axis=0),
+                               atol=1e-6)  # fmt: skip
+
+
+def test_compiles_once_for_repeated_calls_of_the_same_shape(model):
+    cfg, params = model
+    kwargs = dict(max_new_tokens=4, temperature=1.0, top_k=5, stop_tokens=STOP_CANDIDATES)
+    tokens, lengths = _prompts([5, 2])
+    generate(params, cfg, tokens, lengths, key=jax.random.key(0), **kwargs)
+    before = _generate._cache_size()
+    for seed in range(3):
+        tokens, lengths = _prompts([4, 7], seed=seed)
+        generate(params, cfg, tokens, lengths, key=jax.random.key(seed), **kwargs)
+    assert _generate._cache_size() == before
+
+
+def test_bad_settings_are_rejected(model):
+    cfg, params = model
+    tokens, lengths = _prompts([3])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="pad token"):
+        generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2,
+                 stop_tokens=(cfg.pad_token_id,))  # fmt: skip
