@@ -151,3 +151,19 @@ def test_bad_settings_are_rejected(model):
     with pytest.raises(ValueError, match="pad token"):
         generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2,
                  stop_tokens=(cfg.pad_token_id,))  # fmt: skip
+
+
+def test_suffix_scores_equal_a_full_forward_over_the_row(model):
+    cfg, params = model
+    tokens, lengths = _prompts([7, 4])
+    suffix, scored = (9, 11), (5, 6, 30)
+    out = generate(params, cfg, tokens, lengths, key=jax.random.key(5), max_new_tokens=6,
+                   temperature=1.0, stop_tokens=STOP_CANDIDATES, num_samples=2,
+                   score_suffix=suffix, score_tokens=scored)  # fmt: skip
+    assert out.scores.shape == (4, 3)
+    for row in range(4):
+        prompt = tokens[row // 2, : int(lengths[row // 2])]
+        seq = jnp.concatenate([prompt, out.tokens[row, : int(out.lengths[row])],
+                               jnp.asarray(suffix)])[None]  # fmt: skip
+        logp = jax.nn.log_softmax(forward(params, cfg, seq)[0, -1])
+        np.testing.assert_allclose(out.scores[row], logp[jnp.asarray(scored)], atol=1e-5)

@@ -33,6 +33,9 @@ class SampleOutput:
         jax.Array
     )  # [R, N] float32, log-prob of each token under the untempered model; 0 on pad
     stopped: jax.Array  # [R] bool, whether the row ended on a stop token (not on the budget)
+    # [R, len(score_tokens)] log-probs of `score_tokens` after the row's tokens + `score_suffix`
+    # (empty when no suffix was asked for). Search reads a thought's rating from it.
+    scores: jax.Array
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -73,12 +76,16 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: tuple[int, ...] = (),
     num_samples: int = 1,
+    score_suffix: tuple[int, ...] = (),
+    score_tokens: tuple[int, ...] = (),
     lora=None,
 ) -> SampleOutput:
     """Samples `num_samples` continuations of each right-padded prompt.
 
     prompt_tokens: [B, P] int, right-padded; prompt_lengths: [B] int in [1, P].
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    score_suffix / score_tokens: after sampling, feed `score_suffix` behind each row's tokens and
+      return the log-probs of `score_tokens` at its last position (from the same KV cache).
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
     chex.assert_rank(prompt_tokens, 2)
@@ -94,17 +101,19 @@ def generate(
         params, prompt_tokens, prompt_lengths, key, lora, cfg=cfg,
         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), stop_tokens=tuple(int(s) for s in stop_tokens),
-        num_samples=int(num_samples),
+        num_samples=int(num_samples), score_suffix=tuple(int(t) for t in score_suffix),
+        score_tokens=tuple(int(t) for t in score_tokens),
     )  # fmt: skip
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens",
-                     "num_samples"),
+                     "num_samples", "score_suffix", "score_tokens"),
 )  # fmt: skip
 def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_tokens,
-              temperature, top_k, top_p, stop_tokens, num_samples):  # fmt: skip
+              temperature, top_k, top_p, stop_tokens, num_samples, score_suffix,
+              score_tokens):  # fmt: skip
     b, p = prompt_tokens.shape
     rows = b * num_samples
     prompt_lengths = prompt_lengths.astype(jnp.int32)
@@ -113,7 +122,7 @@ def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_
     # Prefill every prompt once; its cache then serves all of its samples.
     prompt_mask = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    cache = init_cache(cfg, b, p + max_new_tokens, dtype)
+    cache = init_cache(cfg, b, p + max_new_tokens + len(score_suffix), dtype)
     logits, cache = forward(params, cfg, prompt_tokens, positions=positions,
                             attention_mask=prompt_mask, lora=lora, cache=cache)  # fmt: skip
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
@@ -151,12 +160,23 @@ def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_
         jnp.zeros((rows,), bool),
         key,
     )
-    _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+    _, cache, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stop_ids) if stop_tokens else jnp.zeros_like(tokens, bool)
     stopped = jnp.any(is_stop, axis=1)
     first_stop = jnp.argmax(is_stop, axis=1)
     lengths = jnp.where(stopped, first_stop + 1, max_new_tokens).astype(jnp.int32)
-    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped)
+    scores = jnp.zeros((rows, 0), jnp.float32)
+    if score_suffix:
+        # Every generated token is in the cache (slots of finished rows are masked out), so the
+        # suffix continues each row right after its own last token.
+        n = len(score_suffix)
+        suffix = jnp.broadcast_to(jnp.asarray(score_suffix, jnp.int32), (rows, n))
+        pos = (prompt_lengths + lengths)[:, None] + jnp.arange(n, dtype=jnp.int32)
+        logits, _ = forward(params, cfg, suffix, positions=pos, lora=lora, cache=cache)
+        logp = jax.nn.log_softmax(logits[:, -1])  # [R, V]
+        scores = logp[:, jnp.asarray(score_tokens, jnp.int32)]
+    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped,
+                        scores=scores)  # fmt: skip
 
 
 def prefill_token_count(prompt_lengths: jax.Array, num_samples: int) -> dict[str, int]:

@@ -1,0 +1,108 @@
+"""Sampling throughput of o1jax's `generate` against transformers' `generate` (PyTorch, CPU).
+
+Same tiny Gemma2 (4 layers, d_model 256, 4 heads, 1 kv head, head_dim 64, ffn 1024, vocab 512),
+same random weights, prompts of 32 tokens, 128 new tokens sampled at temperature 1, batches 16
+and 64, in one run. Also measures this machine's matmul FLOP/s (a large float32 jnp.dot) and
+reports the fraction of that roofline the sampler reaches.
+
+    python bench/sample.py [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import Gemma2Config as HFGemma2Config
+from transformers import Gemma2ForCausalLM
+
+from o1jax.model import Gemma2Config, load_hf
+from o1jax.model.sampler import generate
+
+PROMPT, NEW = 32, 128
+
+
+def median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 1024, reps: int = 10) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    dot = jax.jit(lambda x: x @ x)
+    seconds = median_seconds(lambda: dot(a).block_until_ready(), reps)
+    return 2 * n**3 / seconds
+
+
+def decode_flops_per_token(cfg: Gemma2Config, context: int) -> float:
+    """Matmul FLOPs of one decoded token: projections, MLP, unembedding and attention."""
+    d, hd = cfg.d_model, cfg.head_dim
+    proj = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * d * cfg.ffn_dim
+    attn = 2 * cfg.num_heads * hd * context
+    return 2 * (cfg.num_layers * (proj + mlp + attn) + d * cfg.vocab_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    args = parser.parse_args()
+
+    cfg = Gemma2Config.tiny(vocab_size=512)
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(HFGemma2Config(**cfg.to_hf(), attn_implementation="eager")).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        cfg, params = load_hf(d)
+
+    peak = matmul_flops_per_second()
+    print(f"tiny Gemma2: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads}/"
+          f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, ffn {cfg.ffn_dim}, vocab "
+          f"{cfg.vocab_size}; prompt {PROMPT}, {NEW} new tokens, temperature 1; "
+          f"torch threads {torch.get_num_threads()}, jax {jax.__version__} "
+          f"({jax.default_backend()})")
+    print(f"measured matmul roofline (1024^3 float32 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'batch':>5} {'transformers tok/s':>19} {'o1jax tok/s':>12} {'ratio':>6} "
+          f"{'o1jax GFLOP/s':>14} {'of roofline':>11}")
+    for batch in args.batches:
+        rng = np.random.default_rng(batch)
+        prompts = rng.integers(3, cfg.vocab_size, (batch, PROMPT))
+        prompts_t = torch.as_tensor(prompts)
+        prompts_j, lengths_j = jnp.asarray(prompts), jnp.full((batch,), PROMPT, jnp.int32)
+        key = jax.random.key(0)
+
+        def run_hf(prompts_t=prompts_t):
+            with torch.inference_mode():
+                out = hf.generate(prompts_t, attention_mask=torch.ones_like(prompts_t),
+                                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                  max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # fmt: skip
+            assert out.shape == (batch, PROMPT + NEW)
+
+        def run_ours(prompts_j=prompts_j, lengths_j=lengths_j):
+            out = generate(params, cfg, prompts_j, lengths_j, key=key, max_new_tokens=NEW,
+                           temperature=1.0)  # fmt: skip
+            out.tokens.block_until_ready()
+
+        n_tokens = batch * NEW
+        t_hf = median_seconds(run_hf, args.reps)
+        t_ours = median_seconds(run_ours, args.reps)
+        flops = batch * sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
+        achieved = flops / t_ours
+        print(f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
+              f"{t_hf / t_ours:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}")
+
+
+if __name__ == "__main__":
+    main()

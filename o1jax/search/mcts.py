@@ -1,0 +1,378 @@
+"""Batched MCTS over reasoning steps (LLaMA-O1's search, compiled and batched over problems).
+
+One simulation, for all B trees at once:
+
+1. `select`: descend from the root by PUCT (or UCT) to a leaf, a vmapped `while_loop`.
+2. `expand_fn`: K candidate thoughts for all B leaves in ONE sampler call (B * K rows, each
+   leaf's prefix prefilled once), each valued by the model's own rating tokens.
+3. host: terminal thoughts that state a final answer are checked against the ground truth (only
+   when rewards are wanted: self-play). This is the only host step of a simulation.
+4. `insert_and_backup`: children written into the arena; the leaf's value (the best or mean of
+   its children's values, or its own value for a terminal leaf) is backed up to the root with a
+   discount per level.
+
+Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from o1jax.search.tree import NO_NODE, ROOT, Tree, ancestors, init_tree, path_from_root
+
+
+@dataclasses.dataclass(frozen=True)
+class MCTSConfig:
+    """Search hyper-parameters (LLaMA-O1's defaults where it had them)."""
+
+    num_simulations: int = 16
+    num_children: int = 2  # K candidates sampled per expansion
+    max_depth: int = 8  # thoughts on a path below the root
+    thought_length: int = 64  # token budget of one thought (L)
+    selection: str = "puct"  # "puct" or "uct"
+    c_puct: float = 1.4
+    discount: float = 0.9  # per level of backup
+    backup: str = "max"  # leaf value from its new children: "max" or "mean"
+    patience: int = 0  # stop a tree after this many correct answers (0: never)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    noise: float = 1e-3  # scale of the random tie-breaking term in selection
+
+    def __post_init__(self):
+        if self.selection not in ("puct", "uct"):
+            raise ValueError(
+                f"MCTSConfig.selection must be 'puct' or 'uct', got {self.selection!r}"
+            )
+        if self.backup not in ("max", "mean"):
+            raise ValueError(f"MCTSConfig.backup must be 'max' or 'mean', got {self.backup!r}")
+        if self.num_children < 1 or self.num_simulations < 1 or self.max_depth < 1:
+            raise ValueError("MCTSConfig: num_children, num_simulations, max_depth must be >= 1")
+
+    @property
+    def capacity(self) -> int:
+        return 1 + self.num_simulations * self.num_children
+
+
+@struct.dataclass
+class Expansion:
+    """K candidate thoughts for each of B leaves."""
+
+    tokens: jax.Array  # [B, K, L] int32
+    lengths: jax.Array  # [B, K] int32
+    logprobs: jax.Array  # [B, K, L] float32 behaviour log-probs
+    stopped: jax.Array  # [B, K] bool, ended with <end_of_thought> (not truncated)
+    is_answer: jax.Array  # [B, K] bool, a complete <conclusion> thought
+    rating: jax.Array  # [B, K] float32 in [0, 1]
+    reward: jax.Array  # [B, K] float32, filled on the host for answers (else 0)
+
+
+# ----------------------------------------------------------------------------- selection
+def _select_one(tree: Tree, key, config: MCTSConfig):
+    """Leaf reached from the root of one tree (arrays without the batch axis)."""
+    k = config.num_children
+    q_all = tree.q_values()
+
+    def cond(node):
+        return (tree.first_child[node] != NO_NODE) & ~tree.terminal[node]
+
+    def body(node):
+        kids = tree.first_child[node] + jnp.arange(k)  # [K]
+        q = q_all[kids]
+        n = tree.visits[kids].astype(jnp.float32)
+        parent_n = tree.visits[node].astype(jnp.float32)
+        if config.selection == "puct":
+            prior = jax.nn.softmax(tree.prior_logit[kids])
+            score = q + config.c_puct * prior * jnp.sqrt(parent_n) / (1.0 + n)
+        else:
+            score = q + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
+        score = score + config.noise * jax.random.uniform(jax.random.fold_in(key, node), (k,))
+        return kids[jnp.argmax(score)]
+
+    return jax.lax.while_loop(cond, body, jnp.asarray(ROOT, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def select(tree: Tree, key: jax.Array, config: MCTSConfig) -> jax.Array:
+    """The leaf [B] each tree expands next."""
+    keys = jax.random.split(key, tree.batch_size)
+    return jax.vmap(functools.partial(_select_one, config=config))(tree, keys)
+
+
+# ----------------------------------------------------------------------------- insert + backup
+def child_values(expansion: Expansion, depth: jax.Array, config: MCTSConfig, use_rewards: bool):
+    """Terminal flags [B, K] and values [B, K] of new children at `depth` [B]."""
+    at_max = (depth + 1 >= config.max_depth)[:, None]
+    terminal = expansion.is_answer | ~expansion.stopped | at_max
+    if use_rewards:
+        value = jnp.where(terminal, expansion.reward, expansion.rating)
+    else:
+        value = expansion.rating
+    return terminal, value
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_rewards"), donate_argnums=(0,))
+def insert_and_backup(
+    tree: Tree, leaf: jax.Array, expansion: Expansion, config: MCTSConfig, use_rewards: bool
+) -> Tree:
+    """Adds the K children of every expandable leaf and backs the values up to the roots.
+
+    A tree whose leaf is terminal gets no children; the leaf's own value is backed up again.
+    Trees that are `done` are left untouched.
+    """
+    b, k = tree.batch_size, config.num_children
+    chex.assert_shape(leaf, (b,))
+    chex.assert_shape(expansion.rating, (b, k))
+    rows = jnp.arange(b)
+    leaf_depth = tree.depth[rows, leaf]
+    leaf_terminal = tree.terminal[rows, leaf]
+    expand = ~tree.done & ~leaf_terminal
+    terminal, value = child_values(expansion, leaf_depth, config, use_rewards)
+
+    # Children go to slots [num_nodes, num_nodes + K); non-expanding trees write out of bounds.
+    slots = tree.num_nodes[:, None] + jnp.arange(k)[None, :]  # [B, K]
+    slots = jnp.where(expand[:, None], slots, tree.capacity)
+    r = rows[:, None]
+    length = jnp.maximum(expansion.lengths, 1).astype(jnp.float32)
+    mean_logp = jnp.sum(expansion.logprobs, axis=-1) / length
+    set_ = lambda field, v: field.at[r, slots].set(v, mode="drop")
+    tree = tree.replace(
+        parent=set_(tree.parent, jnp.broadcast_to(leaf[:, None], (b, k))),
+        depth=set_(tree.depth, jnp.broadcast_to(leaf_depth[:, None] + 1, (b, k))),
+        visits=set_(tree.visits, jnp.ones((b, k), jnp.int32)),
+        value_sum=set_(tree.value_sum, value),
+        prior_logit=set_(tree.prior_logit, mean_logp),
+        rating=set_(tree.rating, expansion.rating),
+        terminal=set_(tree.terminal, terminal),
+        is_answer=set_(tree.is_answer, expansion.is_answer),
+        reward=set_(tree.reward, expansion.reward),
+        tokens=tree.tokens.at[r, slots].set(expansion.tokens, mode="drop"),
+        lengths=set_(tree.lengths, expansion.lengths),
+        logprobs=tree.logprobs.at[r, slots].set(expansion.logprobs, mode="drop"),
+        first_child=tree.first_child.at[rows, jnp.where(expand, leaf, tree.capacity)].set(
+            tree.num_nodes, mode="drop"
+        ),
+        num_nodes=tree.num_nodes + jnp.where(expand, k, 0),
+    )
+
+    # The value the leaf passes up: from its new children, or its own for a terminal leaf.
+    new_children_value = jnp.max(value, 1) if config.backup == "max" else jnp.mean(value, 1)
+    own_value = tree.q_values()[rows, leaf]
+    leaf_value = jnp.where(expand, new_children_value, own_value)
+    chain = ancestors(tree, leaf, config.max_depth)  # [B, D + 1], chain[:, 0] = leaf
+    discounts = config.discount ** jnp.arange(config.max_depth + 1, dtype=jnp.float32)
+    live = (chain != NO_NODE) & ~tree.done[:, None]
+    idx = jnp.where(live, chain, tree.capacity)
+    tree = tree.replace(
+        visits=tree.visits.at[rows[:, None], idx].add(1, mode="drop"),
+        value_sum=tree.value_sum.at[rows[:, None], idx].add(
+            discounts[None, :] * leaf_value[:, None], mode="drop"
+        ),
+    )
+    if config.patience > 0:
+        successes = jnp.sum(tree.is_answer & (tree.reward > 0.5), axis=1)
+        tree = tree.replace(done=tree.done | (successes >= config.patience))
+    return tree
+
+
+# ----------------------------------------------------------------------------- prefixes
+@struct.dataclass
+class StepFormat:
+    """Token pieces that frame a thought (see `o1jax.data.longcot.render_chain`).
+
+    A path renders as: prompt, then per node at depth s: header[s], thought tokens,
+    suffix[rating >= 0.5]; then header[leaf depth + 1] opens the thought to be generated.
+    """
+
+    headers: jax.Array  # [D + 2, H] int32, header of the thought at depth s (row s)
+    header_lengths: jax.Array  # [D + 2] int32
+    suffixes: jax.Array  # [2, S] int32, row 0 negative rating, row 1 positive
+    suffix_lengths: jax.Array  # [2] int32
+    end_of_thought: int = struct.field(pytree_node=False, default=0)
+    start_of_rating: int = struct.field(pytree_node=False, default=0)
+    positive_rating: int = struct.field(pytree_node=False, default=0)
+    negative_rating: int = struct.field(pytree_node=False, default=0)
+    conclusion: int = struct.field(pytree_node=False, default=0)
+    pad: int = struct.field(pytree_node=False, default=0)
+
+    def max_prefix_length(self, prompt_width: int, max_depth: int, thought_length: int) -> int:
+        h, s = self.headers.shape[1], self.suffixes.shape[1]
+        return prompt_width + max_depth * (h + thought_length + s) + h
+
+
+def _prefix_one(tree: Tree, path, leaf_depth, prompt, prompt_length, fmt: StepFormat, width: int):
+    """Right-padded prefix [width] and its length for one tree (no batch axis)."""
+    h, s = fmt.headers.shape[1], fmt.suffixes.shape[1]
+    max_len = tree.tokens.shape[-1]
+    seg_w = h + max_len + s
+    t = jnp.arange(seg_w)
+
+    def segment(node, depth):
+        valid = node != NO_NODE
+        safe = jnp.maximum(node, 0)
+        ha = fmt.header_lengths[depth]
+        length = tree.lengths[safe]
+        positive = (tree.rating[safe] >= 0.5).astype(jnp.int32)
+        hc = fmt.suffix_lengths[positive]
+        header_tok = fmt.headers[depth, jnp.clip(t, 0, h - 1)]
+        thought_tok = tree.tokens[safe, jnp.clip(t - ha, 0, max_len - 1)]
+        suffix_tok = fmt.suffixes[positive, jnp.clip(t - ha - length, 0, s - 1)]
+        tok = jnp.where(t < ha, header_tok, jnp.where(t < ha + length, thought_tok, suffix_tok))
+        total = jnp.where(valid, ha + length + hc, 0)
+        return tok, total
+
+    depths = jnp.arange(1, path.shape[0] + 1)
+    seg_tokens, seg_lengths = jax.vmap(segment)(path, depths)  # [D, W], [D]
+    starts = prompt_length + jnp.cumsum(seg_lengths) - seg_lengths  # [D]
+    dest = jnp.where(t[None, :] < seg_lengths[:, None], starts[:, None] + t[None, :], width)
+    out = jnp.full((width,), fmt.pad, jnp.int32)
+    p = jnp.arange(prompt.shape[0])
+    out = out.at[jnp.where(p < prompt_length, p, width)].set(prompt, mode="drop")
+    out = out.at[dest.reshape(-1)].set(seg_tokens.reshape(-1), mode="drop")
+    tail_start = prompt_length + jnp.sum(seg_lengths)
+    tail_len = fmt.header_lengths[leaf_depth + 1]
+    th = jnp.arange(h)
+    tail_dest = jnp.where(th < tail_len, tail_start + th, width)
+    out = out.at[tail_dest].set(fmt.headers[leaf_depth + 1], mode="drop")
+    return out, tail_start + tail_len
+
+
+@functools.partial(jax.jit, static_argnames=("max_depth", "width"))
+def build_prefixes(tree: Tree, leaf, prompts, prompt_lengths, fmt: StepFormat, max_depth: int,
+                   width: int):  # fmt: skip
+    """Token prefixes [B, width] (right-padded) and lengths [B] that continue each leaf's path."""
+    path = path_from_root(tree, leaf, max_depth)  # [B, D]
+    leaf_depth = tree.depth[jnp.arange(tree.batch_size), leaf]
+    fn = functools.partial(_prefix_one, fmt=fmt, width=width)
+    return jax.vmap(fn)(tree, path, leaf_depth, prompts, prompt_lengths)
+
+
+# ----------------------------------------------------------------------------- the search
+ExpandFn = Callable[[Tree, jax.Array, jax.Array], Expansion]
+RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class SearchStats:
+    simulations: int = 0
+    prefilled_tokens: int = 0
+    prefilled_without_sharing: int = 0
+    expand_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+def run(
+    expand_fn: ExpandFn,
+    batch_size: int,
+    config: MCTSConfig,
+    key: jax.Array,
+    reward_fn: RewardFn | None = None,
+    stats: SearchStats | None = None,
+) -> Tree:
+    """Grows `batch_size` trees for `config.num_simulations` simulations.
+
+    expand_fn(tree, leaf, key) -> Expansion: K candidates for each tree's leaf.
+    reward_fn(tree_index [M], tokens [M, L], lengths [M]) -> rewards [M]: answer checks of the
+      new answer thoughts (host). None: no ground truth (evaluation); terminal values are then
+      the model's own ratings.
+    """
+    import time
+
+    tree = init_tree(batch_size, config.capacity, config.thought_length)
+    use_rewards = reward_fn is not None
+    start = time.perf_counter()
+    for sim in range(config.num_simulations):
+        key, k_select, k_expand = jax.random.split(key, 3)
+        leaf = select(tree, k_select, config)
+        t0 = time.perf_counter()
+        expansion = expand_fn(tree, leaf, k_expand)
+        if use_rewards:
+            expansion = _check_answers(expansion, reward_fn)
+        if stats is not None:
+            jax.block_until_ready(expansion.rating)
+            stats.expand_seconds += time.perf_counter() - t0
+        tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
+        if stats is not None:
+            stats.simulations += 1
+        if config.patience > 0 and sim % 4 == 3 and bool(jnp.all(tree.done)):
+            break
+    if stats is not None:
+        jax.block_until_ready(tree.visits)
+        stats.total_seconds += time.perf_counter() - start
+    return tree
+
+
+def _check_answers(expansion: Expansion, reward_fn: RewardFn) -> Expansion:
+    """Host step: rewards of the new answer thoughts, checked against the ground truth."""
+    is_answer = np.asarray(expansion.is_answer)
+    rewards = np.zeros(is_answer.shape, np.float32)
+    if is_answer.any():
+        b_idx, k_idx = np.nonzero(is_answer)
+        tokens = np.asarray(expansion.tokens)[b_idx, k_idx]
+        lengths = np.asarray(expansion.lengths)[b_idx, k_idx]
+        rewards[b_idx, k_idx] = reward_fn(b_idx, tokens, lengths)
+    return expansion.replace(reward=jnp.asarray(rewards))
+
+
+def make_lm_expand_fn(
+    params,
+    cfg,
+    prompts: jax.Array,
+    prompt_lengths: jax.Array,
+    fmt: StepFormat,
+    config: MCTSConfig,
+    lora=None,
+    stats: SearchStats | None = None,
+) -> ExpandFn:
+    """An `expand_fn` that samples K thoughts per leaf with the policy and rates them.
+
+    prompts: [B, P] right-padded problem prompts (the rendered root); prompt_lengths: [B].
+    """
+    from o1jax.model.sampler import generate
+
+    width = fmt.max_prefix_length(prompts.shape[1], config.max_depth, config.thought_length)
+    b, k = prompts.shape[0], config.num_children
+
+    def expand(tree: Tree, leaf: jax.Array, key: jax.Array) -> Expansion:
+        prefix, lengths = build_prefixes(tree, leaf, prompts, prompt_lengths, fmt,
+                                         config.max_depth, width)  # fmt: skip
+        out = generate(
+            params, cfg, prefix, lengths, key=key, max_new_tokens=config.thought_length,
+            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            stop_tokens=(fmt.end_of_thought,), num_samples=k,
+            score_suffix=(fmt.start_of_rating,),
+            score_tokens=(fmt.positive_rating, fmt.negative_rating), lora=lora,
+        )  # fmt: skip
+        if stats is not None:
+            n = int(jnp.sum(lengths))
+            stats.prefilled_tokens += n
+            stats.prefilled_without_sharing += n * k
+        return expansion_from_samples(out, b, k, fmt)
+
+    return expand
+
+
+def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:
+    """Sampler rows (b-major, K per leaf) -> an Expansion [B, K, ...]."""
+    shape = lambda x: x.reshape((b, k, *x.shape[1:]))
+    tokens = shape(out.tokens)
+    stopped = shape(out.stopped)
+    # Rating = P(positive) / (P(positive) + P(negative)), read after <start_of_rating>.
+    rating = jax.nn.sigmoid(out.scores[:, 0] - out.scores[:, 1])
+    return Expansion(
+        tokens=tokens,
+        lengths=shape(out.lengths),
+        logprobs=shape(out.logprobs),
+        stopped=stopped,
+        is_answer=(tokens[:, :, 0] == fmt.conclusion) & stopped,
+        rating=shape(rating),
+        reward=jnp.zeros((b, k), jnp.float32),
+    )

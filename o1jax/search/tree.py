@@ -1,0 +1,105 @@
+"""A batch of search trees over reasoning steps, held as device arrays (one row per problem).
+
+Node 0 of every tree is the root: the problem itself, whose text is the prompt. Every other node
+is one generated thought. Nodes are appended in expansion order, `num_children` at a time, so
+the children of a node occupy consecutive slots starting at `first_child`.
+
+Shapes: B trees, N node slots, K children per expansion, L tokens per thought.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NO_NODE = -1
+ROOT = 0
+
+
+@struct.dataclass
+class Tree:
+    parent: jax.Array  # [B, N] int32, NO_NODE for the root and unused slots
+    first_child: jax.Array  # [B, N] int32, slot of the first of K children, NO_NODE if unexpanded
+    depth: jax.Array  # [B, N] int32, root 0
+    visits: jax.Array  # [B, N] int32
+    value_sum: jax.Array  # [B, N] float32, sum of backed-up (discounted) values
+    prior_logit: jax.Array  # [B, N] float32, length-normalised log-prob of the thought
+    rating: jax.Array  # [B, N] float32, P(<positive_rating>) / (P(pos) + P(neg)) of the thought
+    terminal: jax.Array  # [B, N] bool, never expanded: a conclusion, truncated, or at max depth
+    is_answer: jax.Array  # [B, N] bool, a complete <conclusion> thought (carries a final answer)
+    reward: jax.Array  # [B, N] float32, answer-check reward of terminal nodes (0 if unknown)
+    tokens: jax.Array  # [B, N, L] int32, thought tokens up to and including <end_of_thought>
+    lengths: jax.Array  # [B, N] int32, tokens of each thought
+    logprobs: jax.Array  # [B, N, L] float32, behaviour policy's log-prob of each token
+    num_nodes: jax.Array  # [B] int32, slots in use
+    done: jax.Array  # [B] bool, search over (early stop after `patience` successes)
+
+    @property
+    def batch_size(self) -> int:
+        return self.parent.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.parent.shape[1]
+
+    @property
+    def thought_length(self) -> int:
+        return self.tokens.shape[2]
+
+    def q_values(self) -> jax.Array:
+        """Mean backed-up value of each node [B, N] (the rating for a node never visited)."""
+        return jnp.where(self.visits > 0, self.value_sum / jnp.maximum(self.visits, 1), self.rating)
+
+
+def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
+    """B empty trees holding only their roots."""
+    b, n, length = batch_size, capacity, thought_length
+    return Tree(
+        parent=jnp.full((b, n), NO_NODE, jnp.int32),
+        first_child=jnp.full((b, n), NO_NODE, jnp.int32),
+        depth=jnp.zeros((b, n), jnp.int32),
+        visits=jnp.zeros((b, n), jnp.int32),
+        value_sum=jnp.zeros((b, n), jnp.float32),
+        prior_logit=jnp.zeros((b, n), jnp.float32),
+        rating=jnp.zeros((b, n), jnp.float32),
+        terminal=jnp.zeros((b, n), bool),
+        is_answer=jnp.zeros((b, n), bool),
+        reward=jnp.zeros((b, n), jnp.float32),
+        tokens=jnp.zeros((b, n, length), jnp.int32),
+        lengths=jnp.zeros((b, n), jnp.int32),
+        logprobs=jnp.zeros((b, n, length), jnp.float32),
+        num_nodes=jnp.ones((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+    )
+
+
+def ancestors(tree: Tree, node: jax.Array, max_depth: int) -> jax.Array:
+    """Ancestors [B, max_depth + 1] of `node` [B]: column k is the k-th parent (or NO_NODE)."""
+    chex.assert_shape(node, (tree.batch_size,))
+
+    def step(current, _):
+        up = jnp.take_along_axis(tree.parent, jnp.maximum(current, 0)[:, None], 1)[:, 0]
+        parent = jnp.where(current >= 0, up, NO_NODE)
+        return parent, current
+
+    _, chain = jax.lax.scan(step, node, None, length=max_depth + 1)
+    return chain.T  # [B, D + 1]
+
+
+def path_from_root(tree: Tree, node: jax.Array, max_depth: int) -> jax.Array:
+    """Non-root nodes [B, max_depth] on the path to `node`, root's child first; NO_NODE after."""
+    chain = ancestors(tree, node, max_depth)  # [B, D + 1], chain[:, k] at depth d(node) - k
+    depth = jnp.take_along_axis(tree.depth, node[:, None], 1)  # [B, 1]
+    j = jnp.arange(max_depth)[None, :]  # slot j holds the node at depth j + 1
+    k = depth - 1 - j
+    valid = k >= 0
+    return jnp.where(valid, jnp.take_along_axis(chain, jnp.clip(k, 0, max_depth), 1), NO_NODE)
+
+
+def children_of(tree: Tree, node: jax.Array, num_children: int) -> jax.Array:
+    """[B, K] child slots of `node` [B] (NO_NODE where unexpanded)."""
+    first = jnp.take_along_axis(tree.first_child, node[:, None], 1)  # [B, 1]
+    kids = first + jnp.arange(num_children)[None, :]
+    return jnp.where(first >= 0, kids, NO_NODE)

@@ -1,0 +1,183 @@
+"""MCTS: tree invariants, backup arithmetic, a planted problem, prefixes, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.search import mcts
+from o1jax.search.mcts import Expansion, MCTSConfig, StepFormat
+from o1jax.search.tree import NO_NODE, init_tree
+
+CONCLUSION, EOT = 3, 4
+L = 6
+
+
+def synthetic_expand_fn(config: MCTSConfig, answer_depth: int, seed: int = 0):
+    """A stand-in policy: random priors and ratings; thoughts at `answer_depth` are conclusions.
+
+    Token 1 of a thought encodes its branch code (parent code * K + j + 1), so a reward function
+    can plant one correct path.
+    """
+    k = config.num_children
+
+    @jax.jit
+    def expand(tree, leaf, key):
+        b = tree.batch_size
+        rows = jnp.arange(b)
+        depth = tree.depth[rows, leaf] + 1  # [B]
+        parent_code = tree.tokens[rows, leaf, 1]
+        code = parent_code[:, None] * k + jnp.arange(1, k + 1)[None, :]  # [B, K]
+        first = jnp.where(depth[:, None] >= answer_depth, CONCLUSION, 7)
+        tokens = jnp.zeros((b, k, L), jnp.int32)
+        tokens = tokens.at[:, :, 0].set(jnp.broadcast_to(first, (b, k)))
+        tokens = tokens.at[:, :, 1].set(code).at[:, :, 2].set(EOT)
+        k1, k2 = jax.random.split(jax.random.fold_in(key, seed))
+        logprobs = jnp.where(
+            jnp.arange(L) < 3, jax.random.uniform(k1, (b, k, L), minval=-3, maxval=0), 0.0
+        )
+        rating = jax.random.uniform(k2, (b, k))
+        return Expansion(
+            tokens=tokens, lengths=jnp.full((b, k), 3), logprobs=logprobs,
+            stopped=jnp.ones((b, k), bool), is_answer=tokens[:, :, 0] == CONCLUSION,
+            rating=rating, reward=jnp.zeros((b, k)),
+        )  # fmt: skip
+
+    return expand
+
+
+def _check_invariants(tree, leaves, config):
+    """Structure and visit-count identities of every tree (numpy)."""
+    t = jax.tree.map(np.asarray, tree)
+    k = config.num_children
+    for b in range(t.parent.shape[0]):
+        n_used = t.num_nodes[b]
+        assert (n_used - 1) % k == 0
+        assert np.all(t.parent[b, n_used:] == NO_NODE)
+        for node in range(1, n_used):
+            p = t.parent[b, node]
+            assert 0 <= p < node
+            assert t.depth[b, node] == t.depth[b, p] + 1 <= config.max_depth
+            assert t.first_child[b, p] <= node < t.first_child[b, p] + k
+        for node in range(n_used):
+            fc = t.first_child[b, node]
+            kids = [] if fc == NO_NODE else list(range(fc, fc + k))
+            assert not (t.terminal[b, node] and kids), "terminal nodes never expand"
+            times_leaf = sum(1 for step in leaves if step[b] == node)
+            base = 0 if node == 0 else 1
+            expected = base + times_leaf + sum(t.visits[b, c] - 1 for c in kids)
+            assert t.visits[b, node] == expected
+        assert t.visits[b, 0] == len(leaves)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_invariants_hold_after_every_simulation(seed):
+    config = MCTSConfig(num_simulations=10, num_children=3, max_depth=4, thought_length=L,
+                        noise=0.05)  # fmt: skip
+    expand = synthetic_expand_fn(config, answer_depth=3, seed=seed)
+    tree = init_tree(5, config.capacity, L)
+    key = jax.random.key(seed)
+    leaves = []
+    for _ in range(config.num_simulations):
+        key, k1, k2 = jax.random.split(key, 3)
+        leaf = mcts.select(tree, k1, config)
+        leaves.append(np.asarray(leaf))
+        tree = mcts.insert_and_backup(tree, leaf, expand(tree, leaf, k2), config, False)
+        _check_invariants(tree, leaves, config)
+    assert np.asarray(tree.terminal).any()  # terminals were reached and re-selected
+
+
+def test_backup_matches_a_hand_computed_tree():
+    config = MCTSConfig(num_simulations=3, num_children=2, max_depth=5, thought_length=L,
+                        discount=0.5, backup="max", noise=0.0, c_puct=1.0)  # fmt: skip
+    ratings = iter([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
+
+    def expand(tree, leaf, key):
+        r = jnp.asarray([next(ratings)], jnp.float32)
+        return Expansion(
+            tokens=jnp.full((1, 2, L), 7), lengths=jnp.full((1, 2), 2),
+            logprobs=jnp.full((1, 2, L), -1.0), stopped=jnp.ones((1, 2), bool),
+            is_answer=jnp.zeros((1, 2), bool), rating=r, reward=jnp.zeros((1, 2)),
+        )  # fmt: skip
+
+    tree = mcts.run(expand, 1, config, jax.random.key(0))
+    t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    # sim 1: root -> children 1 (0.2), 2 (0.6); root gets max = 0.6.
+    # sim 2: equal priors, Q 0.2 vs 0.6 -> node 2; children 3 (0.9), 4 (0.1); leaf value 0.9:
+    #        node 2: 0.6 + 0.9, root: 0.6 + 0.5 * 0.9.
+    # sim 3: root N=2: node 1 score 0.2 + 0.5*sqrt2/2 = 0.554; node 2: 0.75 + 0.5*sqrt2/3 = 0.986
+    #        -> node 2 (N=2): node 3 Q 0.9 + 0.5*sqrt2/2 beats node 4 -> expand node 3 with
+    #        children 5 (0.3), 6 (0.4): value 0.4 -> node 3: 0.9 + 0.4, node 2: 1.5 + 0.5*0.4,
+    #        root: 1.05 + 0.25*0.4.
+    np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 3, 3])
+    np.testing.assert_array_equal(t.visits[:7], [3, 1, 3, 2, 1, 1, 1])
+    np.testing.assert_allclose(
+        t.value_sum[:7], [0.6 + 0.45 + 0.1, 0.2, 0.6 + 0.9 + 0.2, 0.9 + 0.4, 0.1, 0.3, 0.4],
+        rtol=1e-6,
+    )  # fmt: skip
+    np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
+
+
+def test_search_finds_the_one_planted_correct_branch():
+    config = MCTSConfig(num_simulations=14, num_children=2, max_depth=4, thought_length=L,
+                        noise=0.01)  # fmt: skip
+    expand = synthetic_expand_fn(config, answer_depth=3)
+    # Codes at depth 3 run 7..14; only one, different per tree, is correct.
+    targets = np.array([7, 10, 14, 12])
+
+    def reward_fn(tree_idx, tokens, lengths):
+        return (tokens[:, 1] == targets[tree_idx]).astype(np.float32)
+
+    tree = mcts.run(expand, 4, config, jax.random.key(1), reward_fn=reward_fn)
+    t = jax.tree.map(np.asarray, tree)
+    for b in range(4):
+        found = t.is_answer[b] & (t.reward[b] == 1.0)
+        assert found.any(), f"tree {b} never found its correct branch"
+        best = np.argmax(np.where(t.is_answer[b], t.value_sum[b] / np.maximum(t.visits[b], 1), -1))
+        assert t.tokens[b, best, 1] == targets[b]
+        assert np.all(t.reward[b][t.is_answer[b] & (t.tokens[b, :, 1] != targets[b])] == 0)
+
+
+def test_patience_stops_a_tree_after_enough_successes():
+    config = MCTSConfig(num_simulations=12, num_children=2, max_depth=3, thought_length=L,
+                        patience=1)  # fmt: skip
+    expand = synthetic_expand_fn(config, answer_depth=1)
+    tree = mcts.run(expand, 2, config, jax.random.key(0),
+                    reward_fn=lambda b, tok, ln: np.ones(len(b), np.float32))  # fmt: skip
+    assert np.asarray(tree.done).all()
+    assert np.asarray(tree.num_nodes).tolist() == [3, 3]  # stopped after the first expansion
+
+
+def test_prefixes_render_the_path_with_headers_and_ratings():
+    headers = np.array([[0, 0, 0], [50, 1, 0], [50, 2, 0], [50, 3, 0]], np.int32)
+    fmt = StepFormat(
+        headers=jnp.asarray(headers), header_lengths=jnp.asarray([0, 2, 2, 2]),
+        suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]), suffix_lengths=jnp.asarray([3, 3]),
+        end_of_thought=EOT, start_of_rating=60, positive_rating=63, negative_rating=61,
+        conclusion=CONCLUSION,
+    )  # fmt: skip
+    tree = init_tree(1, 7, L)
+    tree = tree.replace(
+        parent=jnp.asarray([[-1, 0, 0, 2, 2, -1, -1]]), depth=jnp.asarray([[0, 1, 1, 2, 2, 0, 0]]),
+        tokens=jnp.zeros((1, 7, L), jnp.int32).at[0, 2, :3].set(jnp.asarray([20, 21, EOT]))
+        .at[0, 4, :2].set(jnp.asarray([22, EOT])),
+        lengths=jnp.asarray([[0, 1, 3, 1, 2, 0, 0]]),
+        rating=jnp.asarray([[0.0, 0.9, 0.8, 0.1, 0.3, 0, 0]]), num_nodes=jnp.asarray([5]),
+    )  # fmt: skip
+    prompt = jnp.asarray([[10, 11, 12, 0]])
+    prefix, length = mcts.build_prefixes(tree, jnp.asarray([4]), prompt, jnp.asarray([3]), fmt,
+                                         max_depth=2, width=24)  # fmt: skip
+    expected = [10, 11, 12, 50, 1, 20, 21, EOT, 60, 63, 62, 50, 2, 22, EOT, 60, 61, 62, 50, 3]
+    assert int(length[0]) == len(expected)
+    assert np.asarray(prefix[0, : len(expected)]).tolist() == expected
+    assert np.all(np.asarray(prefix[0, len(expected) :]) == 0)
+
+
+def test_no_recompilation_between_simulations_or_batches():
+    config = MCTSConfig(num_simulations=5, num_children=2, max_depth=3, thought_length=L)
+    expand = synthetic_expand_fn(config, answer_depth=2)
+    mcts.run(expand, 3, config, jax.random.key(0))
+    sizes = (mcts.select._cache_size(), mcts.insert_and_backup._cache_size())
+    for seed in (1, 2):
+        mcts.run(expand, 3, config, jax.random.key(seed))
+    assert (mcts.select._cache_size(), mcts.insert_and_backup._cache_size()) == sizes
