@@ -93,12 +93,18 @@ def rope(x, positions, theta: float):
     return x * cos + rotated * sin
 
 
-def attention_mask_from_positions(q_pos, k_pos, window: int | None):
-    """Which keys each query may see. q_pos [B, T], k_pos [B, S] (-1 = no key) -> [B, T, S]."""
+def attention_mask_from_positions(q_pos, k_pos, window: int | None, segments=None):
+    """Which keys each query may see. q_pos [B, T], k_pos [B, S] (-1 = no key) -> [B, T, S].
+
+    segments: optional [B, T] document ids of packed rows (T == S); keys of another document
+    are never seen.
+    """
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     allowed = (kp >= 0) & (kp <= qp)
     if window is not None:
         allowed &= kp > qp - window
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
     return allowed
 
 
@@ -126,7 +132,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask):
+    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask, segments):
         cfg = self.cfg
         b, t, _ = x.shape
         lora = lora or {}
@@ -159,7 +165,7 @@ class Attention(nn.Module):
                 scale=scale,
                 softcap=cfg.attn_logit_softcapping,
             )
-        elif cfg.attention_impl == "pallas":
+        elif cfg.attention_impl == "pallas" and segments is None:
             import kernels  # the Pallas kernels live in a top-level package beside o1jax
 
             out = kernels.attention(
@@ -175,7 +181,7 @@ class Attention(nn.Module):
                 interpret=jax.default_backend() == "cpu",
             )
         else:
-            allowed = attention_mask_from_positions(positions, key_positions, window)
+            allowed = attention_mask_from_positions(positions, key_positions, window, segments)
             out = xla_attention(q, k, v, allowed, scale=scale, softcap=cfg.attn_logit_softcapping)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return LoRADense(cfg.d_model, name="o_proj")(out, lora.get("o_proj"), lora_scale), new_cache
@@ -201,12 +207,12 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask):
+    def __call__(self, x, positions, key_positions, lora, lora_scale, cache, token_mask, segments):
         eps = self.cfg.rms_norm_eps
         lora = lora or {}
         h = RMSNorm(eps, name="input_norm")(x)
         h, new_cache = Attention(self.cfg, self.layer, name="attn")(
-            h, positions, key_positions, lora.get("attn"), lora_scale, cache, token_mask
+            h, positions, key_positions, lora.get("attn"), lora_scale, cache, token_mask, segments
         )
         x = x + RMSNorm(eps, name="post_attn_norm")(h)
         h = RMSNorm(eps, name="pre_ffw_norm")(x)
@@ -221,7 +227,9 @@ class Gemma2(nn.Module):
     cfg: Gemma2Config
 
     @nn.compact
-    def __call__(self, tokens, positions, key_positions, lora, lora_scale, cache, token_mask):
+    def __call__(
+        self, tokens, positions, key_positions, lora, lora_scale, cache, token_mask, segments=None
+    ):
         cfg = self.cfg
         embedding = self.param(
             "embedder",
@@ -237,7 +245,14 @@ class Gemma2(nn.Module):
             name = f"layer_{i}"
             layer_cache = None if cache is None else {**cache[name], "index": cache["index"]}
             x, new_layers[name] = DecoderLayer(cfg, i, name=name)(
-                x, positions, key_positions, lora.get(name), lora_scale, layer_cache, token_mask
+                x,
+                positions,
+                key_positions,
+                lora.get(name),
+                lora_scale,
+                layer_cache,
+                token_mask,
+                segments,
             )
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         logits = jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
@@ -279,6 +294,7 @@ def forward(
     attention_mask: jax.Array | None = None,
     lora=None,
     cache: Cache | None = None,
+    segment_ids: jax.Array | None = None,
 ):
     """Runs Gemma2 on `tokens` [B, T] and returns float32 logits [B, T, V].
 
@@ -288,9 +304,15 @@ def forward(
     lora: a `LoRAParams` (see `o1jax.model.lora`) applied on the fly, or None.
     cache: from `init_cache`; when given, the T new tokens are written at slots
       [index, index + T) and `(logits, new_cache)` is returned.
+    segment_ids: [B, T] document ids of packed rows (no cache): a token attends only to its own
+      document. Give per-document `positions` with it.
     """
     chex.assert_rank(tokens, 2)
     b, t = tokens.shape
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("forward: segment_ids (packed rows) cannot be used with a cache")
+        chex.assert_shape(segment_ids, (b, t))
     if attention_mask is None:
         token_mask = None
         valid = jnp.ones((b, t), bool)
@@ -326,6 +348,7 @@ def forward(
         lora_scale,
         cache,
         token_mask,
+        segment_ids,
     )
     if cache is None:
         return logits

@@ -1,0 +1,86 @@
+"""Run observability: TensorBoard scalars, a JSONL log beside them, and a PNG of the curves.
+
+    writer = MetricsWriter(workdir)
+    writer.scalars(step, {"sft/loss": 1.2, "sft/tokens_per_s": 3e4})
+    writer.plot()          # workdir/learning_curves.png
+    writer.close()
+
+Only process 0 writes (multi-host runs log once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.workdir = workdir
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        self._log_path = os.path.join(workdir, "metrics.jsonl")
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        for name, value in clean.items():
+            self._tb.add_scalar(name, value, step)
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every logged scalar as (step, value) pairs, from the JSONL log (survives resumes)."""
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        if not os.path.exists(self._log_path):
+            return series
+        with open(self._log_path) as f:
+            for line in f:
+                row = json.loads(line)
+                step = row.pop("step")
+                for k, v in row.items():
+                    series[k].append((step, v))
+        return series
+
+    def plot(self, path: str | None = None, keys: list[str] | None = None) -> str | None:
+        """Writes a grid of learning curves (one panel per scalar) as a PNG; returns its path."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        series = self.history()
+        names = [k for k in (keys or sorted(series)) if series.get(k)]
+        if not names:
+            return None
+        cols = min(3, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names, strict=False):
+            steps, values = zip(*series[name], strict=True)
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = path or os.path.join(self.workdir, "learning_curves.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,203 @@
+"""SFT / continued pretraining on long-CoT text: packing, loss masks, one jitted step on a Mesh.
+
+    packed = pack(examples, seq_len=256)                  # numpy, deterministic
+    trainer = SFTTrainer(cfg, params, SFTConfig(...), mesh, lora=adapter_or_None)
+    for step in range(start, config.steps):
+        metrics = trainer.train_step(packed.batch(step, config.batch_size, seed))
+
+Loss: next-token cross-entropy on tokens whose `loss_mask` is set (thoughts and ratings, not the
+problem), never across document boundaries of a packed row, averaged over those tokens. With a
+LoRA adapter only the adapter trains (the base gets no gradient and no optimizer state);
+without one, every parameter trains. The batch of a step is a pure function of (step, seed), so a
+resumed run sees exactly the data of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from o1jax.model.gemma2 import forward
+from o1jax.parallel.mesh import param_shardings, shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 300
+    batch_size: int = 16  # packed rows per step
+    seq_len: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_nonfinite: int = 3  # non-finite losses tolerated (updates skipped) before the run stops
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray  # [n] int32
+    loss_mask: np.ndarray  # [n] bool, True where the token is a training target
+
+
+@dataclasses.dataclass
+class Packed:
+    """Packed rows [R, T]: documents back to back, segment id 0 on padding."""
+
+    tokens: np.ndarray  # [R, T] int32
+    loss_mask: np.ndarray  # [R, T] bool
+    segment_ids: np.ndarray  # [R, T] int32
+    positions: np.ndarray  # [R, T] int32, restart at 0 in every document
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """Rows of `step`: epoch e = step // steps_per_epoch reads a permutation seeded (seed, e)."""
+        per_epoch = max(self.num_rows // batch_size, 1)
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
+        idx = np.resize(order[i * batch_size : (i + 1) * batch_size], batch_size)
+        return {
+            "tokens": self.tokens[idx],
+            "loss_mask": self.loss_mask[idx],
+            "segment_ids": self.segment_ids[idx],
+            "positions": self.positions[idx],
+        }
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> Packed:
+    """First-fit packing in order (deterministic). Longer examples are an error."""
+    rows: list[list[Example]] = []
+    used: list[int] = []
+    for n, ex in enumerate(examples):
+        size = len(ex.tokens)
+        if size > seq_len:
+            raise ValueError(f"pack: example {n} has {size} tokens, more than seq_len={seq_len}")
+        if rows and used[-1] + size <= seq_len:
+            rows[-1].append(ex)
+            used[-1] += size
+        else:
+            rows.append([ex])
+            used.append(size)
+    r = len(rows)
+    tokens = np.full((r, seq_len), pad_id, np.int32)
+    mask = np.zeros((r, seq_len), bool)
+    segments = np.zeros((r, seq_len), np.int32)
+    positions = np.zeros((r, seq_len), np.int32)
+    for i, row in enumerate(rows):
+        at = 0
+        for s, ex in enumerate(row, start=1):
+            n = len(ex.tokens)
+            tokens[i, at : at + n] = ex.tokens
+            mask[i, at : at + n] = ex.loss_mask
+            segments[i, at : at + n] = s
+            positions[i, at : at + n] = np.arange(n)
+            at += n
+    return Packed(tokens, mask, segments, positions)
+
+
+def lm_loss(logits, tokens, loss_mask, segment_ids):
+    """Mean next-token NLL over target tokens inside their own document; and the token count."""
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    targets = tokens[:, 1:]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    mask = mask.astype(jnp.float32)
+    count = mask.sum()
+    return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
+
+
+@struct.dataclass
+class SFTState:
+    trainable: object  # full params, or a LoRAParams
+    opt_state: object
+    step: jax.Array  # [] int32
+
+
+def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, max(config.warmup_steps, 1),
+        max(config.steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * 0.1,
+    )  # fmt: skip
+    inner = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay),
+    )
+    # Skips (and counts) updates whose gradients are not finite.
+    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def nonfinite_count(opt_state) -> int:
+    """Updates skipped so far for non-finite gradients (from optax.apply_if_finite's state)."""
+    return int(opt_state.total_notfinite)
+
+
+class SFTTrainer:
+    """Holds the compiled step and the sharded state of one SFT run."""
+
+    def __init__(self, cfg, params, config: SFTConfig, mesh, lora=None):
+        self.cfg, self.config, self.mesh = cfg, config, mesh
+        self.use_lora = lora is not None
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if config.batch_size % shards:
+            raise ValueError(f"sft.batch_size={config.batch_size} must be a multiple of the mesh's "
+                             f"data x fsdp size {shards}")  # fmt: skip
+        self.optimizer = make_optimizer(config)
+        with jax.set_mesh(mesh):
+            params = jax.device_put(params, param_shardings(params, mesh))
+            trainable = (
+                params if lora is None else jax.device_put(lora, param_shardings(lora, mesh))
+            )
+            self.frozen = None if lora is None else params
+            opt_state = jax.jit(self.optimizer.init)(trainable)
+        self.state = SFTState(trainable, opt_state, jnp.zeros((), jnp.int32))
+        self._step = jax.jit(
+            functools.partial(_sft_step, cfg=cfg, optimizer=self.optimizer, use_lora=self.use_lora),
+            donate_argnums=(0,),
+        )
+
+    @property
+    def params(self):
+        """The model params to sample with (full params, or the frozen base with LoRA)."""
+        return self.state.trainable if not self.use_lora else self.frozen
+
+    @property
+    def lora(self):
+        return self.state.trainable if self.use_lora else None
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._step(self.state, self.frozen, shard_batch(batch, self.mesh))
+        return metrics
+
+
+def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool):
+    chex.assert_rank(batch["tokens"], 2)
+
+    def loss_fn(trainable):
+        params, lora = (frozen, trainable) if use_lora else (trainable, None)
+        logits = forward(params, cfg, batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], lora=lora)  # fmt: skip
+        return lm_loss(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    new = SFTState(optax.apply_updates(state.trainable, updates), opt_state, state.step + 1)
+    metrics = {"loss": loss, "target_tokens": count, "grad_norm": optax.tree.norm(grads),
+               "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))}  # fmt: skip
+    return new, metrics
+
+
+def num_steps_per_epoch(packed: Packed, batch_size: int) -> int:
+    return max(math.floor(packed.num_rows / batch_size), 1)

@@ -1,0 +1,112 @@
+"""SFT: packing with document masks, loss masks, LoRA vs full, 1 vs 8 devices, NaN skipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.model import Gemma2Config, forward, init_params, lora
+from o1jax.parallel.mesh import make_mesh
+from o1jax.train.sft import Example, SFTConfig, SFTTrainer, lm_loss, nonfinite_count, pack
+
+CFG = Gemma2Config.tiny(vocab_size=40, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1,
+                        head_dim=16, ffn_dim=64, sliding_window=5)  # fmt: skip
+
+
+def _examples(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        size = int(rng.integers(5, 14))
+        tokens = rng.integers(3, CFG.vocab_size, size).astype(np.int32)
+        mask = np.arange(size) >= size // 3  # the "problem" third is not trained on
+        out.append(Example(tokens, mask))
+    return out
+
+
+def test_pack_fills_rows_in_order_and_rejects_long_examples():
+    examples = _examples()
+    packed = pack(examples, seq_len=32)
+    assert packed.tokens.shape[1] == 32
+    flat = [t for row, seg in zip(packed.tokens, packed.segment_ids, strict=True)
+            for t in row[seg > 0]]  # fmt: skip
+    np.testing.assert_array_equal(flat, np.concatenate([e.tokens for e in examples]))
+    assert packed.positions[packed.segment_ids == 1].min() == 0
+    with pytest.raises(ValueError, match="example 0 has 40 tokens"):
+        pack([Example(np.ones(40, np.int32), np.ones(40, bool))], seq_len=32)
+
+
+def test_packed_rows_equal_separate_documents():
+    params = init_params(CFG, jax.random.key(0))
+    examples = _examples(6)
+    packed = pack(examples, seq_len=40)
+    logits = forward(params, CFG, jnp.asarray(packed.tokens),
+                     positions=jnp.asarray(packed.positions),
+                     segment_ids=jnp.asarray(packed.segment_ids))  # fmt: skip
+    row, seg = 0, 2
+    sel = packed.segment_ids[row] == seg
+    doc = packed.tokens[row][sel]
+    alone = forward(params, CFG, jnp.asarray(doc)[None])[0]
+    np.testing.assert_allclose(np.asarray(logits[row])[sel], np.asarray(alone), atol=1e-5)
+
+
+def test_loss_counts_only_masked_targets_inside_documents():
+    tokens = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 0]])
+    mask = jnp.asarray([[0, 1, 1, 1, 1, 1]], bool)
+    logits = jax.random.normal(jax.random.key(0), (1, 6, 40))
+    loss, count = lm_loss(logits, tokens, mask, segments)
+    logp = jax.nn.log_softmax(logits[0])
+    # Targets: 6 (from 5), 7 (from 6), and 9 (from 8) — not 8 (crosses documents), not padding.
+    expected = -(logp[0, 6] + logp[1, 7] + logp[3, 9]) / 3
+    assert int(count) == 3
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def _train(mesh, steps=4, adapter=None, config=None):
+    params = init_params(CFG, jax.random.key(1))
+    config = config or SFTConfig(steps=steps, batch_size=8, seq_len=32, learning_rate=1e-2,
+                                 warmup_steps=2)  # fmt: skip
+    trainer = SFTTrainer(CFG, params, config, mesh, lora=adapter)
+    packed = pack(_examples(40), seq_len=32)
+    losses = [float(trainer.train_step(packed.batch(s, 8, seed=0))["loss"]) for s in range(steps)]
+    return trainer, losses
+
+
+def test_sft_loss_curve_is_the_same_on_1_and_8_devices():
+    _, one = _train(make_mesh(devices=jax.devices()[:1]))
+    _, eight = _train(make_mesh({"data": 2, "fsdp": 4}))
+    assert one[-1] < one[0]
+    np.testing.assert_allclose(one, eight, atol=1e-5)
+
+
+def test_lora_sft_trains_only_the_adapter():
+    adapter = lora.init(CFG, jax.random.key(2), lora.LoRAConfig(rank=4, alpha=8))
+    base = init_params(CFG, jax.random.key(1))
+    trainer, losses = _train(make_mesh(), adapter=adapter)
+    assert losses[-1] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, base, jax.tree.map(np.asarray, trainer.params))
+    assert any(float(jnp.abs(b["b"]).max()) > 0
+               for layer in trainer.lora.weights.values() for g in layer.values()
+               for b in g.values())  # fmt: skip
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted():
+    params = init_params(CFG, jax.random.key(1))
+    with pytest.raises(ValueError, match="multiple of the mesh's data x fsdp size 8"):
+        SFTTrainer(CFG, params, SFTConfig(batch_size=4), make_mesh())
+    trainer = SFTTrainer(CFG, params, SFTConfig(steps=3, batch_size=8, seq_len=32), make_mesh())
+    packed = pack(_examples(16), seq_len=32)
+    trainer.train_step(packed.batch(0, 8, 0))
+    before = jax.tree.map(np.asarray, trainer.state.trainable)
+    # Poison the params so the loss is NaN: the step must leave the state unchanged.
+    emb = trainer.state.trainable["embedder"]["embedding"]
+    trainer.state.trainable["embedder"]["embedding"] = emb.at[0, 0].set(jnp.nan)
+    poisoned = jax.tree.map(np.asarray, trainer.state.trainable)
+    metrics = trainer.train_step(packed.batch(1, 8, 0))
+    assert not bool(metrics["finite"])
+    assert nonfinite_count(trainer.state.opt_state) == 1
+    jax.tree.map(
+        np.testing.assert_array_equal, poisoned, jax.tree.map(np.asarray, trainer.state.trainable)
+    )
+    assert before is not None
