@@ -62,7 +62,7 @@ class Packed:
         return self.tokens.shape[0]
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """Rows of `step`: epoch e = step // steps_per_epoch reads a permutation seeded (seed, e)."""
+        """Rows of `step`: epoch e = step // steps_per_epoch reads the permutation of (seed, e)."""
         per_epoch = max(self.num_rows // batch_size, 1)
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
