@@ -42,9 +42,7 @@ def main() -> None:
 
     cfg = Gemma2Config.tiny(vocab_size=512)
     torch.manual_seed(0)
-    hf_model = Gemma2ForCausalLM(
-        HFGemma2Config(**cfg.to_hf(), attn_implementation="eager")
-    ).eval()
+    hf_model = Gemma2ForCausalLM(HFGemma2Config(**cfg.to_hf(), attn_implementation="eager")).eval()
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         cfg, params = load_hf(d)
@@ -64,10 +62,12 @@ def main() -> None:
     n_tokens = args.batch * args.seq
     t_hf = median_seconds(run_hf, args.reps)
     t_ours = median_seconds(run_ours, args.reps)
-    print(f"config: tiny Gemma2 ({cfg.num_layers} layers, d_model {cfg.d_model}, "
-          f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}); "
-          f"batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}; "
-          f"jax {jax.__version__} on {jax.default_backend()}")
+    print(
+        f"config: tiny Gemma2 ({cfg.num_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}); "
+        f"batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}; "
+        f"jax {jax.__version__} on {jax.default_backend()}"
+    )
     print(f"transformers Gemma2ForCausalLM (eager, torch CPU): {n_tokens / t_hf:12.0f} tokens/s")
     print(f"o1jax forward (jax.jit):                           {n_tokens / t_ours:12.0f} tokens/s")
     print(f"ratio o1jax / transformers: {t_hf / t_ours:.2f}x")

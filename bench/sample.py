@@ -68,14 +68,18 @@ def main() -> None:
         cfg, params = load_hf(d)
 
     peak = matmul_flops_per_second()
-    print(f"tiny Gemma2: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads}/"
-          f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, ffn {cfg.ffn_dim}, vocab "
-          f"{cfg.vocab_size}; prompt {PROMPT}, {NEW} new tokens, temperature 1; "
-          f"torch threads {torch.get_num_threads()}, jax {jax.__version__} "
-          f"({jax.default_backend()})")
+    print(
+        f"tiny Gemma2: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads}/"
+        f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, ffn {cfg.ffn_dim}, vocab "
+        f"{cfg.vocab_size}; prompt {PROMPT}, {NEW} new tokens, temperature 1; "
+        f"torch threads {torch.get_num_threads()}, jax {jax.__version__} "
+        f"({jax.default_backend()})"
+    )
     print(f"measured matmul roofline (1024^3 float32 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'batch':>5} {'transformers tok/s':>19} {'o1jax tok/s':>12} {'ratio':>6} "
-          f"{'o1jax GFLOP/s':>14} {'of roofline':>11}")
+    print(
+        f"{'batch':>5} {'transformers tok/s':>19} {'o1jax tok/s':>12} {'ratio':>6} "
+        f"{'o1jax GFLOP/s':>14} {'of roofline':>11}"
+    )
     for batch in args.batches:
         rng = np.random.default_rng(batch)
         prompts = rng.integers(3, cfg.vocab_size, (batch, PROMPT))
@@ -83,16 +87,25 @@ def main() -> None:
         prompts_j, lengths_j = jnp.asarray(prompts), jnp.full((batch,), PROMPT, jnp.int32)
         key = jax.random.key(0)
 
-        def run_hf(prompts_t=prompts_t):
+        def run_hf(prompts_t=prompts_t, batch=batch):
             with torch.inference_mode():
-                out = hf.generate(prompts_t, attention_mask=torch.ones_like(prompts_t),
-                                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # fmt: skip
+                out = hf.generate(
+                    prompts_t,
+                    attention_mask=torch.ones_like(prompts_t),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=NEW,
+                    min_new_tokens=NEW,
+                    pad_token_id=0,
+                )
             assert out.shape == (batch, PROMPT + NEW)
 
-        def run_ours(prompts_j=prompts_j, lengths_j=lengths_j):
-            out = generate(params, cfg, prompts_j, lengths_j, key=key, max_new_tokens=NEW,
-                           temperature=1.0)  # fmt: skip
+        def run_ours(prompts_j=prompts_j, lengths_j=lengths_j, key=key):
+            out = generate(
+                params, cfg, prompts_j, lengths_j, key=key, max_new_tokens=NEW, temperature=1.0
+            )
             out.tokens.block_until_ready()
 
         n_tokens = batch * NEW
@@ -100,8 +113,10 @@ def main() -> None:
         t_ours = median_seconds(run_ours, args.reps)
         flops = batch * sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
         achieved = flops / t_ours
-        print(f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
-              f"{t_hf / t_ours:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}")
+        print(
+            f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
+            f"{t_hf / t_ours:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,14 @@ def synthetic_expand_fn(config: MCTSConfig, answer_depth: int, seed: int = 0):
         )
         rating = jax.random.uniform(k2, (b, k))
         return Expansion(
-            tokens=tokens, lengths=jnp.full((b, k), 3), logprobs=logprobs,
-            stopped=jnp.ones((b, k), bool), is_answer=tokens[:, :, 0] == CONCLUSION,
-            rating=rating, reward=jnp.zeros((b, k)),
-        )  # fmt: skip
+            tokens=tokens,
+            lengths=jnp.full((b, k), 3),
+            logprobs=logprobs,
+            stopped=jnp.ones((b, k), bool),
+            is_answer=tokens[:, :, 0] == CONCLUSION,
+            rating=rating,
+            reward=jnp.zeros((b, k)),
+        )
 
     return expand
 
@@ -72,8 +76,9 @@ def _check_invariants(tree, leaves, config):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_tree_invariants_hold_after_every_simulation(seed):
-    config = MCTSConfig(num_simulations=10, num_children=3, max_depth=4, thought_length=L,
-                        noise=0.05)  # fmt: skip
+    config = MCTSConfig(
+        num_simulations=10, num_children=3, max_depth=4, thought_length=L, noise=0.05
+    )
     expand = synthetic_expand_fn(config, answer_depth=3, seed=seed)
     tree = init_tree(5, config.capacity, L)
     key = jax.random.key(seed)
@@ -88,17 +93,29 @@ def test_tree_invariants_hold_after_every_simulation(seed):
 
 
 def test_backup_matches_a_hand_computed_tree():
-    config = MCTSConfig(num_simulations=3, num_children=2, max_depth=5, thought_length=L,
-                        discount=0.5, backup="max", noise=0.0, c_puct=1.0)  # fmt: skip
+    config = MCTSConfig(
+        num_simulations=3,
+        num_children=2,
+        max_depth=5,
+        thought_length=L,
+        discount=0.5,
+        backup="max",
+        noise=0.0,
+        c_puct=1.0,
+    )
     ratings = iter([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
 
     def expand(tree, leaf, key):
         r = jnp.asarray([next(ratings)], jnp.float32)
         return Expansion(
-            tokens=jnp.full((1, 2, L), 7), lengths=jnp.full((1, 2), 2),
-            logprobs=jnp.full((1, 2, L), -1.0), stopped=jnp.ones((1, 2), bool),
-            is_answer=jnp.zeros((1, 2), bool), rating=r, reward=jnp.zeros((1, 2)),
-        )  # fmt: skip
+            tokens=jnp.full((1, 2, L), 7),
+            lengths=jnp.full((1, 2), 2),
+            logprobs=jnp.full((1, 2, L), -1.0),
+            stopped=jnp.ones((1, 2), bool),
+            is_answer=jnp.zeros((1, 2), bool),
+            rating=r,
+            reward=jnp.zeros((1, 2)),
+        )
 
     tree = mcts.run(expand, 1, config, jax.random.key(0))
     t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
@@ -112,15 +129,17 @@ def test_backup_matches_a_hand_computed_tree():
     np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 3, 3])
     np.testing.assert_array_equal(t.visits[:7], [3, 1, 3, 2, 1, 1, 1])
     np.testing.assert_allclose(
-        t.value_sum[:7], [0.6 + 0.45 + 0.1, 0.2, 0.6 + 0.9 + 0.2, 0.9 + 0.4, 0.1, 0.3, 0.4],
+        t.value_sum[:7],
+        [0.6 + 0.45 + 0.1, 0.2, 0.6 + 0.9 + 0.2, 0.9 + 0.4, 0.1, 0.3, 0.4],
         rtol=1e-6,
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
 
 
 def test_search_finds_the_one_planted_correct_branch():
-    config = MCTSConfig(num_simulations=14, num_children=2, max_depth=4, thought_length=L,
-                        noise=0.01)  # fmt: skip
+    config = MCTSConfig(
+        num_simulations=14, num_children=2, max_depth=4, thought_length=L, noise=0.01
+    )
     expand = synthetic_expand_fn(config, answer_depth=3)
     # Codes at depth 3 run 7..14; only one, different per tree, is correct.
     targets = np.array([7, 10, 14, 12])
@@ -139,11 +158,17 @@ def test_search_finds_the_one_planted_correct_branch():
 
 
 def test_patience_stops_a_tree_after_enough_successes():
-    config = MCTSConfig(num_simulations=12, num_children=2, max_depth=3, thought_length=L,
-                        patience=1)  # fmt: skip
+    config = MCTSConfig(
+        num_simulations=12, num_children=2, max_depth=3, thought_length=L, patience=1
+    )
     expand = synthetic_expand_fn(config, answer_depth=1)
-    tree = mcts.run(expand, 2, config, jax.random.key(0),
-                    reward_fn=lambda b, tok, ln: np.ones(len(b), np.float32))  # fmt: skip
+    tree = mcts.run(
+        expand,
+        2,
+        config,
+        jax.random.key(0),
+        reward_fn=lambda b, tok, ln: np.ones(len(b), np.float32),
+    )
     assert np.asarray(tree.done).all()
     assert np.asarray(tree.num_nodes).tolist() == [3, 3]  # stopped after the first expansion
 
@@ -151,22 +176,33 @@ def test_patience_stops_a_tree_after_enough_successes():
 def test_prefixes_render_the_path_with_headers_and_ratings():
     headers = np.array([[0, 0, 0], [50, 1, 0], [50, 2, 0], [50, 3, 0]], np.int32)
     fmt = StepFormat(
-        headers=jnp.asarray(headers), header_lengths=jnp.asarray([0, 2, 2, 2]),
-        suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]), suffix_lengths=jnp.asarray([3, 3]),
-        end_of_thought=EOT, start_of_rating=60, positive_rating=63, negative_rating=61,
+        headers=jnp.asarray(headers),
+        header_lengths=jnp.asarray([0, 2, 2, 2]),
+        suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]),
+        suffix_lengths=jnp.asarray([3, 3]),
+        end_of_thought=EOT,
+        start_of_rating=60,
+        positive_rating=63,
+        negative_rating=61,
         conclusion=CONCLUSION,
-    )  # fmt: skip
+    )
     tree = init_tree(1, 7, L)
     tree = tree.replace(
-        parent=jnp.asarray([[-1, 0, 0, 2, 2, -1, -1]]), depth=jnp.asarray([[0, 1, 1, 2, 2, 0, 0]]),
-        tokens=jnp.zeros((1, 7, L), jnp.int32).at[0, 2, :3].set(jnp.asarray([20, 21, EOT]))
-        .at[0, 4, :2].set(jnp.asarray([22, EOT])),
+        parent=jnp.asarray([[-1, 0, 0, 2, 2, -1, -1]]),
+        depth=jnp.asarray([[0, 1, 1, 2, 2, 0, 0]]),
+        tokens=jnp.zeros((1, 7, L), jnp.int32)
+        .at[0, 2, :3]
+        .set(jnp.asarray([20, 21, EOT]))
+        .at[0, 4, :2]
+        .set(jnp.asarray([22, EOT])),
         lengths=jnp.asarray([[0, 1, 3, 1, 2, 0, 0]]),
-        rating=jnp.asarray([[0.0, 0.9, 0.8, 0.1, 0.3, 0, 0]]), num_nodes=jnp.asarray([5]),
-    )  # fmt: skip
+        rating=jnp.asarray([[0.0, 0.9, 0.8, 0.1, 0.3, 0, 0]]),
+        num_nodes=jnp.asarray([5]),
+    )
     prompt = jnp.asarray([[10, 11, 12, 0]])
-    prefix, length = mcts.build_prefixes(tree, jnp.asarray([4]), prompt, jnp.asarray([3]), fmt,
-                                         max_depth=2, width=24)  # fmt: skip
+    prefix, length = mcts.build_prefixes(
+        tree, jnp.asarray([4]), prompt, jnp.asarray([3]), fmt, max_depth=2, width=24
+    )
     expected = [10, 11, 12, 50, 1, 20, 21, EOT, 60, 63, 62, 50, 2, 22, EOT, 60, 61, 62, 50, 3]
     assert int(length[0]) == len(expected)
     assert np.asarray(prefix[0, : len(expected)]).tolist() == expected

@@ -15,8 +15,16 @@ STOP_CANDIDATES = (5, 6, 7)
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = Gemma2Config.tiny(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
-                            num_kv_heads=2, head_dim=16, ffn_dim=128, sliding_window=4)  # fmt: skip
+    cfg = Gemma2Config.tiny(
+        vocab_size=VOCAB,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        sliding_window=4,
+    )
     params = init_params(cfg, jax.random.key(3))
     # Larger weights and random norm gains give varied, non-repeating greedy continuations.
     keys = iter(jax.random.split(jax.random.key(4), 64))
@@ -45,22 +53,31 @@ def _greedy_reference(params, cfg, prompt, steps):
 def test_greedy_equals_repeated_full_forward_and_rows_are_independent(model):
     cfg, params = model
     tokens, lengths = _prompts([9, 3, 6])
-    out = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=8,
-                   temperature=0.0)  # fmt: skip
+    out = generate(
+        params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=8, temperature=0.0
+    )
     assert len({tuple(r) for r in np.asarray(out.tokens)}) == 3
     for i, n in enumerate([9, 3, 6]):
         expected = _greedy_reference(params, cfg, list(np.asarray(tokens[i, :n])), 8)
         assert list(np.asarray(out.tokens[i])) == expected
-        alone = generate(params, cfg, tokens[i : i + 1, :n], lengths[i : i + 1],
-                         key=jax.random.key(9), max_new_tokens=8, temperature=0.0)  # fmt: skip
+        alone = generate(
+            params,
+            cfg,
+            tokens[i : i + 1, :n],
+            lengths[i : i + 1],
+            key=jax.random.key(9),
+            max_new_tokens=8,
+            temperature=0.0,
+        )
         np.testing.assert_array_equal(alone.tokens[0], out.tokens[i])
 
 
 def test_logprobs_equal_full_forward_log_softmax(model):
     cfg, params = model
     tokens, lengths = _prompts([7, 4])
-    out = generate(params, cfg, tokens, lengths, key=jax.random.key(1), max_new_tokens=6,
-                   temperature=1.0)  # fmt: skip
+    out = generate(
+        params, cfg, tokens, lengths, key=jax.random.key(1), max_new_tokens=6, temperature=1.0
+    )
     for i, n in enumerate([7, 4]):
         seq = jnp.concatenate([tokens[i, :n], out.tokens[i]])[None]
         logp = jax.nn.log_softmax(forward(params, cfg, seq)[0])  # [n + 6, V]
@@ -74,8 +91,18 @@ def test_samples_follow_the_filtered_softmax(model, temperature, top_k, top_p):
     params = jax.tree.map(lambda x: 0.4 * x, params)  # a flatter next-token distribution
     tokens, lengths = _prompts([5])
     n = 6000
-    out = generate(params, cfg, tokens, lengths, key=jax.random.key(2), max_new_tokens=1,
-                   temperature=temperature, top_k=top_k, top_p=top_p, num_samples=n)  # fmt: skip
+    out = generate(
+        params,
+        cfg,
+        tokens,
+        lengths,
+        key=jax.random.key(2),
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=n,
+    )
     logits = forward(params, cfg, tokens[:, :5])[:, -1]
     probs = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p))[0])
     counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=VOCAB)
@@ -101,13 +128,22 @@ def test_samples_follow_the_filtered_softmax(model, temperature, top_k, top_p):
 def test_stop_tokens_end_rows_independently(model):
     cfg, params = model
     tokens, lengths = _prompts([9, 3, 6, 8], seed=5)
-    free = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=12,
-                    temperature=0.0)  # fmt: skip
+    free = generate(
+        params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=12, temperature=0.0
+    )
     # Choose stop tokens that occur at different steps in different rows.
     first_tokens = np.asarray(free.tokens)
     stops = tuple(sorted({int(first_tokens[0, 2]), int(first_tokens[1, 5])}))
-    out = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=12,
-                   temperature=0.0, stop_tokens=stops)  # fmt: skip
+    out = generate(
+        params,
+        cfg,
+        tokens,
+        lengths,
+        key=jax.random.key(0),
+        max_new_tokens=12,
+        temperature=0.0,
+        stop_tokens=stops,
+    )
     for row in range(4):
         hits = np.flatnonzero(np.isin(first_tokens[row], stops))
         length = hits[0] + 1 if hits.size else 12
@@ -122,13 +158,23 @@ def test_stop_tokens_end_rows_independently(model):
 def test_shared_prefix_samples_equal_separate_prefills(model):
     cfg, params = model
     tokens, lengths = _prompts([6, 4])
-    shared = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=5,
-                      temperature=0.0, num_samples=3)  # fmt: skip
-    single = generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=5,
-                      temperature=0.0)  # fmt: skip
+    shared = generate(
+        params,
+        cfg,
+        tokens,
+        lengths,
+        key=jax.random.key(0),
+        max_new_tokens=5,
+        temperature=0.0,
+        num_samples=3,
+    )
+    single = generate(
+        params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=5, temperature=0.0
+    )
     np.testing.assert_array_equal(shared.tokens, np.repeat(np.asarray(single.tokens), 3, axis=0))
-    np.testing.assert_allclose(shared.logprobs, np.repeat(np.asarray(single.logprobs), 3, axis=0),
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        shared.logprobs, np.repeat(np.asarray(single.logprobs), 3, axis=0), atol=1e-6
+    )
 
 
 def test_compiles_once_for_repeated_calls_of_the_same_shape(model):
@@ -149,21 +195,39 @@ def test_bad_settings_are_rejected(model):
     with pytest.raises(ValueError, match="top_p"):
         generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="pad token"):
-        generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2,
-                 stop_tokens=(cfg.pad_token_id,))  # fmt: skip
+        generate(
+            params,
+            cfg,
+            tokens,
+            lengths,
+            key=jax.random.key(0),
+            max_new_tokens=2,
+            stop_tokens=(cfg.pad_token_id,),
+        )
 
 
 def test_suffix_scores_equal_a_full_forward_over_the_row(model):
     cfg, params = model
     tokens, lengths = _prompts([7, 4])
     suffix, scored = (9, 11), (5, 6, 30)
-    out = generate(params, cfg, tokens, lengths, key=jax.random.key(5), max_new_tokens=6,
-                   temperature=1.0, stop_tokens=STOP_CANDIDATES, num_samples=2,
-                   score_suffix=suffix, score_tokens=scored)  # fmt: skip
+    out = generate(
+        params,
+        cfg,
+        tokens,
+        lengths,
+        key=jax.random.key(5),
+        max_new_tokens=6,
+        temperature=1.0,
+        stop_tokens=STOP_CANDIDATES,
+        num_samples=2,
+        score_suffix=suffix,
+        score_tokens=scored,
+    )
     assert out.scores.shape == (4, 3)
     for row in range(4):
         prompt = tokens[row // 2, : int(lengths[row // 2])]
-        seq = jnp.concatenate([prompt, out.tokens[row, : int(out.lengths[row])],
-                               jnp.asarray(suffix)])[None]  # fmt: skip
+        seq = jnp.concatenate(
+            [prompt, out.tokens[row, : int(out.lengths[row])], jnp.asarray(suffix)]
+        )[None]
         logp = jax.nn.log_softmax(forward(params, cfg, seq)[0, -1])
         np.testing.assert_allclose(out.scores[row], logp[jnp.asarray(scored)], atol=1e-5)

@@ -9,8 +9,16 @@ from o1jax.model import Gemma2Config, forward, init_params, lora
 from o1jax.parallel.mesh import make_mesh
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, lm_loss, nonfinite_count, pack
 
-CFG = Gemma2Config.tiny(vocab_size=40, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1,
-                        head_dim=16, ffn_dim=64, sliding_window=5)  # fmt: skip
+CFG = Gemma2Config.tiny(
+    vocab_size=40,
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    ffn_dim=64,
+    sliding_window=5,
+)
 
 
 def _examples(n=24, seed=0):
@@ -28,8 +36,9 @@ def test_pack_fills_rows_in_order_and_rejects_long_examples():
     examples = _examples()
     packed = pack(examples, seq_len=32)
     assert packed.tokens.shape[1] == 32
-    flat = [t for row, seg in zip(packed.tokens, packed.segment_ids, strict=True)
-            for t in row[seg > 0]]  # fmt: skip
+    flat = [
+        t for row, seg in zip(packed.tokens, packed.segment_ids, strict=True) for t in row[seg > 0]
+    ]
     np.testing.assert_array_equal(flat, np.concatenate([e.tokens for e in examples]))
     assert packed.positions[packed.segment_ids == 1].min() == 0
     with pytest.raises(ValueError, match="example 0 has 40 tokens"):
@@ -40,9 +49,13 @@ def test_packed_rows_equal_separate_documents():
     params = init_params(CFG, jax.random.key(0))
     examples = _examples(6)
     packed = pack(examples, seq_len=40)
-    logits = forward(params, CFG, jnp.asarray(packed.tokens),
-                     positions=jnp.asarray(packed.positions),
-                     segment_ids=jnp.asarray(packed.segment_ids))  # fmt: skip
+    logits = forward(
+        params,
+        CFG,
+        jnp.asarray(packed.tokens),
+        positions=jnp.asarray(packed.positions),
+        segment_ids=jnp.asarray(packed.segment_ids),
+    )
     row, seg = 0, 2
     sel = packed.segment_ids[row] == seg
     doc = packed.tokens[row][sel]
@@ -65,8 +78,9 @@ def test_loss_counts_only_masked_targets_inside_documents():
 
 def _train(mesh, steps=4, adapter=None, config=None):
     params = init_params(CFG, jax.random.key(1))
-    config = config or SFTConfig(steps=steps, batch_size=8, seq_len=32, learning_rate=1e-2,
-                                 warmup_steps=2)  # fmt: skip
+    config = config or SFTConfig(
+        steps=steps, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_steps=2
+    )
     trainer = SFTTrainer(CFG, params, config, mesh, lora=adapter)
     packed = pack(_examples(40), seq_len=32)
     losses = [float(trainer.train_step(packed.batch(s, 8, seed=0))["loss"]) for s in range(steps)]
@@ -86,9 +100,12 @@ def test_lora_sft_trains_only_the_adapter():
     trainer, losses = _train(make_mesh(), adapter=adapter)
     assert losses[-1] < losses[0]
     jax.tree.map(np.testing.assert_array_equal, base, jax.tree.map(np.asarray, trainer.params))
-    assert any(float(jnp.abs(b["b"]).max()) > 0
-               for layer in trainer.lora.weights.values() for g in layer.values()
-               for b in g.values())  # fmt: skip
+    assert any(
+        float(jnp.abs(b["b"]).max()) > 0
+        for layer in trainer.lora.weights.values()
+        for g in layer.values()
+        for b in g.values()
+    )
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted():

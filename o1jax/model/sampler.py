@@ -98,22 +98,54 @@ def generate(
     if cfg.pad_token_id in stop_tokens:
         raise ValueError(f"generate: the pad token {cfg.pad_token_id} cannot be a stop token")
     return _generate(
-        params, prompt_tokens, prompt_lengths, key, lora, cfg=cfg,
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), stop_tokens=tuple(int(s) for s in stop_tokens),
-        num_samples=int(num_samples), score_suffix=tuple(int(t) for t in score_suffix),
+        params,
+        prompt_tokens,
+        prompt_lengths,
+        key,
+        lora,
+        cfg=cfg,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop_tokens=tuple(int(s) for s in stop_tokens),
+        num_samples=int(num_samples),
+        score_suffix=tuple(int(t) for t in score_suffix),
         score_tokens=tuple(int(t) for t in score_tokens),
-    )  # fmt: skip
+    )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "stop_tokens",
-                     "num_samples", "score_suffix", "score_tokens"),
-)  # fmt: skip
-def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_tokens,
-              temperature, top_k, top_p, stop_tokens, num_samples, score_suffix,
-              score_tokens):  # fmt: skip
+    static_argnames=(
+        "cfg",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "stop_tokens",
+        "num_samples",
+        "score_suffix",
+        "score_tokens",
+    ),
+)
+def _generate(
+    params,
+    prompt_tokens,
+    prompt_lengths,
+    key,
+    lora,
+    *,
+    cfg,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop_tokens,
+    num_samples,
+    score_suffix,
+    score_tokens,
+):
     b, p = prompt_tokens.shape
     rows = b * num_samples
     prompt_lengths = prompt_lengths.astype(jnp.int32)
@@ -123,8 +155,15 @@ def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_
     prompt_mask = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     cache = init_cache(cfg, b, p + max_new_tokens + len(score_suffix), dtype)
-    logits, cache = forward(params, cfg, prompt_tokens, positions=positions,
-                            attention_mask=prompt_mask, lora=lora, cache=cache)  # fmt: skip
+    logits, cache = forward(
+        params,
+        cfg,
+        prompt_tokens,
+        positions=positions,
+        attention_mask=prompt_mask,
+        lora=lora,
+        cache=cache,
+    )
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     if num_samples > 1:
         repeat = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim and x.shape[0] == b else x
@@ -147,8 +186,15 @@ def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
         new_done = done | jnp.isin(token, stop_ids)
         pos = (prompt_lengths + step)[:, None]  # [R, 1]
-        logits, cache = forward(params, cfg, token[:, None], positions=pos,
-                                attention_mask=~done[:, None], lora=lora, cache=cache)  # fmt: skip
+        logits, cache = forward(
+            params,
+            cfg,
+            token[:, None],
+            positions=pos,
+            attention_mask=~done[:, None],
+            lora=lora,
+            cache=cache,
+        )
         return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, key
 
     init = (
@@ -175,8 +221,9 @@ def _generate(params, prompt_tokens, prompt_lengths, key, lora, *, cfg, max_new_
         logits, _ = forward(params, cfg, suffix, positions=pos, lora=lora, cache=cache)
         logp = jax.nn.log_softmax(logits[:, -1])  # [R, V]
         scores = logp[:, jnp.asarray(score_tokens, jnp.int32)]
-    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped,
-                        scores=scores)  # fmt: skip
+    return SampleOutput(
+        tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped, scores=scores
+    )
 
 
 def prefill_token_count(prompt_lengths: jax.Array, num_samples: int) -> dict[str, int]:

@@ -246,8 +246,9 @@ def _prefix_one(tree: Tree, path, leaf_depth, prompt, prompt_length, fmt: StepFo
 
 
 @functools.partial(jax.jit, static_argnames=("max_depth", "width"))
-def build_prefixes(tree: Tree, leaf, prompts, prompt_lengths, fmt: StepFormat, max_depth: int,
-                   width: int):  # fmt: skip
+def build_prefixes(
+    tree: Tree, leaf, prompts, prompt_lengths, fmt: StepFormat, max_depth: int, width: int
+):
     """Token prefixes [B, width] (right-padded) and lengths [B] that continue each leaf's path."""
     path = path_from_root(tree, leaf, max_depth)  # [B, D]
     leaf_depth = tree.depth[jnp.arange(tree.batch_size), leaf]
@@ -342,15 +343,25 @@ def make_lm_expand_fn(
     b, k = prompts.shape[0], config.num_children
 
     def expand(tree: Tree, leaf: jax.Array, key: jax.Array) -> Expansion:
-        prefix, lengths = build_prefixes(tree, leaf, prompts, prompt_lengths, fmt,
-                                         config.max_depth, width)  # fmt: skip
+        prefix, lengths = build_prefixes(
+            tree, leaf, prompts, prompt_lengths, fmt, config.max_depth, width
+        )
         out = generate(
-            params, cfg, prefix, lengths, key=key, max_new_tokens=config.thought_length,
-            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-            stop_tokens=(fmt.end_of_thought,), num_samples=k,
+            params,
+            cfg,
+            prefix,
+            lengths,
+            key=key,
+            max_new_tokens=config.thought_length,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            stop_tokens=(fmt.end_of_thought,),
+            num_samples=k,
             score_suffix=(fmt.start_of_rating,),
-            score_tokens=(fmt.positive_rating, fmt.negative_rating), lora=lora,
-        )  # fmt: skip
+            score_tokens=(fmt.positive_rating, fmt.negative_rating),
+            lora=lora,
+        )
         if stats is not None:
             n = int(jnp.sum(lengths))
             stats.prefilled_tokens += n

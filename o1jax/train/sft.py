@@ -126,10 +126,12 @@ class SFTState:
 
 def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, max(config.warmup_steps, 1),
+        0.0,
+        config.learning_rate,
+        max(config.warmup_steps, 1),
         max(config.steps, config.warmup_steps + 1),
         end_value=config.learning_rate * 0.1,
-    )  # fmt: skip
+    )
     inner = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(schedule, weight_decay=config.weight_decay),
@@ -151,8 +153,10 @@ class SFTTrainer:
         self.use_lora = lora is not None
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if config.batch_size % shards:
-            raise ValueError(f"sft.batch_size={config.batch_size} must be a multiple of the mesh's "
-                             f"data x fsdp size {shards}")  # fmt: skip
+            raise ValueError(
+                f"sft.batch_size={config.batch_size} must be a multiple of the mesh's "
+                f"data x fsdp size {shards}"
+            )
         self.optimizer = make_optimizer(config)
         with jax.set_mesh(mesh):
             params = jax.device_put(params, param_shardings(params, mesh))
@@ -187,15 +191,25 @@ def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool)
 
     def loss_fn(trainable):
         params, lora = (frozen, trainable) if use_lora else (trainable, None)
-        logits = forward(params, cfg, batch["tokens"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], lora=lora)  # fmt: skip
+        logits = forward(
+            params,
+            cfg,
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            lora=lora,
+        )
         return lm_loss(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"])
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new = SFTState(optax.apply_updates(state.trainable, updates), opt_state, state.step + 1)
-    metrics = {"loss": loss, "target_tokens": count, "grad_norm": optax.tree.norm(grads),
-               "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))}  # fmt: skip
+    metrics = {
+        "loss": loss,
+        "target_tokens": count,
+        "grad_norm": optax.tree.norm(grads),
+        "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
+    }
     return new, metrics
 
 

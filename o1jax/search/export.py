@@ -1,0 +1,117 @@
+"""Search trees out of the device: chosen answers, OpenLongCoT text, and JSON for people.
+
+All of this runs on the host after a search; nothing here is in a hot path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from o1jax.data import longcot
+from o1jax.data.answers import extract_answer
+from o1jax.search.tree import Tree
+
+
+def _host(tree: Tree, b: int) -> dict[str, np.ndarray]:
+    """Tree `b` as numpy arrays, cut to the nodes in use."""
+    n = int(tree.num_nodes[b])
+    fields = (
+        "parent",
+        "depth",
+        "visits",
+        "value_sum",
+        "prior_logit",
+        "rating",
+        "terminal",
+        "is_answer",
+        "reward",
+        "tokens",
+        "lengths",
+    )
+    return {f: np.asarray(getattr(tree, f)[b])[:n] for f in fields}
+
+
+def thought_text(tokenizer, tokens: np.ndarray, length: int) -> str:
+    """The thought's text (meta-action tag included), without its <end_of_thought>."""
+    text = tokenizer.decode([int(t) for t in tokens[:length]], skip_special_tokens=False)
+    return text.removesuffix(longcot.END_OF_THOUGHT)
+
+
+def choose_answer(tree: Tree, b: int, tokenizer, method: str = "vote") -> str | None:
+    """The final answer of tree `b`, from its answer nodes, without looking at the truth.
+
+    "vote": the answer with the largest total value (backed-up Q) over the answer nodes that
+    state it (self-consistency weighted by the model's own values); "value": the answer node
+    with the best Q.
+    """
+    t = _host(tree, b)
+    q = t["value_sum"] / np.maximum(t["visits"], 1)
+    scores: dict[str, float] = defaultdict(float)
+    best: tuple[float, str | None] = (-np.inf, None)
+    for node in np.flatnonzero(t["is_answer"]):
+        answer = extract_answer(thought_text(tokenizer, t["tokens"][node], t["lengths"][node]))
+        if answer is None:
+            continue
+        scores[answer] += float(q[node])
+        if q[node] > best[0]:
+            best = (float(q[node]), answer)
+    if method == "value":
+        return best[1]
+    if method != "vote":
+        raise ValueError(f"choose_answer: method must be 'vote' or 'value', got {method!r}")
+    return max(scores, key=scores.get) if scores else None
+
+
+def tree_to_longcot(tree: Tree, b: int, tokenizer, question: str) -> list[longcot.Node]:
+    """Tree `b` as OpenLongCoT nodes (local id = slot; rating from the answer check for judged
+    answers, else from the model's rating), ready for `longcot.render_tree` and SFT."""
+    t = _host(tree, b)
+    nodes = [
+        longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
+    ]
+    for i in range(1, len(t["parent"])):
+        if t["is_answer"][i] and t["reward"][i] != 0:
+            good = t["reward"][i] > 0.5
+        else:
+            good = t["rating"][i] >= 0.5
+        rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
+        action, body = longcot.split_action(
+            thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
+        )
+        for special in longcot.SPECIAL_TOKENS:  # a sampled thought may contain stray tags
+            body = body.replace(special, "")
+        nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
+    return nodes
+
+
+def tree_to_json(tree: Tree, b: int, tokenizer, question: str, truth: str | None = None) -> dict:
+    """Tree `b` as a JSON-able dict (what `python -m o1jax.show_tree` draws)."""
+    from o1jax.data.answers import is_equivalent
+
+    t = _host(tree, b)
+    chosen = choose_answer(tree, b, tokenizer)
+    out_nodes = []
+    for i in range(len(t["parent"])):
+        text = question if i == 0 else thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
+        answer = extract_answer(text) if t["is_answer"][i] else None
+        verdict = None
+        if answer is not None and truth is not None:
+            verdict = bool(is_equivalent(answer, truth))
+        out_nodes.append(
+            {
+                "id": i,
+                "parent": int(t["parent"][i]),
+                "depth": int(t["depth"][i]),
+                "text": text,
+                "visits": int(t["visits"][i]),
+                "value": float(t["value_sum"][i] / max(int(t["visits"][i]), 1)),
+                "rating": float(t["rating"][i]),
+                "prior_logit": float(t["prior_logit"][i]),
+                "terminal": bool(t["terminal"][i]),
+                "answer": answer,
+                "correct": verdict,
+            }
+        )
+    return {"question": question, "truth": truth, "chosen_answer": chosen, "nodes": out_nodes}

@@ -1,0 +1,244 @@
+"""Evaluation on a problem set: greedy pass@1, sampled pass@k and maj@k, and search accuracy.
+
+Free-running generation starts from the problem's root node and lets the model write the whole
+chain (headers, thoughts, ratings) until EOS; the answer is taken from its `<conclusion>`
+thought only. Search accuracy runs MCTS with no access to the ground truth (terminal values are
+the model's own ratings) and picks the answer by value-weighted vote over its answer nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from o1jax.data.answers import extract_answer, is_equivalent
+from o1jax.model.sampler import generate
+from o1jax.search import mcts
+from o1jax.search.export import choose_answer
+from o1jax.search.format import encode_prompts, make_step_format
+
+
+@dataclass
+class EvalResult:
+    pass1: float
+    num_problems: int
+    pass_k: float | None = None
+    maj_k: float | None = None
+    k: int = 1
+    records: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {"pass1": self.pass1, "num_problems": self.num_problems}
+        if self.k > 1:
+            out |= {f"pass@{self.k}": self.pass_k, f"maj@{self.k}": self.maj_k}
+        return out
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield i, items[i : i + size]
+
+
+def generate_texts(
+    params,
+    cfg,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    key,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    batch_size: int = 32,
+    lora=None,
+    progress: str | None = None,
+) -> list[list[str]]:
+    """`num_samples` free-running completions per question (decoded, special tokens kept).
+
+    Every batch is padded to `batch_size` rows and a common prompt width, so one compiled
+    program serves the whole evaluation.
+    """
+    _, lengths = encode_prompts(tokenizer, questions)
+    width = int(jnp.max(lengths))
+    eos = tokenizer.eos_token_id
+    outputs: list[list[str]] = []
+    bar = tqdm(total=len(questions), desc=progress, disable=progress is None, leave=False)
+    for start, chunk in _batches(list(questions), batch_size):
+        padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
+        prompts, plens = encode_prompts(tokenizer, padded, width)
+        out = generate(
+            params,
+            cfg,
+            prompts,
+            plens,
+            key=jax.random.fold_in(key, start),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            stop_tokens=(eos,) if eos is not None else (),
+            num_samples=num_samples,
+            lora=lora,
+        )
+        tokens, out_len = np.asarray(out.tokens), np.asarray(out.lengths)
+        for row in range(len(chunk)):
+            texts = []
+            for j in range(num_samples):
+                r = row * num_samples + j
+                texts.append(
+                    tokenizer.decode(tokens[r, : out_len[r]].tolist(), skip_special_tokens=False)
+                )
+            outputs.append(texts)
+        bar.update(len(chunk))
+    bar.close()
+    return outputs
+
+
+def evaluate(
+    params,
+    cfg,
+    tokenizer,
+    problems,
+    *,
+    key,
+    max_new_tokens: int,
+    samples: int = 1,
+    batch_size: int = 32,
+    lora=None,
+    progress: str | None = "eval",
+) -> EvalResult:
+    """Greedy pass@1, and with samples > 1 also pass@k and maj@k at temperature 1."""
+    questions = [p.question for p in problems]
+    greedy = generate_texts(
+        params,
+        cfg,
+        tokenizer,
+        questions,
+        key=key,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        lora=lora,
+        progress=progress,
+    )
+    sampled = None
+    if samples > 1:
+        sampled = generate_texts(
+            params,
+            cfg,
+            tokenizer,
+            questions,
+            key=jax.random.fold_in(key, 1),
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            num_samples=samples,
+            batch_size=max(batch_size // samples, 1),
+            lora=lora,
+            progress=progress,
+        )
+    records = []
+    n_greedy = n_pass = n_maj = 0
+    for i, problem in enumerate(problems):
+        answer = extract_answer(greedy[i][0])
+        correct = answer is not None and is_equivalent(answer, problem.answer)
+        n_greedy += correct
+        record = {
+            "id": problem.id,
+            "question": problem.question,
+            "truth": problem.answer,
+            "output": greedy[i][0],
+            "answer": answer,
+            "correct": bool(correct),
+        }
+        if sampled is not None:
+            answers = [extract_answer(t) for t in sampled[i]]
+            verdicts = [a is not None and is_equivalent(a, problem.answer) for a in answers]
+            votes = Counter(a for a in answers if a is not None)
+            majority = votes.most_common(1)[0][0] if votes else None
+            maj_ok = majority is not None and is_equivalent(majority, problem.answer)
+            n_pass += any(verdicts)
+            n_maj += maj_ok
+            record |= {
+                "samples": answers,
+                "pass_k": any(verdicts),
+                "maj_answer": majority,
+                "maj_k": bool(maj_ok),
+            }
+        records.append(record)
+    n = max(len(problems), 1)
+    return EvalResult(
+        pass1=n_greedy / n,
+        num_problems=len(problems),
+        k=samples,
+        records=records,
+        pass_k=n_pass / n if sampled else None,
+        maj_k=n_maj / n if sampled else None,
+    )
+
+
+def search_evaluate(
+    params,
+    cfg,
+    tokenizer,
+    problems,
+    search: mcts.MCTSConfig,
+    *,
+    key,
+    batch_size: int = 32,
+    lora=None,
+    progress: str | None = "search",
+    stats: mcts.SearchStats | None = None,
+) -> EvalResult:
+    """MCTS accuracy without the ground truth: answers chosen by value-weighted vote."""
+    fmt = make_step_format(tokenizer, search.max_depth)
+    _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
+    width = int(jnp.max(lengths))
+    records, n_correct = [], 0
+    bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
+    for start, chunk in _batches(list(problems), batch_size):
+        padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
+        prompts, plens = encode_prompts(tokenizer, [p.question for p in padded], width)
+        expand = mcts.make_lm_expand_fn(
+            params, cfg, prompts, plens, fmt, search, lora=lora, stats=stats
+        )
+        tree = mcts.run(expand, batch_size, search, jax.random.fold_in(key, start), stats=stats)
+        for b, problem in enumerate(chunk):
+            answer = choose_answer(tree, b, tokenizer)
+            correct = answer is not None and is_equivalent(answer, problem.answer)
+            n_correct += correct
+            records.append(
+                {
+                    "id": problem.id,
+                    "truth": problem.answer,
+                    "answer": answer,
+                    "correct": bool(correct),
+                    "nodes": int(tree.num_nodes[b]),
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return EvalResult(
+        pass1=n_correct / max(len(problems), 1), num_problems=len(problems), records=records
+    )
+
+
+def write_records(path: str, records: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def summary_table(rows: dict[str, float]) -> str:
+    width = max(len(k) for k in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [
+        f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+        for k, v in rows.items()
+    ]
+    return "\n".join(lines)
