@@ -1,0 +1,391 @@
+"""Final-answer extraction and equivalence checking, without eval().
+
+`extract_answer` takes the answer only from an explicit final-answer marker: in long-CoT text the
+last `<conclusion>` thought (an `<expansion>` that mentions a number is not an answer); in plain
+text the last `\\boxed{}` / `\\fbox{}`, GSM8K's `#### N`, or "the answer is X".
+
+`is_equivalent` decides in three stages:
+1. normalised strings (LaTeX spacing, `\\dfrac`, `$`, units, degrees, a leading `x =` dropped);
+2. exact rationals (fractions.Fraction from integers, decimals, `a/b`, `\\frac{a}{b}`, thousands
+   commas, percent read as either n or n/100); when both sides are exact numbers this decides;
+3. math-verify (sets, intervals, expressions, 1/3 vs 0.333333) in a worker process, under a
+   wall-clock limit. math-verify's own timeouts use SIGALRM, which works only in the main thread
+   and cannot stop a computation stuck in C (`10^{10^{10^{10}}}` is one); the worker is killed
+   instead, so the limit holds from any thread and for any input. A timeout or an error counts
+   as "not equivalent".
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from o1jax.data.longcot import (
+    ACTIONS,
+    CONCLUSION,
+    END_OF_THOUGHT,
+    SPECIAL_TOKENS,
+    START_OF_THOUGHT,
+)
+
+MAX_ANSWER_CHARS = 1000  # longer answers are compared as normalised strings only
+WORKER_START_TIMEOUT_S = 60.0  # a fresh worker's import of math-verify (not counted in timeout_s)
+
+
+# ----------------------------------------------------------------------------- extraction
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{$])")
+_GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS_RE = re.compile(
+    r"(?:\bthe\s+)?(?:final\s+)?(?:answer|result)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE
+)
+_PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_LONGCOT_MARKERS = (*ACTIONS, START_OF_THOUGHT, END_OF_THOUGHT)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` (nested braces), or of `\\boxed 5`.
+
+    None when there is none, or when the last one is never closed (a truncated generation).
+    """
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    if m.group(1) != "{":
+        return m.group(1) + re.match(r"[^\s$]*", text[m.end() :]).group()
+    close = _closing_brace(text, m.end())
+    return None if close is None else text[m.end() : close].strip()
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the `}` closing a group opened just before `start` (`\\{`, `\\}` skipped)."""
+    depth = 1
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in "{}" and text[i - 1] != "\\":
+            depth += 1 if c == "{" else -1
+            if depth == 0:
+                return i
+    return None
+
+
+def _trim(answer: str) -> str:
+    """Drops surrounding whitespace and dollars and a sentence's final period."""
+    before = None
+    while answer != before:
+        before = answer
+        answer = answer.strip().strip("$").removesuffix(".")
+    return answer
+
+
+def _marked_answer(text: str) -> str | None:
+    """The answer of a final-answer marker in `text`: boxed, then `####`, then "answer is"."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed or None
+    for pattern in (_GSM8K_RE, _ANSWER_IS_RE):
+        found = pattern.findall(text)
+        if found:
+            return _trim(found[-1]) or None
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in `text`, or None (see the module docstring for the rules).
+
+    Long-CoT text (any action tag or thought delimiter in it): only the last `<conclusion>`
+    thought counts: a marker inside it, else the whole thought when it is short maths (no prose
+    word of 3+ letters, at most 64 characters). No conclusion: None.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_answer expects a str, got {type(text).__name__}")
+    if any(m in text for m in _LONGCOT_MARKERS):
+        at = text.rfind(CONCLUSION)
+        if at < 0:
+            return None
+        thought = text[at + len(CONCLUSION) :]
+        ends = [i for t in SPECIAL_TOKENS if (i := thought.find(t)) >= 0]
+        thought = thought[: min(ends)] if ends else thought
+        answer = _marked_answer(thought)
+        if answer is not None:
+            return answer
+        bare = _trim(thought)
+        if bare and len(bare) <= 64 and not _PROSE_RE.search(bare):
+            return bare
+        return None
+    return _marked_answer(text)
+
+
+# ----------------------------------------------------------------------------- normalisation
+_DELIMS = ((r"\(", r"\)"), (r"\[", r"\]"), ("$$", "$$"), ("$", "$"))
+_TEXT_RE = re.compile(r"\\(?:text|textbf|mbox|mathrm)\s*\{([^{}]*)\}")
+_UNIT_SUFFIX_RE = re.compile(r"^(.*?\S)\s*\\(?:text|mbox|mathrm)\s*\{[^{}]*\}$")
+_WORD_UNIT_RE = re.compile(
+    r"^([+-]?[\d.,]*\d)\s+[A-Za-z]{2,}(?:[\sA-Za-z./]*[A-Za-z.])?(?:\^\{?[23]\}?)?$"
+)
+_ASSIGN_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
+_SPACING = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~")
+_DEGREES = (r"^{\circ}", r"^\circ", "°", r"\degree")
+
+
+def _clean(answer: str) -> str:
+    """Light clean-up that keeps spaces: delimiters, box, dollars, units, `x =`."""
+    s = answer.strip()
+    for _ in range(3):  # nested wrappers such as $\boxed{...}$
+        before = s
+        for left, right in _DELIMS:
+            if len(s) > len(left) + len(right) and s.startswith(left) and s.endswith(right):
+                s = s[len(left) : len(s) - len(right)].strip()
+        box = re.match(r"\\(?:boxed|fbox)\s*\{", s)
+        if box and _closing_brace(s, box.end()) == len(s) - 1:
+            s = s[box.end() : -1].strip()
+        whole = _TEXT_RE.fullmatch(s)
+        if whole:
+            s = whole.group(1).strip()
+        if s == before:
+            break
+    s = s.replace(r"\$", "").replace("$", "").strip()
+    unit = _UNIT_SUFFIX_RE.match(s)
+    if unit:
+        s = unit.group(1)
+    word_unit = _WORD_UNIT_RE.match(s)
+    if word_unit:
+        s = word_unit.group(1)
+    s = _ASSIGN_RE.sub("", s)
+    for deg in _DEGREES:
+        s = s.replace(deg, "")
+    return re.sub(r"\.$", "", s.strip()).strip()
+
+
+def _compact(cleaned: str) -> str:
+    """String form for comparison: no spacing commands or whitespace, one `\\frac` spelling."""
+    s = cleaned
+    for sp in _SPACING:
+        s = s.replace(sp, "")
+    s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").replace(r"\%", "%")
+    s = _TEXT_RE.sub(r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    return re.sub(r"^\(([A-Za-z])\)$", r"\1", s)  # multiple choice: (A) -> A
+
+
+_THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_SLASH_RE = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{([+-]?\d+)\}|(\d))$")
+
+
+def _numbers(cleaned: str) -> tuple[set[Fraction], bool] | None:
+    """Exact values an answer may denote (percent: n and n/100), and whether a decimal point
+    was written; None when it is not a plain number."""
+    s = cleaned.strip()
+    if _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
+    s = _compact(s)
+    percent = s.endswith("%")
+    s = s.removesuffix("%")
+    value: Fraction | None = None
+    if _DECIMAL_RE.match(s):
+        value = Fraction(s)
+    elif m := _SLASH_RE.match(s):
+        if int(m.group(2)) != 0:
+            value = Fraction(int(m.group(1)), int(m.group(2)))
+    elif m := _FRAC_RE.match(s):
+        num, den = int(m.group(2) or m.group(3)), int(m.group(4) or m.group(5))
+        if den != 0:
+            value = Fraction(num, den) * (-1 if m.group(1) == "-" else 1)
+    if value is None:
+        return None
+    return ({value, value / 100} if percent else {value}), "." in s
+
+
+def _terminates(x: Fraction, places: int = 6) -> bool:
+    return (10**places) % x.denominator == 0
+
+
+def _rational_verdict(pred: str, truth: str) -> bool | None:
+    """True / False when both sides are plain numbers and exact arithmetic decides; else None.
+
+    A decimal against a non-terminating rational (0.333333 vs 1/3) is left to math-verify,
+    which compares to 6 decimal places.
+    """
+    a, b = _numbers(pred), _numbers(truth)
+    if a is None or b is None:
+        return None
+    (va, dec_a), (vb, dec_b) = a, b
+    if va & vb:
+        return True
+    if (dec_a and not all(map(_terminates, vb))) or (dec_b and not all(map(_terminates, va))):
+        return None
+    return False
+
+
+# ----------------------------------------------------------------------------- math-verify
+class _MathVerifyWorker:
+    """A child process running math-verify. Requests are JSON lines on its stdin; replies are
+    lines on its stdout: "ready" once, then "1" (equivalent), "0" (not) or "error".
+
+    Requests are serialised by a lock. A request that overruns its limit kills the process; a
+    new one is started at once so that its import overlaps with the caller's next work.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._owner = os.getpid()  # a forked child must not share its parent's worker
+        self._ready = False
+        self._buffer = b""
+
+    def _start(self) -> None:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "o1jax.data.answers", "--math-verify-worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        self._owner = os.getpid()
+        self._ready = False
+        self._buffer = b""
+
+    def stop(self) -> None:
+        if self._proc is not None and self._owner == os.getpid():
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def _readline(self, deadline: float) -> bytes | None:
+        """One reply line, or None at the deadline or if the worker died."""
+        out = self._proc.stdout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([out], [], [], remaining)[0]:
+                return None
+            chunk = os.read(out.fileno(), 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def start(self) -> bool:
+        """Starts the worker if needed and waits until it has imported math-verify."""
+        with self._lock:
+            return self._ensure_ready()
+
+    def _ensure_ready(self) -> bool:
+        if self._owner != os.getpid():
+            self._proc = None
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        if not self._ready:
+            line = self._readline(time.monotonic() + WORKER_START_TIMEOUT_S)
+            self._ready = line == _READY
+            if not self._ready:
+                self.stop()
+        return self._ready
+
+    def verify(self, pred: str, truth: str, timeout_s: float) -> bool | None:
+        """math-verify's verdict, or None on timeout or failure."""
+        with self._lock:
+            if not self._ensure_ready():
+                return None
+            request = json.dumps({"pred": pred, "truth": truth}).encode() + b"\n"
+            try:
+                self._proc.stdin.write(request)
+                self._proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                self.stop()
+                return None
+            line = self._readline(time.monotonic() + timeout_s)
+            if line is None:
+                self.stop()
+                self._start()
+                return None
+            return {b"1": True, b"0": False}.get(line)
+
+
+_READY = b"ready"
+_WORKER = _MathVerifyWorker()
+atexit.register(_WORKER.stop)
+
+
+def start_math_verify() -> bool:
+    """Starts math-verify's worker now (about a second, once per process) so that the first
+    `is_equivalent` that needs it is not delayed. Returns whether it is ready."""
+    return _WORKER.start()
+
+
+def _worker_main() -> None:
+    """Entry point of the worker process: reads requests, answers with math-verify's verdict."""
+    import logging
+
+    import math_verify
+
+    logging.disable(logging.CRITICAL)  # its "timeout disabled" warnings: the parent times out
+    # Replies go to a private copy of stdout; anything else printed lands on stderr (discarded).
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def reply(line: bytes) -> None:
+        out.write(line + b"\n")
+        out.flush()
+
+    reply(_READY)
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            gold = math_verify.parse(f"${request['truth']}$", parsing_timeout=None)
+            pred = math_verify.parse(f"${request['pred']}$", parsing_timeout=None)
+            reply(b"1" if math_verify.verify(gold, pred, timeout_seconds=None) else b"0")
+        except Exception:  # any failure is "not equivalent"; keep serving
+            reply(b"error")
+
+
+# ----------------------------------------------------------------------------- equivalence
+def is_equivalent(pred: str | None, truth: str, timeout_s: float = 1.0) -> bool:
+    """Whether the answer `pred` equals the ground truth `truth` (stages in the module doc).
+
+    timeout_s: wall-clock limit of the math-verify stage, from any thread; <= 0 skips it. The
+    worker's start (about a second, once per process, see `start_math_verify`) is not counted.
+    """
+    if pred is None:
+        return False
+    if not isinstance(pred, str) or not isinstance(truth, str):
+        raise TypeError(
+            f"is_equivalent expects str answers, got {type(pred).__name__} and "
+            f"{type(truth).__name__}"
+        )
+    p, t = _clean(pred), _clean(truth)
+    if not p or not t:
+        return False
+    if _compact(p) == _compact(t):
+        return True
+    if max(len(p), len(t)) > MAX_ANSWER_CHARS:
+        return False
+    verdict = _rational_verdict(p, t)
+    if verdict is not None:
+        return verdict
+    if timeout_s <= 0:
+        return False
+    return bool(_WORKER.verify(p, t, timeout_s))
+
+
+def is_correct(text: str, truth: str, timeout_s: float = 1.0) -> bool:
+    """`is_equivalent(extract_answer(text), truth)`: the reward check of a generated solution."""
+    return is_equivalent(extract_answer(text), truth, timeout_s)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--math-verify-worker"]:
+    _worker_main()

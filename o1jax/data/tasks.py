@@ -1,0 +1,364 @@
+"""Problems: the default synthetic task (arithmetic chains) and loaders for GSM8K / MATH / AIME.
+
+The default task is verifiable and small enough for a tiny transformer on a CPU:
+
+    Start with 17, add 25, multiply by 3, subtract 40.
+    <expansion>17 + 25 = 42   <expansion>42 * 3 = 126   <expansion>126 - 40 = 86
+    <conclusion>\\boxed{86}
+
+Every problem carries its worked solution as long-CoT thoughts (`Problem.steps`); its SFT text is
+`longcot.render_chain(question, steps)`, the very text the search renders for a correct path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from o1jax.data import longcot
+from o1jax.data.answers import last_boxed
+from o1jax.data.longcot import CONCLUSION, EXPANSION, NEGATIVE_RATING, POSITIVE_RATING, Node
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be read as problems; the message names where and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A question, its ground-truth final answer, and its worked solution as thought texts
+    (action tags included, the last one a `<conclusion>`; empty when no solution is known)."""
+
+    id: str
+    question: str
+    answer: str
+    steps: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- arithmetic chains
+OPS = ("add", "subtract", "multiply")
+_SYMBOL = {"add": "+", "subtract": "-", "multiply": "*"}
+_PHRASE = {"add": "add {}", "subtract": "subtract {}", "multiply": "multiply by {}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticTask:
+    """Difficulty of the arithmetic-chain task.
+
+    num_ops: (min, max) operations per problem, inclusive.
+    max_operand: the start value and add / subtract operands are drawn from [1, max_operand].
+    max_multiplier: multiply only by 2..max_multiplier.
+    max_value: every intermediate value stays in [0, max_value] (subtraction never goes negative).
+    test_fraction: share of all questions (by a hash of the text) that belong to the test split.
+    """
+
+    num_ops: tuple[int, int] = (2, 3)
+    max_operand: int = 99
+    max_multiplier: int = 9
+    max_value: int = 999
+    ops: tuple[str, ...] = OPS
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        lo, hi = self.num_ops
+        if not 1 <= lo <= hi:
+            raise ValueError(
+                f"ArithmeticTask.num_ops must be (min, max) with 1 <= min <= max, "
+                f"got {self.num_ops}"
+            )
+        unknown = set(self.ops) - set(OPS)
+        if not self.ops or unknown:
+            raise ValueError(
+                f"ArithmeticTask.ops must be a non-empty subset of {OPS}, got {self.ops}"
+            )
+        if not 1 <= self.max_operand <= self.max_value:
+            raise ValueError(
+                f"ArithmeticTask needs 1 <= max_operand <= max_value, got "
+                f"{self.max_operand} and {self.max_value}"
+            )
+        if self.max_multiplier < 2:
+            raise ValueError(
+                f"ArithmeticTask.max_multiplier must be >= 2, got {self.max_multiplier}"
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(
+                f"ArithmeticTask.test_fraction must be in (0, 1), got {self.test_fraction}"
+            )
+
+
+def question_split(question: str, test_fraction: float) -> str:
+    """The split a question belongs to, "test" or "train", fixed by the SHA-256 of its text."""
+    digest = hashlib.sha256(question.encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") < test_fraction * 2**64 else "train"
+
+
+def _random_problem(task: ArithmeticTask, rng: np.random.Generator) -> Problem | None:
+    value = int(rng.integers(1, task.max_operand + 1))
+    phrases, steps = [f"Start with {value}"], []
+    for _ in range(int(rng.integers(task.num_ops[0], task.num_ops[1] + 1))):
+        feasible = [
+            op
+            for op in task.ops
+            if (op == "add" and value + 1 <= task.max_value)
+            or (op == "subtract" and value >= 1)
+            or (op == "multiply" and 1 <= value <= task.max_value // 2)
+        ]
+        if not feasible:
+            return None
+        op = feasible[int(rng.integers(len(feasible)))]
+        if op == "add":
+            operand = int(rng.integers(1, min(task.max_operand, task.max_value - value) + 1))
+            result = value + operand
+        elif op == "subtract":
+            operand = int(rng.integers(1, min(task.max_operand, value) + 1))
+            result = value - operand
+        else:
+            top = min(task.max_multiplier, task.max_value // value)
+            operand = int(rng.integers(2, top + 1))
+            result = value * operand
+        phrases.append(_PHRASE[op].format(operand))
+        steps.append(f"{EXPANSION}{value} {_SYMBOL[op]} {operand} = {result}")
+        value = result
+    question = ", ".join(phrases) + "."
+    steps.append(f"{CONCLUSION}\\boxed{{{value}}}")
+    digest = hashlib.sha256(question.encode()).hexdigest()[:12]
+    return Problem(f"arith-{digest}", question, str(value), tuple(steps))
+
+
+def generate_problems(
+    task: ArithmeticTask, n: int, seed: int, split: str = "train"
+) -> list[Problem]:
+    """`n` distinct problems of `split` ("train" or "test"), a pure function of (task, n, seed,
+    split). The splits are disjoint for every seed: a question's split is fixed by its hash."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    share = task.test_fraction if split == "test" else 1.0 - task.test_fraction
+    max_tries = int((1000 + 20 * n) / share)
+    for _ in range(max_tries):
+        if len(problems) == n:
+            return problems
+        p = _random_problem(task, rng)
+        if (
+            p is None
+            or p.question in seen
+            or question_split(p.question, task.test_fraction) != split
+        ):
+            continue
+        seen.add(p.question)
+        problems.append(p)
+    if len(problems) == n:
+        return problems
+    raise ValueError(
+        f"generate_problems: found only {len(problems)} distinct {split} problems of "
+        f"{n} in {max_tries} draws; the task {task} is too small"
+    )
+
+
+# ----------------------------------------------------------------------------- solutions
+def _require_steps(problem: Problem) -> None:
+    if not problem.steps:
+        raise ValueError(f"problem {problem.id!r} has no worked solution (steps is empty)")
+
+
+def correct_solution(problem: Problem) -> list[Node]:
+    """The solution as a chain of nodes: the `<problem>` root, one node per step, all positive."""
+    _require_steps(problem)
+    return longcot.chain(problem.question, problem.steps)
+
+
+def sft_text(problem: Problem) -> str:
+    """The SFT text of the correct solution: `render_chain(question, steps)`, all positive."""
+    _require_steps(problem)
+    return longcot.render_chain(problem.question, problem.steps)
+
+
+_RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?\d+)(?!\d|\.\d)")  # "= 24", "= 24.", not "= 2.4"
+
+
+def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _flawed_step(problem: Problem, rng: np.random.Generator) -> tuple[int, str]:
+    """(index of a step, that step with a wrong result): the last `... = N` of a random
+    non-conclusion step, N moved by 1..9 (upwards when N < 10, so it stays non-negative)."""
+    _require_steps(problem)
+    candidates = [
+        (i, m)
+        for i, s in enumerate(problem.steps)
+        if not s.startswith(CONCLUSION) and (m := list(_RESULT_RE.finditer(s)))
+    ]
+    if not candidates:
+        raise ValueError(f"problem {problem.id!r} has no step stating a result '... = N' to flaw")
+    index, matches = candidates[int(rng.integers(len(candidates)))]
+    m = matches[-1]
+    right = int(m.group(1))
+    delta = int(rng.integers(1, 10)) * (1 if right < 10 or rng.random() < 0.5 else -1)
+    step = problem.steps[index]
+    return index, f"{step[: m.start(1)]}{right + delta}{step[m.end(1) :]}"
+
+
+def journey_tree(problem: Problem, rng: np.random.Generator | int) -> list[Node]:
+    """The solution tree with one wrong branch: at a random step, the parent gets first a child
+    with a wrong result (rated negative, a leaf), then the right step, which goes on to the
+    conclusion. Ids in depth-first order."""
+    index, wrong = _flawed_step(problem, _as_rng(rng))
+    q, steps = problem.question, problem.steps
+    wrong_path = longcot.chain(
+        q, [*steps[:index], wrong], [POSITIVE_RATING] * index + [NEGATIVE_RATING]
+    )
+    return longcot.paths_to_tree([wrong_path, longcot.chain(q, steps)])
+
+
+def journey_solution(problem: Problem, rng: np.random.Generator | int) -> list[Node]:
+    """A journey through `journey_tree`: the flawed step (negative), `<critic>` ("17 + 25 is not
+    43"), `<refine>` with the right step, then the rest of the solution to the conclusion."""
+    return longcot.journey(journey_tree(problem, rng))
+
+
+def journey_text(problem: Problem, rng: np.random.Generator | int) -> str:
+    """`journey_solution` rendered as the search renders a path (a chain, trailing newline)."""
+    nodes = journey_solution(problem, rng)
+    return longcot.render_chain(
+        problem.question, [n.text for n in nodes[1:]], [n.rating for n in nodes[1:]]
+    )
+
+
+# ----------------------------------------------------------------------------- loaders
+_CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
+
+
+def _field_str(row: Mapping, field: str, where: str) -> str:
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"{where}: field {field!r} is empty")
+    return text
+
+
+def _lines_to_steps(lines: Iterable[str], answer: str) -> tuple[str, ...]:
+    steps = [f"{EXPANSION}{line.strip()}" for line in lines if line.strip()]
+    return (*steps, f"{CONCLUSION}\\boxed{{{answer}}}")
+
+
+def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
+    """A Problem from one record in GSM8K (`question`, `answer` with `#### N`) or MATH / AIME
+    (`problem`, `solution` with `\\boxed{}` and / or `answer`) form. `where` prefixes errors."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    field = "question" if "question" in row else "problem" if "problem" in row else None
+    if field is None:
+        raise DataError(
+            f"{where}: missing field 'question' (GSM8K) or 'problem' (MATH / AIME); "
+            f"fields are {sorted(row)}"
+        )
+    question = _field_str(row, field, where)
+    try:
+        longcot.render_prompt(question)
+    except ValueError as e:
+        raise DataError(f"{where}: field {field!r}: {e}") from e
+    solution_lines: list[str] = []
+    source = "answer"
+    if "answer" in row and row["answer"] is not None:
+        raw = _field_str(row, "answer", where)
+        if "####" in raw:  # GSM8K: reasoning lines, then "#### N"
+            reasoning, _, final = raw.rpartition("####")
+            answer = final.strip().replace(",", "")
+            solution_lines = _CALC_RE.sub("", reasoning).splitlines()
+        else:
+            answer = last_boxed(raw) or raw
+            if "\n" in answer:
+                raise DataError(
+                    f"{where}: field 'answer' has no final answer "
+                    f"('#### N', \\boxed{{}}, or a one-line answer)"
+                )
+        if not answer:
+            raise DataError(f"{where}: field 'answer' has an empty final answer after '####'")
+        if row.get("solution"):
+            solution_lines = re.split(r"\n\s*\n", _field_str(row, "solution", where))
+            source = "solution"
+    elif "solution" in row and row["solution"] is not None:
+        solution = _field_str(row, "solution", where)
+        answer = last_boxed(solution)
+        if not answer:
+            raise DataError(f"{where}: field 'solution' has no \\boxed{{}} final answer")
+        solution_lines = re.split(r"\n\s*\n", solution)
+        source = "solution"
+    else:
+        raise DataError(f"{where}: missing field 'answer' or 'solution'")
+    id_field = next((f for f in ("id", "unique_id", "idx") if row.get(f) is not None), None)
+    pid = str(row[id_field]) if id_field else default_id
+    steps = _lines_to_steps(solution_lines, answer) if solution_lines else ()
+    try:
+        longcot.chain(question, steps)
+    except ValueError as e:
+        raise DataError(f"{where}: field {source!r}: {e}") from e
+    return Problem(pid, question, answer, steps)
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from a JSON-lines file (GSM8K or MATH / AIME rows; blank lines skipped).
+
+    Errors (DataError) name the file, the line number and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+            problems.append(problem_from_row(row, where, f"{path.stem}-{lineno}"))
+    return problems
+
+
+def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:
+    """Problems from a directory written by `datasets.save_to_disk` (a Dataset or DatasetDict).
+
+    Needs the optional `datasets` package. split: required when the directory holds several.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            "load_hf_disk needs the 'datasets' package, which o1jax does not depend on: "
+            "`pip install datasets`, or convert the data to JSON lines and use load_jsonl"
+        ) from e
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such directory")
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split is None:
+            if len(data) != 1:
+                raise DataError(f"{path} holds the splits {sorted(data)}; pass split=")
+            split = next(iter(data))
+        if split not in data:
+            raise DataError(f"{path} has no split {split!r}; it holds {sorted(data)}")
+        data = data[split]
+    elif split is not None:
+        raise DataError(f"{path} holds a single Dataset, not splits; pass split=None")
+    tag = split or "data"
+    return [
+        problem_from_row(row, f"{path}[{tag}] row {i}", f"{path.name}-{tag}-{i}")
+        for i, row in enumerate(data)
+    ]

@@ -1,0 +1,152 @@
+"""Tokenizers: the tiny default one built here, any Hugging Face one from a local directory,
+the long-CoT tokens, and growing a model's embedding table to match.
+
+The tiny tokenizer is a byte-level BPE (every text round-trips exactly; nothing is unknown) with
+digits always split into single tokens and each long-CoT token one id. Ids: `<pad>` 0, `<eos>` 1,
+`<bos>` 2, `<unk>` 3, the 16 long-CoT tokens 4..19, then 256 bytes and merges learned from the
+default task's own texts, at most 512 in all. Like Hugging Face tokenizers with special tokens,
+decode with `skip_special_tokens=False` to keep the long-CoT structure. Encoding adds no `<bos>`:
+callers add it (as for Gemma, whose tokenizer adds it unless `add_special_tokens=False`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import chex
+import jax.numpy as jnp
+
+from o1jax.data.longcot import SPECIAL_TOKENS
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+TINY_VOCAB_SIZE = 512
+_CORPUS_PROBLEMS = 256  # default-task problems whose texts train the tiny BPE (fixed seed)
+
+
+def _tiny_corpus() -> list[str]:
+    """Texts of the default task (SFT chains and journeys, fixed task and seeds) cut at the
+    special tokens, which are whole tokens already and must not take up merges."""
+    from o1jax.data import tasks
+
+    problems = tasks.generate_problems(tasks.ArithmeticTask(), _CORPUS_PROBLEMS, seed=0)
+    cut = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+    pieces = []
+    for i, p in enumerate(problems):
+        for text in (tasks.sft_text(p), tasks.journey_text(p, i)):
+            pieces.extend(piece for piece in cut.split(text) if piece)
+    return pieces
+
+
+def build_tiny_tokenizer(out_dir: str | Path | None = None):
+    """The project's tokenizer for the default task (deterministic, no network, well under 1 s).
+
+    Returns a `transformers.PreTrainedTokenizerFast`; with `out_dir`, also saves it there in HF
+    format (`AutoTokenizer.from_pretrained(out_dir)` loads it).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, BOS, UNK, *SPECIAL_TOKENS]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        extra_special_tokens=list(SPECIAL_TOKENS),
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20,
+    )
+    if [hf.convert_tokens_to_ids(t) for t in specials] != list(range(len(specials))):
+        raise RuntimeError("tiny tokenizer: special token ids are not 0..19 in order")
+    if out_dir is not None:
+        hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def load_tokenizer(path: str | Path):
+    """Any Hugging Face tokenizer from a LOCAL directory (never the network)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
+
+
+def add_longcot_tokens(tokenizer) -> int:
+    """Adds the long-CoT tokens the tokenizer lacks, as special tokens (never split).
+
+    Returns how many were added; grow the model's embeddings to `len(tokenizer)` after
+    (`resize_embeddings`).
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if not missing:
+        return 0
+    return tokenizer.add_special_tokens(
+        {"extra_special_tokens": missing}, replace_extra_special_tokens=False
+    )
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+    """Ids the search and training need: "pad", "eos", "bos", and every long-CoT token by its
+    name without brackets ("end_of_thought", "start_of_rating", "positive_rating",
+    "negative_rating", "end_of_rating", "conclusion", ...). Each must be one token."""
+    ids: dict[str, int] = {}
+    for name in ("pad", "eos", "bos"):
+        value = getattr(tokenizer, f"{name}_token_id")
+        if value is None:
+            raise ValueError(f"tokenizer has no {name} token; set tokenizer.{name}_token first")
+        ids[name] = int(value)
+    vocab = tokenizer.get_vocab()
+    for token in SPECIAL_TOKENS:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if token not in vocab or encoded != [vocab[token]]:
+            raise ValueError(
+                f"tokenizer does not hold the long-CoT token {token!r} as one token (encodes to "
+                f"{encoded}); call add_longcot_tokens(tokenizer) and resize_embeddings(...)"
+            )
+        ids[token.strip("<>")] = vocab[token]
+    return ids
+
+
+def resize_embeddings(params: dict, new_vocab_size: int) -> dict:
+    """Grows `params["embedder"]["embedding"]` [V, D] to [new_vocab_size, D]; new rows are the
+    mean embedding (in the table's dtype, averaged in float32). Other entries are shared, not
+    copied. Shrinking is an error; the same size returns `params` unchanged."""
+    try:
+        table = params["embedder"]["embedding"]
+    except (KeyError, TypeError) as e:
+        raise KeyError("resize_embeddings: params has no ['embedder']['embedding'] table") from e
+    chex.assert_rank(table, 2)
+    vocab, dim = table.shape
+    if new_vocab_size < vocab:
+        raise ValueError(
+            f"resize_embeddings: cannot shrink the embedding table from {vocab} to "
+            f"{new_vocab_size} rows"
+        )
+    if new_vocab_size == vocab:
+        return params
+    mean = jnp.mean(table.astype(jnp.float32), axis=0, keepdims=True).astype(table.dtype)  # [1, D]
+    grown = jnp.concatenate([table, jnp.broadcast_to(mean, (new_vocab_size - vocab, dim))])
+    return {**params, "embedder": {**params["embedder"], "embedding": grown}}  # [V', D]

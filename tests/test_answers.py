@@ -1,0 +1,167 @@
+"""Answer extraction and equivalence: markers only, exact numbers, math-verify under a limit."""
+
+import threading
+import time
+
+import pytest
+
+from o1jax.data import answers
+from o1jax.data.answers import extract_answer, is_correct, is_equivalent
+
+LIMIT_S = 1.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def math_verify_worker():
+    assert answers.start_math_verify()  # its start-up is not part of any call's time limit
+    yield
+
+
+EQUIVALENT = [
+    ("86", "86"),
+    ("0.5", "\\frac{1}{2}"),
+    ("\\dfrac{1}{2}", "\\frac12"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("-\\frac{3}{4}", "-0.75"),
+    ("\\frac{-3}{4}", "-.75"),
+    ("2/4", "1/2"),
+    ("1,234", "1234"),
+    ("1,234,567.5", "1234567.5"),
+    ("5 cm", "5"),
+    ("12 square feet", "12"),
+    ("5\\text{ cm}", "5"),
+    ("\\text{5}", "5"),
+    ("\\$5", "5"),
+    ("$5$", "5"),
+    ("50\\%", "50"),
+    ("50%", "0.5"),
+    ("90^\\circ", "90"),
+    ("x = 5", "5"),
+    ("\\boxed{7}", "7"),
+    ("$\\boxed{\\{1, 2\\}}$", "\\{1,2\\}"),
+    ("7" * 3000, "7" * 3000),
+    ("7.", "7"),
+    ("3.0", "3"),
+    ("(A)", "A"),
+    ("0.333333", "\\frac{1}{3}"),  # math-verify's 6-decimal comparison
+    ("\\{1, 2\\}", "\\{2,1\\}"),  # sets
+    ("(0,1]", "(0, 1]"),  # intervals
+    ("[0, \\infty)", "[0,\\infty)"),
+    ("\\left( 0, 1 \\right)", "(0,1)"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+    ("2\\sqrt{3}", "\\sqrt{12}"),
+]
+
+NOT_EQUIVALENT = [
+    ("86", "68"),  # digits swapped
+    ("1/2", "2/1"),
+    ("\\frac{1}{2}", "\\frac{2}{1}"),
+    ("0.5", "0.4"),
+    ("0.33", "\\frac{1}{3}"),
+    ("1/3", "2/3"),
+    ("-5", "5"),
+    ("50%", "5"),
+    ("12", "123"),
+    ("1,23", "123"),  # not a thousands separator
+    ("2 or 3", "2"),
+    ("\\{1, 2\\}", "\\{1, 3\\}"),
+    ("(0,1)", "[0,1]"),  # open vs closed interval
+    ("(x+1)^2", "x^2+1"),
+    ("", "5"),
+    (None, "5"),
+    ("\\boxed{1}+\\boxed{2}", "2"),  # not one box around the whole answer
+    ("9" * 5000, "9" * 4999),  # too long to parse: strings only
+]
+
+
+@pytest.mark.parametrize("pred, truth", EQUIVALENT)
+def test_equivalent(pred, truth):
+    assert is_equivalent(pred, truth, timeout_s=LIMIT_S)
+    assert is_equivalent(truth, pred, timeout_s=LIMIT_S)
+
+
+@pytest.mark.parametrize("pred, truth", NOT_EQUIVALENT)
+def test_not_equivalent(pred, truth):
+    assert not is_equivalent(pred, truth, timeout_s=LIMIT_S)
+
+
+def test_exact_numbers_need_no_math_verify():
+    # timeout_s=0 disables math-verify: plain numbers are still decided exactly.
+    assert is_equivalent("\\dfrac{6}{8}", "0.75", timeout_s=0)
+    assert not is_equivalent("86", "68", timeout_s=0)
+    assert not is_equivalent("\\{1,2\\}", "\\{2,1\\}", timeout_s=0)
+
+
+TEXTS = [
+    ("so the result is \\boxed{\\frac{1}{\\sqrt{2}}} and done", "\\frac{1}{\\sqrt{2}}"),
+    ("\\boxed{1} first, then \\boxed{\\{1, \\{2\\}\\}}", "\\{1, \\{2\\}\\}"),  # nested braces
+    ("\\fbox{42}", "42"),
+    ("\\boxed 7", "7"),
+    ("\\boxed{3} then \\boxed{4", None),  # the last box is never closed: truncated
+    ("Natalia sold 48/2 = 24 clips.\n#### 1,234", "1,234"),
+    ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("So the final answer is 3.5.", "3.5"),
+    ("Final answer: 12", "12"),
+    ("I think it is 42", None),  # a number is not an answer
+    ("", None),
+    ("<start_of_thought><conclusion>\\boxed{86}<end_of_thought><start_of_rating>", "86"),
+    ("<expansion>42 * 3 = 126<end_of_thought>...<conclusion>126<end_of_thought>", "126"),
+    ("<conclusion>The answer is 7.", "7"),
+    ("<conclusion>x = 5", "x = 5"),
+    ("<conclusion>The value we get is 86 after all steps", None),  # prose, no marker
+    ("<conclusion><end_of_thought>", None),
+    ("<conclusion>\\boxed{1}<end_of_thought>\n<critic>no<end_of_thought>", "1"),
+]
+
+
+@pytest.mark.parametrize("text, expected", TEXTS)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_intermediate_step_is_not_an_answer():
+    # An expansion that mentions (even boxes, or states) the true answer is not a final answer.
+    for step in ["<expansion>17 + 25 = 42", "<expansion>so \\boxed{42}", "<expansion>answer is 42"]:
+        text = f"<start_of_thought>{step}<end_of_thought><start_of_rating>"
+        assert extract_answer(text) is None
+        assert not is_correct(text, "42")
+    assert is_correct("<start_of_thought><conclusion>\\boxed{42}<end_of_thought>", "42")
+
+
+@pytest.mark.parametrize("pred", ["10^{10^{10^{10}}}", "9^{9^{9^{9^{9}}}}"])
+def test_pathological_input_is_cut_off(pred):
+    start = time.monotonic()
+    assert not is_equivalent(pred, "1", timeout_s=LIMIT_S)
+    assert time.monotonic() - start < 5 * LIMIT_S
+    assert is_equivalent("\\{1,2\\}", "\\{2,1\\}")  # the worker was replaced and works
+
+
+def test_safe_from_other_threads():
+    results = {}
+
+    def work(name, pred, truth):
+        start = time.monotonic()
+        results[name] = (is_equivalent(pred, truth, timeout_s=LIMIT_S), time.monotonic() - start)
+
+    # A slow (cut off) check and two normal ones, at once, none in the main thread.
+    jobs = [
+        ("hang", "10^{10^{10^{10}}}", "1"),
+        ("set", "\\{1,2\\}", "\\{2,1\\}"),
+        ("expr", "(x+1)^2", "x^2+2x+2"),
+    ]
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results["hang"][0] is False and results["set"][0] is True and results["expr"][0] is False
+    # Calls are serialised: the slowest waits for the others, within a generous bound.
+    assert max(r[1] for r in results.values()) < 5 * (LIMIT_S + 1.0)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError):
+        is_equivalent(5, "5")
+    with pytest.raises(TypeError):
+        extract_answer(None)

@@ -1,0 +1,220 @@
+"""The arithmetic-chain task (correct, deterministic, disjoint splits), solutions, journeys,
+and the JSONL / HF-disk loaders."""
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+
+from o1jax.data import longcot, tasks
+from o1jax.data.answers import extract_answer, is_correct
+from o1jax.data.longcot import CONCLUSION, CRITIC, EXPANSION, NEGATIVE_RATING, REFINE
+from o1jax.data.tasks import ArithmeticTask, DataError, Problem
+
+TASK = ArithmeticTask()
+OPS = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}
+SYM = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def _replay(problem: Problem, task: ArithmeticTask) -> None:
+    """Recomputes a problem from its question alone and checks every step against it."""
+    m = re.fullmatch(
+        r"Start with (\d+)((?:, (?:add|subtract|multiply by) \d+)+)\.", problem.question
+    )
+    assert m, problem.question
+    value = int(m.group(1))
+    assert 1 <= value <= task.max_operand
+    ops = re.findall(r", (add|subtract|multiply) (?:by )?(\d+)", m.group(2))
+    assert task.num_ops[0] <= len(ops) <= task.num_ops[1]
+    assert len(problem.steps) == len(ops) + 1
+    for (op, operand), step in zip(ops, problem.steps, strict=False):
+        operand = int(operand)
+        if op == "multiply":
+            assert 2 <= operand <= task.max_multiplier
+        else:
+            assert 1 <= operand <= task.max_operand
+        result = OPS[op](value, operand)
+        assert 0 <= result <= task.max_value
+        sym = next(s for s, name in SYM.items() if name == op)
+        assert step == f"{EXPANSION}{value} {sym} {operand} = {result}"
+        value = result
+    assert problem.steps[-1] == f"{CONCLUSION}\\boxed{{{value}}}"
+    assert problem.answer == str(value)
+
+
+def test_generate_correct_and_deterministic():
+    problems = tasks.generate_problems(TASK, 200, seed=3)
+    for p in problems:
+        _replay(p, TASK)
+    assert problems == tasks.generate_problems(TASK, 200, seed=3)
+    assert problems != tasks.generate_problems(TASK, 200, seed=4)
+    assert len({p.question for p in problems}) == len({p.id for p in problems}) == 200
+    assert {len(p.steps) for p in problems} == {3, 4}  # 2 or 3 operations
+
+
+def test_difficulty_knobs():
+    task = ArithmeticTask(
+        num_ops=(4, 4), max_operand=9, max_multiplier=3, max_value=99, ops=("add", "multiply")
+    )
+    for p in tasks.generate_problems(task, 50, seed=0):
+        _replay(p, task)
+        assert "subtract" not in p.question
+
+
+def test_splits_are_disjoint():
+    train = {p.question for s in (0, 1) for p in tasks.generate_problems(TASK, 400, s, "train")}
+    test = {p.question for s in (0, 1) for p in tasks.generate_problems(TASK, 100, s, "test")}
+    assert not train & test
+    assert len(test) > 100  # different seeds give different test problems
+    assert all(tasks.question_split(q, TASK.test_fraction) == "test" for q in test)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_ops=(3, 2)), "num_ops"),
+        (dict(ops=("divide",)), "ops"),
+        (dict(max_operand=1000), "max_operand"),
+        (dict(max_multiplier=1), "max_multiplier"),
+        (dict(test_fraction=0.0), "test_fraction"),
+    ],
+)
+def test_task_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ArithmeticTask(**kwargs)
+
+
+def test_too_small_task_is_an_error():
+    tiny = ArithmeticTask(num_ops=(1, 1), max_operand=1, ops=("add",), test_fraction=0.5)
+    with pytest.raises(ValueError, match="too small"):
+        split = tasks.question_split("Start with 1, add 1.", 0.5)
+        tasks.generate_problems(tiny, 3, seed=0, split=split)
+
+
+def test_correct_solution_is_the_sft_text():
+    for p in tasks.generate_problems(TASK, 20, seed=0):
+        nodes = tasks.correct_solution(p)
+        text = tasks.sft_text(p)
+        assert text == longcot.render_tree(nodes) + "\n"
+        assert text == longcot.render_chain(p.question, p.steps)
+        assert text.startswith(longcot.render_prompt(p.question))
+        assert extract_answer(text) == p.answer and is_correct(text, p.answer)
+
+
+def test_journey_solution():
+    for i, p in enumerate(tasks.generate_problems(TASK, 40, seed=1)):
+        nodes = tasks.journey_solution(p, i)
+        assert nodes == tasks.journey_solution(p, np.random.default_rng(i))
+        assert nodes == longcot.journey(tasks.journey_tree(p, i))
+        assert [(n.father_id, n.local_id) for n in nodes] == [(k - 1, k) for k in range(len(nodes))]
+        assert len(nodes) == len(p.steps) + 3  # root + steps + wrong + critic, refine for right
+        k = next(j for j, n in enumerate(nodes) if n.rating == NEGATIVE_RATING)
+        wrong, critic, refine = nodes[k : k + 3]
+        lhs, wrong_value = wrong.thought.split(" = ")
+        right = p.steps[k - 1]
+        assert wrong.action == EXPANSION and right.startswith(f"{EXPANSION}{lhs} = ")
+        assert wrong_value != right.split(" = ")[1]
+        assert (critic.action, critic.thought) == (CRITIC, f"{lhs} is not {wrong_value}")
+        assert refine.action == REFINE and REFINE + refine.thought == right.replace(
+            EXPANSION, REFINE
+        )
+        assert [n.text for n in nodes[k + 3 :]] == list(p.steps[k:])  # then correctly on
+        assert sum(n.rating == NEGATIVE_RATING for n in nodes) == 1
+        text = tasks.journey_text(p, i)
+        assert text == longcot.render_tree(nodes) + "\n"
+        assert is_correct(text, p.answer)
+        tree = tasks.journey_tree(p, i)
+        assert len(longcot.tree_to_paths(tree)) == 2 and len(tree) == len(p.steps) + 2
+
+
+def test_solutions_need_steps():
+    bare = Problem("x", "What is 1?", "1")
+    with pytest.raises(ValueError, match="no worked solution"):
+        tasks.sft_text(bare)
+    with pytest.raises(ValueError, match="no step stating a result"):
+        tasks.journey_solution(Problem("y", "q", "1", ("<expansion>think", "<conclusion>1")), 0)
+
+
+def _write(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_load_jsonl(tmp_path):
+    rows = [
+        {
+            "question": "Natalia sold 48 clips...",
+            "answer": "She sold 48/2 = <<48/2=24>>24.\n"
+            "In all 48+24 = <<48+24=72>>72 clips.\n#### 1,072",
+        },
+        {"problem": "Find x.", "solution": "We get $x = \\frac{1}{2}$.\n\nSo $\\boxed{\\frac12}$."},
+        {"problem": "AIME 1", "answer": 204, "id": "aime-1"},
+        {"problem": "MATH 2", "solution": "Long \\boxed{3}", "answer": "\\boxed{3}"},
+        {"question": "Simple", "answer": "42"},
+    ]
+    path = _write(tmp_path, [rows[0], "", *rows[1:]])  # a blank line is skipped
+    p = tasks.load_jsonl(path)
+    assert [x.answer for x in p] == ["1072", "\\frac12", "204", "3", "42"]
+    assert [x.id for x in p[:3]] == ["data-1", "data-3", "aime-1"]  # file stem, line; or "id"
+    assert p[0].steps == (
+        "<expansion>She sold 48/2 = 24.",
+        "<expansion>In all 48+24 = 72 clips.",
+        "<conclusion>\\boxed{1072}",
+    )
+    assert p[1].steps[-1] == "<conclusion>\\boxed{\\frac12}" and len(p[1].steps) == 3
+    assert p[2].steps == () and p[4].steps == ()
+    assert tasks.sft_text(p[0]).count("<expansion>") == 2
+    assert len(tasks.journey_solution(p[0], 0)) == len(p[0].steps) + 3
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question": "q", "answer": "#### 1"', "data.jsonl:2: broken JSON"),
+        ('{"prompt": "q", "answer": "1"}', "data.jsonl:2: missing field 'question'"),
+        ('{"problem": "q"}', "data.jsonl:2: missing field 'answer' or 'solution'"),
+        ('{"problem": "q", "solution": "no box"}', "data.jsonl:2: field 'solution' has no"),
+        ('{"question": "q", "answer": "two\\nlines"}', "data.jsonl:2: field 'answer' has no"),
+        ('{"question": "q", "answer": "x ####  "}', "data.jsonl:2: field 'answer' has an empty"),
+        ('{"question": 3.5, "answer": []}', "data.jsonl:2: field 'answer' must be a string"),
+        ('{"question": "q", "answer": "<critic>\\n#### 1"}', "field 'answer': thought 1 contains"),
+        ('{"question": "", "answer": "1"}', "data.jsonl:2: field 'question' is empty"),
+        ("[1, 2]", "data.jsonl:2: expected a JSON object"),
+        (
+            '{"question": "<end_of_thought>", "answer": "1"}',
+            "data.jsonl:2: field 'question': question contains",
+        ),
+    ],
+)
+def test_load_jsonl_errors(tmp_path, line, message):
+    path = _write(tmp_path, [{"question": "fine", "answer": "#### 1"}, line])
+    with pytest.raises(DataError) as info:
+        tasks.load_jsonl(path)
+    assert message in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_load_jsonl_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
+        tasks.load_jsonl(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
+def test_load_hf_disk_without_datasets(tmp_path):
+    with pytest.raises(ImportError, match="needs the 'datasets' package"):
+        tasks.load_hf_disk(tmp_path)
+
+
+def test_load_hf_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"question": ["q1", "q2"], "answer": ["a\n#### 3", "b\n#### 4"]}
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}
+    )
+    dd.save_to_disk(str(tmp_path / "gsm8k"))
+    got = tasks.load_hf_disk(tmp_path / "gsm8k", split="test")
+    assert [p.answer for p in got] == ["3", "4"]
+    with pytest.raises(DataError, match="pass split="):
+        tasks.load_hf_disk(tmp_path / "gsm8k")

@@ -1,0 +1,137 @@
+"""The tiny tokenizer (exact round trips, single-token specials and digits, HF save / load),
+long-CoT tokens on a foreign tokenizer, and embedding growth."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.data import longcot, tasks
+from o1jax.data import tokenizer as tk
+from o1jax.data.longcot import SPECIAL_TOKENS
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tk.build_tiny_tokenizer()
+
+
+def _texts():
+    problems = tasks.generate_problems(tasks.ArithmeticTask(), 60, seed=11, split="test")
+    hard = tasks.ArithmeticTask(num_ops=(5, 6), max_operand=999, max_value=99999)
+    problems += tasks.generate_problems(hard, 20, seed=1)
+    for i, p in enumerate(problems):
+        yield p.question
+        yield tasks.sft_text(p)
+        yield tasks.journey_text(p, i)
+        yield longcot.render_tree(tasks.journey_tree(p, i))
+        yield longcot.step_header(i, i + 1) + p.steps[0]
+    yield "Unicode é ∑ 日本 \t tabs  double  spaces\n\n and \\frac{1}{2} <notatoken> <end_of"
+
+
+def test_ids_and_vocabulary(tok):
+    specials = [tk.PAD, tk.EOS, tk.BOS, tk.UNK, *SPECIAL_TOKENS]
+    assert [tok.convert_tokens_to_ids(t) for t in specials] == list(range(20))
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    assert len(tok) <= tk.TINY_VOCAB_SIZE
+    ids = tk.token_ids(tok)
+    assert {k: ids[k] for k in ("pad", "eos", "bos")} == {"pad": 0, "eos": 1, "bos": 2}
+    assert set(ids) == {"pad", "eos", "bos"} | {t.strip("<>") for t in SPECIAL_TOKENS}
+    assert tok.convert_ids_to_tokens(ids["end_of_thought"]) == "<end_of_thought>"
+
+
+def test_digits_are_single_tokens(tok):
+    vocab = tok.get_vocab()
+    assert all(len(t) == 1 for t in vocab if any(c.isdigit() for c in t) and t[0] != "<")
+    ids = tok.encode("x = 1234567890", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids)[-10:] == list("1234567890")
+
+
+def test_round_trip_and_single_specials(tok):
+    for text in _texts():
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert tok.encode(text) == ids  # no <bos> added
+        for s in SPECIAL_TOKENS:  # each special occurrence is exactly one id
+            assert ids.count(tok.convert_tokens_to_ids(s)) == text.count(s)
+        assert tok.unk_token_id not in ids
+
+
+def test_pieces_tokenize_like_the_whole(tok):
+    # The search assembles prefixes from separately tokenized pieces; SFT tokenizes whole texts.
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    for i, p in enumerate(tasks.generate_problems(tasks.ArithmeticTask(), 10, seed=2)):
+        nodes = tasks.journey_solution(p, i)
+        pieces = enc(longcot.render_prompt(p.question))
+        for k, n in enumerate(nodes[1:], start=1):
+            pieces += (
+                enc(longcot.step_header(k - 1, k))
+                + enc(n.text)
+                + enc(longcot.step_suffix(n.rating))
+            )
+        assert pieces == enc(tasks.journey_text(p, i))
+
+
+def test_deterministic_save_and_load(tok, tmp_path):
+    again = tk.build_tiny_tokenizer(tmp_path / "tiny")
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    from transformers import AutoTokenizer
+
+    for loaded in (
+        AutoTokenizer.from_pretrained(tmp_path / "tiny"),
+        tk.load_tokenizer(tmp_path / "tiny"),
+    ):
+        assert loaded.get_vocab() == tok.get_vocab()
+        assert tk.token_ids(loaded) == tk.token_ids(tok)
+        text = tasks.sft_text(tasks.generate_problems(tasks.ArithmeticTask(), 1, seed=0)[0])
+        assert loaded.encode(text) == tok.encode(text)
+        assert loaded.decode(loaded.encode(text)) == text
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        tk.load_tokenizer(tmp_path / "no_such_dir")
+    with pytest.raises(ValueError, match="could not load a tokenizer"):
+        tk.load_tokenizer(tmp_path)
+
+
+def test_add_longcot_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *"abc<>_"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    foreign = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
+    with pytest.raises(ValueError, match="add_longcot_tokens"):
+        tk.token_ids(foreign)
+    before = len(foreign)
+    foreign.add_special_tokens({"extra_special_tokens": ["<critic>"]})  # one already there
+    assert tk.add_longcot_tokens(foreign) == 15
+    assert tk.add_longcot_tokens(foreign) == 0
+    assert len(foreign) == before + 16
+    ids = tk.token_ids(foreign)
+    assert (
+        foreign.encode("a<end_of_thought>b", add_special_tokens=False)[1] == ids["end_of_thought"]
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_resize_embeddings(dtype):
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), dtype)
+    params = {"embedder": {"embedding": table}, "layer_0": {"w": jnp.ones(2)}}
+    out = tk.resize_embeddings(params, 8)
+    grown = out["embedder"]["embedding"]
+    assert grown.shape == (8, 3) and grown.dtype == dtype
+    np.testing.assert_array_equal(grown[:5], table)
+    mean = jnp.mean(table.astype(jnp.float32), axis=0).astype(dtype)
+    np.testing.assert_array_equal(grown[5:], jnp.broadcast_to(mean, (3, 3)))
+    assert out["layer_0"] is params["layer_0"]
+    assert params["embedder"]["embedding"].shape == (5, 3)  # input untouched
+    assert tk.resize_embeddings(params, 5) is params
+    with pytest.raises(ValueError, match="cannot shrink the embedding table from 5 to 4"):
+        tk.resize_embeddings(params, 4)
+    with pytest.raises(KeyError, match=r"\['embedder'\]\['embedding'\]"):
+        tk.resize_embeddings({"embed": table}, 8)
