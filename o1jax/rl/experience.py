@@ -1,0 +1,147 @@
+"""Search trees -> PPO experiences, one per non-root node.
+
+An experience is one sequence that serves both heads of the model:
+
+    tokens = prefix (the path to the node's parent, then the node's header)
+             + the node's thought + <start_of_rating>
+
+The policy term reads the log-probs of the thought tokens; the value term reads the rating
+logits at the final <start_of_rating> position, the same position search reads its values
+from (`o1jax.search.mcts`).
+
+Advantages come from GAE along every root-to-leaf path (the MDP of a path: action t is thought
+t, the value before it is the rating of thought t - 1, the reward is the answer check of a
+terminal thought), averaged over the leaves below a node when several paths share it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from o1jax.rl.gae import gae
+from o1jax.search.mcts import MCTSConfig, StepFormat, _prefix_one
+from o1jax.search.tree import NO_NODE, ROOT, Tree, path_from_root
+
+
+@struct.dataclass
+class Experience:
+    """M experiences (M = B * (N - 1) before filtering by `valid`)."""
+
+    tokens: jax.Array  # [M, W] int32, right-padded: prefix + thought + <start_of_rating>
+    length: jax.Array  # [M] int32, tokens in use
+    action_start: jax.Array  # [M] int32, index of the thought's first token
+    action_length: jax.Array  # [M] int32, thought tokens
+    behaviour_logprobs: jax.Array  # [M, L] float32, sampler's log-probs of the thought tokens
+    advantage: jax.Array  # [M] float32
+    value_target: jax.Array  # [M] float32 in [0, 1], GAE return
+    reward: jax.Array  # [M] float32
+    valid: jax.Array  # [M] bool
+
+
+def path_values(tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Array):
+    """Rewards, values and mask along root-to-`leaf` paths, GAE's layout.
+
+    leaf: [B]; root_value: [B]. Returns (path [B, D], rewards [B, D], values [B, D + 1], mask).
+    """
+    rows = jnp.arange(tree.batch_size)[:, None]
+    path = path_from_root(tree, leaf, max_depth)  # [B, D]
+    mask = path != NO_NODE
+    safe = jnp.maximum(path, 0)
+    terminal = tree.terminal[rows, safe] & mask
+    rewards = jnp.where(terminal, tree.reward[rows, safe], 0.0)
+    rating = jnp.where(mask & ~terminal, tree.rating[rows, safe], 0.0)  # value after thought t
+    values = jnp.concatenate([root_value[:, None], rating], axis=1)  # [B, D + 1]
+    return path, rewards, values, mask.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "gamma", "lam", "width"))
+def tree_to_experiences(
+    tree: Tree,
+    prompts: jax.Array,
+    prompt_lengths: jax.Array,
+    fmt: StepFormat,
+    config: MCTSConfig,
+    gamma: float,
+    lam: float,
+    width: int,
+) -> Experience:
+    """Every non-root node of B trees as an experience. prompts: [B, P]; prompt_lengths: [B]."""
+    b, n, max_len = tree.batch_size, tree.capacity, tree.thought_length
+    d = config.max_depth
+    nodes = jnp.arange(1, n)  # [N - 1]
+    in_use = nodes[None, :] < tree.num_nodes[:, None]  # [B, N - 1]
+    root_value = tree.q_values()[:, ROOT]
+
+    # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
+    is_leaf = in_use & (tree.first_child[:, 1:] == NO_NODE)
+
+    def leaf_paths(leaf_col):  # leaf_col: [B]
+        path, rewards, values, mask = path_values(tree, leaf_col, d, root_value)
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        return path, adv, ret
+
+    paths, advs, rets = jax.vmap(leaf_paths, in_axes=1, out_axes=1)(
+        jnp.broadcast_to(nodes[None, :], (b, n - 1))
+    )  # [B, N - 1, D] each
+    weight = (is_leaf[:, :, None] & (paths != NO_NODE)).astype(jnp.float32)
+    target = jnp.where(weight > 0, paths, n)  # dropped when not a real leaf path
+    rows = jnp.arange(b)[:, None, None]
+    count = jnp.zeros((b, n)).at[rows, target].add(weight, mode="drop")
+    adv_sum = jnp.zeros((b, n)).at[rows, target].add(weight * advs, mode="drop")
+    ret_sum = jnp.zeros((b, n)).at[rows, target].add(weight * rets, mode="drop")
+    advantage = (adv_sum / jnp.maximum(count, 1.0))[:, 1:]  # [B, N - 1]
+    value_target = jnp.clip(ret_sum / jnp.maximum(count, 1.0), 0.0, 1.0)[:, 1:]
+
+    # Sequences: the parent's prefix (with this node's header), the thought, <start_of_rating>.
+    parents = tree.parent[:, 1:]  # [B, N - 1]
+    prefix_width = width - max_len - 1
+
+    def node_prefixes(tree_b, parents_b, prompt_b, prompt_len_b):
+        def one(parent):
+            path = path_from_root(
+                jax.tree.map(lambda x: x[None], tree_b), jnp.maximum(parent, 0)[None], d
+            )[0]
+            depth = tree_b.depth[jnp.maximum(parent, 0)]
+            return _prefix_one(tree_b, path, depth, prompt_b, prompt_len_b, fmt, prefix_width)
+
+        return jax.vmap(one)(parents_b)
+
+    prefix, prefix_len = jax.vmap(node_prefixes)(tree, parents, prompts, prompt_lengths)
+    thought = tree.tokens[:, 1:]  # [B, N - 1, L]
+    thought_len = tree.lengths[:, 1:]
+    t = jnp.arange(max_len + 1)
+    tail = jnp.where(
+        t[None, None, :] < thought_len[..., None],
+        jnp.pad(thought, ((0, 0), (0, 0), (0, 1))),
+        fmt.pad,
+    )
+    tail = jnp.where(t[None, None, :] == thought_len[..., None], fmt.start_of_rating, tail)
+    tokens = jnp.concatenate([prefix, jnp.full((b, n - 1, max_len + 1), fmt.pad)], axis=-1)
+    dest = prefix_len[..., None] + t[None, None, :]  # [B, N - 1, L + 1]
+    dest = jnp.where(t[None, None, :] <= thought_len[..., None], dest, width)
+    bi = jnp.arange(b)[:, None, None]
+    ni = jnp.arange(n - 1)[None, :, None]
+    tokens = tokens.at[bi, ni, dest].set(tail, mode="drop")
+
+    flat = lambda x: x.reshape((b * (n - 1), *x.shape[2:]))
+    return Experience(
+        tokens=flat(tokens),
+        length=flat(prefix_len + thought_len + 1),
+        action_start=flat(prefix_len),
+        action_length=flat(thought_len),
+        behaviour_logprobs=flat(tree.logprobs[:, 1:]),
+        advantage=flat(advantage),
+        value_target=flat(value_target),
+        reward=flat(tree.reward[:, 1:]),
+        valid=flat(in_use),
+    )
+
+
+def experience_width(fmt: StepFormat, prompt_width: int, config: MCTSConfig) -> int:
+    """Static sequence width W of an experience."""
+    prefix = fmt.max_prefix_length(prompt_width, config.max_depth, config.thought_length)
+    return prefix + config.thought_length + 1

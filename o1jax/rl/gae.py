@@ -1,0 +1,38 @@
+"""Generalised advantage estimation as a reverse `lax.scan` over time.
+
+    advantages, returns = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+
+rewards, mask: [B, T]; values: [B, T + 1] (the last column bootstraps the step after T; 0 after
+a terminal step). `mask` is 1 on real steps and 0 on the padding after a path's end: padded
+steps get zero advantage and pass nothing back to the real steps before them.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """(advantages [B, T], returns [B, T]) with delta_t = r_t + gamma V_{t+1} - V_t."""
+    chex.assert_rank([rewards, values, mask], [2, 2, 2])
+    b, t = rewards.shape
+    chex.assert_shape(values, (b, t + 1))
+    chex.assert_shape(mask, (b, t))
+    rewards = rewards.astype(jnp.float32)
+    values = values.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    deltas = rewards + gamma * values[:, 1:] - values[:, :-1]  # [B, T]
+
+    def step(carry, xs):
+        delta, m = xs  # [B] each
+        advantage = m * (delta + gamma * lam * carry)
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(
+        step, jnp.zeros((b,), jnp.float32), (deltas.T, mask.T), reverse=True
+    )
+    advantages = advantages.T  # [B, T]
+    returns = (advantages + values[:, :-1]) * mask
+    return advantages, returns

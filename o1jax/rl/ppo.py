@@ -1,0 +1,231 @@
+"""PPO on the LoRA adapters, with the frozen base as the KL reference.
+
+Per experience (see `o1jax.rl.experience`): a token-level clipped surrogate on the thought
+tokens, a value loss (cross-entropy of the two rating tokens' renormalised probabilities against
+the value target, read at the final <start_of_rating> position), a k3 KL estimate to the base
+(the same forward with LoRA switched off: no second model in memory), and an entropy bonus.
+Token terms are normalised by the number of thought tokens in the batch; every term is weighted
+by the replay buffer's importance weights.
+
+`ppo_epochs` runs E updates on one batch. The behaviour log-probs of the epoch are those of the
+policy at its start, computed inside the first update by the very same program, so the ratio is
+exactly 1 there. Gradients are taken with respect to the LoRA pytree only: the base gets no
+gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from o1jax.model.gemma2 import forward
+from o1jax.rl.experience import Experience
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    clip_eps: float = 0.2
+    value_coef: float = 1.0
+    kl_coef: float = 0.05
+    entropy_coef: float = 0.0
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    epochs: int = 2  # updates per sampled batch
+    normalize_advantages: bool = True
+
+
+@struct.dataclass
+class TrainState:
+    lora: object  # LoRAParams
+    opt_state: object
+    step: jax.Array  # [] int32
+
+
+def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
+    inner = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm), optax.adamw(config.learning_rate)
+    )
+    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def init_train_state(lora, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(lora=lora, opt_state=optimizer.init(lora), step=jnp.zeros((), jnp.int32))
+
+
+def sequence_logprobs(logits, tokens, action_start, max_len: int):
+    """Log-probs [M, L] of the thought tokens and the log-softmax rows [M, L, V] they come from."""
+    logp = jax.nn.log_softmax(logits)  # [M, W, V]
+    pos = action_start[:, None] - 1 + jnp.arange(max_len)[None, :]  # predicting positions
+    pos = jnp.clip(pos, 0, tokens.shape[1] - 1)
+    rows = jnp.take_along_axis(logp, pos[:, :, None], axis=1)  # [M, L, V]
+    targets = jnp.take_along_axis(tokens, jnp.clip(pos + 1, 0, tokens.shape[1] - 1), axis=1)
+    token_logp = jnp.take_along_axis(rows, targets[:, :, None], axis=-1)[..., 0]  # [M, L]
+    return token_logp, rows
+
+
+def rating_logprob(logits, length, positive: int, negative: int):
+    """log P(positive) and log P(negative) [M] renormalised over the two rating tokens."""
+    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]  # [M, V]
+    pair = jnp.stack([last[:, positive], last[:, negative]], axis=-1)
+    pair = jax.nn.log_softmax(pair, axis=-1)
+    return pair[:, 0], pair[:, 1]
+
+
+def ppo_loss(
+    lora,
+    params,
+    cfg,
+    batch: Experience,
+    weights,
+    old_logp,
+    config: PPOConfig,
+    rating_tokens: tuple[int, int],
+):
+    """Scalar loss and aux. old_logp None: use this policy's own (stopped) log-probs."""
+    m, max_len = batch.behaviour_logprobs.shape
+    mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
+    logits = forward(params, cfg, batch.tokens, attention_mask=mask, lora=lora)
+    logp, rows = sequence_logprobs(logits, batch.tokens, batch.action_start, max_len)
+    ref_logits = forward(params, cfg, batch.tokens, attention_mask=mask)  # LoRA off
+    ref_logp, _ = sequence_logprobs(
+        jax.lax.stop_gradient(ref_logits), batch.tokens, batch.action_start, max_len
+    )
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    act = (jnp.arange(max_len)[None, :] < batch.action_length[:, None]).astype(jnp.float32)
+    w_tok = act * weights[:, None]
+    n_tok = jnp.maximum(act.sum(), 1.0)
+
+    adv = batch.advantage
+    if config.normalize_advantages:
+        n = jnp.maximum(m, 1)
+        mean = adv.mean()
+        std = jnp.sqrt(jnp.sum((adv - mean) ** 2) / n)
+        adv = (adv - mean) / (std + 1e-6)
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
+    pg_tok = -jnp.minimum(ratio * adv[:, None], clipped * adv[:, None])  # [M, L]
+    log_r = ref_logp - logp
+    kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref)
+    entropy_tok = -jnp.sum(jnp.exp(rows) * rows, axis=-1)  # [M, L]
+
+    pos_lp, neg_lp = rating_logprob(logits, batch.length, *rating_tokens)
+    value_item = -(batch.value_target * pos_lp + (1.0 - batch.value_target) * neg_lp)  # [M]
+
+    pg = jnp.sum(pg_tok * w_tok) / n_tok
+    kl = jnp.sum(kl_tok * w_tok) / n_tok
+    entropy = jnp.sum(entropy_tok * w_tok) / n_tok
+    value = jnp.sum(value_item * weights) / jnp.maximum(m, 1)
+    loss = pg + config.value_coef * value + config.kl_coef * kl - config.entropy_coef * entropy
+
+    # Per-item loss for the replay priorities (LLaMA-O1: |loss| + 1e-6).
+    item_tokens = jnp.maximum(act.sum(1), 1.0)
+    item_loss = (pg_tok * act).sum(1) / item_tokens + config.value_coef * value_item
+    aux = {
+        "loss": loss,
+        "policy_loss": pg,
+        "value_loss": value,
+        "kl": kl,
+        "entropy": entropy,
+        "ratio_mean": jnp.sum(ratio * act) / n_tok,
+        "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > config.clip_eps) * act) / n_tok,
+        "value_pred": jnp.mean(jnp.exp(pos_lp)),
+    }
+    return loss, (aux, logp, jnp.abs(item_loss) + 1e-6)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "config", "optimizer", "rating_tokens"),
+    donate_argnums=(0,),
+)
+def ppo_epochs(
+    state: TrainState,
+    params,
+    batch: Experience,
+    weights,
+    *,
+    cfg,
+    config: PPOConfig,
+    optimizer,
+    rating_tokens: tuple[int, int],
+):
+    """`config.epochs` PPO updates on one batch. Returns (state, metrics of the first and last
+    update, new priorities [M])."""
+    chex.assert_rank(batch.tokens, 2)
+    grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+
+    def update(state, old_logp):
+        (_, (aux, logp, priority)), grads = grad_fn(
+            state.lora, params, cfg, batch, weights, old_logp, config, rating_tokens
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        aux["grad_norm"] = optax.tree.norm(grads)
+        new = TrainState(
+            lora=optax.apply_updates(state.lora, updates), opt_state=opt_state, step=state.step + 1
+        )
+        return new, aux, logp, priority
+
+    state, first, old_logp, priority = update(state, None)
+
+    def later(state, _):
+        state, aux, _, priority = update(state, old_logp)
+        return state, (aux, priority)
+
+    last, priority = first, priority
+    if config.epochs > 1:
+        state, (auxs, priorities) = jax.lax.scan(later, state, None, length=config.epochs - 1)
+        last = jax.tree.map(lambda x: x[-1], auxs)
+        priority = priorities[-1]
+    metrics = {f"first/{k}": v for k, v in first.items()} | {k: v for k, v in last.items()}
+    return state, metrics, priority
+
+
+class PPOTrainer:
+    """The LoRA train state of an RL run, placed on a mesh, and its compiled update."""
+
+    def __init__(self, cfg, params, lora, config: PPOConfig, mesh, rating_tokens: tuple[int, int]):
+        from o1jax.parallel.mesh import param_shardings
+
+        self.cfg, self.config, self.mesh = cfg, config, mesh
+        self.rating_tokens = tuple(int(t) for t in rating_tokens)
+        self.optimizer = make_optimizer(config)
+        with jax.set_mesh(mesh):
+            self.params = jax.device_put(params, param_shardings(params, mesh))
+            lora = jax.device_put(lora, param_shardings(lora, mesh))
+            self.state = TrainState(
+                lora, jax.jit(self.optimizer.init)(lora), jnp.zeros((), jnp.int32)
+            )
+
+    @property
+    def lora(self):
+        return self.state.lora
+
+    def update(self, batch: Experience, weights) -> tuple[dict, jax.Array]:
+        """`config.epochs` updates on `batch` (M items, M a multiple of data x fsdp)."""
+        from o1jax.parallel.mesh import shard_batch
+
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        m = batch.tokens.shape[0]
+        if m % shards:
+            raise ValueError(f"ppo: batch of {m} is not a multiple of data x fsdp = {shards}")
+        with jax.set_mesh(self.mesh):
+            batch, weights = shard_batch((batch, jnp.asarray(weights, jnp.float32)), self.mesh)
+            self.state, metrics, priorities = ppo_epochs(
+                self.state,
+                self.params,
+                batch,
+                weights,
+                cfg=self.cfg,
+                config=self.config,
+                optimizer=self.optimizer,
+                rating_tokens=self.rating_tokens,
+            )
+        return metrics, priorities

@@ -1,0 +1,124 @@
+"""Trees -> experiences: sequences match the search's prefixes; advantages match a NumPy GAE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_mcts import CONCLUSION, EOT, L, synthetic_expand_fn
+
+from o1jax.rl.experience import experience_width, tree_to_experiences
+from o1jax.rl.gae import gae
+from o1jax.search import mcts
+from o1jax.search.mcts import MCTSConfig, StepFormat
+
+GAMMA, LAM = 0.9, 0.8
+START_RATING = 60
+
+
+def _fmt(max_depth):
+    headers = np.zeros((max_depth + 2, 2), np.int32)
+    headers[1:, 0] = 50
+    headers[1:, 1] = np.arange(1, max_depth + 2)
+    return StepFormat(
+        headers=jnp.asarray(headers),
+        header_lengths=jnp.asarray([0] + [2] * (max_depth + 1)),
+        suffixes=jnp.asarray([[START_RATING, 61, 62], [START_RATING, 63, 62]]),
+        suffix_lengths=jnp.asarray([3, 3]),
+        end_of_thought=EOT,
+        start_of_rating=START_RATING,
+        positive_rating=63,
+        negative_rating=61,
+        conclusion=CONCLUSION,
+    )
+
+
+def _numpy_gae(rewards, values, gamma, lam):
+    adv = np.zeros(len(rewards))
+    last = 0.0
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * values[t + 1] - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, adv + np.asarray(values[:-1])
+
+
+def test_gae_equals_a_numpy_loop_on_ragged_masks():
+    rng = np.random.default_rng(0)
+    b, t = 6, 9
+    rewards = rng.normal(size=(b, t)).astype(np.float32)
+    values = rng.normal(size=(b, t + 1)).astype(np.float32)
+    lengths = rng.integers(1, t + 1, b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+    for i, n in enumerate(lengths):  # value after the path's end: bootstrap at n, 0 beyond
+        values[i, n + 1 :] = 0.0
+    adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), 0.97, 0.9)
+    for i, n in enumerate(lengths):
+        ref_adv, ref_ret = _numpy_gae(rewards[i, :n], values[i, : n + 1], 0.97, 0.9)
+        np.testing.assert_allclose(np.asarray(adv[i, :n]), ref_adv, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(ret[i, :n]), ref_ret, atol=1e-6, rtol=1e-6)
+        assert np.all(np.asarray(adv[i, n:]) == 0)
+
+
+def test_experiences_match_prefixes_and_path_gae():
+    config = MCTSConfig(
+        num_simulations=7, num_children=2, max_depth=4, thought_length=L, noise=0.05
+    )
+    expand = synthetic_expand_fn(config, answer_depth=3)
+    targets = np.array([7, 12])
+    tree = mcts.run(
+        expand,
+        2,
+        config,
+        jax.random.key(3),
+        reward_fn=lambda b, tok, n: (tok[:, 1] == targets[b]).astype(np.float32),
+    )
+    fmt = _fmt(config.max_depth)
+    prompts = jnp.asarray([[10, 11, 12, 0], [13, 14, 0, 0]])
+    plens = jnp.asarray([3, 2])
+    width = experience_width(fmt, prompts.shape[1], config)
+    exps = tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width)
+    t = jax.tree.map(np.asarray, tree)
+    n = tree.capacity
+    prefix_width = fmt.max_prefix_length(prompts.shape[1], config.max_depth, L)
+    for b in range(2):
+        used = int(t.num_nodes[b])
+        rows = slice(b * (n - 1), (b + 1) * (n - 1))
+        valid = np.asarray(exps.valid[rows])
+        assert valid.sum() == used - 1 and valid[: used - 1].all()
+        # Sequence of node i = the search's prefix at its parent + thought + <start_of_rating>.
+        for i in range(1, used):
+            row = b * (n - 1) + i - 1
+            parent = np.full((2,), 0)
+            parent[b] = t.parent[b, i]
+            prefix, plen = mcts.build_prefixes(
+                tree, jnp.asarray(parent), prompts, plens, fmt, config.max_depth, prefix_width
+            )
+            plen = int(plen[b])
+            thought = t.tokens[b, i, : t.lengths[b, i]]
+            expected = np.concatenate([np.asarray(prefix[b, :plen]), thought, [START_RATING]])
+            assert int(exps.length[row]) == len(expected)
+            assert int(exps.action_start[row]) == plen
+            np.testing.assert_array_equal(np.asarray(exps.tokens[row, : len(expected)]), expected)
+        # Advantages: NumPy GAE along every root-to-leaf path, averaged per node.
+        sums, counts = np.zeros(n), np.zeros(n)
+        root_value = t.value_sum[b, 0] / t.visits[b, 0]
+        for leaf in range(1, used):
+            if t.first_child[b, leaf] != -1:
+                continue
+            path = []
+            node = leaf
+            while node > 0:
+                path.append(node)
+                node = t.parent[b, node]
+            path = path[::-1]
+            rewards = [t.reward[b, p] if t.terminal[b, p] else 0.0 for p in path]
+            after = [0.0 if t.terminal[b, p] else t.rating[b, p] for p in path]
+            adv, _ = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
+            for p, a in zip(path, adv, strict=True):
+                sums[p] += a
+                counts[p] += 1
+        expected_adv = sums[1:used] / counts[1:used]
+        np.testing.assert_allclose(
+            np.asarray(exps.advantage[rows])[: used - 1], expected_adv, atol=1e-5
+        )
+        assert np.all(np.asarray(exps.value_target[rows]) >= 0)
+        assert np.all(np.asarray(exps.value_target[rows]) <= 1)
