@@ -1,0 +1,185 @@
+"""Prioritized experience replay whose whole state is a pytree of device arrays.
+
+    state = init(capacity, example_item, alpha=0.6)
+    state = add(state, items, priorities)                      # items: [M, ...] pytree
+    items, indices, weights = sample(state, key, batch_size, beta)
+    state = update(state, indices, new_priorities)
+
+Priorities p^alpha live in a wide sum tree: `DEPTH` levels of branching factor F (the smallest
+power of two with F^DEPTH >= capacity), each level one flat array, `levels[0]` the root and
+`levels[-1]` the leaves. A wide, shallow tree turns the log2(N) dependent steps of a binary tree
+into DEPTH steps of F-wide vector work, which is what both a CPU and an accelerator like.
+
+Writes never update internal nodes by adding deltas: after the leaves change, every touched
+ancestor is recomputed as the exact sum of its F children, level by level. Sums therefore never
+drift (flashbax's incremental float32 tree drifts until it samples zero-priority items), at
+O(M F DEPTH) per call. Sampling is stratified (one uniform draw in each of `batch_size` equal
+slices of the total mass), and the descent only ever enters children of positive mass, so items
+of zero priority are never drawn. Duplicate indices in one write take their largest priority.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+DEPTH = 4  # levels below the root
+
+
+@struct.dataclass
+class PERState:
+    items: object  # pytree, leaves [C, ...]
+    levels: tuple  # DEPTH + 1 arrays: [1], [F], [F^2], ..., [F^DEPTH] float32 sums of p^alpha
+    position: jax.Array  # [] int32, next slot to write (circular)
+    size: jax.Array  # [] int32, items stored
+    max_priority: jax.Array  # [] float32, largest raw priority seen (for priorities=None)
+    alpha: jax.Array  # [] float32 exponent
+
+    @property
+    def capacity(self) -> int:
+        return jax.tree.leaves(self.items)[0].shape[0]
+
+    @property
+    def branching(self) -> int:
+        return self.levels[1].shape[0]
+
+    @property
+    def total(self) -> jax.Array:
+        """Total mass sum(p^alpha) [] (the root)."""
+        return self.levels[0][0]
+
+    @property
+    def leaf_mass(self) -> jax.Array:
+        """p^alpha of every slot [C]."""
+        return self.levels[-1][: self.capacity]
+
+
+def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
+    """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis)."""
+    if capacity < 1:
+        raise ValueError(f"per.init: capacity must be >= 1, got {capacity}")
+    branching = 2
+    while branching**DEPTH < capacity:
+        branching *= 2
+    items = jax.tree.map(
+        lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_item
+    )
+    return PERState(
+        items=items,
+        levels=tuple(jnp.zeros((branching**d,), jnp.float32) for d in range(DEPTH + 1)),
+        position=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
+        max_priority=jnp.ones((), jnp.float32),
+        alpha=jnp.asarray(alpha, jnp.float32),
+    )
+
+
+def _children(level, nodes, branching: int):
+    """The F children [M, F] of `nodes` [M] in the next level down."""
+    return level.reshape(-1, branching).at[nodes].get(mode="promise_in_bounds")
+
+
+def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool) -> tuple:
+    """Writes leaf masses and recomputes their ancestors exactly. Duplicate slots (possible
+    unless `unique`) take their largest value."""
+    levels = list(levels)
+    if unique:
+        levels[-1] = levels[-1].at[slots].set(values, mode="promise_in_bounds")
+    else:
+        leaves = levels[-1].at[slots].set(0.0, mode="promise_in_bounds")
+        levels[-1] = leaves.at[slots].max(values, mode="promise_in_bounds")
+    nodes = slots
+    for d in range(DEPTH - 1, -1, -1):
+        nodes = nodes // branching
+        sums = jnp.sum(_children(levels[d + 1], nodes, branching), axis=1)
+        levels[d] = levels[d].at[nodes].set(sums, mode="promise_in_bounds")
+    return tuple(levels)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def add(state: PERState, items, priorities=None) -> PERState:
+    """Appends M items (overwriting the oldest when full). priorities: [M] raw |td| values, or
+    None for the largest priority seen so far. Stored as p^alpha."""
+    m = jax.tree.leaves(items)[0].shape[0]
+    if m > state.capacity:
+        raise ValueError(f"per.add: {m} items exceed the capacity {state.capacity}")
+    chex.assert_trees_all_equal_structs(items, state.items)
+    if priorities is None:
+        priorities = jnp.full((m,), state.max_priority)
+    chex.assert_shape(priorities, (m,))
+    priorities = priorities.astype(jnp.float32)
+    slots = (state.position + jnp.arange(m)) % state.capacity  # [M]
+    new_items = jax.tree.map(
+        lambda buf, x: buf.at[slots].set(x.astype(buf.dtype), mode="promise_in_bounds"),
+        state.items,
+        items,
+    )
+    levels = _set_leaves(state.levels, slots, priorities**state.alpha, state.branching, True)
+    return state.replace(
+        items=new_items,
+        levels=levels,
+        position=(state.position + m) % state.capacity,
+        size=jnp.minimum(state.size + m, state.capacity),
+        max_priority=jnp.maximum(state.max_priority, jnp.max(priorities)),
+    )
+
+
+def _descend(levels: tuple, u, branching: int):
+    """Slots [B] whose cumulative-mass intervals hold the draws u [B].
+
+    At each level the chosen child is the first whose cumulative mass exceeds u. A child of zero
+    mass ends where its left neighbour ends, so it is never the first to exceed u; clamping u
+    below the children's own total (their float32 sum may round below the parent's) keeps the
+    choice in range. Items of zero priority are therefore never drawn.
+    """
+    node = jnp.zeros(u.shape, jnp.int32)
+    # Inclusive prefix sums as one small matmul (XLA's cumsum is slow for short rows on a CPU).
+    upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))
+    for d in range(DEPTH):
+        mass = _children(levels[d + 1], node, branching)  # [B, F]
+        cum = jnp.dot(mass, upper, precision=jax.lax.Precision.HIGHEST)
+        u = jnp.minimum(u, jnp.nextafter(cum[:, -1], 0.0))
+        passed = cum <= u[:, None]  # children entirely before u
+        child = jnp.sum(passed, axis=1, dtype=jnp.int32)
+        u = jnp.maximum(u - jnp.sum(jnp.where(passed, mass, 0.0), axis=1), 0.0)
+        node = node * branching + child
+    return node
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
+    """(items [B, ...], indices [B], importance weights [B]) by stratified proportional sampling.
+
+    weights = (N * P(i))^-beta / max over the batch, N the number of stored items. Sampling an
+    empty buffer is undefined (check `state.size` first).
+    """
+    total = state.total
+    offsets = jax.random.uniform(key, (batch_size,))
+    u = (jnp.arange(batch_size) + offsets) / batch_size * total  # one draw per stratum
+    indices = _descend(state.levels, u, state.branching)  # [B]
+    mass = state.levels[-1].at[indices].get(mode="promise_in_bounds")
+    weights = (state.size.astype(jnp.float32) * mass / total) ** (-beta)
+    weights = weights / jnp.max(weights)
+    items = jax.tree.map(lambda buf: buf.at[indices].get(mode="promise_in_bounds"), state.items)
+    return items, indices, weights
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERState:
+    """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins)."""
+    chex.assert_equal_shape([indices, priorities])
+    priorities = priorities.astype(jnp.float32)
+    levels = _set_leaves(state.levels, indices, priorities**state.alpha, state.branching, False)
+    return state.replace(
+        levels=levels, max_priority=jnp.maximum(state.max_priority, jnp.max(priorities))
+    )
+
+
+def beta_schedule(step, beta0: float = 0.4, beta1: float = 1.0, steps: int = 100_000) -> float:
+    """LLaMA-O1's annealing of the importance-sampling exponent, linear over `steps` samples."""
+    frac = min(max(float(step) / max(steps, 1), 0.0), 1.0)
+    return beta0 + (beta1 - beta0) * frac
