@@ -40,7 +40,9 @@ class TaskConfig:
 
     min_ops: int = 2
     max_ops: int = 3
-    max_operand: int = 20
+    max_operand: int = 9
+    max_multiplier: int = 3
+    max_value: int = 99
     num_train: int = 4000
     num_test: int = 200
     journey_fraction: float = 0.3  # share of SFT examples written as journeys (errors + fixes)

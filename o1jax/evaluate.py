@@ -1,0 +1,104 @@
+"""Evaluate a trained run or an HF model on a problem set.
+
+    python -m o1jax.evaluate --workdir runs/tiny [--samples 8] [--search mcts --simulations 16]
+    python -m o1jax.evaluate --model DIR --data problems.jsonl [--samples 8] [--limit 100]
+
+Prints a summary table (greedy pass@1; pass@k and maj@k with --samples; search accuracy with
+--search) and writes per-problem outputs as JSONL (--out, default beside the run or ./eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a train.py workdir (its config and last checkpoint)")
+    source.add_argument("--model", help="an HF Gemma2 directory (safetensors + tokenizer)")
+    parser.add_argument("--data", help="JSONL problems (default with --workdir: its held-out set)")
+    parser.add_argument("--samples", type=int, default=1, help="K for pass@k and maj@k")
+    parser.add_argument("--search", choices=["none", "mcts"], default="none")
+    parser.add_argument("--simulations", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    parser.add_argument("--max-new-tokens", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="directory for the per-problem JSONL")
+    args = parser.parse_args(argv)
+    if args.model and not args.data:
+        parser.error("--model needs --data")
+
+    import jax
+
+    from o1jax.data.tasks import DataError, load_jsonl
+    from o1jax.model import CheckpointError
+    from o1jax.train import evaluate as ev
+    from o1jax.train.config import ConfigError, RunConfig
+
+    try:
+        if args.workdir:
+            from o1jax.train.pipeline import open_run, restore_policy, search_config
+
+            ctx = open_run(args.workdir)
+            params, adapter = restore_policy(ctx)
+            cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
+            problems = load_jsonl(args.data) if args.data else ctx.test
+            out_dir = args.out or args.workdir
+        else:
+            from o1jax.train.config import ModelConfig
+            from o1jax.train.pipeline import build_model, build_tokenizer, search_config
+
+            config = RunConfig(model_dir=args.model, model=ModelConfig(dtype="float32"))
+            tokenizer = build_tokenizer(config, args.out or "eval")
+            cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
+            adapter = None
+            problems = load_jsonl(args.data)
+            out_dir = args.out or "eval"
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.limit:
+        problems = problems[: args.limit]
+    key = jax.random.key(args.seed)
+    max_new = args.max_new_tokens or config.eval.max_new_tokens
+    result = ev.evaluate(
+        params,
+        cfg,
+        tokenizer,
+        problems,
+        key=key,
+        max_new_tokens=max_new,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        lora=adapter,
+    )
+    rows = {"problems": len(problems), "greedy pass@1": result.pass1}
+    if args.samples > 1:
+        rows |= {f"pass@{args.samples}": result.pass_k, f"maj@{args.samples}": result.maj_k}
+    ev.write_records(os.path.join(out_dir, "eval_outputs.jsonl"), result.records)
+    if args.search == "mcts":
+        found = ev.search_evaluate(
+            params,
+            cfg,
+            tokenizer,
+            problems,
+            search_config(config, args.simulations),
+            key=key,
+            batch_size=args.batch_size,
+            lora=adapter,
+        )
+        rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
+        ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
+    print(ev.summary_table(rows))
+    with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

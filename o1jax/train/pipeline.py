@@ -1,0 +1,706 @@
+"""The main job: data and tokenizer, SFT, evaluation, self-play RL, evaluation, report.
+
+    report = run(load_config("configs/tiny.yaml"), "runs/tiny")
+
+Stages and what a checkpoint holds (`o1jax.train.checkpoint`; step numbers are global):
+
+    sft   steps 1..S        SFT state (trainable params or LoRA, optimizer)
+    eval  step S            + the post-SFT evaluation results
+    rl    steps S+1..S+I    + the RL state (LoRA, optimizer), the replay buffer
+    done  step S+I+1        + the final results
+
+Every random draw is a function of (seed, stage, step), so a run killed at any moment and
+started again on its workdir ends with the same report and parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from o1jax.data import answers, tasks
+from o1jax.data.tokenizer import (
+    add_longcot_tokens,
+    build_tiny_tokenizer,
+    load_tokenizer,
+    resize_embeddings,
+)
+from o1jax.model import Gemma2Config, init_params, load_hf, lora
+from o1jax.parallel.mesh import make_mesh, maybe_initialize_distributed
+from o1jax.rl import per
+from o1jax.rl.experience import Experience, experience_width, tree_to_experiences
+from o1jax.rl.ppo import PPOConfig, PPOTrainer
+from o1jax.search import mcts
+from o1jax.search.format import encode_chain, encode_prompts, make_step_format
+from o1jax.train import evaluate as ev
+from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
+from o1jax.train.config import ConfigError, RunConfig, dump_config, to_dict
+from o1jax.train.metrics import MetricsWriter
+from o1jax.train.sft import Example, SFTConfig, SFTTrainer, nonfinite_count, pack
+
+STAGE_SFT, STAGE_RL, STAGE_EVAL = 1, 2, 3
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the last checkpoint is complete and the run can be resumed."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses; the run stopped (the last good checkpoint is intact)."""
+
+
+@dataclasses.dataclass
+class RunContext:
+    config: RunConfig
+    workdir: str
+    mesh: object
+    tokenizer: object
+    cfg: Gemma2Config
+    params: dict
+    train: list
+    test: list
+    metrics: MetricsWriter
+    checkpointer: Checkpointer
+    preemption: PreemptionFlag
+    key: jax.Array
+
+
+# ----------------------------------------------------------------------------- set-up
+def check_workdir(config: RunConfig, workdir: str) -> None:
+    """A workdir belongs to one config: refuse (before writing anything) to mix two."""
+    path = os.path.join(workdir, "config.yaml")
+    if os.path.exists(path):
+        import yaml
+
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
+            diff = _first_difference(saved, to_dict(config))
+            raise ConfigError(
+                f"{workdir}: holds a run of a different config ({diff}); use another --workdir"
+            )
+
+
+def _first_difference(a, b, prefix="") -> str:
+    for k in sorted(set(a) | set(b)):
+        if k == "checkpoint":
+            continue
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, key + ".")
+            if d:
+                return d
+        elif va != vb:
+            return f"{key}: {va!r} in the workdir, {vb!r} now"
+    return ""
+
+
+def build_tokenizer(config: RunConfig, workdir: str):
+    source = config.tokenizer_dir or config.model_dir
+    if source:
+        tokenizer = load_tokenizer(source)
+        add_longcot_tokens(tokenizer)
+        return tokenizer
+    return build_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
+
+
+def load_problems(config: RunConfig) -> tuple[list, list]:
+    """(train, held-out) problems: the built-in task, or a JSONL file split by question hash."""
+    data = config.data
+    if not data.path:
+        t = data.task
+        task = tasks.ArithmeticTask(
+            num_ops=(t.min_ops, t.max_ops),
+            max_operand=t.max_operand,
+            max_multiplier=t.max_multiplier,
+            max_value=t.max_value,
+        )
+        return (
+            tasks.generate_problems(task, t.num_train, config.seed, "train"),
+            tasks.generate_problems(task, t.num_test, config.seed, "test"),
+        )
+    problems = tasks.load_jsonl(data.path)
+    if data.test_path:
+        return problems, tasks.load_jsonl(data.test_path)
+    train = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "train"]
+    test = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "test"]
+    if not train or not test:
+        raise ConfigError(
+            f"data.path {data.path}: {len(train)} train / {len(test)} held-out problems after "
+            f"the split (test_fraction={data.test_fraction}); give data.test_path"
+        )
+    return train, test
+
+
+def build_model(config: RunConfig, tokenizer, mesh, key):
+    """(cfg, params): an HF checkpoint (grown to the tokenizer's vocabulary) or the tiny model."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype: 'float32' or 'bfloat16', not {config.model.dtype!r}")
+    vocab = len(tokenizer)
+    if config.model_dir:
+        cfg, params = load_hf(config.model_dir, dtype=dtype, mesh=mesh)
+        if vocab > cfg.vocab_size:
+            params = resize_embeddings(params, vocab)
+            cfg = cfg.replace(vocab_size=vocab)
+        return cfg.replace(attention_impl=config.model.attention_impl), params
+    m = config.model
+    cfg = Gemma2Config.preset(
+        m.preset,
+        vocab_size=vocab,
+        num_layers=m.num_layers,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        ffn_dim=m.ffn_dim,
+        sliding_window=m.sliding_window,
+        query_pre_attn_scalar=float(m.head_dim),
+        attention_impl=m.attention_impl,
+    )
+    return cfg, init_params(cfg, key, dtype)
+
+
+def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
+    """Correct chains, and (a `journey_fraction` of them) journeys with a fixed mistake."""
+    rng = np.random.default_rng([config.seed, STAGE_SFT])
+    out = []
+    for p in problems:
+        if not p.steps:
+            continue
+        if rng.random() < config.data.task.journey_fraction:
+            nodes = tasks.journey_solution(p, rng)[1:]
+            thoughts, ratings = [n.text for n in nodes], [n.rating for n in nodes]
+        else:
+            thoughts, ratings = list(p.steps), None
+        ids, mask = encode_chain(tokenizer, p.question, thoughts, ratings)
+        if len(ids) <= config.sft.seq_len:
+            out.append(Example(ids, mask))
+    if not out:
+        raise ConfigError("sft: no training example has a worked solution that fits sft.seq_len")
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
+    config = ctx.config
+    s = config.sft
+    sft_config = SFTConfig(
+        steps=s.steps,
+        batch_size=s.batch_size,
+        seq_len=s.seq_len,
+        learning_rate=s.learning_rate,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+    )
+    adapter = None
+    if not s.full_finetune:
+        adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config))
+    trainer = SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter)
+    if start_state is not None:
+        trainer.state = start_state
+    packed = pack(
+        sft_examples(config, ctx.tokenizer, ctx.train),
+        s.seq_len,
+        pad_id=ctx.tokenizer.pad_token_id or 0,
+    )
+    bar = tqdm(range(start_step, s.steps), desc="sft", initial=start_step, total=s.steps)
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in bar:
+        batch = packed.batch(step, s.batch_size, config.seed)
+        metrics = trainer.train_step(batch)
+        tokens_seen += int((batch["segment_ids"] > 0).sum())
+        done = step + 1
+        if done % 10 == 0 or done == s.steps:
+            loss = float(metrics["loss"])
+            rate = tokens_seen / (time.perf_counter() - t0)
+            ctx.metrics.scalars(
+                done,
+                {
+                    "sft/loss": loss,
+                    "sft/tokens_per_s": rate,
+                    "sft/grad_norm": float(metrics["grad_norm"]),
+                },
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        bad = nonfinite_count(trainer.state.opt_state)
+        if not bool(metrics["finite"]):
+            tqdm.write(f"sft step {done}: non-finite loss, update skipped ({bad} so far)")
+            ctx.metrics.scalars(done, {"sft/nonfinite_total": bad})
+            if bad >= config.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"sft: {bad} non-finite losses (max_nonfinite="
+                    f"{config.max_nonfinite}); stopped at step {done}"
+                )
+        if done % config.checkpoint.every == 0 or done == s.steps or ctx.preemption.requested:
+            ctx.checkpointer.save(done, {"sft": trainer.state}, {"stage": "sft", "step": done})
+            if ctx.preemption.requested:
+                raise Preempted(f"SIGTERM: saved SFT step {done}")
+    bar.close()
+    return trainer
+
+
+def _lora_config(config: RunConfig) -> lora.LoRAConfig:
+    return lora.LoRAConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets
+    )
+
+
+def policy_params(ctx: RunContext, sft_state):
+    """The SFT'd model as a plain params pytree (an SFT adapter is merged into the base)."""
+    if ctx.config.sft.full_finetune:
+        return sft_state.trainable
+    return lora.merge(ctx.params, sft_state.trainable)
+
+
+def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCTSConfig:
+    s = config.search
+    return mcts.MCTSConfig(
+        num_simulations=simulations or s.num_simulations,
+        num_children=s.num_children,
+        max_depth=s.max_depth,
+        thought_length=s.thought_length,
+        selection=s.selection,
+        c_puct=s.c_puct,
+        discount=s.discount,
+        backup=s.backup,
+        patience=s.patience,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+    )
+
+
+def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: bool) -> dict:
+    """Held-out greedy pass@1 (and search accuracy), with per-problem JSONL in the workdir."""
+    config = ctx.config
+    problems = ctx.test[: config.eval.num_problems]
+    key = jax.random.fold_in(ctx.key, STAGE_EVAL)
+    batch = _eval_batch(config, len(problems))
+    greedy = ev.evaluate(
+        params,
+        ctx.cfg,
+        ctx.tokenizer,
+        problems,
+        key=key,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=batch,
+        lora=adapter,
+        progress=f"eval {tag}",
+    )
+    ev.write_records(os.path.join(ctx.workdir, f"eval_{tag}.jsonl"), greedy.records)
+    out = {"greedy_pass1": greedy.pass1}
+    if with_search:
+        found = ev.search_evaluate(
+            params,
+            ctx.cfg,
+            ctx.tokenizer,
+            problems,
+            search_config(config, config.eval.search_simulations),
+            key=key,
+            batch_size=batch,
+            lora=adapter,
+            progress=f"search {tag}",
+        )
+        ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
+        out["search_accuracy"] = found.pass1
+    return out
+
+
+def _eval_batch(config: RunConfig, n: int) -> int:
+    shards = 1  # evaluation runs replicated; batch only bounds memory
+    return max(shards, min(32, n))
+
+
+def run_rl(
+    ctx: RunContext,
+    base_params,
+    start_iteration: int,
+    rl_state=None,
+    per_state=None,
+    on_iteration=None,
+):
+    config = ctx.config
+    r = config.rl
+    adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_RL), _lora_config(config))
+    fmt = make_step_format(ctx.tokenizer, config.search.max_depth)
+    ppo_config = PPOConfig(
+        clip_eps=r.clip_eps,
+        value_coef=r.value_coef,
+        kl_coef=r.kl_coef,
+        entropy_coef=r.entropy_coef,
+        learning_rate=r.learning_rate,
+        max_grad_norm=r.max_grad_norm,
+        epochs=r.epochs,
+    )
+    trainer = PPOTrainer(
+        ctx.cfg,
+        base_params,
+        adapter,
+        ppo_config,
+        ctx.mesh,
+        rating_tokens=(fmt.positive_rating, fmt.negative_rating),
+    )
+    if rl_state is not None:
+        trainer.state = rl_state
+    search = search_config(config)
+    questions = [p.question for p in ctx.train]
+    _, all_lengths = encode_prompts(ctx.tokenizer, questions[:2048])
+    prompt_width = int(jnp.max(all_lengths)) + 8
+    width = experience_width(fmt, prompt_width, search)
+    if per_state is None:
+        example = _experience_item(width, search.thought_length)
+        per_state = per.init(r.buffer_capacity, example, alpha=r.alpha)
+    bar = tqdm(
+        range(start_iteration, r.iterations), desc="rl", initial=start_iteration, total=r.iterations
+    )
+    for it in bar:
+        key = jax.random.fold_in(jax.random.fold_in(ctx.key, STAGE_RL), it)
+        rng = np.random.default_rng([config.seed, STAGE_RL, it])
+        picked = rng.choice(len(ctx.train), size=r.problems_per_iteration, replace=False)
+        problems = [ctx.train[i] for i in picked]
+        prompts, plens = encode_prompts(ctx.tokenizer, [p.question for p in problems], prompt_width)
+        t0 = time.perf_counter()
+        stats = mcts.SearchStats()
+        expand = mcts.make_lm_expand_fn(
+            trainer.params, ctx.cfg, prompts, plens, fmt, search, lora=trainer.lora, stats=stats
+        )
+        tree = mcts.run(
+            expand,
+            len(problems),
+            search,
+            jax.random.fold_in(key, 0),
+            reward_fn=_reward_fn(ctx.tokenizer, problems),
+            stats=stats,
+        )
+        exps = tree_to_experiences(tree, prompts, plens, fmt, search, r.gamma, r.lam, width)
+        valid = np.flatnonzero(np.asarray(exps.valid))
+        items = {k: np.asarray(v)[valid] for k, v in _strip_valid(exps).items()}
+        per_state = _add_to_buffer(per_state, items, np.abs(items["advantage"]) + 1e-6)
+        selfplay_s = time.perf_counter() - t0
+
+        ppo_metrics = []
+        for u in range(r.updates_per_iteration):
+            step = it * r.updates_per_iteration + u
+            beta = per.beta_schedule(step * r.batch_size, r.beta0, 1.0, r.beta_steps)
+            sample, indices, weights = per.sample(
+                per_state, jax.random.fold_in(key, 1 + u), r.batch_size, beta
+            )
+            metrics, priorities = trainer.update(_as_experience(sample), weights)
+            per_state = per.update(per_state, indices, priorities)
+            ppo_metrics.append(jax.tree.map(float, metrics))
+        found = np.asarray(tree.is_answer & (tree.reward > 0.5)).any(axis=1).mean()
+        answer_reward = np.asarray(tree.reward)[np.asarray(tree.is_answer)]
+        scalars = {
+            "rl/selfplay_success": float(found),
+            "rl/answer_reward_mean": float(answer_reward.mean()) if answer_reward.size else 0.0,
+            "rl/nodes_per_tree": float(np.asarray(tree.num_nodes).mean()),
+            "rl/experiences": float(len(valid)),
+            "rl/buffer_size": float(per_state.size),
+            "rl/selfplay_seconds": selfplay_s,
+            "rl/simulations_per_s": stats.simulations
+            * len(problems)
+            / max(stats.total_seconds, 1e-9),
+        }
+        for k in (
+            "loss",
+            "policy_loss",
+            "value_loss",
+            "kl",
+            "entropy",
+            "clip_fraction",
+            "ratio_mean",
+            "grad_norm",
+        ):
+            scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
+        if not all(np.isfinite(m["loss"]) for m in ppo_metrics):
+            tqdm.write(f"rl iteration {it + 1}: non-finite PPO loss, updates skipped")
+        ctx.metrics.scalars(config.sft.steps + it + 1, scalars)
+        bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars['ppo/kl']:.4f}")
+        if on_iteration is not None:
+            on_iteration(it + 1, trainer, per_state)
+        if ctx.preemption.requested:
+            raise Preempted(f"SIGTERM: saved RL iteration {it + 1}")
+    bar.close()
+    return trainer, per_state
+
+
+def _experience_item(width: int, thought_length: int) -> dict:
+    return {
+        "tokens": np.zeros((width,), np.int32),
+        "length": np.zeros((), np.int32),
+        "action_start": np.zeros((), np.int32),
+        "action_length": np.zeros((), np.int32),
+        "behaviour_logprobs": np.zeros((thought_length,), np.float32),
+        "advantage": np.zeros((), np.float32),
+        "value_target": np.zeros((), np.float32),
+        "reward": np.zeros((), np.float32),
+    }
+
+
+def _strip_valid(exps: Experience) -> dict:
+    return {f.name: getattr(exps, f.name) for f in dataclasses.fields(exps) if f.name != "valid"}
+
+
+def _as_experience(items: dict) -> Experience:
+    return Experience(valid=jnp.ones(items["length"].shape, bool), **items)
+
+
+def _add_to_buffer(state, items: dict, priorities: np.ndarray, chunk: int = 256):
+    """Adds a variable number of items in fixed-size chunks (one compiled `add`). The last chunk
+    is padded with zero-priority copies, which the buffer never samples."""
+    n = len(priorities)
+    pad = (-n) % chunk
+    idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])
+    prio = np.concatenate([priorities, np.zeros(pad, priorities.dtype)]).astype(np.float32)
+    for start in range(0, n + pad, chunk):
+        sel = idx[start : start + chunk]
+        state = per.add(
+            state, jax.tree.map(lambda x, sel=sel: x[sel], items), prio[start : start + chunk]
+        )
+    return state
+
+
+def _reward_fn(tokenizer, problems):
+    from o1jax.search.export import thought_text
+
+    def reward(tree_index, tokens, lengths):
+        out = np.zeros(len(tree_index), np.float32)
+        for i, (b, tok, n) in enumerate(zip(tree_index, tokens, lengths, strict=True)):
+            text = thought_text(tokenizer, tok, int(n))
+            answer = answers.extract_answer(text)
+            out[i] = float(answer is not None and answers.is_equivalent(answer, problems[b].answer))
+        return out
+
+    return reward
+
+
+# ----------------------------------------------------------------------------- the run
+def run(config: RunConfig, workdir: str) -> dict:
+    """Runs (or resumes) the whole job in `workdir`; returns the report."""
+    started = time.perf_counter()
+    maybe_initialize_distributed()
+    check_workdir(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.exists(os.path.join(workdir, "config.yaml")):
+        dump_config(config, os.path.join(workdir, "config.yaml"))
+    m = config.mesh
+    mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    key = jax.random.key(config.seed)
+    tokenizer = build_tokenizer(config, workdir)
+    train, test = load_problems(config)
+    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    with PreemptionFlag() as flag:
+        ctx = RunContext(
+            config,
+            workdir,
+            mesh,
+            tokenizer,
+            cfg,
+            params,
+            train,
+            test,
+            MetricsWriter(workdir),
+            checkpointer,
+            flag,
+            key,
+        )
+        try:
+            report = _run_stages(ctx)
+        finally:
+            ctx.metrics.close()
+            checkpointer.close()
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    ctx.metrics.plot()
+    return report
+
+
+def _run_stages(ctx: RunContext) -> dict:
+    config = ctx.config
+    s_steps, iters = config.sft.steps, config.rl.iterations
+    # Global checkpoint steps: SFT 1..S, post-SFT evaluation S + 1, RL iteration i at S + 1 + i,
+    # the final record at S + I + 2.
+    eval_step = s_steps + 1
+    latest = ctx.checkpointer.latest_step()
+    meta = ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
+
+    # SFT, resumed from its own checkpoint when there is one.
+    sft_probe = SFTTrainer(
+        ctx.cfg,
+        ctx.params,
+        SFTConfig(steps=s_steps, batch_size=config.sft.batch_size),
+        ctx.mesh,
+        lora=None
+        if config.sft.full_finetune
+        else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config)),
+    )
+    like = {"sft": sft_probe.state}
+    if meta["stage"] == "new":
+        sft_state = run_sft(ctx).state
+    elif meta["stage"] == "sft":
+        state, _ = ctx.checkpointer.restore(latest, like)
+        sft_state = run_sft(ctx, state["sft"], meta["step"]).state
+    else:
+        sft_state = None  # restored below together with the later stages
+
+    results = meta.get("results", {})
+    if meta["stage"] in ("new", "sft"):
+        params = policy_params(ctx, sft_state)
+        sft_eval = evaluate_policy(ctx, params, None, "sft", with_search=True)
+        results = {
+            "sft_pass1": sft_eval["greedy_pass1"],
+            "greedy_pass1": sft_eval["greedy_pass1"],
+            "search_accuracy": sft_eval["search_accuracy"],
+        }
+        ctx.metrics.scalars(
+            s_steps,
+            {
+                "eval/sft_pass1": results["sft_pass1"],
+                "eval/search_accuracy": results["search_accuracy"],
+            },
+        )
+        ctx.checkpointer.save(
+            eval_step, {"sft": sft_state}, {"stage": "eval", "results": results}
+        )
+        meta = {"stage": "eval", "results": results}
+        latest = eval_step
+
+    if meta["stage"] == "done":
+        return dict(meta["report"])
+
+    # RL: restore the SFT state (and the RL state and buffer when resuming mid-RL).
+    if sft_state is None:
+        if meta["stage"] == "eval":
+            state, _ = ctx.checkpointer.restore(latest, like)
+            sft_state = state["sft"]
+    base = None if sft_state is None else policy_params(ctx, sft_state)
+
+    def save_iteration(done_iters, trainer, per_state):
+        ctx.checkpointer.save(
+            eval_step + done_iters,
+            {"sft": sft_state, "rl": trainer.state, "per": per_state},
+            {"stage": "rl", "iteration": done_iters, "results": results},
+        )
+
+    if meta["stage"] == "rl":
+        # Build the trainer and buffer once to learn their structure, then restore into them.
+        probe_trainer, probe_per = _rl_structures(ctx, ctx.params)
+        full_like = {"sft": sft_probe.state, "rl": probe_trainer.state, "per": probe_per}
+        state, _ = ctx.checkpointer.restore(latest, full_like)
+        sft_state = state["sft"]
+        base = policy_params(ctx, sft_state)
+        start_it, rl_state, per_state = meta["iteration"], state["rl"], state["per"]
+    else:
+        start_it, rl_state, per_state = 0, None, None
+
+    trainer, _ = run_rl(ctx, base, start_it, rl_state, per_state, on_iteration=save_iteration)
+    final = evaluate_policy(ctx, base, trainer.lora, "rl", with_search=True)
+    report = {
+        **results,
+        "rl_pass1": final["greedy_pass1"],
+        "rl_search_accuracy": final["search_accuracy"],
+        "train_problems": len(ctx.train),
+        "test_problems": min(len(ctx.test), config.eval.num_problems),
+        "sft_steps": s_steps,
+        "rl_iterations": iters,
+    }
+    ctx.metrics.scalars(
+        s_steps + iters,
+        {
+            "eval/rl_pass1": report["rl_pass1"],
+            "eval/rl_search_accuracy": report["rl_search_accuracy"],
+        },
+    )
+    ctx.checkpointer.save(
+        eval_step + iters + 1,
+        {"sft": sft_state, "rl": trainer.state},
+        {"stage": "done", "report": report},
+    )
+    return report
+
+
+def _rl_structures(ctx: RunContext, base):
+    """An RL trainer and an empty buffer with the shapes a checkpoint of this run holds."""
+    config, r = ctx.config, ctx.config.rl
+    fmt = make_step_format(ctx.tokenizer, config.search.max_depth)
+    adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_RL), _lora_config(config))
+    trainer = PPOTrainer(
+        ctx.cfg,
+        base,
+        adapter,
+        PPOConfig(epochs=r.epochs),
+        ctx.mesh,
+        rating_tokens=(fmt.positive_rating, fmt.negative_rating),
+    )
+    search = search_config(config)
+    _, lengths = encode_prompts(ctx.tokenizer, [p.question for p in ctx.train][:2048])
+    width = experience_width(fmt, int(jnp.max(lengths)) + 8, search)
+    return trainer, per.init(
+        r.buffer_capacity, _experience_item(width, search.thought_length), alpha=r.alpha
+    )
+
+
+def open_run(workdir: str):
+    """A RunContext for an existing workdir (its saved config), for evaluation and export."""
+    from o1jax.train.config import load_config
+
+    config = load_config(os.path.join(workdir, "config.yaml"))
+    m = config.mesh
+    mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    key = jax.random.key(config.seed)
+    tokenizer = build_tokenizer(config, workdir)
+    train, test = load_problems(config)
+    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    return RunContext(
+        config,
+        workdir,
+        mesh,
+        tokenizer,
+        cfg,
+        params,
+        train,
+        test,
+        MetricsWriter(workdir, enabled=False),
+        checkpointer,
+        PreemptionFlag(),
+        key,
+    )
+
+
+def restore_policy(ctx: RunContext):
+    """(params, lora) of the latest checkpoint: the SFT'd model and, after RL, its adapter."""
+    latest = ctx.checkpointer.latest_step()
+    if latest is None:
+        raise ConfigError(f"{ctx.workdir}: no checkpoint to evaluate")
+    meta = ctx.checkpointer.read_meta(latest)
+    config = ctx.config
+    adapter = (
+        None
+        if config.sft.full_finetune
+        else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config))
+    )
+    sft_like = SFTTrainer(
+        ctx.cfg, ctx.params, SFTConfig(batch_size=config.sft.batch_size), ctx.mesh, lora=adapter
+    ).state
+    if meta["stage"] in ("sft", "eval"):
+        state, _ = ctx.checkpointer.restore(latest, {"sft": sft_like})
+        return policy_params(ctx, state["sft"]), None
+    trainer, per_like = _rl_structures(ctx, ctx.params)
+    like = {"sft": sft_like, "rl": trainer.state}
+    if meta["stage"] == "rl":
+        like["per"] = per_like
+    state, _ = ctx.checkpointer.restore(latest, like)
+    return policy_params(ctx, state["sft"]), state["rl"].lora
