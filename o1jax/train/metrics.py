@@ -39,6 +39,15 @@ class MetricsWriter:
         with open(self._log_path, "a") as f:
             f.write(json.dumps({"step": int(step), **clean}) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drops logged rows past `step` (a resumed run logs those steps again)."""
+        if not self.enabled or not os.path.exists(self._log_path):
+            return
+        with open(self._log_path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self._log_path, "w") as f:
+            f.writelines(rows)
+
     def history(self) -> dict[str, list[tuple[int, float]]]:
         """Every logged scalar as (step, value) pairs, from the JSONL log (survives resumes)."""
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)

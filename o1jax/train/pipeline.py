@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -234,7 +235,9 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         bad = nonfinite_count(trainer.state.opt_state)
         if not bool(metrics["finite"]):
-            tqdm.write(f"sft step {done}: non-finite loss, update skipped ({bad} so far)")
+            tqdm.write(
+                f"sft step {done}: non-finite loss, update skipped ({bad} so far)", file=sys.stderr
+            )
             ctx.metrics.scalars(done, {"sft/nonfinite_total": bad})
             if bad >= config.max_nonfinite:
                 raise NonFiniteLoss(
@@ -423,7 +426,9 @@ def run_rl(
         ):
             scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
         if not all(np.isfinite(m["loss"]) for m in ppo_metrics):
-            tqdm.write(f"rl iteration {it + 1}: non-finite PPO loss, updates skipped")
+            tqdm.write(
+                f"rl iteration {it + 1}: non-finite PPO loss, updates skipped", file=sys.stderr
+            )
         ctx.metrics.scalars(config.sft.steps + it + 1, scalars)
         bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars['ppo/kl']:.4f}")
         if on_iteration is not None:
@@ -535,6 +540,7 @@ def _run_stages(ctx: RunContext) -> dict:
     eval_step = s_steps + 1
     latest = ctx.checkpointer.latest_step()
     meta = ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
+    ctx.metrics.truncate_after(_logged_step(meta, s_steps))
 
     # SFT, resumed from its own checkpoint when there is one.
     sft_probe = SFTTrainer(
@@ -571,9 +577,7 @@ def _run_stages(ctx: RunContext) -> dict:
                 "eval/search_accuracy": results["search_accuracy"],
             },
         )
-        ctx.checkpointer.save(
-            eval_step, {"sft": sft_state}, {"stage": "eval", "results": results}
-        )
+        ctx.checkpointer.save(eval_step, {"sft": sft_state}, {"stage": "eval", "results": results})
         meta = {"stage": "eval", "results": results}
         latest = eval_step
 
@@ -629,6 +633,18 @@ def _run_stages(ctx: RunContext) -> dict:
         {"stage": "done", "report": report},
     )
     return report
+
+
+def _logged_step(meta: dict, sft_steps: int) -> int:
+    """The last metrics step a checkpoint covers (rows after it are logged again on resume)."""
+    stage = meta["stage"]
+    if stage == "new":
+        return 0
+    if stage == "sft":
+        return meta["step"]
+    if stage == "rl":
+        return sft_steps + meta["iteration"]
+    return sft_steps if stage == "eval" else 1 << 62
 
 
 def _rl_structures(ctx: RunContext, base):

@@ -1,0 +1,194 @@
+"""train.py end to end on configs/smoke.yaml: resume after SIGKILL, 1 vs 8 devices, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def _train(workdir, *overrides, devices=8, config=SMOKE, wait=True):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        config,
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
+    if not wait:
+        return subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _checkpoint_steps(workdir):
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def _kill_when(workdir, proc, step, timeout=300):
+    """SIGKILL the run as soon as a checkpoint at `step` or later is committed."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if any(s >= step for s in _checkpoint_steps(workdir)):
+            time.sleep(0.3)  # land somewhere inside the next piece of work
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def _report(workdir):
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    report.pop("wall_seconds")
+    return report
+
+
+def _final_params(workdir):
+    from o1jax.train.pipeline import open_run, restore_policy
+
+    ctx = open_run(str(workdir))
+    params, adapter = restore_policy(ctx)
+    ctx.checkpointer.close()
+    return jax.tree.map(np.asarray, (params, adapter))
+
+
+def _sft_losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["sft/loss"] for r in rows if "sft/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_smoke_run_writes_report_curves_and_tensorboard(uninterrupted):
+    report = _report(uninterrupted)
+    for key in (
+        "sft_pass1",
+        "greedy_pass1",
+        "search_accuracy",
+        "rl_pass1",
+        "train_problems",
+        "test_problems",
+    ):
+        assert key in report
+    assert os.path.getsize(os.path.join(uninterrupted, "learning_curves.png")) > 10_000
+    assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+    names = set().union(
+        *(json.loads(line).keys() for line in open(os.path.join(uninterrupted, "metrics.jsonl")))
+    )
+    for name in (
+        "sft/loss",
+        "sft/tokens_per_s",
+        "ppo/kl",
+        "ppo/clip_fraction",
+        "rl/selfplay_success",
+        "rl/buffer_size",
+        "eval/sft_pass1",
+        "eval/rl_pass1",
+    ):
+        assert name in names
+
+
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    # Killed mid-SFT, then again during RL, then run to the end.
+    _kill_when(workdir, _train(workdir, wait=False), step=8)
+    _kill_when(workdir, _train(workdir, wait=False), step=26)  # S=24: eval 25, RL 26..
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _report(workdir) == _report(uninterrupted)
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_params(workdir), _final_params(uninterrupted)
+    )
+    assert _sft_losses(workdir) == _sft_losses(uninterrupted)
+
+
+def test_first_sft_losses_match_on_1_and_8_devices(uninterrupted, tmp_path):
+    result = _train(
+        tmp_path / "one",
+        "rl.iterations=0",
+        "eval.num_problems=2",
+        "eval.search_simulations=1",
+        devices=1,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, eight = _sft_losses(tmp_path / "one"), _sft_losses(uninterrupted)
+    assert sorted(one) == sorted(eight)
+    np.testing.assert_allclose(
+        [one[s] for s in sorted(one)], [eight[s] for s in sorted(one)], atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "/nope.yaml"], "/nope.yaml: config file not found"),
+        (["sft.stepz=3"], "unknown key sft.stepz"),
+        (["sft.steps=many"], "sft.steps: expected an integer, got 'many'"),
+        (["model_dir=/no/such/dir"], "model_dir /no/such/dir: no such directory"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
+    if args[0] == "--config":
+        result = _train(tmp_path / "w", config=args[1])
+    else:
+        result = _train(tmp_path / "w", *args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_malformed_yaml_and_broken_problem_file(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("seed: [1, 2\nsft: {")
+    result = _train(tmp_path / "w1", config=str(bad_yaml))
+    assert result.returncode == 2 and "malformed YAML" in result.stderr
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
+    result = _train(tmp_path / "w2", f"data.path={problems}")
+    assert result.returncode == 2 and f"{problems}:2: broken JSON" in result.stderr
+
+
+def test_workdir_of_another_config_is_refused_and_left_untouched(uninterrupted):
+    before = {
+        p: os.path.getmtime(os.path.join(uninterrupted, p)) for p in ("config.yaml", "report.json")
+    }
+    steps = _checkpoint_steps(uninterrupted)
+    result = _train(uninterrupted, "seed=7")
+    assert result.returncode == 2
+    assert "holds a run of a different config (seed: 0 in the workdir, 7 now)" in result.stderr
+    assert _checkpoint_steps(uninterrupted) == steps
+    assert before == {p: os.path.getmtime(os.path.join(uninterrupted, p)) for p in before}
+
+
+def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
+    result = _train(tmp_path / "nan", "sft.learning_rate=1e30", "max_nonfinite=2")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "non-finite loss, update skipped" in result.stderr
+    assert "2 non-finite losses (max_nonfinite=2)" in result.stderr
