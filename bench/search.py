@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from o1jax.data import tasks
 from o1jax.data.tokenizer import build_tiny_tokenizer

@@ -235,6 +235,41 @@ def journey_text(problem: Problem, rng: np.random.Generator | int) -> str:
     )
 
 
+_ARITH_STEP_RE = re.compile(r"^<expansion>(\d+) ([-+*]) (\d+) = (\d+)$")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def flawed_chain(problem: Problem, rng: np.random.Generator | int):
+    """A wrong solution of an arithmetic-chain problem, for teaching the rating tokens to judge.
+
+    One step's result is moved by 1..9; every later step computes correctly from the wrong
+    value, so the conclusion is wrong too. Ratings are positive before the flaw and negative from
+    it on. Returns (thoughts, ratings), or None for a problem whose steps are not arithmetic
+    chain steps (e.g. loaded from JSONL), or whose flawed chain would go negative.
+    """
+    rng = _as_rng(rng)
+    _require_steps(problem)
+    parsed = [_ARITH_STEP_RE.match(step) for step in problem.steps[:-1]]
+    if not parsed or not all(parsed):
+        return None
+    k = int(rng.integers(len(parsed)))
+    thoughts, ratings = list(problem.steps[:k]), [POSITIVE_RATING] * k
+    a, op, b, right = parsed[k].groups()
+    delta = int(rng.integers(1, 10))
+    value = int(right) + (delta if int(right) < 10 or rng.random() < 0.5 else -delta)
+    thoughts.append(f"{EXPANSION}{a} {op} {b} = {value}")
+    for m in parsed[k + 1 :]:
+        _, op, b, _ = m.groups()
+        result = _APPLY[op](value, int(b))
+        if result < 0:
+            return None
+        thoughts.append(f"{EXPANSION}{value} {op} {b} = {result}")
+        value = result
+    thoughts.append(f"{CONCLUSION}\\boxed{{{value}}}")
+    ratings += [NEGATIVE_RATING] * (len(thoughts) - k)
+    return thoughts, ratings
+
+
 # ----------------------------------------------------------------------------- loaders
 _CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 

@@ -192,7 +192,7 @@ class PPOTrainer:
     """The LoRA train state of an RL run, placed on a mesh, and its compiled update."""
 
     def __init__(self, cfg, params, lora, config: PPOConfig, mesh, rating_tokens: tuple[int, int]):
-        from o1jax.parallel.mesh import param_shardings
+        from o1jax.parallel.mesh import param_shardings, replicated
 
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.rating_tokens = tuple(int(t) for t in rating_tokens)
@@ -200,9 +200,8 @@ class PPOTrainer:
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh))
             lora = jax.device_put(lora, param_shardings(lora, mesh))
-            self.state = TrainState(
-                lora, jax.jit(self.optimizer.init)(lora), jnp.zeros((), jnp.int32)
-            )
+            step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+            self.state = TrainState(lora, jax.jit(self.optimizer.init)(lora), step)
 
     @property
     def lora(self):

@@ -55,23 +55,31 @@ def rating_suffix(tokenizer, rating: str) -> list[int]:
 
 
 def encode_chain(
-    tokenizer, question: str, thoughts: Sequence[str], ratings: Sequence[str] | None = None
+    tokenizer,
+    question: str,
+    thoughts: Sequence[str],
+    ratings: Sequence[str] | None = None,
+    train_thoughts: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and loss mask of a whole chain, then EOS. The problem is not trained on."""
+    """Token ids and loss mask of a whole chain, then EOS. The problem is never trained on.
+
+    train_thoughts=False trains only the rating token of every step (a chain that teaches the
+    model to judge, e.g. a wrong solution, without teaching it to write one).
+    """
     ratings = ratings or [longcot.POSITIVE_RATING] * len(thoughts)
     ids = encode_prompt(tokenizer, question)
     mask = [False] * len(ids)
     for k, (thought, rating) in enumerate(zip(thoughts, ratings, strict=True), start=1):
-        piece = (
-            _ids(tokenizer, longcot.step_header(k - 1, k))
-            + encode_thought(tokenizer, thought)
-            + rating_suffix(tokenizer, rating)
-        )
-        ids += piece
-        mask += [True] * len(piece)
+        head = _ids(tokenizer, longcot.step_header(k - 1, k)) + encode_thought(tokenizer, thought)
+        suffix = rating_suffix(tokenizer, rating)  # <start_of_rating> R <end_of_rating> "\n"
+        ids += head + suffix
+        if train_thoughts:
+            mask += [True] * (len(head) + len(suffix))
+        else:
+            mask += [False] * len(head) + [i == 1 for i in range(len(suffix))]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-        mask.append(True)
+        mask.append(train_thoughts)
     return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 

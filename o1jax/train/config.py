@@ -26,11 +26,11 @@ class ModelConfig:
     dtype: str = "float32"  # params dtype of the (frozen) base: float32 or bfloat16
     attention_impl: str = "xla"  # "xla" or "pallas" (kernels/)
     num_layers: int = 4
-    d_model: int = 256
+    d_model: int = 128
     num_heads: int = 4
     num_kv_heads: int = 1
-    head_dim: int = 64
-    ffn_dim: int = 1024
+    head_dim: int = 32
+    ffn_dim: int = 512
     sliding_window: int = 128
 
 
@@ -42,10 +42,11 @@ class TaskConfig:
     max_ops: int = 3
     max_operand: int = 9
     max_multiplier: int = 3
-    max_value: int = 99
+    max_value: int = 30
     num_train: int = 4000
     num_test: int = 200
     journey_fraction: float = 0.3  # share of SFT examples written as journeys (errors + fixes)
+    flawed_fraction: float = 0.3  # extra wrong chains per problem, trained on ratings only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class SFTSection:
-    steps: int = 600
+    steps: int = 450
     batch_size: int = 16
     seq_len: int = 256
     learning_rate: float = 3e-3
@@ -108,13 +109,13 @@ class SearchSection:
 
 @dataclasses.dataclass(frozen=True)
 class RLSection:
-    iterations: int = 10
+    iterations: int = 8
     problems_per_iteration: int = 32
     buffer_capacity: int = 16384
     alpha: float = 0.6
     beta0: float = 0.4
     beta_steps: int = 100_000
-    batch_size: int = 64  # experiences per PPO update
+    batch_size: int = 32  # experiences per PPO update
     updates_per_iteration: int = 4
     epochs: int = 2
     gamma: float = 0.99
@@ -123,7 +124,7 @@ class RLSection:
     kl_coef: float = 0.05
     value_coef: float = 1.0
     entropy_coef: float = 0.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     max_grad_norm: float = 1.0
 
 

@@ -171,20 +171,30 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
 
 
 def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
-    """Correct chains, and (a `journey_fraction` of them) journeys with a fixed mistake."""
+    """Correct chains, journeys with a fixed mistake (a `journey_fraction` of them), and extra
+    wrong chains trained on their ratings only (`flawed_fraction`), which teach the rating
+    tokens, the search's value function, to reject a wrong path."""
     rng = np.random.default_rng([config.seed, STAGE_SFT])
+    task = config.data.task
     out = []
+
+    def add(thoughts, ratings, train_thoughts=True):
+        ids, mask = encode_chain(tokenizer, p.question, thoughts, ratings, train_thoughts)
+        if len(ids) <= config.sft.seq_len:
+            out.append(Example(ids, mask))
+
     for p in problems:
         if not p.steps:
             continue
-        if rng.random() < config.data.task.journey_fraction:
+        if rng.random() < task.journey_fraction:
             nodes = tasks.journey_solution(p, rng)[1:]
-            thoughts, ratings = [n.text for n in nodes], [n.rating for n in nodes]
+            add([n.text for n in nodes], [n.rating for n in nodes])
         else:
-            thoughts, ratings = list(p.steps), None
-        ids, mask = encode_chain(tokenizer, p.question, thoughts, ratings)
-        if len(ids) <= config.sft.seq_len:
-            out.append(Example(ids, mask))
+            add(list(p.steps), None)
+        if rng.random() < task.flawed_fraction:
+            flawed = tasks.flawed_chain(p, rng)
+            if flawed is not None:
+                add(*flawed, train_thoughts=False)
     if not out:
         raise ConfigError("sft: no training example has a worked solution that fits sft.seq_len")
     return out
@@ -356,9 +366,7 @@ def run_rl(
     if rl_state is not None:
         trainer.state = rl_state
     search = search_config(config)
-    questions = [p.question for p in ctx.train]
-    _, all_lengths = encode_prompts(ctx.tokenizer, questions[:2048])
-    prompt_width = int(jnp.max(all_lengths)) + 8
+    prompt_width = _prompt_width(ctx)
     width = experience_width(fmt, prompt_width, search)
     if per_state is None:
         example = _experience_item(width, search.thought_length)
@@ -399,7 +407,8 @@ def run_rl(
                 per_state, jax.random.fold_in(key, 1 + u), r.batch_size, beta
             )
             metrics, priorities = trainer.update(_as_experience(sample), weights)
-            per_state = per.update(per_state, indices, priorities)
+            # The buffer lives on one device; the batch's priorities come back from the mesh.
+            per_state = per.update(per_state, indices, np.asarray(priorities))
             ppo_metrics.append(jax.tree.map(float, metrics))
         found = np.asarray(tree.is_answer & (tree.reward > 0.5)).any(axis=1).mean()
         answer_reward = np.asarray(tree.reward)[np.asarray(tree.is_answer)]
@@ -425,10 +434,22 @@ def run_rl(
             "grad_norm",
         ):
             scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
+        bad = nonfinite_count(trainer.state.opt_state)
         if not all(np.isfinite(m["loss"]) for m in ppo_metrics):
             tqdm.write(
-                f"rl iteration {it + 1}: non-finite PPO loss, updates skipped", file=sys.stderr
+                f"rl iteration {it + 1}: non-finite PPO loss, updates skipped ({bad} so far)",
+                file=sys.stderr,
             )
+            scalars["ppo/nonfinite_total"] = float(bad)
+        if bad >= config.max_nonfinite:
+            raise NonFiniteLoss(
+                f"rl: {bad} non-finite PPO updates (max_nonfinite={config.max_nonfinite}); "
+                f"stopped at iteration {it + 1}"
+            )
+        every = config.eval.every
+        if every and (it + 1) % every == 0 and it + 1 < r.iterations:
+            periodic = evaluate_policy(ctx, trainer.params, trainer.lora, f"rl{it + 1}", False)
+            scalars["eval/rl_greedy_pass1"] = periodic["greedy_pass1"]
         ctx.metrics.scalars(config.sft.steps + it + 1, scalars)
         bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars['ppo/kl']:.4f}")
         if on_iteration is not None:
@@ -437,6 +458,12 @@ def run_rl(
             raise Preempted(f"SIGTERM: saved RL iteration {it + 1}")
     bar.close()
     return trainer, per_state
+
+
+def _prompt_width(ctx: RunContext) -> int:
+    """Token width of the self-play prompts: the longest training question, rounded up to 8."""
+    _, lengths = encode_prompts(ctx.tokenizer, [p.question for p in ctx.train])
+    return -(-int(jnp.max(lengths)) // 8) * 8
 
 
 def _experience_item(width: int, thought_length: int) -> dict:
@@ -661,8 +688,7 @@ def _rl_structures(ctx: RunContext, base):
         rating_tokens=(fmt.positive_rating, fmt.negative_rating),
     )
     search = search_config(config)
-    _, lengths = encode_prompts(ctx.tokenizer, [p.question for p in ctx.train][:2048])
-    width = experience_width(fmt, int(jnp.max(lengths)) + 8, search)
+    width = experience_width(fmt, _prompt_width(ctx), search)
     return trainer, per.init(
         r.buffer_capacity, _experience_item(width, search.thought_length), alpha=r.alpha
     )

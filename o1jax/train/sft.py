@@ -27,7 +27,7 @@ import optax
 from flax import struct
 
 from o1jax.model.gemma2 import forward
-from o1jax.parallel.mesh import param_shardings, shard_batch
+from o1jax.parallel.mesh import param_shardings, replicated, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,8 @@ class SFTTrainer:
             )
             self.frozen = None if lora is None else params
             opt_state = jax.jit(self.optimizer.init)(trainable)
-        self.state = SFTState(trainable, opt_state, jnp.zeros((), jnp.int32))
+            step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+        self.state = SFTState(trainable, opt_state, step)
         self._step = jax.jit(
             functools.partial(_sft_step, cfg=cfg, optimizer=self.optimizer, use_lora=self.use_lora),
             donate_argnums=(0,),

@@ -1,0 +1,45 @@
+"""SFT data: flawed chains for the verifier, and rating-only loss masks."""
+
+import numpy as np
+
+from o1jax.data import longcot, tasks
+from o1jax.data.answers import extract_answer
+from o1jax.data.tokenizer import build_tiny_tokenizer
+from o1jax.search.format import encode_chain
+
+TASK = tasks.ArithmeticTask(num_ops=(2, 3), max_operand=9, max_multiplier=3, max_value=30)
+
+
+def test_flawed_chains_carry_one_mistake_to_a_wrong_conclusion():
+    problems = tasks.generate_problems(TASK, 50, 0, "train")
+    made = 0
+    for i, p in enumerate(problems):
+        flawed = tasks.flawed_chain(p, i)
+        if flawed is None:
+            continue
+        made += 1
+        thoughts, ratings = flawed
+        assert len(thoughts) == len(p.steps) == len(ratings)
+        first_bad = ratings.index(longcot.NEGATIVE_RATING)
+        assert thoughts[:first_bad] == list(p.steps[:first_bad])
+        assert thoughts[first_bad] != p.steps[first_bad]
+        assert all(r == longcot.NEGATIVE_RATING for r in ratings[first_bad:])
+        assert extract_answer(thoughts[-1]) != p.answer  # the mistake reaches the answer
+    assert made >= 40
+    assert (
+        tasks.flawed_chain(tasks.Problem("x", "q", "1", ("<expansion>odd", "<conclusion>1")), 0)
+        is None
+    )
+
+
+def test_rating_only_chains_train_just_the_rating_tokens():
+    tok = build_tiny_tokenizer()
+    p = tasks.generate_problems(TASK, 1, 0, "train")[0]
+    thoughts, ratings = tasks.flawed_chain(p, 3)
+    ids, mask = encode_chain(tok, p.question, thoughts, ratings, train_thoughts=False)
+    rating_ids = {tok.convert_tokens_to_ids(r) for r in longcot.RATINGS}
+    assert mask.sum() == len(thoughts)
+    assert set(ids[mask].tolist()) <= rating_ids
+    full_ids, full_mask = encode_chain(tok, p.question, thoughts, ratings)
+    np.testing.assert_array_equal(ids, full_ids)
+    assert full_mask.sum() > mask.sum()
