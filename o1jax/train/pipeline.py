@@ -525,33 +525,13 @@ def run(config: RunConfig, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if not os.path.exists(os.path.join(workdir, "config.yaml")):
         dump_config(config, os.path.join(workdir, "config.yaml"))
-    m = config.mesh
-    mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
-    key = jax.random.key(config.seed)
-    tokenizer = build_tokenizer(config, workdir)
-    train, test = load_problems(config)
-    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     with PreemptionFlag() as flag:
-        ctx = RunContext(
-            config,
-            workdir,
-            mesh,
-            tokenizer,
-            cfg,
-            params,
-            train,
-            test,
-            MetricsWriter(workdir),
-            checkpointer,
-            flag,
-            key,
-        )
+        ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
         try:
             report = _run_stages(ctx)
         finally:
             ctx.metrics.close()
-            checkpointer.close()
+            ctx.checkpointer.close()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -699,6 +679,11 @@ def open_run(workdir: str):
     from o1jax.train.config import load_config
 
     config = load_config(os.path.join(workdir, "config.yaml"))
+    return build_context(config, workdir, MetricsWriter(workdir, enabled=False), PreemptionFlag())
+
+
+def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preemption):
+    """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here)."""
     m = config.mesh
     mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
     key = jax.random.key(config.seed)
@@ -715,9 +700,9 @@ def open_run(workdir: str):
         params,
         train,
         test,
-        MetricsWriter(workdir, enabled=False),
+        metrics,
         checkpointer,
-        PreemptionFlag(),
+        preemption,
         key,
     )
 
