@@ -1,0 +1,65 @@
+"""Search trees out: chosen answers, OpenLongCoT text (feeds SFT), JSON."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax.data import longcot
+from o1jax.data.tokenizer import build_tiny_tokenizer
+from o1jax.search.export import choose_answer, tree_to_json, tree_to_longcot
+from o1jax.search.format import encode_thought
+from o1jax.search.tree import init_tree
+
+THOUGHTS = [
+    "<expansion>3 + 4 = 7",  # 1: child of root
+    "<expansion>3 + 4 = 8",  # 2: child of root (wrong)
+    "<conclusion>\\boxed{14}",  # 3: child of 1
+    "<conclusion>\\boxed{16}",  # 4: child of 2
+    "<conclusion>\\boxed{16}",  # 5: child of 2
+]
+
+
+def _tree(tok):
+    tree = init_tree(1, 6, 16)
+    tokens = np.zeros((1, 6, 16), np.int32)
+    lengths = np.zeros((1, 6), np.int32)
+    for i, text in enumerate(THOUGHTS, start=1):
+        ids = encode_thought(tok, text)
+        tokens[0, i, : len(ids)] = ids
+        lengths[0, i] = len(ids)
+    return tree.replace(
+        parent=jnp.asarray([[-1, 0, 0, 1, 2, 2]]),
+        depth=jnp.asarray([[0, 1, 1, 2, 2, 2]]),
+        visits=jnp.asarray([[5, 2, 3, 1, 1, 1]]),
+        value_sum=jnp.asarray([[2.0, 1.6, 0.9, 0.9, 0.2, 0.3]]),
+        rating=jnp.asarray([[0, 0.8, 0.3, 0.9, 0.2, 0.3]]),
+        terminal=jnp.asarray([[False, False, False, True, True, True]]),
+        is_answer=jnp.asarray([[False, False, False, True, True, True]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray(lengths),
+        num_nodes=jnp.asarray([6]),
+    )
+
+
+def test_answers_by_value_vote_and_best_value():
+    tok = build_tiny_tokenizer()
+    tree = _tree(tok)
+    # "16" has two answer nodes (Q 0.2 + 0.3 = 0.5) but "14" has Q 0.9: value beats head count.
+    assert choose_answer(tree, 0, tok, "vote") == "14"
+    assert choose_answer(tree, 0, tok, "value") == "14"
+
+
+def test_export_to_longcot_round_trips_and_to_json():
+    tok = build_tiny_tokenizer()
+    tree = _tree(tok)
+    nodes = tree_to_longcot(tree, 0, tok, "Start with 3, add 4, multiply by 2.")
+    text = longcot.render_tree(nodes)
+    assert longcot.parse_tree(text) == nodes
+    assert [n.text for n in nodes[1:]] == THOUGHTS
+    assert [n.father_id for n in nodes] == [-1, 0, 0, 1, 2, 2]
+    assert nodes[2].rating == longcot.NEGATIVE_RATING and nodes[3].rating == longcot.POSITIVE_RATING
+    assert len(longcot.tree_to_paths(nodes)) == 3
+    data = tree_to_json(tree, 0, tok, "Start with 3, add 4, multiply by 2.", truth="14")
+    assert data["chosen_answer"] == "14"
+    verdicts = [(n["answer"], n["correct"]) for n in data["nodes"] if n["answer"]]
+    assert verdicts == [("14", True), ("16", False), ("16", False)]
+    assert data["nodes"][2]["visits"] == 3 and abs(data["nodes"][2]["value"] - 0.3) < 1e-6
