@@ -154,8 +154,10 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
             cfg = cfg.replace(vocab_size=vocab)
         return cfg.replace(attention_impl=config.model.attention_impl), params
     m = config.model
-    cfg = Gemma2Config.preset(
-        m.preset,
+    if m.preset != "tiny":  # a full-size preset with random weights (for planning and tests)
+        cfg = Gemma2Config.preset(m.preset, vocab_size=vocab, attention_impl=m.attention_impl)
+        return cfg, init_params(cfg, key, dtype)
+    cfg = Gemma2Config.tiny(
         vocab_size=vocab,
         num_layers=m.num_layers,
         d_model=m.d_model,
