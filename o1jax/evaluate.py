@@ -1,6 +1,7 @@
 """Evaluate a trained run or an HF model on a problem set.
 
     python -m o1jax.evaluate --workdir runs/tiny [--samples 8] [--search mcts --simulations 16]
+        [--trees DIR]   # with --search: one JSON per tree, for python -m o1jax.show_tree
     python -m o1jax.evaluate --model DIR --data problems.jsonl [--samples 8] [--limit 100]
 
 Prints a summary table (greedy pass@1; pass@k and maj@k with --samples; search accuracy with
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1, help="K for pass@k and maj@k")
     parser.add_argument("--search", choices=["none", "mcts"], default="none")
     parser.add_argument("--simulations", type=int, default=16)
+    parser.add_argument(
+        "--trees", default="", help="with --search: write each tree as DIR/<id>.json (show_tree)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
     parser.add_argument("--max-new-tokens", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             key=key,
             batch_size=args.batch_size,
             lora=adapter,
+            tree_dir=args.trees or None,
         )
         rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
         ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)

@@ -192,3 +192,30 @@ def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "non-finite loss, update skipped" in result.stderr
     assert "2 non-finite losses (max_nonfinite=2)" in result.stderr
+
+
+def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
+    """evaluate (greedy, pass@k, search with tree export), show_tree and generate on a real run."""
+    from o1jax import evaluate, generate, show_tree
+
+    trees = tmp_path / "trees"
+    argv = ["--workdir", str(uninterrupted), "--limit", "4", "--samples", "2", "--out"]
+    argv += [str(tmp_path), "--search", "mcts", "--simulations", "3", "--trees", str(trees)]
+    assert evaluate.main(argv) == 0
+    summary = json.load(open(tmp_path / "eval_summary.json"))
+    assert summary["problems"] == 4 and 0 <= summary["pass@2"] <= 1
+    assert summary["maj@2"] <= summary["pass@2"] and "mcts accuracy (3 sims)" in summary
+    assert len(open(tmp_path / "eval_outputs.jsonl").readlines()) == 4
+    files = sorted(os.listdir(trees))
+    assert len(files) == 4
+    tree = json.load(open(trees / files[0]))
+    n = len(tree["nodes"])  # the root + K = 2 children per expanding simulation
+    assert n in (3, 5, 7) and tree["truth"] is not None
+    assert show_tree.main([str(trees / files[0]), "-o", str(tmp_path / "t.html")]) == 0
+    assert (tmp_path / "t.html").read_text().count("<rect") == n
+    # The run's own trees of its first held-out problems are written beside its report.
+    assert len(os.listdir(os.path.join(uninterrupted, "trees_sft"))) == 8
+    capsys.readouterr()
+    prompt = tree["question"]
+    assert generate.main(["--workdir", str(uninterrupted), "--prompt", prompt, "--longcot"]) == 0
+    assert "--- prompt 0, sample 0" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from o1jax.data.answers import extract_answer, is_equivalent
 from o1jax.model.sampler import generate
 from o1jax.search import mcts
-from o1jax.search.export import choose_answer
+from o1jax.search.export import choose_answer, tree_to_json
 from o1jax.search.format import encode_prompts, make_step_format
 
 
@@ -193,8 +194,14 @@ def search_evaluate(
     lora=None,
     progress: str | None = "search",
     stats: mcts.SearchStats | None = None,
+    tree_dir: str | None = None,
+    max_trees: int | None = None,
 ) -> EvalResult:
-    """MCTS accuracy without the ground truth: answers chosen by value-weighted vote."""
+    """MCTS accuracy without the ground truth: answers chosen by value-weighted vote.
+
+    tree_dir: also write each problem's tree as `tree_dir/<id>.json` (`tree_to_json`, what
+      `python -m o1jax.show_tree` draws), the first `max_trees` of them (None: all).
+    """
     fmt = make_step_format(tokenizer, search.max_depth)
     _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
     width = int(jnp.max(lengths))
@@ -211,6 +218,8 @@ def search_evaluate(
             answer = choose_answer(tree, b, tokenizer)
             correct = answer is not None and is_equivalent(answer, problem.answer)
             n_correct += correct
+            if tree_dir is not None and (max_trees is None or len(records) < max_trees):
+                _write_tree(tree_dir, tree, b, tokenizer, problem)
             records.append(
                 {
                     "id": problem.id,
@@ -225,6 +234,14 @@ def search_evaluate(
     return EvalResult(
         pass1=n_correct / max(len(problems), 1), num_problems=len(problems), records=records
     )
+
+
+def _write_tree(tree_dir: str, tree, b: int, tokenizer, problem) -> None:
+    os.makedirs(tree_dir, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(problem.id))
+    data = tree_to_json(tree, b, tokenizer, problem.question, truth=problem.answer)
+    with open(os.path.join(tree_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def write_records(path: str, records: list[dict]) -> None:

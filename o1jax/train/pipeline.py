@@ -325,6 +325,8 @@ def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: boo
             batch_size=batch,
             lora=adapter,
             progress=f"search {tag}",
+            tree_dir=os.path.join(ctx.workdir, f"trees_{tag}"),
+            max_trees=8,
         )
         ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
         out["search_accuracy"] = found.pass1

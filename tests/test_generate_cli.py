@@ -1,0 +1,102 @@
+"""`python -m o1jax.generate`: a model directory in, greedy text that matches full forwards out."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from o1jax import generate as cli
+from o1jax.data.tokenizer import build_tiny_tokenizer
+from o1jax.model import Gemma2Config, forward, init_params, save_hf
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tiny")
+    tokenizer = build_tiny_tokenizer(path)
+    cfg = Gemma2Config.tiny(
+        vocab_size=len(tokenizer), num_layers=2, d_model=64, num_heads=2, num_kv_heads=1,
+        head_dim=32, ffn_dim=128, sliding_window=8,
+    )  # fmt: skip
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree.map(
+        lambda x: jax.random.normal(next(keys), x.shape) * (0.5 if x.ndim == 1 else 0.2),
+        init_params(cfg, jax.random.key(0)),
+    )
+    save_hf(str(path), cfg, params)
+    return path, tokenizer, cfg, params
+
+
+def _records(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_greedy_output_equals_repeated_full_forwards(model_dir, capsys):
+    path, tokenizer, cfg, params = model_dir
+    prompt = "Start with 4, add 5."
+    rc = cli.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "10", "--json"])
+    assert rc == 0
+    (record,) = _records(capsys)
+    seq = tokenizer.encode(prompt)
+    expected = []
+    for _ in range(10):
+        nxt = int(jnp.argmax(forward(params, cfg, jnp.asarray([seq]))[0, -1]))
+        seq.append(nxt)
+        expected.append(nxt)
+        if nxt == tokenizer.eos_token_id:
+            break
+    assert record["tokens"] == expected
+    assert record["text"] == tokenizer.decode(expected, skip_special_tokens=False)
+    assert len(record["logprobs"]) == len(expected) and all(lp <= 0 for lp in record["logprobs"])
+
+
+def test_batched_sampling_gives_every_prompt_its_samples(model_dir, capsys):
+    path, tokenizer, _, _ = model_dir
+    argv = ["--model", str(path), "--prompt", "Start with 3.", "--prompt", "Start with 12,"]
+    argv += ["--samples", "3", "--temperature", "1.0", "--top-k", "20", "--max-new-tokens", "6"]
+    argv += ["--stop", "<end_of_thought>", "--json", "--longcot", "--seed", "5"]
+    assert cli.main(argv) == 0
+    records = _records(capsys)
+    assert [(r["prompt"], r["sample"]) for r in records] == [
+        (p, s) for p in ("Start with 3.", "Start with 12,") for s in range(3)
+    ]
+    stop = tokenizer.convert_tokens_to_ids("<end_of_thought>")
+    for r in records:
+        assert 1 <= len(r["tokens"]) <= 6
+        assert r["stopped"] == (r["tokens"][-1] == stop)
+    # Sampling with a seed is reproducible; the plain-text mode prints one header per sample.
+    assert cli.main(argv) == 0
+    assert _records(capsys) == records
+    assert cli.main([a for a in argv if a != "--json"]) == 0
+    assert capsys.readouterr().out.count("--- prompt") == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stop", "Start with"], "a stop must be one token"),
+        (["--top-p", "0"], "bad sampling settings"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(model_dir, capsys, extra, message):
+    path = model_dir[0]
+    assert cli.main(["--model", str(path), "--prompt", "Start", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_model_directory_is_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli.main(["--model", str(missing), "--prompt", "hi"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_rejected(model_dir, tmp_path, capsys):
+    _, _, cfg, params = model_dir
+    small = cfg.replace(vocab_size=100)
+    trimmed = dict(params, embedder={"embedding": params["embedder"]["embedding"][:100]})
+    save_hf(str(tmp_path), small, trimmed)
+    build_tiny_tokenizer(tmp_path)
+    assert cli.main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "embedding has 100 rows" in capsys.readouterr().err
