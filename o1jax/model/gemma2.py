@@ -114,15 +114,31 @@ def xla_attention(q, k, v, allowed, *, scale: float, softcap: float | None):
     q: [B, T, H, Hd]; k, v: [B, S, K, Hd]; allowed: [B, T, S] bool. Returns [B, T, H, Hd].
     Scores are soft-capped before the mask; the softmax runs in float32.
     """
+    kv_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, K, S, Hd]
+    return cached_attention(q, kv_major(k), kv_major(v), allowed, scale=scale, softcap=softcap)
+
+
+def cached_attention(q, k_cache, v_cache, allowed, *, scale: float, softcap: float | None):
+    """`xla_attention` with kv-head-major keys and values (the KV cache's layout).
+
+    q: [B, T, H, Hd]; k_cache, v_cache: [B, K, S, Hd]; allowed: [B, T, S]. Returns [B, T, H, Hd].
+    Both matmuls are batched over (B, K) with the G query heads of a group folded into the rows,
+    the layout XLA's CPU and GPU dots take without transposing the [.., T, S] scores (forward or
+    backward).
+    """
     b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)  # [B, T, K, G, Hd]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    g = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k_cache, preferred_element_type=jnp.float32)
+    scores = scores * scale  # [B, K, G*T, S]
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    mask = jnp.broadcast_to(allowed[:, None, None], (b, kv_heads, g, t, s)).reshape(scores.shape)
+    scores = jnp.where(mask, scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache)  # [B, K, G*T, Hd]
+    out = out.reshape(b, kv_heads, g, t, hd).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, hd)
 
 
@@ -148,16 +164,15 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             # Write this chunk at slots [index, index + T) and attend over the whole cache.
+            # The cache is kv-head major ([B, K, S, Hd]) so both attention matmuls read it in
+            # place; a [B, S, K, Hd] cache costs a transposed copy of it per layer and step.
             index = cache["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), index, 1
-            )
-            v_all = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), index, 1
-            )
+            to_cache = lambda x: x.transpose(0, 2, 1, 3).astype(cache["k"].dtype)
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], to_cache(k), index, 2)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], to_cache(v), index, 2)
             new_cache = {"k": k_all, "v": v_all}
             allowed = attention_mask_from_positions(positions, key_positions, window)
-            out = xla_attention(
+            out = cached_attention(
                 q,
                 k_all.astype(q.dtype),
                 v_all.astype(q.dtype),
@@ -274,11 +289,11 @@ def init_params(cfg: Gemma2Config, key: jax.Array, dtype=jnp.float32) -> Params:
 def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) -> Cache:
     """An empty KV cache of `length` slots per row.
 
-    layer_{i}/k, layer_{i}/v   [B, S, K, Hd]
+    layer_{i}/k, layer_{i}/v   [B, K, S, Hd]  (kv-head major: attention reads it in place)
     positions                  [B, S] int32, position of the token in each slot, -1 if none
     index                      [] int32, next slot to write (shared by all rows)
     """
-    kv = lambda: jnp.zeros((batch, length, cfg.num_kv_heads, cfg.head_dim), dtype)
+    kv = lambda: jnp.zeros((batch, cfg.num_kv_heads, length, cfg.head_dim), dtype)
     cache: Cache = {f"layer_{i}": {"k": kv(), "v": kv()} for i in range(cfg.num_layers)}
     cache["positions"] = jnp.full((batch, length), -1, jnp.int32)
     cache["index"] = jnp.zeros((), jnp.int32)

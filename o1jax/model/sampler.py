@@ -55,12 +55,25 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def _choose(logits, key, temperature, top_k, top_p):
-    """Next tokens [R] from logits [R, V]: argmax if temperature == 0, else a filtered sample."""
+# Random bits come from one counter-based Philox stream per call (`lax.rng_bit_generator`, a
+# single op per step), seeded once from the caller's key. Splitting a threefry key every step
+# costs two small XLA while loops per token, a large share of a tiny model's decode step.
+_RNG = jax.lax.RandomAlgorithm.RNG_PHILOX
+
+
+def gumbel_from_bits(bits):
+    """Standard Gumbel noise from uint32 bits (same shape): -log(-log(u)), u in (0, 1)."""
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    return -jnp.log(-jnp.log(u))
+
+
+def _choose(logits, bits, temperature, top_k, top_p):
+    """Next tokens [R] from logits [R, V]: argmax if temperature == 0, else a filtered sample
+    by the Gumbel-max trick with uint32 `bits` [R, V]."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    return jnp.argmax(filtered + gumbel_from_bits(bits), axis=-1).astype(jnp.int32)
 
 
 def generate(
@@ -177,9 +190,11 @@ def _generate(
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, logits, tokens, logprobs, done, key = state
-        key, sub = jax.random.split(key)
-        token = _choose(logits, sub, temperature, top_k, top_p)  # [R]
+        step, cache, logits, tokens, logprobs, done, rng = state
+        bits = None
+        if temperature > 0.0:
+            rng, bits = jax.lax.rng_bit_generator(rng, logits.shape, jnp.uint32, algorithm=_RNG)
+        token = _choose(logits, bits, temperature, top_k, top_p)  # [R]
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         token = jnp.where(done, cfg.pad_token_id, token)
         tokens = tokens.at[:, step].set(token)
@@ -195,7 +210,7 @@ def _generate(
             lora=lora,
             cache=cache,
         )
-        return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, key
+        return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, rng
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -204,7 +219,7 @@ def _generate(
         jnp.full((rows, max_new_tokens), cfg.pad_token_id, jnp.int32),
         jnp.zeros((rows, max_new_tokens), jnp.float32),
         jnp.zeros((rows,), bool),
-        key,
+        jax.random.bits(key, (4,), jnp.uint32),  # Philox state
     )
     _, cache, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stop_ids) if stop_tokens else jnp.zeros_like(tokens, bool)
