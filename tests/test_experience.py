@@ -99,26 +99,47 @@ def test_experiences_match_prefixes_and_path_gae():
             assert int(exps.action_start[row]) == plen
             np.testing.assert_array_equal(np.asarray(exps.tokens[row, : len(expected)]), expected)
         # Advantages: NumPy GAE along every root-to-leaf path, averaged per node.
-        sums, counts = np.zeros(n), np.zeros(n)
-        root_value = t.value_sum[b, 0] / t.visits[b, 0]
-        for leaf in range(1, used):
-            if t.first_child[b, leaf] != -1:
-                continue
-            path = []
-            node = leaf
-            while node > 0:
-                path.append(node)
-                node = t.parent[b, node]
-            path = path[::-1]
-            rewards = [t.reward[b, p] if t.terminal[b, p] else 0.0 for p in path]
-            after = [0.0 if t.terminal[b, p] else t.rating[b, p] for p in path]
-            adv, _ = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
-            for p, a in zip(path, adv, strict=True):
-                sums[p] += a
-                counts[p] += 1
-        expected_adv = sums[1:used] / counts[1:used]
+        expected_adv, _ = _reference_advantages(t, b, terminal_only=False)
         np.testing.assert_allclose(
             np.asarray(exps.advantage[rows])[: used - 1], expected_adv, atol=1e-5
         )
         assert np.all(np.asarray(exps.value_target[rows]) >= 0)
         assert np.all(np.asarray(exps.value_target[rows]) <= 1)
+
+    # terminal_only: only paths that end in an outcome count; nodes without one are dropped.
+    exps = tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width, True)
+    dropped = 0
+    for b in range(2):
+        used = int(t.num_nodes[b])
+        rows = slice(b * (n - 1), (b + 1) * (n - 1))
+        expected_adv, counts = _reference_advantages(t, b, terminal_only=True)
+        valid = np.asarray(exps.valid[rows])[: used - 1]
+        np.testing.assert_array_equal(valid, counts > 0)
+        np.testing.assert_allclose(
+            np.asarray(exps.advantage[rows])[: used - 1][valid], expected_adv[valid], atol=1e-5
+        )
+        dropped += int((~valid).sum())
+    assert dropped > 0  # the frontier of a 7-simulation search is not all terminal
+
+
+def _reference_advantages(t, b, terminal_only):
+    """Per-node mean GAE advantage [used - 1] over root-to-leaf paths, and path counts."""
+    n, used = t.parent.shape[1], int(t.num_nodes[b])
+    sums, counts = np.zeros(n), np.zeros(n)
+    root_value = t.value_sum[b, 0] / t.visits[b, 0]
+    for leaf in range(1, used):
+        if t.first_child[b, leaf] != -1 or (terminal_only and not t.terminal[b, leaf]):
+            continue
+        path = []
+        node = leaf
+        while node > 0:
+            path.append(node)
+            node = t.parent[b, node]
+        path = path[::-1]
+        rewards = [t.reward[b, p] if t.terminal[b, p] else 0.0 for p in path]
+        after = [0.0 if t.terminal[b, p] else t.rating[b, p] for p in path]
+        adv, _ = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
+        for p, a in zip(path, adv, strict=True):
+            sums[p] += a
+            counts[p] += 1
+    return sums[1:used] / np.maximum(counts[1:used], 1), counts[1:used]

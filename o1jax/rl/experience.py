@@ -12,6 +12,12 @@ from (`o1jax.search.mcts`).
 Advantages come from GAE along every root-to-leaf path (the MDP of a path: action t is thought
 t, the value before it is the rating of thought t - 1, the reward is the answer check of a
 terminal thought), averaged over the leaves below a node when several paths share it.
+
+With `terminal_only` (the default in training) only paths that end in a terminal thought (an
+answer, a truncated thought, the depth limit) count, and nodes with no terminal below them are
+not experiences. A path that stops at the search frontier ends on the model's own rating, not
+on an outcome; counting it rewards "never conclude" whenever the ratings are more optimistic
+than the answer checks, which is how a tiny policy learned to stop answering in self-play.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def path_values(tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Arr
     return path, rewards, values, mask.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gamma", "lam", "width"))
+@functools.partial(jax.jit, static_argnames=("config", "gamma", "lam", "width", "terminal_only"))
 def tree_to_experiences(
     tree: Tree,
     prompts: jax.Array,
@@ -68,8 +74,13 @@ def tree_to_experiences(
     gamma: float,
     lam: float,
     width: int,
+    terminal_only: bool = False,
 ) -> Experience:
-    """Every non-root node of B trees as an experience. prompts: [B, P]; prompt_lengths: [B]."""
+    """Every non-root node of B trees as an experience. prompts: [B, P]; prompt_lengths: [B].
+
+    terminal_only: average GAE over the paths to terminal leaves only; nodes without one are
+      marked invalid.
+    """
     b, n, max_len = tree.batch_size, tree.capacity, tree.thought_length
     d = config.max_depth
     nodes = jnp.arange(1, n)  # [N - 1]
@@ -77,7 +88,9 @@ def tree_to_experiences(
     root_value = tree.q_values()[:, ROOT]
 
     # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
-    is_leaf = in_use & (tree.first_child[:, 1:] == NO_NODE)
+    is_leaf = in_use & (tree.first_child[:, 1:] == NO_NODE)  # [B, N - 1]
+    if terminal_only:
+        is_leaf &= tree.terminal[:, 1:]
 
     def leaf_paths(leaf_col):  # leaf_col: [B]
         path, rewards, values, mask = path_values(tree, leaf_col, d, root_value)
@@ -137,7 +150,7 @@ def tree_to_experiences(
         advantage=flat(advantage),
         value_target=flat(value_target),
         reward=flat(tree.reward[:, 1:]),
-        valid=flat(in_use),
+        valid=flat(in_use & (count[:, 1:] > 0)) if terminal_only else flat(in_use),
     )
 
 

@@ -120,6 +120,8 @@ class RLSection:
     epochs: int = 2
     gamma: float = 0.99
     lam: float = 0.95
+    # Advantages from paths that end in an outcome only (see o1jax.rl.experience).
+    terminal_paths_only: bool = True
     clip_eps: float = 0.2
     kl_coef: float = 0.05
     value_coef: float = 1.0

@@ -397,14 +397,18 @@ def run_rl(
             reward_fn=_reward_fn(ctx.tokenizer, problems),
             stats=stats,
         )
-        exps = tree_to_experiences(tree, prompts, plens, fmt, search, r.gamma, r.lam, width)
+        exps = tree_to_experiences(
+            tree, prompts, plens, fmt, search, r.gamma, r.lam, width, r.terminal_paths_only
+        )
         valid = np.flatnonzero(np.asarray(exps.valid))
         items = {k: np.asarray(v)[valid] for k, v in _strip_valid(exps).items()}
         per_state = _add_to_buffer(per_state, items, np.abs(items["advantage"]) + 1e-6)
         selfplay_s = time.perf_counter() - t0
 
         ppo_metrics = []
-        for u in range(r.updates_per_iteration):
+        # Nothing to learn from until some search has reached an outcome.
+        updates = r.updates_per_iteration if int(per_state.size) > 0 else 0
+        for u in range(updates):
             step = it * r.updates_per_iteration + u
             beta = per.beta_schedule(step * r.batch_size, r.beta0, 1.0, r.beta_steps)
             sample, indices, weights = per.sample(
@@ -437,7 +441,8 @@ def run_rl(
             "ratio_mean",
             "grad_norm",
         ):
-            scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
+            if ppo_metrics:
+                scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
         bad = nonfinite_count(trainer.state.opt_state)
         if not all(np.isfinite(m["loss"]) for m in ppo_metrics):
             tqdm.write(
@@ -455,7 +460,7 @@ def run_rl(
             periodic = evaluate_policy(ctx, trainer.params, trainer.lora, f"rl{it + 1}", False)
             scalars["eval/rl_greedy_pass1"] = periodic["greedy_pass1"]
         ctx.metrics.scalars(config.sft.steps + it + 1, scalars)
-        bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars['ppo/kl']:.4f}")
+        bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars.get('ppo/kl', 0.0):.4f}")
         if on_iteration is not None:
             on_iteration(it + 1, trainer, per_state)
         if ctx.preemption.requested:
