@@ -1,7 +1,11 @@
 """Prioritized replay: o1jax's sum tree against flashbax's prioritised item buffer.
 
 One round = add 256 items + sample 256 + set 256 priorities, both buffers jitted with donated
-state, same item shape, same machine, one run. Then o1jax's time across capacities 2^14..2^20.
+state, same item shape, same machine, one run. Measured two ways for both libraries:
+"three calls" (add, sample and update each a jitted call, as a Python training loop makes them)
+and "one program" (the whole round traced into one jitted function, as inside a jitted training
+step, where per-call dispatch no longer hides the work). Then o1jax's time across capacities
+2^14..2^20 (three calls).
 
     python bench/replay.py [--reps 200]
 """
@@ -42,7 +46,7 @@ def _median_round(round_fn, state, reps: int) -> float:
     return statistics.median(times)
 
 
-def ours(capacity: int, reps: int) -> float:
+def ours(capacity: int, reps: int, fused: bool = False) -> float:
     state = per.init(capacity, ITEM)
     state = per.add(
         state, jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape)), ITEM), jnp.ones(capacity)
@@ -52,15 +56,30 @@ def ours(capacity: int, reps: int) -> float:
         jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32) for i in range(8)
     ]
 
-    def round_fn(state, i):
-        state = per.add(state, batches[i % 8], prios[i % 8])
-        _, idx, _ = per.sample(state, KEYS[i % 16], BATCH, 0.4)
-        return per.update(state, idx, prios[(i + 1) % 8])
+    def one_round(state, items, add_prios, key, new_prios):
+        state = per.add(state, items, add_prios)
+        _, idx, _ = per.sample(state, key, BATCH, 0.4)
+        return per.update(state, idx, new_prios)
 
-    return _median_round(round_fn, state, reps)
+    if fused:
+        program = jax.jit(one_round, donate_argnums=0)
+        return _median_round(
+            lambda state, i: program(
+                state, batches[i % 8], prios[i % 8], KEYS[i % 16], prios[(i + 1) % 8]
+            ),
+            state,
+            reps,
+        )
+    return _median_round(
+        lambda state, i: one_round(
+            state, batches[i % 8], prios[i % 8], KEYS[i % 16], prios[(i + 1) % 8]
+        ),
+        state,
+        reps,
+    )
 
 
-def flashbax_round(capacity: int, reps: int) -> float:
+def flashbax_round(capacity: int, reps: int, fused: bool = False) -> float:
     import flashbax as fbx
 
     buf = fbx.make_prioritised_item_buffer(
@@ -75,6 +94,20 @@ def flashbax_round(capacity: int, reps: int) -> float:
     prios = [
         jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32) for i in range(8)
     ]
+
+    if fused:
+
+        def one_round(state, items, key, new_prios):
+            state = buf.add(state, items)
+            batch = buf.sample(state, key)
+            return buf.set_priorities(state, batch.indices, new_prios)
+
+        program = jax.jit(one_round, donate_argnums=0)
+        return _median_round(
+            lambda state, i: program(state, batches[i % 8], KEYS[i % 16], prios[(i + 1) % 8]),
+            state,
+            reps,
+        )
 
     def round_fn(state, i):
         state = add(state, batches[i % 8])
@@ -92,12 +125,13 @@ def main() -> None:
         f"jax {jax.__version__} ({jax.default_backend()}); one round = add {BATCH} + sample "
         f"{BATCH} + set {BATCH} priorities; median of {args.reps} rounds"
     )
-    t_ours = ours(65536, args.reps)
-    t_fbx = flashbax_round(65536, args.reps)
-    print(
-        f"capacity 65536: o1jax {t_ours * 1e3:.3f} ms, flashbax {t_fbx * 1e3:.3f} ms, "
-        f"flashbax / o1jax = {t_fbx / t_ours:.2f}x"
-    )
+    for fused, label in ((False, "three calls"), (True, "one program")):
+        t_ours = ours(65536, args.reps, fused)
+        t_fbx = flashbax_round(65536, args.reps, fused)
+        print(
+            f"capacity 65536, {label}: o1jax {t_ours * 1e3:.3f} ms, flashbax "
+            f"{t_fbx * 1e3:.3f} ms, flashbax / o1jax = {t_fbx / t_ours:.2f}x"
+        )
     times = {}
     for log2 in (14, 16, 18, 20):
         times[log2] = ours(1 << log2, args.reps)
