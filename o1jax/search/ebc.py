@@ -1,0 +1,70 @@
+"""Enhanced Borda Count (LLaMA-Berry): pairwise preferences -> a global order -> node values.
+
+    pref = preference_matrix(p_better, valid)        # [B, n, n] bool, i preferred to j
+    reach = transitive_closure(pref)                 # Floyd-Warshall, jitted
+    wins = borda_counts(reach, valid)                # [B, n] how many each solution beats
+    value = global_values(wins, valid)               # [B, n] in [0, 1], 1 = ranked first
+
+`p_better[b, i, j]` is P(solution i is better than solution j) from a pairwise reward model
+(`o1jax.search.pprm`), NaN where the pair was not compared. The closure completes missing pairs
+through chains (a > b and b > c give a > c). Solutions on a preference cycle reach each other,
+so they beat the same solutions and tie. The global value is rank based: a solution's rank is
+the number of valid solutions with strictly more wins (ties share the better rank), and its
+value is `1 - rank / (n_valid - 1)`. `mix_values` blends it with a local value, as LLaMA-Berry
+does for node values; the final answer is the solution ranked first.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.jit
+def preference_matrix(p_better: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, n, n] bool: i is preferred to j (P > 1/2), both valid, i != j, the pair compared."""
+    n = p_better.shape[-1]
+    both = valid[:, :, None] & valid[:, None, :] & ~jnp.eye(n, dtype=bool)[None]
+    return both & (p_better > 0.5)  # NaN (not compared) compares False
+
+
+@jax.jit
+def transitive_closure(pref: jax.Array) -> jax.Array:
+    """[B, n, n] bool: j is reachable from i by a chain of preferences (Floyd-Warshall)."""
+
+    def through(k, reach):  # allow paths through solution k
+        return reach | (reach[:, :, k, None] & reach[:, None, k, :])
+
+    return jax.lax.fori_loop(0, pref.shape[-1], through, pref)
+
+
+@jax.jit
+def borda_counts(reach: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, n] int32: how many other valid solutions each valid one beats (0 if invalid)."""
+    n = reach.shape[-1]
+    beats = reach & valid[:, None, :] & ~jnp.eye(n, dtype=bool)[None]
+    return jnp.where(valid, jnp.sum(beats, axis=-1), 0).astype(jnp.int32)
+
+
+@jax.jit
+def global_values(wins: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, n] float32 in [0, 1] from Borda counts: 1 for the top rank, 0 for the last; invalid 0."""
+    better = (wins[:, None, :] > wins[:, :, None]) & valid[:, None, :]  # [B, i, j]: j beats i
+    rank = jnp.sum(better, axis=-1).astype(jnp.float32)
+    n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    value = 1.0 - rank / jnp.maximum(n_valid - 1.0, 1.0)
+    return jnp.where(valid, value, 0.0)
+
+
+def enhanced_borda_count(p_better: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Borda counts [B, n], global values [B, n]) of the solutions of B trees."""
+    reach = transitive_closure(preference_matrix(p_better, valid))
+    wins = borda_counts(reach, valid)
+    return wins, global_values(wins, valid)
+
+
+def mix_values(global_value: jax.Array, local_value: jax.Array, weight: float) -> jax.Array:
+    """A node's value: `weight * global + (1 - weight) * local` (weight in [0, 1])."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mix_values: weight must be in [0, 1], got {weight}")
+    return weight * global_value + (1.0 - weight) * local_value

@@ -1,0 +1,87 @@
+"""Pairwise Preference Reward Model (LLaMA-Berry): P(solution a is better than b) from one forward.
+
+The PPRM is the policy's own Gemma2 with its own LoRA adapter, prompted with a problem and two
+solutions and read at the last position, where it predicts one of two answer tokens:
+
+    {question}
+    Solution A: {a}
+    Solution B: {b}
+    Better:          -> " A" or " B"  (or "A" / "B" after a space, see `answer_format`)
+
+P(a > b) = softmax over just those two tokens. Models prefer one slot over the other, so
+`preferences` averages both orders: p[i, j] = (P(i > j | i first) + 1 - P(j > i | j first)) / 2,
+which makes p[i, j] + p[j, i] = 1 exactly. All n (n - 1) ordered pairs of a tree's solutions
+go through the model in one batched forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax.model.gemma2 import forward
+
+# The answer tokens: " A" / " B" where the tokenizer has them as single tokens (SentencePiece
+# vocabularies such as Gemma's), else "A" / "B" after a space that ends the prompt.
+_ANSWERS = ((" A", " B", ""), ("A", "B", " "))
+
+
+def _single(tokenizer, text: str) -> int | None:
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    return int(tokens[0]) if len(tokens) == 1 else None
+
+
+def answer_format(tokenizer) -> tuple[tuple[int, int], str]:
+    """((first id, second id), prompt tail): the two answer tokens and what ends the prompt."""
+    for first, second, tail in _ANSWERS:
+        a, b = _single(tokenizer, first), _single(tokenizer, second)
+        if a is not None and b is not None:
+            return (a, b), tail
+    raise ValueError("pprm: the tokenizer has neither ' A'/' B' nor 'A'/'B' as single tokens")
+
+
+def encode_pair(tokenizer, question: str, first: str, second: str) -> list[int]:
+    """Token ids of the comparison prompt (BOS included), ending right before the answer."""
+    _, tail = answer_format(tokenizer)
+    text = f"{question}\nSolution A: {first}\nSolution B: {second}\nBetter:{tail}"
+    return tokenizer.encode(text)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "answer_tokens"))
+def first_better_logit(params, cfg, tokens, lengths, lora, answer_tokens: tuple[int, int]):
+    """log P(first) - log P(second) [M] at each right-padded prompt's last token.
+
+    tokens: [M, W] int32; lengths: [M] int32 in [1, W].
+    """
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    logits = forward(params, cfg, tokens, attention_mask=mask, lora=lora)  # [M, W, V]
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [M, V]
+    return last[:, answer_tokens[0]] - last[:, answer_tokens[1]]
+
+
+def preferences(params, cfg, tokenizer, question: str, solutions: list[str], lora=None):
+    """[n, n] float32: symmetrised P(solution i is better than solution j); NaN on the diagonal."""
+    n = len(solutions)
+    p = np.full((n, n), np.nan, np.float32)
+    if n < 2:
+        return p
+    pairs = list(itertools.permutations(range(n), 2))
+    rows = [encode_pair(tokenizer, question, solutions[i], solutions[j]) for i, j in pairs]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((len(rows), width), pad, np.int32)
+    for r, ids in enumerate(rows):
+        tokens[r, : len(ids)] = ids
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    logit = first_better_logit(
+        params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), lora, answer_format(tokenizer)[0]
+    )
+    ordered = np.asarray(jax.nn.sigmoid(logit))  # P(first better), one per ordered pair
+    first = dict(zip(pairs, ordered, strict=True))
+    for i, j in pairs:
+        p[i, j] = 0.5 * (first[(i, j)] + 1.0 - first[(j, i)])
+    return p

@@ -1,0 +1,89 @@
+"""Enhanced Borda Count on hand-made preference matrices, and the closure against a plain loop."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.search import ebc
+
+NAN = np.nan
+
+
+def _p(pairs: dict[tuple[int, int], float], n: int) -> np.ndarray:
+    """P(i better than j) for the listed pairs (and the complement for (j, i)); NaN elsewhere."""
+    p = np.full((n, n), NAN, np.float32)
+    for (i, j), v in pairs.items():
+        p[i, j], p[j, i] = v, 1.0 - v
+    return p
+
+
+def _run(p, valid=None):
+    p = jnp.asarray(p)[None]
+    valid = jnp.ones(p.shape[:2], bool) if valid is None else jnp.asarray(valid)[None]
+    wins, values = ebc.enhanced_borda_count(p, valid)
+    return np.asarray(wins[0]).tolist(), np.asarray(values[0])
+
+
+def test_a_chain_of_adjacent_pairs_is_completed_to_a_total_order():
+    # Only a > b, b > c, c > d were compared; the closure supplies the other three pairs.
+    wins, values = _run(_p({(0, 1): 0.9, (1, 2): 0.7, (2, 3): 0.6}, 4))
+    assert wins == [3, 2, 1, 0]
+    np.testing.assert_allclose(values, [1.0, 2 / 3, 1 / 3, 0.0], atol=1e-6)
+
+
+def test_a_cycle_ties_its_members_above_what_they_all_beat():
+    # a > b > c > a, and each of them beats d: the three tie for first.
+    p = _p({(0, 1): 0.8, (1, 2): 0.8, (2, 0): 0.8, (0, 3): 0.9, (1, 3): 0.9, (2, 3): 0.9}, 4)
+    wins, values = _run(p)
+    assert wins == [3, 3, 3, 0]
+    np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_missing_pairs_and_disconnected_groups():
+    # a > b and c > d only: a and c tie first (1 win each); b and d tie behind them.
+    wins, values = _run(_p({(0, 1): 0.75, (2, 3): 0.55}, 4))
+    assert wins == [1, 0, 1, 0]
+    np.testing.assert_allclose(values, [1.0, 1 / 3, 1.0, 1 / 3], atol=1e-6)
+
+
+def test_reversed_probability_and_an_exact_half_mean_no_preference():
+    # P(a > b) = 0.2 means b > a; P = 0.5 is no preference either way.
+    wins, _ = _run(_p({(0, 1): 0.2, (1, 2): 0.5}, 3))
+    assert wins == [0, 1, 0]
+
+
+def test_invalid_slots_neither_win_nor_count():
+    p = _p({(0, 1): 0.9, (1, 2): 0.9, (2, 3): 0.9}, 4)
+    wins, values = _run(p, valid=np.array([True, False, True, True]))
+    # b is padding: a no longer reaches c through b.
+    assert wins == [0, 0, 1, 0]
+    np.testing.assert_allclose(values, [0.5, 0.0, 1.0, 0.5], atol=1e-6)
+
+
+def _closure_loop(pref: np.ndarray) -> np.ndarray:
+    reach = pref.copy()
+    n = reach.shape[0]
+    for k in range(n):
+        for i in range(n):
+            for j in range(n):
+                if reach[i, k] and reach[k, j]:
+                    reach[i, j] = True
+    return reach
+
+
+@pytest.mark.parametrize("density", [0.05, 0.15, 0.4])
+def test_jitted_closure_equals_a_plain_floyd_warshall_loop(density):
+    rng = np.random.default_rng(int(density * 100))
+    pref = rng.random((6, 9, 9)) < density
+    for b in range(6):
+        np.fill_diagonal(pref[b], False)
+    got = np.asarray(ebc.transitive_closure(jnp.asarray(pref)))
+    for b in range(6):
+        np.testing.assert_array_equal(got[b], _closure_loop(pref[b]))
+
+
+def test_mix_values_weights_and_rejects_bad_weights():
+    g, loc = jnp.asarray([1.0, 0.0]), jnp.asarray([0.2, 0.6])
+    np.testing.assert_allclose(np.asarray(ebc.mix_values(g, loc, 0.25)), [0.4, 0.45], atol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        ebc.mix_values(g, loc, 1.5)

@@ -1,0 +1,80 @@
+"""The pairwise preference reward model: symmetric by construction, one batched forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.data.tokenizer import build_tiny_tokenizer
+from o1jax.model import Gemma2Config, init_params, lora
+from o1jax.search import ebc, pprm
+
+QUESTION = "Start with 4, add 5, multiply by 2."
+SOLUTIONS = ["4 + 5 = 9, 9 * 2 = 18", "4 + 5 = 8, 8 * 2 = 16", "\\boxed{18}", "9 * 2 = 19"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = build_tiny_tokenizer()
+    cfg = Gemma2Config.tiny(
+        vocab_size=len(tok), num_layers=2, d_model=64, num_heads=2, num_kv_heads=1,
+        head_dim=32, ffn_dim=128, sliding_window=16,
+    )  # fmt: skip
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    params = jax.tree.map(
+        lambda x: jax.random.normal(next(keys), x.shape) * (0.5 if x.ndim == 1 else 0.2),
+        init_params(cfg, jax.random.key(0)),
+    )
+    return tok, cfg, params
+
+
+def test_symmetrised_preferences_sum_to_one_though_the_raw_model_does_not(model):
+    tok, cfg, params = model
+    p = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS)
+    n = len(SOLUTIONS)
+    off = ~np.eye(n, dtype=bool)
+    assert np.isnan(p[~off]).all()
+    np.testing.assert_allclose((p + p.T)[off], 1.0, atol=1e-6)
+    assert ((p[off] > 0) & (p[off] < 1)).all()
+    # Without symmetrising, P(i first wins) + P(j first wins) is not 1: a slot bias exists.
+    (a, b), _ = pprm.answer_format(tok)
+    rows = [
+        pprm.encode_pair(tok, QUESTION, SOLUTIONS[i], SOLUTIONS[j]) for i, j in ((0, 1), (1, 0))
+    ]
+    width = max(map(len, rows))
+    tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows], jnp.int32)
+    raw = jax.nn.sigmoid(
+        pprm.first_better_logit(
+            params, cfg, tokens, jnp.asarray([len(r) for r in rows]), None, (a, b)
+        )
+    )
+    assert abs(float(raw[0] + raw[1]) - 1.0) > 1e-3
+    np.testing.assert_allclose(p[0, 1], 0.5 * (raw[0] + 1 - raw[1]), atol=1e-6)
+
+
+def test_batched_pairs_equal_one_prompt_at_a_time_and_lora_is_applied(model):
+    tok, cfg, params = model
+    (a, b), _ = pprm.answer_format(tok)
+    ids = pprm.encode_pair(tok, QUESTION, SOLUTIONS[2], SOLUTIONS[3])
+    single = pprm.first_better_logit(
+        params, cfg, jnp.asarray([ids]), jnp.asarray([len(ids)]), None, (a, b)
+    )
+    p = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS)
+    other = pprm.encode_pair(tok, QUESTION, SOLUTIONS[3], SOLUTIONS[2])
+    back = pprm.first_better_logit(
+        params, cfg, jnp.asarray([other]), jnp.asarray([len(other)]), None, (a, b)
+    )
+    expected = 0.5 * (jax.nn.sigmoid(single[0]) + 1 - jax.nn.sigmoid(back[0]))
+    np.testing.assert_allclose(p[2, 3], expected, atol=1e-5)
+    # The PPRM has its own adapter: a non-zero one changes its preferences.
+    adapter = lora.init(cfg, jax.random.key(5), lora.LoRAConfig(rank=4, alpha=8.0))
+    adapter = jax.tree.map(lambda x: x + 0.3, adapter)
+    tuned = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS, lora=adapter)
+    assert np.nanmax(np.abs(tuned - p)) > 1e-3
+
+
+def test_preferences_feed_the_borda_count(model):
+    tok, cfg, params = model
+    p = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS)
+    wins, values = ebc.enhanced_borda_count(jnp.asarray(p)[None], jnp.ones((1, len(p)), bool))
+    assert int(jnp.max(wins)) >= 1 and float(jnp.max(values)) == 1.0
