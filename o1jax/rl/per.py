@@ -137,11 +137,13 @@ def _descend(levels: tuple, u, branching: int):
     choice in range. Items of zero priority are therefore never drawn.
     """
     node = jnp.zeros(u.shape, jnp.int32)
-    # Inclusive prefix sums as one small matmul (XLA's cumsum is slow for short rows on a CPU).
-    upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))
+    # Inclusive prefix sums as one masked multiply-reduce, which XLA fuses into a single loop
+    # (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a library
+    # call per level).
+    upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))  # [F, F], i <= j
     for d in range(DEPTH):
         mass = _children(levels[d + 1], node, branching)  # [B, F]
-        cum = jnp.dot(mass, upper, precision=jax.lax.Precision.HIGHEST)
+        cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
         u = jnp.minimum(u, jnp.nextafter(cum[:, -1], 0.0))
         passed = cum <= u[:, None]  # children entirely before u
         child = jnp.sum(passed, axis=1, dtype=jnp.int32)
