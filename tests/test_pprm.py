@@ -78,3 +78,27 @@ def test_preferences_feed_the_borda_count(model):
     p = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS)
     wins, values = ebc.enhanced_borda_count(jnp.asarray(p)[None], jnp.ones((1, len(p)), bool))
     assert int(jnp.max(wins)) >= 1 and float(jnp.max(values)) == 1.0
+
+
+def test_training_on_task_pairs_learns_them(model):
+    """The pairwise logistic loss on (correct, flawed) pairs in both orders, on a LoRA adapter."""
+    import numpy as np
+
+    from o1jax.data import tasks
+    from o1jax.parallel.mesh import make_mesh
+    from o1jax.train import pprm as train_pprm
+
+    tok, cfg, params = model
+    task = tasks.ArithmeticTask(num_ops=(2, 2), max_operand=9, max_value=30)
+    problems = tasks.generate_problems(task, 8, 0, "train")
+    pairs = train_pprm.task_pairs(tok, problems, np.random.default_rng(0))
+    assert len(pairs.lengths) == 16 and pairs.first_better.tolist() == [1, 0] * 8
+    adapter = lora.init(cfg, jax.random.key(1), lora.LoRAConfig(rank=8, alpha=16.0))
+    trainer = train_pprm.PPRMTrainer(
+        cfg, params, adapter, train_pprm.PPRMConfig(learning_rate=1e-2), make_mesh(), tok
+    )
+    before = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
+    losses = [float(trainer.train_step(pairs.batch(s, 16, 0))["loss"]) for s in range(40)]
+    after = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
+    assert losses[-1] < 0.5 * losses[0]
+    assert after == 1.0 and before < 1.0

@@ -1,0 +1,186 @@
+"""Training the pairwise preference reward model (LLaMA-Berry's PPRM) on its own LoRA adapter.
+
+    pairs = task_pairs(tokenizer, problems, rng)          # correct vs flawed solutions
+    trainer = PPRMTrainer(cfg, params, adapter, PPRMConfig(), mesh, tokenizer)
+    for step in range(steps):
+        metrics = trainer.train_step(pairs.batch(step, 32, seed))
+    accuracy = pairwise_accuracy(params, cfg, tokenizer, trainer.lora, held_out_pairs)
+
+Loss: the pairwise logistic (Bradley-Terry) loss on the answer-token logit difference,
+`softplus(-y * (log P(A) - log P(B)))` with y = +1 when the first solution is the better one.
+Every pair is shown in both orders, which teaches the symmetry that `pprm.preferences` enforces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from o1jax.data import tasks
+from o1jax.search import pprm
+
+
+@dataclasses.dataclass(frozen=True)
+class PPRMConfig:
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class Pairs:
+    """Comparison prompts [M, W] (right-padded), lengths [M] and labels [M] (1: first better)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    first_better: np.ndarray
+    questions: list[str]
+    better: list[str]  # the better solution of each pair (for symmetric evaluation)
+    worse: list[str]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """Batch `step` of an epoch-wise shuffle (deterministic in seed and step)."""
+        m = len(self.lengths)
+        per_epoch = max(m // batch_size, 1)
+        order = np.random.default_rng([seed, step // per_epoch]).permutation(m)
+        idx = order[(step % per_epoch) * batch_size :][:batch_size]
+        return {
+            "tokens": self.tokens[idx],
+            "lengths": self.lengths[idx],
+            "first_better": self.first_better[idx],
+        }
+
+
+def solution_text(thoughts: Sequence[str]) -> str:
+    """A whole solution as one line: its thoughts joined by '; ' (meta-action tags kept)."""
+    return "; ".join(thoughts)
+
+
+def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator) -> Pairs:
+    """For each problem with a flawable solution, (correct, flawed) in both orders."""
+    rows, labels, questions, better, worse = [], [], [], [], []
+    for p in problems:
+        flawed = tasks.flawed_chain(p, rng)
+        if flawed is None:
+            continue
+        good, bad = solution_text(p.steps), solution_text(flawed[0])
+        for first, second, label in ((good, bad, 1), (bad, good, 0)):
+            rows.append(pprm.encode_pair(tokenizer, p.question, first, second))
+            labels.append(label)
+        questions.append(p.question)
+        better.append(good)
+        worse.append(bad)
+    if not rows:
+        raise ValueError("pprm: no problem has a worked solution with a result to flaw")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = np.full((len(rows), width), pad, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    return Pairs(
+        tokens,
+        np.asarray([len(r) for r in rows], np.int32),
+        np.asarray(labels, np.int32),
+        questions,
+        better,
+        worse,
+    )
+
+
+@struct.dataclass
+class PPRMState:
+    lora: object  # LoRAParams
+    opt_state: object
+    step: jax.Array  # [] int32
+
+
+def pairwise_loss(lora, params, cfg, batch, answer_tokens: tuple[int, int]):
+    """Mean pairwise logistic loss and accuracy over a batch of ordered pairs."""
+    logit = pprm.first_better_logit(
+        params, cfg, batch["tokens"], batch["lengths"], lora, answer_tokens
+    )  # [M]
+    sign = 2.0 * batch["first_better"].astype(jnp.float32) - 1.0
+    loss = jnp.mean(jax.nn.softplus(-sign * logit))
+    accuracy = jnp.mean((sign * logit) > 0)
+    return loss, accuracy
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "optimizer", "answer_tokens"), donate_argnums=(0,)
+)
+def _pprm_step(state: PPRMState, params, batch, *, cfg, optimizer, answer_tokens):
+    chex.assert_rank(batch["tokens"], 2)
+    (loss, accuracy), grads = jax.value_and_grad(pairwise_loss, has_aux=True)(
+        state.lora, params, cfg, batch, answer_tokens
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+    new = PPRMState(optax.apply_updates(state.lora, updates), opt_state, state.step + 1)
+    return new, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+
+class PPRMTrainer:
+    """The PPRM's adapter and optimizer on a mesh, and its compiled step (the base is frozen)."""
+
+    def __init__(self, cfg, params, lora, config: PPRMConfig, mesh, tokenizer):
+        from o1jax.parallel.mesh import param_shardings, replicated
+
+        self.cfg, self.mesh = cfg, mesh
+        self.answer_tokens = pprm.answer_format(tokenizer)[0]
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(config.max_grad_norm),
+            optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+        )
+        with jax.set_mesh(mesh):
+            self.params = jax.device_put(params, param_shardings(params, mesh))
+            lora = jax.device_put(lora, param_shardings(lora, mesh))
+            step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+            self.state = PPRMState(lora, jax.jit(self.optimizer.init)(lora), step)
+
+    @property
+    def lora(self):
+        return self.state.lora
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        from o1jax.parallel.mesh import shard_batch
+
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = _pprm_step(
+                self.state,
+                self.params,
+                shard_batch(batch, self.mesh),
+                cfg=self.cfg,
+                optimizer=self.optimizer,
+                answer_tokens=self.answer_tokens,
+            )
+        return metrics
+
+
+def pairwise_accuracy(params, cfg, lora, pairs: Pairs, answer_tokens, batch_size: int = 64):
+    """Share of pairs whose better solution gets symmetrised P(better > worse) > 1/2.
+
+    `pairs` holds each pair in both orders (rows 2k: better first, 2k + 1: worse first), as
+    `task_pairs` builds them; all rows run in fixed-size batches (one compiled shape).
+    """
+    m = len(pairs.lengths)
+    p_first = np.zeros(m, np.float32)
+    for start in range(0, m, batch_size):
+        idx = np.arange(start, start + batch_size) % m  # the last batch wraps around
+        logit = pprm.first_better_logit(
+            params,
+            cfg,
+            jnp.asarray(pairs.tokens[idx]),
+            jnp.asarray(pairs.lengths[idx]),
+            lora,
+            answer_tokens,
+        )
+        p_first[idx[: m - start]] = np.asarray(jax.nn.sigmoid(logit))[: m - start]
+    p_better = 0.5 * (p_first[0::2] + 1.0 - p_first[1::2])
+    return float(np.mean(p_better > 0.5))
