@@ -166,6 +166,7 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
         head_dim=m.head_dim,
         ffn_dim=m.ffn_dim,
         sliding_window=m.sliding_window,
+        attn_logit_softcapping=m.attn_logit_softcapping,
         query_pre_attn_scalar=float(m.head_dim),
         attention_impl=m.attention_impl,
     )
@@ -228,11 +229,9 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
     )
     bar = tqdm(range(start_step, s.steps), desc="sft", initial=start_step, total=s.steps)
     t0, tokens_seen = time.perf_counter(), 0
-    for step in bar:
-        batch = packed.batch(step, s.batch_size, config.seed)
-        metrics = trainer.train_step(batch)
-        tokens_seen += int((batch["segment_ids"] > 0).sum())
-        done = step + 1
+
+    def settle(done: int, metrics: dict) -> None:
+        """Host-side logs and checks of a finished step (the only place that waits for it)."""
         if done % 10 == 0 or done == s.steps:
             loss = float(metrics["loss"])
             rate = tokens_seen / (time.perf_counter() - t0)
@@ -245,8 +244,8 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
                 },
             )
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-        bad = nonfinite_count(trainer.state.opt_state)
         if not bool(metrics["finite"]):
+            bad = int(metrics["nonfinite_total"])
             tqdm.write(
                 f"sft step {done}: non-finite loss, update skipped ({bad} so far)", file=sys.stderr
             )
@@ -256,7 +255,22 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
                     f"sft: {bad} non-finite losses (max_nonfinite="
                     f"{config.max_nonfinite}); stopped at step {done}"
                 )
+
+    # Step s is settled after step s + 1 was dispatched, so the host prepares the next batch
+    # while the device computes; a checkpoint settles its own step first, so nothing logged
+    # can be lost by a kill.
+    pending = None
+    for step in bar:
+        batch = packed.batch(step, s.batch_size, config.seed)
+        metrics = trainer.train_step(batch)
+        tokens_seen += int((batch["segment_ids"] > 0).sum())
+        done = step + 1
+        if pending is not None:
+            settle(*pending)
+        pending = (done, metrics)
         if done % config.checkpoint.every == 0 or done == s.steps or ctx.preemption.requested:
+            settle(*pending)
+            pending = None
             ctx.checkpointer.save(done, {"sft": trainer.state}, {"stage": "sft", "step": done})
             if ctx.preemption.requested:
                 raise Preempted(f"SIGTERM: saved SFT step {done}")

@@ -210,6 +210,7 @@ def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool)
         "target_tokens": count,
         "grad_norm": optax.tree.norm(grads),
         "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
+        "nonfinite_total": opt_state.total_notfinite,  # updates skipped so far
     }
     return new, metrics
 
