@@ -32,6 +32,9 @@ class ModelConfig:
     head_dim: int = 32
     ffn_dim: int = 512
     sliding_window: int = 128
+    # Gemma2 caps attention logits at 50; null turns the cap off (the tiny default does: on a
+    # CPU the tanh over [B, H, T, T] scores is a quarter of an SFT step). HF models keep theirs.
+    attn_logit_softcapping: float | None = 50.0
 
 
 @dataclasses.dataclass(frozen=True)
