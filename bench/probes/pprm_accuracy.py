@@ -1,0 +1,52 @@
+"""Train the PPRM on the default task's pairs and report held-out pair accuracy.
+
+python bench/probes/pprm_accuracy.py --params /tmp/sft/step_600 --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import context, load_params
+
+from o1jax.model import lora
+from o1jax.train import pprm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True, help="an HF directory from sft_curve.py")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    ctx = context("/tmp/o1jax_probe_pprm", [])
+    _, params = load_params(args.params)
+    train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0))
+    held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1))
+    adapter = lora.init(ctx.cfg, jax.random.key(9), lora.LoRAConfig(args.rank, 2.0 * args.rank))
+    trainer = pprm.PPRMTrainer(ctx.cfg, params, adapter,
+                               pprm.PPRMConfig(learning_rate=args.learning_rate), ctx.mesh,
+                               ctx.tokenizer)  # fmt: skip
+    accuracy = lambda: pprm.pairwise_accuracy(
+        params, ctx.cfg, trainer.lora, held_out, trainer.answer_tokens
+    )
+    print(f"{len(train.lengths)} training rows, {len(held_out.questions)} held-out pairs; "
+          f"accuracy before training {accuracy():.3f}", flush=True)  # fmt: skip
+    start = time.time()
+    for step in range(args.steps):
+        metrics = trainer.train_step(train.batch(step, args.batch_size, 0))
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {float(metrics['loss']):.3f}, held-out pair accuracy "
+                  f"{accuracy():.3f} ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
