@@ -84,7 +84,7 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class SFTSection:
-    steps: int = 450
+    steps: int = 650
     batch_size: int = 16
     seq_len: int = 256
     learning_rate: float = 3e-3
