@@ -2,28 +2,20 @@
 
 import json
 
-import jax
 import jax.numpy as jnp
 import pytest
+from tiny_models import random_tiny_model
 
 from o1jax import generate as cli
 from o1jax.data.tokenizer import build_tiny_tokenizer
-from o1jax.model import Gemma2Config, forward, init_params, save_hf
+from o1jax.model import forward, save_hf
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_tiny")
     tokenizer = build_tiny_tokenizer(path)
-    cfg = Gemma2Config.tiny(
-        vocab_size=len(tokenizer), num_layers=2, d_model=64, num_heads=2, num_kv_heads=1,
-        head_dim=32, ffn_dim=128, sliding_window=8,
-    )  # fmt: skip
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    params = jax.tree.map(
-        lambda x: jax.random.normal(next(keys), x.shape) * (0.5 if x.ndim == 1 else 0.2),
-        init_params(cfg, jax.random.key(0)),
-    )
+    cfg, params = random_tiny_model(len(tokenizer), seed=1, sliding_window=8)
     save_hf(str(path), cfg, params)
     return path, tokenizer, cfg, params
 

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import random_tiny_model
 
 from o1jax.data.tokenizer import build_tiny_tokenizer
-from o1jax.model import Gemma2Config, init_params, lora
+from o1jax.model import lora
 from o1jax.search import ebc, pprm
 
 QUESTION = "Start with 4, add 5, multiply by 2."
@@ -16,15 +17,7 @@ SOLUTIONS = ["4 + 5 = 9, 9 * 2 = 18", "4 + 5 = 8, 8 * 2 = 16", "\\boxed{18}", "9
 @pytest.fixture(scope="module")
 def model():
     tok = build_tiny_tokenizer()
-    cfg = Gemma2Config.tiny(
-        vocab_size=len(tok), num_layers=2, d_model=64, num_heads=2, num_kv_heads=1,
-        head_dim=32, ffn_dim=128, sliding_window=16,
-    )  # fmt: skip
-    keys = iter(jax.random.split(jax.random.key(2), 64))
-    params = jax.tree.map(
-        lambda x: jax.random.normal(next(keys), x.shape) * (0.5 if x.ndim == 1 else 0.2),
-        init_params(cfg, jax.random.key(0)),
-    )
+    cfg, params = random_tiny_model(len(tok), seed=2)
     return tok, cfg, params
 
 
