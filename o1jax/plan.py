@@ -20,29 +20,12 @@ def _gib(n: float) -> str:
 
 def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float]:
     """Bytes per device of each resident array group."""
-    from o1jax.model.lora import target_shapes
+    from o1jax.model.lora import ALL_TARGETS, target_shapes
 
     data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
     param_bytes = 2 if config.model.dtype == "bfloat16" else 4
     d, v = cfg.d_model, cfg.vocab_size
-    per_layer = (
-        sum(
-            a * b
-            for a, b in (
-                target_shapes(cfg, t)
-                for t in (
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                )
-            )
-        )
-        + 4 * d
-    )
+    per_layer = sum(a * b for a, b in (target_shapes(cfg, t) for t in ALL_TARGETS)) + 4 * d
     n_params = cfg.num_layers * per_layer + v * d + d
     lora_params = cfg.num_layers * sum(
         config.lora.rank * sum(target_shapes(cfg, t)) for t in config.lora.targets
@@ -98,17 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         elif config.model.preset != "tiny":
             cfg = Gemma2Config.preset(config.model.preset)
         else:
-            m = config.model
-            cfg = Gemma2Config.preset(
-                m.preset,
-                vocab_size=512,
-                num_layers=m.num_layers,
-                d_model=m.d_model,
-                num_heads=m.num_heads,
-                num_kv_heads=m.num_kv_heads,
-                head_dim=m.head_dim,
-                ffn_dim=m.ffn_dim,
-            )
+            from o1jax.train.pipeline import tiny_model_config
+
+            cfg = tiny_model_config(config, vocab_size=512)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

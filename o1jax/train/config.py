@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from o1jax.model.lora import ALL_TARGETS
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and key at fault."""
@@ -71,15 +73,7 @@ class MeshConfig:
 class LoRASection:
     rank: int = 32
     alpha: float = 16.0
-    targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    targets: tuple[str, ...] = ALL_TARGETS  # every projection of every layer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,8 +157,15 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
     if m.preset != "tiny":  # a full-size preset with random weights (for planning and tests)
         cfg = Gemma2Config.preset(m.preset, vocab_size=vocab, attention_impl=m.attention_impl)
         return cfg, init_params(cfg, key, dtype)
-    cfg = Gemma2Config.tiny(
-        vocab_size=vocab,
+    cfg = tiny_model_config(config, vocab)
+    return cfg, init_params(cfg, key, dtype)
+
+
+def tiny_model_config(config: RunConfig, vocab_size: int) -> Gemma2Config:
+    """The built-in model's architecture from the config's `model` section."""
+    m = config.model
+    return Gemma2Config.tiny(
+        vocab_size=vocab_size,
         num_layers=m.num_layers,
         d_model=m.d_model,
         num_heads=m.num_heads,
@@ -170,7 +177,6 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
         query_pre_attn_scalar=float(m.head_dim),
         attention_impl=m.attention_impl,
     )
-    return cfg, init_params(cfg, key, dtype)
 
 
 def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
