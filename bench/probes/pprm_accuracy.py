@@ -38,7 +38,7 @@ def main() -> None:
     accuracy = lambda: pprm.pairwise_accuracy(
         params, ctx.cfg, trainer.lora, held_out, trainer.answer_tokens
     )
-    print(f"{len(train.lengths)} training rows, {len(held_out.questions)} held-out pairs; "
+    print(f"{len(train.lengths)} training rows, {held_out.num_pairs} held-out pairs; "
           f"accuracy before training {accuracy():.3f}", flush=True)  # fmt: skip
     start = time.time()
     for step in range(args.steps):

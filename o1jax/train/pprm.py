@@ -42,9 +42,10 @@ class Pairs:
     tokens: np.ndarray
     lengths: np.ndarray
     first_better: np.ndarray
-    questions: list[str]
-    better: list[str]  # the better solution of each pair (for symmetric evaluation)
-    worse: list[str]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.lengths) // 2  # each pair is stored in both orders
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """Batch `step` of an epoch-wise shuffle (deterministic in seed and step)."""
@@ -66,7 +67,7 @@ def solution_text(thoughts: Sequence[str]) -> str:
 
 def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator) -> Pairs:
     """For each problem with a flawable solution, (correct, flawed) in both orders."""
-    rows, labels, questions, better, worse = [], [], [], [], []
+    rows, labels = [], []
     for p in problems:
         flawed = tasks.flawed_chain(p, rng)
         if flawed is None:
@@ -75,9 +76,6 @@ def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Gene
         for first, second, label in ((good, bad, 1), (bad, good, 0)):
             rows.append(pprm.encode_pair(tokenizer, p.question, first, second))
             labels.append(label)
-        questions.append(p.question)
-        better.append(good)
-        worse.append(bad)
     if not rows:
         raise ValueError("pprm: no problem has a worked solution with a result to flaw")
     width = max(len(r) for r in rows)
@@ -89,9 +87,6 @@ def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Gene
         tokens,
         np.asarray([len(r) for r in rows], np.int32),
         np.asarray(labels, np.int32),
-        questions,
-        better,
-        worse,
     )
 
 
