@@ -1,0 +1,259 @@
+"""MCTSr / SR-MCTS: step statistics, selection, backup, the refine prompts, a whole run, export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import random_tiny_model
+
+from o1jax.data import longcot
+from o1jax.data.tokenizer import build_tiny_tokenizer
+from o1jax.model.sampler import SampleOutput
+from o1jax.search import refine
+from o1jax.search.format import encode_chain, encode_prompts
+
+QUESTION = "Start with 4, add 5, multiply by 2."
+WRONG = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 19", "<conclusion>\\boxed{19}"]
+S = 160
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg, params = random_tiny_model(len(tok), seed=2)
+    return cfg, params
+
+
+def _solution(tok, thoughts, ratings=None):
+    """(prompt ids, solution ids) of a chain: what the search holds for a node."""
+    ids, _ = encode_chain(tok, QUESTION, thoughts, ratings)
+    plen = int(encode_prompts(tok, [QUESTION])[1][0])
+    return ids[:plen], ids[plen:]
+
+
+def _padded(ids, width):
+    out = np.zeros((width,), np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+def _stats(tok, thoughts, ratings, p_by_step):
+    config = refine.RefineConfig(solution_length=S)
+    fmt = refine.make_refine_format(tok, config)
+    _, sol = _solution(tok, thoughts, ratings)
+    sor = np.nonzero(sol == fmt.step.start_of_rating)[0]
+    positive = np.full((S,), 0.5, np.float32)
+    positive[sor] = p_by_step
+    return refine._step_stats_one(
+        jnp.asarray(_padded(sol, S)), len(sol), jnp.asarray(positive), fmt, config
+    ), sor
+
+
+def test_self_reward_is_min_plus_mean_over_two_with_suppression(tok):
+    stats, sor = _stats(tok, WRONG, None, [0.99, 0.2, 0.9])
+    scores = np.minimum(100 * (2 * np.asarray([0.99, 0.2, 0.9]) - 1), 95.0)  # 98 -> 95
+    np.testing.assert_allclose(stats.self_reward, (scores.min() + scores.mean()) / 200, rtol=1e-5)
+    assert bool(stats.has_answer)
+    # The weakest reasoning step (step 2, 0-based 1) is critiqued: cut before its rating, and
+    # the critic is step 3.
+    assert int(stats.flaw_cut) == sor[1] and int(stats.flaw_header) == 3
+
+
+def test_journey_steps_that_were_criticised_do_not_count(tok):
+    thoughts = [
+        "<expansion>4 + 5 = 8",
+        "<critic>4 + 5 is not 8",
+        "<refine>4 + 5 = 9",
+        "<expansion>9 * 2 = 18",
+        "<conclusion>\\boxed{18}",
+    ]
+    ratings = ["<negative_rating>"] + ["<positive_rating>"] * 4
+    stats, sor = _stats(tok, thoughts, ratings, [0.01, 0.02, 0.6, 0.8, 0.9])
+    scores = 100 * (2 * np.asarray([0.6, 0.8, 0.9]) - 1)  # refine, expansion, conclusion
+    np.testing.assert_allclose(stats.self_reward, (scores.min() + scores.mean()) / 200, rtol=1e-5)
+    assert int(stats.flaw_cut) == sor[2]  # the refine (0.6) is the weakest effective step
+    steps = refine.solution_steps(
+        tok.decode(_solution(tok, thoughts, ratings)[1].tolist(), skip_special_tokens=False)
+    )
+    assert [t for t, _ in refine.effective_steps(steps)] == [
+        "<expansion>4 + 5 = 9",
+        "<expansion>9 * 2 = 18",
+        "<conclusion>\\boxed{18}",
+    ]
+    assert refine.solution_answer(steps) == "18"
+
+
+def test_a_solution_without_a_conclusion_has_no_answer_and_the_lowest_value(tok):
+    stats, _ = _stats(tok, WRONG[:2], None, [0.9, 0.9])
+    assert not bool(stats.has_answer) and float(stats.self_reward) == -1.0
+
+
+def _tree(parent, value, num_children=None, visits=None):
+    b, n = 1, len(parent)
+    tree = refine.init_tree(b, n, 4)
+    parent = jnp.asarray([parent], jnp.int32)
+    kids = [sum(1 for p in parent[0] if p == i) for i in range(n)]
+    return refine.backup(
+        tree.replace(
+            parent=parent,
+            num_children=jnp.asarray([num_children or kids], jnp.int32),
+            visits=jnp.asarray([visits or [1] * n], jnp.int32),
+            num_nodes=jnp.asarray([n], jnp.int32),
+        ),
+        jnp.asarray([value], jnp.float32),
+    )
+
+
+def test_backup_matches_a_hand_computed_tree():
+    tree = _tree([-1, 0, 0, 1, 3], [0.2, 0.6, -0.4, 1.0, 0.0])
+    # Q4 = 0; Q3 = (1 + 0) / 2 = 0.5; Q1 = (0.6 + 0.5) / 2 = 0.55; Q2 = -0.4;
+    # Q0 = (0.2 + max(0.55, -0.4)) / 2 = 0.375.
+    np.testing.assert_allclose(tree.q[0], [0.375, 0.55, -0.4, 0.5, 0.0], rtol=1e-6)
+
+
+def test_selection_follows_the_candidate_rule_and_uct():
+    config = refine.RefineConfig(max_children=2, c_uct=1.0)
+    # Node 1's child (3) is valued above node 1, so 1 is no candidate; node 0 is fully expanded.
+    tree = _tree([-1, 0, 0, 1], [0.0, -0.5, 0.1, 0.9], visits=[4, 2, 1, 1])
+    q, visits = np.asarray(tree.q[0]), np.asarray(tree.visits[0])
+    assert q[3] > q[1]
+    parent_visits = np.asarray([4, 4, 4, 2])
+    uct = q + np.sqrt(np.log(parent_visits + 1) / (visits + config.eps))
+    expected = max((2, 3), key=lambda i: uct[i])
+    assert int(refine.select(tree, config)[0]) == expected
+    # With one more allowed child the root competes too.
+    wide = refine.RefineConfig(max_children=3, c_uct=1.0)
+    expected = max((0, 2, 3), key=lambda i: uct[i] if i else q[0] + np.sqrt(np.log(5) / 4))
+    assert int(refine.select(tree, wide)[0]) == expected
+
+
+def _sample(tok, texts, width, stopped):
+    rows = [tok.encode(t, add_special_tokens=False)[:width] for t in texts]
+    return SampleOutput(
+        tokens=jnp.asarray(np.stack([_padded(r, width) for r in rows])),
+        lengths=jnp.asarray([len(r) for r in rows], jnp.int32),
+        logprobs=jnp.zeros((len(rows), width)),
+        stopped=jnp.asarray(stopped),
+        scores=jnp.zeros((len(rows), 0)),
+    )
+
+
+def test_critique_and_rewrite_prompts_write_the_journey_format(tok):
+    config = refine.RefineConfig(rollouts=1, solution_length=S)
+    fmt = refine.make_refine_format(tok, config)
+    prompt, sol = _solution(tok, WRONG)
+    stats, _ = _stats(tok, WRONG, None, [0.9, 0.1, 0.9])
+    tree = refine.init_tree(1, 2, S)
+    tree = refine.add_children(
+        tree,
+        jnp.asarray([-1]),
+        jnp.asarray(_padded(sol, S)[None]),
+        jnp.asarray([len(sol)]),
+        jax.tree.map(lambda x: x[None], stats),
+    )
+    prompts = jnp.asarray(prompt[None])
+    plens = jnp.asarray([len(prompt)], jnp.int32)
+    node = jnp.asarray([0], jnp.int32)
+    prefix, plen1 = refine.critique_prefixes(tree, node, prompts, plens, fmt)
+    text = lambda ids, n: tok.decode(np.asarray(ids)[:n].tolist(), skip_special_tokens=False)
+    head = longcot.render_chain(QUESTION, WRONG[:2], ["<positive_rating>", "<negative_rating>"])
+    assert text(prefix[0], int(plen1[0])) == "<bos>" + head + longcot.step_header(2, 3) + "<critic>"
+
+    critique = _sample(tok, ["9 * 2 is not 19"], 8, [False])  # ran out of budget: closed
+    prefix2, plen2 = refine.rewrite_prefixes(prefix, plen1, tree, node, critique, fmt)
+    kept = text(critique.tokens[0], 7)  # its last token gives way to <end_of_thought>
+    assert kept == "9 * 2 is not "
+    critic_line = longcot.step_header(2, 3) + "<critic>9 * 2 is not <end_of_thought>"
+    rated = "<start_of_rating><positive_rating><end_of_rating>\n"
+    assert text(prefix2[0], int(plen2[0])) == (
+        "<bos>" + head + critic_line + rated + longcot.step_header(3, 4) + "<refine>"
+    )
+    rest = "9 * 2 = 18<end_of_thought>" + rated + longcot.step_header(4, 5)
+    rest += "<conclusion>\\boxed{18}<end_of_thought>" + rated + "<eos>"
+    rewrite = _sample(tok, [rest], S, [True])
+    child, child_len = refine.child_solutions(prefix2, plen2, plens, rewrite, fmt)
+    child_text = text(child[0], int(child_len[0]))
+    prompt_text = longcot.render_prompt(QUESTION)
+    assert child_text == text(prefix2[0], int(plen2[0]))[len("<bos>" + prompt_text) :] + rest
+    steps = refine.solution_steps(child_text)
+    assert refine.solution_answer(steps) == "18"
+
+
+def _check_invariants(result, config):
+    tree = result.tree
+    n = config.capacity
+    np.testing.assert_array_equal(tree.num_nodes, n)
+    parent = np.asarray(tree.parent)
+    for b in range(tree.batch_size):
+        assert parent[b, 0] == -1 and all(0 <= parent[b, i] < i for i in range(1, n))
+        kids = np.bincount(parent[b, 1:], minlength=n)
+        np.testing.assert_array_equal(tree.num_children[b], kids)
+        assert kids.max() <= config.max_children
+        # A node's visits: its own evaluation and one per refinement below it.
+        below = np.zeros(n, int)
+        for i in range(n - 1, 0, -1):
+            below[parent[b, i]] += 1 + below[i]
+        np.testing.assert_array_equal(tree.visits[b], 1 + below)
+        has = np.asarray(tree.has_answer[b])
+        assert [a is not None for a in result.answers[b]] == has.tolist()
+
+
+@pytest.mark.parametrize("value", ["self_reward", "pprm"])
+def test_a_run_keeps_the_tree_invariants_and_compiles_once(tok, model, value):
+    cfg, params = model
+    questions = [QUESTION, "Start with 7, subtract 3."]
+    prompts, plens = encode_prompts(tok, questions)
+    config = refine.RefineConfig(
+        rollouts=3, solution_length=48, critique_length=8, value=value, max_children=2
+    )
+    judge = refine.PPRMJudge(params, cfg, None, tok) if value == "pprm" else None
+    run = lambda seed: refine.run(
+        params, cfg, tok, questions, prompts, plens, config, jax.random.key(seed), judge=judge
+    )
+    result = run(0)
+    _check_invariants(result, config)
+    jitted = (refine.select, refine.add_children, refine.backup, refine.step_statistics)
+    sizes = [f._cache_size() for f in jitted]
+    again = run(1)
+    assert [f._cache_size() for f in jitted] == sizes
+    _check_invariants(again, config)
+    if value == "pprm":
+        p = result.preferences[0]
+        off = ~np.isnan(p)
+        np.testing.assert_allclose((p + p.T)[off], 1.0, atol=1e-6)
+
+
+def test_planted_tree_exports_to_longcot_and_feeds_sft(tok):
+    """A root with a wrong answer and its refinement become one long-CoT tree that branches at
+    the criticised step; its paths encode as SFT chains."""
+    right = [
+        "<expansion>4 + 5 = 9",
+        "<expansion>9 * 2 = 19",
+        "<critic>9 * 2 is not 19",
+        "<refine>9 * 2 = 18",
+        "<conclusion>\\boxed{18}",
+    ]
+    ratings = ["<positive_rating>", "<negative_rating>"] + ["<positive_rating>"] * 3
+    steps = [
+        refine.solution_steps(longcot.render_chain(QUESTION, WRONG)),
+        refine.solution_steps(longcot.render_chain(QUESTION, right, ratings)),
+    ]
+    steps = [s[1:] for s in steps]  # drop the problem node the rendering starts with
+    tree = refine.init_tree(1, 2, 4).replace(num_nodes=jnp.asarray([2]))
+    result = refine.SearchResult(tree, [steps], [["19", "18"]], None, None)
+    nodes = longcot.parse_tree(
+        longcot.render_tree(refine.tree_to_longcot(result, 0, QUESTION, "18"))
+    )
+    assert len(nodes) == 1 + 3 + 4  # the shared first step, then two branches
+    paths = longcot.tree_to_paths(nodes)
+    assert [p[-1].rating for p in paths] == ["<negative_rating>", "<positive_rating>"]
+    assert paths[1][2].rating == "<negative_rating>" and paths[1][3].action == "<critic>"
+    for path in paths:
+        ids, mask = encode_chain(
+            tok, QUESTION, [n.text for n in path[1:]], [n.rating for n in path[1:]]
+        )
+        assert mask.sum() > 0 and len(ids) > 20
