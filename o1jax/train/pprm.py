@@ -1,6 +1,7 @@
 """Training the pairwise preference reward model (LLaMA-Berry's PPRM) on its own LoRA adapter.
 
     pairs = task_pairs(tokenizer, problems, rng)          # correct vs flawed solutions
+    pairs = encode_pairs(tokenizer, load_pairs(path))     # or a JSONL file of preferences
     trainer = PPRMTrainer(cfg, params, adapter, PPRMConfig(), mesh, tokenizer)
     for step in range(steps):
         metrics = trainer.train_step(pairs.batch(step, 32, seed))
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import chex
 import jax
@@ -47,17 +50,23 @@ class Pairs:
     def num_pairs(self) -> int:
         return len(self.lengths) // 2  # each pair is stored in both orders
 
-    def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """Batch `step` of an epoch-wise shuffle (deterministic in seed and step)."""
+    def batch(self, step: int, batch_size: int, seed: int | Sequence[int]) -> dict[str, np.ndarray]:
+        """Batch `step` of an epoch-wise shuffle (deterministic in seed and step; `seed` may be
+        a tuple of ints, such as (run seed, stage))."""
         m = len(self.lengths)
         per_epoch = max(m // batch_size, 1)
-        order = np.random.default_rng([seed, step // per_epoch]).permutation(m)
+        order = np.random.default_rng([*np.atleast_1d(seed), step // per_epoch]).permutation(m)
         idx = order[(step % per_epoch) * batch_size :][:batch_size]
         return {
             "tokens": self.tokens[idx],
             "lengths": self.lengths[idx],
             "first_better": self.first_better[idx],
         }
+
+    def head(self, num_pairs: int) -> Pairs:
+        """The first `num_pairs` pairs (both orders of each)."""
+        n = 2 * num_pairs
+        return Pairs(self.tokens[:n], self.lengths[:n], self.first_better[:n])
 
 
 def solution_text(thoughts: Sequence[str]) -> str:
@@ -67,17 +76,60 @@ def solution_text(thoughts: Sequence[str]) -> str:
 
 def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator) -> Pairs:
     """For each problem with a flawable solution, (correct, flawed) in both orders."""
-    rows, labels = [], []
+    triples = []
     for p in problems:
         flawed = tasks.flawed_chain(p, rng)
-        if flawed is None:
-            continue
-        good, bad = solution_text(p.steps), solution_text(flawed[0])
-        for first, second, label in ((good, bad, 1), (bad, good, 0)):
-            rows.append(pprm.encode_pair(tokenizer, p.question, first, second))
-            labels.append(label)
-    if not rows:
+        if flawed is not None:
+            triples.append((p.question, solution_text(p.steps), solution_text(flawed[0])))
+    if not triples:
         raise ValueError("pprm: no problem has a worked solution with a result to flaw")
+    return encode_pairs(tokenizer, triples)
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, str, str]]:
+    """(question, chosen, rejected) triples from a JSON-lines file, one object a line:
+
+        {"question": "...", "chosen": "the better solution", "rejected": "the worse one"}
+
+    Blank lines are skipped. Errors (`tasks.DataError`) name the file, the line and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise tasks.DataError(f"{path}: no such file")
+    triples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise tasks.DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            values = []
+            for field in ("question", "chosen", "rejected"):
+                value = row.get(field)
+                if value is None:
+                    raise tasks.DataError(f"{where}: field {field!r} is missing")
+                if not isinstance(value, str) or not value.strip():
+                    raise tasks.DataError(f"{where}: field {field!r} must be a non-empty string")
+                values.append(value)
+            triples.append(tuple(values))
+    if not triples:
+        raise tasks.DataError(f"{path}: holds no preference pairs")
+    return triples
+
+
+def encode_pairs(tokenizer, triples: Sequence[tuple[str, str, str]]) -> Pairs:
+    """(question, better, worse) triples as comparison prompts, each in both orders (rows 2k:
+    better first, label 1; 2k + 1: worse first, label 0), right-padded to the longest."""
+    rows, labels = [], []
+    for question, good, bad in triples:
+        for first, second, label in ((good, bad, 1), (bad, good, 0)):
+            rows.append(pprm.encode_pair(tokenizer, question, first, second))
+            labels.append(label)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = np.full((len(rows), width), pad, np.int32)
