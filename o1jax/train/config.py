@@ -128,6 +128,35 @@ class RLSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class PPRMSection:
+    """LLaMA-Berry's pairwise preference reward model, trained after SFT on its own LoRA adapter
+    over the frozen SFT'd model (o1jax.train.pprm). steps 0: no PPRM stage."""
+
+    steps: int = 0
+    batch_size: int = 32  # ordered pairs per step (each pair is stored in both orders)
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # JSONL of {"question", "chosen", "rejected"} rows, split into train / held-out by question
+    # (data.test_fraction); empty: (correct, flawed) solutions of the train problems.
+    pairs_path: str = ""
+    eval_pairs: int = 200  # held-out pairs for the pairwise accuracy in the report
+
+    def __post_init__(self):
+        _require(self.steps >= 0, "pprm.steps", self.steps, "must be >= 0 (0: no PPRM stage)")
+        _require(self.batch_size >= 1, "pprm.batch_size", self.batch_size, "must be >= 1")
+        _require(self.learning_rate > 0, "pprm.learning_rate", self.learning_rate, "must be > 0")
+        _require(self.weight_decay >= 0, "pprm.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.max_grad_norm > 0, "pprm.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _require(self.eval_pairs >= 1, "pprm.eval_pairs", self.eval_pairs, "must be >= 1")
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     num_problems: int = 200
     max_new_tokens: int = 160  # free-running greedy generation budget
@@ -137,7 +166,7 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    every: int = 100  # SFT steps between checkpoints (RL checkpoints after every iteration)
+    every: int = 100  # SFT and PPRM steps between checkpoints (RL: after every iteration)
     keep: int = 2
 
 
@@ -153,6 +182,7 @@ class RunConfig:
     sft: SFTSection = SFTSection()
     search: SearchSection = SearchSection()
     rl: RLSection = RLSection()
+    pprm: PPRMSection = PPRMSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     max_nonfinite: int = 3  # non-finite losses (skipped updates) before the run stops
