@@ -1,13 +1,19 @@
-"""The main job: data and tokenizer, SFT, evaluation, self-play RL, evaluation, report.
+"""The main job: data and tokenizer, SFT, evaluation, PPRM, self-play RL, evaluation, report.
 
     report = run(load_config("configs/tiny.yaml"), "runs/tiny")
 
-Stages and what a checkpoint holds (`o1jax.train.checkpoint`; step numbers are global):
+Stages and what a checkpoint holds (`o1jax.train.checkpoint`; S SFT steps, P PPRM steps, which
+may be 0, I RL iterations; E = S + 1):
 
-    sft   steps 1..S        SFT state (trainable params or LoRA, optimizer)
-    eval  step S            + the post-SFT evaluation results
-    rl    steps S+1..S+I    + the RL state (LoRA, optimizer), the replay buffer
-    done  step S+I+1        + the final results
+    stage  checkpoint steps   metrics steps   holds
+    sft    1..S               1..S            SFT state (trainable params or LoRA, optimizer)
+    eval   E                  S               + the post-SFT evaluation results
+    pprm   E+1..E+P           S+1..S+P        + the PPRM state (its LoRA, optimizer); the last
+                                              also holds its held-out pairwise accuracy
+    rl     E+P+1..E+P+I       S+P+1..S+P+I    + the RL state (LoRA, optimizer), the replay buffer
+    done   E+P+I+1            S+P+I           + the final results
+
+Checkpoints after the PPRM stage keep its state (the "pprm" entry, see `restore_pprm`).
 
 Every random draw is a function of (seed, stage, step), so a run killed at any moment and
 started again on its workdir ends with the same report and parameters as an uninterrupted run.
@@ -42,11 +48,20 @@ from o1jax.search import mcts
 from o1jax.search.format import encode_chain, encode_prompts, make_step_format
 from o1jax.train import evaluate as ev
 from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
-from o1jax.train.config import ConfigError, RunConfig, dump_config, to_dict
+from o1jax.train.config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from o1jax.train.metrics import MetricsWriter
+from o1jax.train.pprm import (
+    Pairs,
+    PPRMConfig,
+    PPRMTrainer,
+    encode_pairs,
+    load_pairs,
+    pairwise_accuracy,
+    task_pairs,
+)
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, nonfinite_count, pack
 
-STAGE_SFT, STAGE_RL, STAGE_EVAL = 1, 2, 3
+STAGE_SFT, STAGE_RL, STAGE_EVAL, STAGE_PPRM = 1, 2, 3, 4
 
 
 class Preempted(Exception):
@@ -82,6 +97,10 @@ def check_workdir(config: RunConfig, workdir: str) -> None:
 
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
+        try:  # sections added since the run started (e.g. pprm) take their defaults
+            saved = to_dict(load_config(path))
+        except ConfigError:
+            pass
         if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
             diff = _first_difference(saved, to_dict(config))
             raise ConfigError(
@@ -297,6 +316,109 @@ def policy_params(ctx: RunContext, sft_state):
     return lora.merge(ctx.params, sft_state.trainable)
 
 
+def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs]:
+    """(training, held-out) preference pairs of the PPRM stage: the `pprm.pairs_path` file split
+    by question (`data.test_fraction`), or (correct, flawed) solutions of the train and the
+    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs."""
+    config, p = ctx.config, ctx.config.pprm
+    if p.pairs_path:
+        triples = load_pairs(p.pairs_path)
+        frac = config.data.test_fraction
+        train = [t for t in triples if tasks.question_split(t[0], frac) == "train"]
+        test = [t for t in triples if tasks.question_split(t[0], frac) == "test"]
+        if not train or not test:
+            raise ConfigError(
+                f"pprm.pairs_path {p.pairs_path}: {len(train)} train / {len(test)} held-out "
+                f"pairs after the split by question (data.test_fraction={frac}); both must "
+                f"be non-empty"
+            )
+        return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test[: p.eval_pairs])
+    try:
+        train = task_pairs(
+            ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0])
+        )
+        test = task_pairs(
+            ctx.tokenizer, ctx.test, np.random.default_rng([config.seed, STAGE_PPRM, 1])
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"pprm: cannot make (correct, flawed) pairs from the problems ({e}); "
+            f"give pprm.pairs_path"
+        ) from None
+    return train, test.head(p.eval_pairs)
+
+
+def _pprm_trainer(ctx: RunContext, base_params) -> PPRMTrainer:
+    """The PPRM: the frozen SFT'd model with its own LoRA adapter (and its optimizer)."""
+    config, p = ctx.config, ctx.config.pprm
+    adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_PPRM), _lora_config(config))
+    pprm_config = PPRMConfig(
+        learning_rate=p.learning_rate, max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay
+    )
+    return PPRMTrainer(ctx.cfg, base_params, adapter, pprm_config, ctx.mesh, ctx.tokenizer)
+
+
+def run_pprm(
+    ctx: RunContext,
+    base_params,
+    pairs: Pairs,
+    held_out: Pairs,
+    sft_state,
+    results: dict,
+    start_state=None,
+    start_step: int = 0,
+):
+    """Trains the PPRM for `pprm.steps` steps, then measures its held-out pairwise accuracy.
+
+    Returns (PPRM state, results + pprm_accuracy). Checkpoints every `checkpoint.every` steps;
+    the stage's last checkpoint is written after the accuracy and holds it.
+    """
+    config, p = ctx.config, ctx.config.pprm
+    s_steps, eval_step = config.sft.steps, config.sft.steps + 1
+    trainer = _pprm_trainer(ctx, base_params)
+    if start_state is not None:
+        trainer.state = start_state
+    bar = tqdm(range(start_step, p.steps), desc="pprm", initial=start_step, total=p.steps)
+    for step in bar:
+        metrics = trainer.train_step(pairs.batch(step, p.batch_size, (config.seed, STAGE_PPRM)))
+        done = step + 1
+        save = done < p.steps and (done % config.checkpoint.every == 0 or ctx.preemption.requested)
+        if done % 10 == 0 or done == p.steps or save:
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                # No update is skipped here: stop before a poisoned adapter is saved.
+                raise NonFiniteLoss(f"pprm: non-finite loss or gradient at step {done}")
+        if done % 10 == 0 or done == p.steps:
+            accuracy = float(metrics["accuracy"])
+            ctx.metrics.scalars(
+                s_steps + done,
+                {"pprm/loss": loss, "pprm/accuracy": accuracy, "pprm/grad_norm": grad_norm},
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+        if save:
+            ctx.checkpointer.save(
+                eval_step + done,
+                {"sft": sft_state, "pprm": trainer.state},
+                {"stage": "pprm", "step": done, "results": results},
+            )
+            if ctx.preemption.requested:
+                raise Preempted(f"SIGTERM: saved PPRM step {done}")
+    bar.close()
+    accuracy = pairwise_accuracy(
+        trainer.params, ctx.cfg, trainer.lora, held_out, trainer.answer_tokens
+    )
+    results = {**results, "pprm_accuracy": accuracy, "pprm_eval_pairs": held_out.num_pairs}
+    ctx.metrics.scalars(s_steps + p.steps, {"eval/pprm_accuracy": accuracy})
+    ctx.checkpointer.save(
+        eval_step + p.steps,
+        {"sft": sft_state, "pprm": trainer.state},
+        {"stage": "pprm", "step": p.steps, "results": results},
+    )
+    if ctx.preemption.requested:
+        raise Preempted(f"SIGTERM: saved the finished PPRM stage (step {p.steps})")
+    return trainer.state, results
+
+
 def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCTSConfig:
     s = config.search
     return mcts.MCTSConfig(
@@ -479,7 +601,7 @@ def run_rl(
         if every and (it + 1) % every == 0 and it + 1 < r.iterations:
             periodic = evaluate_policy(ctx, trainer.params, trainer.lora, f"rl{it + 1}", False)
             scalars["eval/rl_greedy_pass1"] = periodic["greedy_pass1"]
-        ctx.metrics.scalars(config.sft.steps + it + 1, scalars)
+        ctx.metrics.scalars(config.sft.steps + config.pprm.steps + it + 1, scalars)
         bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars.get('ppo/kl', 0.0):.4f}")
         if on_iteration is not None:
             on_iteration(it + 1, trainer, per_state)
@@ -570,29 +692,26 @@ def run(config: RunConfig, workdir: str) -> dict:
 
 def _run_stages(ctx: RunContext) -> dict:
     config = ctx.config
-    s_steps, iters = config.sft.steps, config.rl.iterations
-    # Global checkpoint steps: SFT 1..S, post-SFT evaluation S + 1, RL iteration i at S + 1 + i,
-    # the final record at S + I + 2.
+    s_steps, p_steps, iters = config.sft.steps, config.pprm.steps, config.rl.iterations
+    # Global checkpoint steps (the module docstring): SFT 1..S, post-SFT evaluation S + 1, PPRM
+    # step p at S + 1 + p, RL iteration i at S + 1 + P + i, the final record at S + P + I + 2.
     eval_step = s_steps + 1
+    rl_step = eval_step + p_steps
     latest = ctx.checkpointer.latest_step()
     meta = ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
-    ctx.metrics.truncate_after(_logged_step(meta, s_steps))
+    ctx.metrics.truncate_after(_logged_step(meta, s_steps, p_steps))
+    pprm_pending = p_steps > 0 and (
+        meta["stage"] in ("new", "sft", "eval")
+        or (meta["stage"] == "pprm" and meta["step"] < p_steps)
+    )
+    # Before SFT, so that a broken pairs file stops the run at once.
+    pairs = pprm_pairs(ctx) if pprm_pending else None
 
     # SFT, resumed from its own checkpoint when there is one.
-    sft_probe = SFTTrainer(
-        ctx.cfg,
-        ctx.params,
-        SFTConfig(steps=s_steps, batch_size=config.sft.batch_size),
-        ctx.mesh,
-        lora=None
-        if config.sft.full_finetune
-        else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config)),
-    )
-    like = {"sft": sft_probe.state}
     if meta["stage"] == "new":
         sft_state = run_sft(ctx).state
     elif meta["stage"] == "sft":
-        state, _ = ctx.checkpointer.restore(latest, like)
+        state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, "sft"))
         sft_state = run_sft(ctx, state["sft"], meta["step"]).state
     else:
         sft_state = None  # restored below together with the later stages
@@ -620,31 +739,31 @@ def _run_stages(ctx: RunContext) -> dict:
     if meta["stage"] == "done":
         return dict(meta["report"])
 
-    # RL: restore the SFT state (and the RL state and buffer when resuming mid-RL).
+    # Everything the latest checkpoint holds (the SFT state is still in memory if SFT just ran).
+    pprm_state = rl_state = per_state = None
     if sft_state is None:
-        if meta["stage"] == "eval":
-            state, _ = ctx.checkpointer.restore(latest, like)
-            sft_state = state["sft"]
-    base = None if sft_state is None else policy_params(ctx, sft_state)
+        state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, meta["stage"]))
+        sft_state = state["sft"]
+        pprm_state, rl_state, per_state = state.get("pprm"), state.get("rl"), state.get("per")
+    base = policy_params(ctx, sft_state)
 
+    # PPRM: its own adapter over the frozen SFT'd model, resumed from its own checkpoint.
+    if pprm_pending:
+        start = meta["step"] if meta["stage"] == "pprm" else 0
+        pprm_state, results = run_pprm(
+            ctx, base, *pairs, sft_state, results, start_state=pprm_state, start_step=start
+        )
+    kept = {} if pprm_state is None else {"pprm": pprm_state}  # carried to the end
+
+    # RL, resumed with its state and buffer when the latest checkpoint is mid-RL.
     def save_iteration(done_iters, trainer, per_state):
         ctx.checkpointer.save(
-            eval_step + done_iters,
-            {"sft": sft_state, "rl": trainer.state, "per": per_state},
+            rl_step + done_iters,
+            {"sft": sft_state, **kept, "rl": trainer.state, "per": per_state},
             {"stage": "rl", "iteration": done_iters, "results": results},
         )
 
-    if meta["stage"] == "rl":
-        # Build the trainer and buffer once to learn their structure, then restore into them.
-        probe_trainer, probe_per = _rl_structures(ctx, ctx.params)
-        full_like = {"sft": sft_probe.state, "rl": probe_trainer.state, "per": probe_per}
-        state, _ = ctx.checkpointer.restore(latest, full_like)
-        sft_state = state["sft"]
-        base = policy_params(ctx, sft_state)
-        start_it, rl_state, per_state = meta["iteration"], state["rl"], state["per"]
-    else:
-        start_it, rl_state, per_state = 0, None, None
-
+    start_it = meta["iteration"] if meta["stage"] == "rl" else 0
     trainer, _ = run_rl(ctx, base, start_it, rl_state, per_state, on_iteration=save_iteration)
     final = evaluate_policy(ctx, base, trainer.lora, "rl", with_search=True)
     report = {
@@ -656,31 +775,58 @@ def _run_stages(ctx: RunContext) -> dict:
         "sft_steps": s_steps,
         "rl_iterations": iters,
     }
+    if p_steps:
+        report["pprm_steps"] = p_steps
     ctx.metrics.scalars(
-        s_steps + iters,
+        s_steps + p_steps + iters,
         {
             "eval/rl_pass1": report["rl_pass1"],
             "eval/rl_search_accuracy": report["rl_search_accuracy"],
         },
     )
     ctx.checkpointer.save(
-        eval_step + iters + 1,
-        {"sft": sft_state, "rl": trainer.state},
+        rl_step + iters + 1,
+        {"sft": sft_state, **kept, "rl": trainer.state},
         {"stage": "done", "report": report},
     )
     return report
 
 
-def _logged_step(meta: dict, sft_steps: int) -> int:
+def _logged_step(meta: dict, sft_steps: int, pprm_steps: int = 0) -> int:
     """The last metrics step a checkpoint covers (rows after it are logged again on resume)."""
     stage = meta["stage"]
     if stage == "new":
         return 0
     if stage == "sft":
         return meta["step"]
+    if stage == "pprm":
+        return sft_steps + meta["step"]
     if stage == "rl":
-        return sft_steps + meta["iteration"]
+        return sft_steps + pprm_steps + meta["iteration"]
     return sft_steps if stage == "eval" else 1 << 62
+
+
+def _checkpoint_like(ctx: RunContext, stage: str) -> dict:
+    """Trainer states and buffer with the structure a checkpoint of `stage` of this run holds."""
+    config = ctx.config
+    adapter = (
+        None
+        if config.sft.full_finetune
+        else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config))
+    )
+    like = {
+        "sft": SFTTrainer(
+            ctx.cfg, ctx.params, SFTConfig(batch_size=config.sft.batch_size), ctx.mesh, lora=adapter
+        ).state
+    }
+    if stage == "pprm" or (stage in ("rl", "done") and config.pprm.steps > 0):
+        like["pprm"] = _pprm_trainer(ctx, ctx.params).state
+    if stage in ("rl", "done"):
+        trainer, per_like = _rl_structures(ctx, ctx.params)
+        like["rl"] = trainer.state
+        if stage == "rl":
+            like["per"] = per_like
+    return like
 
 
 def _rl_structures(ctx: RunContext, base):
@@ -705,8 +851,6 @@ def _rl_structures(ctx: RunContext, base):
 
 def open_run(workdir: str):
     """A RunContext for an existing workdir (its saved config), for evaluation and export."""
-    from o1jax.train.config import load_config
-
     config = load_config(os.path.join(workdir, "config.yaml"))
     return build_context(config, workdir, MetricsWriter(workdir, enabled=False), PreemptionFlag())
 
@@ -736,27 +880,35 @@ def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preem
     )
 
 
+def _latest(ctx: RunContext) -> tuple[int | None, dict]:
+    latest = ctx.checkpointer.latest_step()
+    return latest, ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
+
+
 def restore_policy(ctx: RunContext):
     """(params, lora) of the latest checkpoint: the SFT'd model and, after RL, its adapter."""
-    latest = ctx.checkpointer.latest_step()
+    latest, meta = _latest(ctx)
     if latest is None:
         raise ConfigError(f"{ctx.workdir}: no checkpoint to evaluate")
-    meta = ctx.checkpointer.read_meta(latest)
-    config = ctx.config
-    adapter = (
-        None
-        if config.sft.full_finetune
-        else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), _lora_config(config))
-    )
-    sft_like = SFTTrainer(
-        ctx.cfg, ctx.params, SFTConfig(batch_size=config.sft.batch_size), ctx.mesh, lora=adapter
-    ).state
-    if meta["stage"] in ("sft", "eval"):
-        state, _ = ctx.checkpointer.restore(latest, {"sft": sft_like})
-        return policy_params(ctx, state["sft"]), None
-    trainer, per_like = _rl_structures(ctx, ctx.params)
-    like = {"sft": sft_like, "rl": trainer.state}
-    if meta["stage"] == "rl":
-        like["per"] = per_like
-    state, _ = ctx.checkpointer.restore(latest, like)
-    return policy_params(ctx, state["sft"]), state["rl"].lora
+    state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, meta["stage"]))
+    adapter = state["rl"].lora if "rl" in state else None
+    return policy_params(ctx, state["sft"]), adapter
+
+
+def restore_pprm(ctx: RunContext):
+    """(base params, PPRM adapter): the SFT'd model, which the PPRM runs with its own LoRA
+    adapter (`o1jax.search.pprm.preferences(base, ..., lora=adapter)`), from the latest
+    checkpoint of a run whose PPRM stage has finished."""
+    p_steps = ctx.config.pprm.steps
+    if p_steps == 0:
+        raise ConfigError(f"{ctx.workdir}: this run trained no PPRM (pprm.steps is 0)")
+    latest, meta = _latest(ctx)
+    stage = meta["stage"]
+    if not (stage in ("rl", "done") or (stage == "pprm" and meta["step"] == p_steps)):
+        at = {"new": "no checkpoint yet", "pprm": f"PPRM step {meta.get('step')} of {p_steps}"}
+        raise ConfigError(
+            f"{ctx.workdir}: this run has not finished its PPRM stage "
+            f"({at.get(stage, f'stage {stage}')}); run train.py on it again to go on"
+        )
+    state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, stage))
+    return policy_params(ctx, state["sft"]), state["pprm"].lora
