@@ -2,6 +2,9 @@
 
     python -m o1jax.evaluate --workdir runs/tiny [--samples 8] [--search mcts --simulations 16]
         [--trees DIR]   # with --search: one JSON per tree, for python -m o1jax.show_tree
+    python -m o1jax.evaluate --workdir runs/berry --search sr-mcts --rollouts 8
+        # MCTSr (self-reward) or SR-MCTS (the run's trained PPRM + EBC) over whole solutions;
+        # with --trees DIR each tree is written as OpenLongCoT text (SFT data)
     python -m o1jax.evaluate --model DIR --data problems.jsonl [--samples 8] [--limit 100]
 
 Prints a summary table (greedy pass@1; pass@k and maj@k with --samples; search accuracy with
@@ -23,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="an HF Gemma2 directory (safetensors + tokenizer)")
     parser.add_argument("--data", help="JSONL problems (default with --workdir: its held-out set)")
     parser.add_argument("--samples", type=int, default=1, help="K for pass@k and maj@k")
-    parser.add_argument("--search", choices=["none", "mcts"], default="none")
-    parser.add_argument("--simulations", type=int, default=16)
+    parser.add_argument("--search", choices=["none", "mcts", "mctsr", "sr-mcts"], default="none")
+    parser.add_argument("--simulations", type=int, default=16, help="for --search mcts")
+    parser.add_argument("--rollouts", type=int, default=8, help="for --search mctsr | sr-mcts")
     parser.add_argument(
         "--trees", default="", help="with --search: write each tree as DIR/<id>.json (show_tree)"
     )
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model and not args.data:
         parser.error("--model needs --data")
+    if args.search == "sr-mcts" and not args.workdir:
+        parser.error("--search sr-mcts needs --workdir (a run that trained a PPRM: pprm.steps > 0)")
 
     import jax
 
@@ -50,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
             ctx = open_run(args.workdir)
             params, adapter = restore_policy(ctx)
+            judge = None
+            if args.search == "sr-mcts":
+                from o1jax.search.refine import PPRMJudge
+                from o1jax.train.pipeline import restore_pprm
+
+                base, pprm_adapter = restore_pprm(ctx)
+                judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer)
             cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
             problems = load_jsonl(args.data) if args.data else ctx.test
             out_dir = args.out or args.workdir
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             config = RunConfig(model_dir=args.model, model=ModelConfig(dtype="float32"))
             tokenizer = build_tokenizer(config, args.out or "eval")
             cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
-            adapter = None
+            adapter = judge = None
             problems = load_jsonl(args.data)
             out_dir = args.out or "eval"
     except (ConfigError, DataError, CheckpointError) as e:
@@ -99,6 +112,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
         ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
+    elif args.search in ("mctsr", "sr-mcts"):
+        from o1jax.search.refine import RefineConfig
+
+        value = "self_reward" if args.search == "mctsr" else "pprm"
+        search = RefineConfig(rollouts=args.rollouts, value=value, solution_length=max_new)
+        found = ev.refine_evaluate(
+            params,
+            cfg,
+            tokenizer,
+            problems,
+            search,
+            key=key,
+            batch_size=args.batch_size,
+            lora=adapter,
+            judge=judge if value == "pprm" else None,
+            tree_dir=args.trees or None,
+        )
+        rows[f"{args.search} accuracy ({args.rollouts} rollouts)"] = found.pass1
+        rows[f"{args.search} any solution right"] = sum(
+            r["any_correct"] for r in found.records
+        ) / max(len(found.records), 1)
+        ev.write_records(os.path.join(out_dir, f"{args.search}_outputs.jsonl"), found.records)
     print(ev.summary_table(rows))
     with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
         json.dump(rows, f, indent=2)

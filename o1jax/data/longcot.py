@@ -143,6 +143,11 @@ def _check_thought(text: str, what: str, allow_action: bool) -> None:
         raise ValueError(f"{what} contains the format token {hit[1]!r} at offset {offset}")
 
 
+def check_thought(text: str, what: str = "thought") -> None:
+    """Raises ValueError if a thought (leading action tag allowed) holds a format token."""
+    _check_thought(text, what, allow_action=True)
+
+
 def _check_rating(rating: str, what: str) -> None:
     if rating not in RATINGS:
         raise ValueError(f"{what} must be one of {RATINGS}, got {rating!r}")

@@ -440,8 +440,16 @@ _STEP_RE = re.compile(
 
 
 def solution_steps(text: str) -> list[tuple[str, str]]:
-    """(thought text with its action tag, rating) of every complete step of a decoded solution."""
-    return [(m.group(1), m.group(2)) for m in _STEP_RE.finditer(text)]
+    """(thought text with its action tag, rating) of the complete steps of a decoded solution,
+    up to the first malformed one (a thought holding a format token: the chain breaks there)."""
+    steps = []
+    for m in _STEP_RE.finditer(text):
+        try:
+            longcot.check_thought(m.group(1))
+        except ValueError:
+            break
+        steps.append((m.group(1), m.group(2)))
+    return steps
 
 
 def effective_steps(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -504,14 +512,14 @@ class SearchResult:
         return self.answers[b][self.best_node(b)]
 
 
-def _pprm_update(judge: PPRMJudge, questions, texts, answers_, pref, new: int, b_count: int):
+def _pprm_update(judge: PPRMJudge, questions, texts, has, pref, new: int, b_count: int):
     """Compares node `new` of every tree with its earlier nodes (both orders, one forward)."""
     rows, where = [], []
     for b in range(b_count):
-        if answers_[b][new] is None:
+        if not has[b, new]:
             continue
         for i in range(new):
-            if answers_[b][i] is None:
+            if not has[b, i]:
                 continue
             a, c = texts[b][new], texts[b][i]
             rows.append(pprm.encode_pair(judge.tokenizer, questions[b], a, c))
@@ -624,11 +632,16 @@ def run(
             steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
             texts[t].append(_pprm_text(steps[t][-1]))
             found[t].append(solution_answer(steps[t][-1]))
-        self_reward[:, new] = np.asarray(stats.self_reward)
+        # An answer needs a well-formed chain too (the host's parse is the stricter one).
+        parsed = jnp.asarray([found[t][new] is not None for t in range(b)])
+        tree = tree.replace(
+            has_answer=tree.has_answer.at[:, new].set(tree.has_answer[:, new] & parsed)
+        )
+        has = np.asarray(tree.has_answer)
+        self_reward[:, new] = np.where(has[:, new], np.asarray(stats.self_reward), -1.0)
         if pref is None:
             return backup(tree, jnp.asarray(self_reward))
-        _pprm_update(judge, questions, texts, found, pref, new, b)
-        has = np.asarray(tree.has_answer)
+        _pprm_update(judge, questions, texts, has, pref, new, b)
         value, global_value = pprm_values(np.asarray(tree.parent), has, pref, config.ebc_weight)
         return backup(tree, jnp.asarray(value))
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from o1jax.data import longcot
 from o1jax.data.answers import extract_answer, is_equivalent
 from o1jax.model.sampler import generate
-from o1jax.search import mcts
+from o1jax.search import mcts, refine
 from o1jax.search.export import choose_answer, tree_to_json
 from o1jax.search.format import encode_prompts, make_step_format
 
@@ -236,9 +237,88 @@ def search_evaluate(
     )
 
 
+def refine_evaluate(
+    params,
+    cfg,
+    tokenizer,
+    problems,
+    search: refine.RefineConfig,
+    *,
+    key,
+    batch_size: int = 32,
+    lora=None,
+    judge: refine.PPRMJudge | None = None,
+    progress: str | None = "refine",
+    tree_dir: str | None = None,
+    max_trees: int | None = None,
+) -> EvalResult:
+    """MCTSr (self-reward) or SR-MCTS (PPRM + EBC) accuracy, without the ground truth.
+
+    Records also say whether any solution of the tree was right (`any_correct`: what a perfect
+    judge would have picked) and whether the first answer (the root) was. tree_dir: also write
+    each tree in the OpenLongCoT format as `tree_dir/<id>.txt` (conclusions rated by the answer
+    check, so the file is SFT data), the first `max_trees` of them (None: all).
+    """
+    _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
+    width = int(jnp.max(lengths))
+    records, n_correct = [], 0
+    bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
+    for start, chunk in _batches(list(problems), batch_size):
+        padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
+        questions = [p.question for p in padded]
+        prompts, plens = encode_prompts(tokenizer, questions, width)
+        result = refine.run(
+            params,
+            cfg,
+            tokenizer,
+            questions,
+            prompts,
+            plens,
+            search,
+            jax.random.fold_in(key, start),
+            lora=lora,
+            judge=judge,
+        )
+        for b, problem in enumerate(chunk):
+            check = lambda a, truth=problem.answer: a is not None and is_equivalent(a, truth)
+            answer = result.answer(b)
+            correct = check(answer)
+            n_correct += correct
+            if tree_dir is not None and (max_trees is None or len(records) < max_trees):
+                nodes = refine.tree_to_longcot(result, b, problem.question, problem.answer)
+                _write_text(tree_dir, problem, longcot.render_tree(nodes))
+            records.append(
+                {
+                    "id": problem.id,
+                    "truth": problem.answer,
+                    "answer": answer,
+                    "correct": bool(correct),
+                    "first_answer_correct": bool(check(result.answers[b][0])),
+                    "any_correct": any(check(a) for a in result.answers[b]),
+                    "answers": result.answers[b],
+                    "chosen": result.best_node(b),
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return EvalResult(
+        pass1=n_correct / max(len(problems), 1), num_problems=len(problems), records=records
+    )
+
+
+def _tree_name(problem) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(problem.id))
+
+
+def _write_text(tree_dir: str, problem, text: str) -> None:
+    os.makedirs(tree_dir, exist_ok=True)
+    with open(os.path.join(tree_dir, f"{_tree_name(problem)}.txt"), "w") as f:
+        f.write(text)
+
+
 def _write_tree(tree_dir: str, tree, b: int, tokenizer, problem) -> None:
     os.makedirs(tree_dir, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(problem.id))
+    name = _tree_name(problem)
     data = tree_to_json(tree, b, tokenizer, problem.question, truth=problem.answer)
     with open(os.path.join(tree_dir, f"{name}.json"), "w") as f:
         json.dump(data, f, indent=1)
