@@ -2,9 +2,9 @@
 
     python -m o1jax.evaluate --workdir runs/tiny [--samples 8] [--search mcts --simulations 16]
         [--trees DIR]   # with --search: one JSON per tree, for python -m o1jax.show_tree
-    python -m o1jax.evaluate --workdir runs/berry --search sr-mcts --rollouts 8
-        # MCTSr (self-reward) or SR-MCTS (the run's trained PPRM + EBC) over whole solutions;
-        # with --trees DIR each tree is written as OpenLongCoT text (SFT data)
+    python -m o1jax.evaluate --workdir runs/berry --search mcts,mctsr,sr-mcts --rollouts 8
+        # step-level MCTS, MCTSr (self-reward) and SR-MCTS (the run's PPRM + EBC) side by side;
+        # with --trees DIR, DIR/<search>/ per search (refine trees as OpenLongCoT text)
     python -m o1jax.evaluate --model DIR --data problems.jsonl [--samples 8] [--limit 100]
 
 Prints a summary table (greedy pass@1; pass@k and maj@k with --samples; search accuracy with
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+SEARCHES = ("mcts", "mctsr", "sr-mcts")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="an HF Gemma2 directory (safetensors + tokenizer)")
     parser.add_argument("--data", help="JSONL problems (default with --workdir: its held-out set)")
     parser.add_argument("--samples", type=int, default=1, help="K for pass@k and maj@k")
-    parser.add_argument("--search", choices=["none", "mcts", "mctsr", "sr-mcts"], default="none")
+    parser.add_argument(
+        "--search",
+        default="none",
+        help="none, or a comma-separated list of mcts (step-level, LLaMA-O1), mctsr (self-refine "
+        "with self-reward) and sr-mcts (self-refine with the run's PPRM + EBC, LLaMA-Berry)",
+    )
     parser.add_argument("--simulations", type=int, default=16, help="for --search mcts")
     parser.add_argument("--rollouts", type=int, default=8, help="for --search mctsr | sr-mcts")
     parser.add_argument(
@@ -40,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model and not args.data:
         parser.error("--model needs --data")
-    if args.search == "sr-mcts" and not args.workdir:
+    searches = [] if args.search == "none" else args.search.split(",")
+    unknown = [s for s in searches if s not in SEARCHES]
+    if unknown:
+        parser.error(f"--search: unknown {unknown[0]!r} (choose from none, {', '.join(SEARCHES)})")
+    if "sr-mcts" in searches and not args.workdir:
         parser.error("--search sr-mcts needs --workdir (a run that trained a PPRM: pprm.steps > 0)")
 
     import jax
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx = open_run(args.workdir)
             params, adapter = restore_policy(ctx)
             judge = None
-            if args.search == "sr-mcts":
+            if "sr-mcts" in searches:
                 from o1jax.search.refine import PPRMJudge
                 from o1jax.train.pipeline import restore_pprm
 
@@ -98,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples > 1:
         rows |= {f"pass@{args.samples}": result.pass_k, f"maj@{args.samples}": result.maj_k}
     ev.write_records(os.path.join(out_dir, "eval_outputs.jsonl"), result.records)
-    if args.search == "mcts":
+    tree_dir = lambda name: (
+        None if not args.trees else args.trees if len(searches) == 1 else f"{args.trees}/{name}"
+    )
+    if "mcts" in searches:
         found = ev.search_evaluate(
             params,
             cfg,
@@ -108,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             key=key,
             batch_size=args.batch_size,
             lora=adapter,
-            tree_dir=args.trees or None,
+            tree_dir=tree_dir("mcts"),
         )
         rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
         ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
-    elif args.search in ("mctsr", "sr-mcts"):
+    for name in [s for s in searches if s != "mcts"]:
         from o1jax.search.refine import RefineConfig
 
-        value = "self_reward" if args.search == "mctsr" else "pprm"
+        value = "self_reward" if name == "mctsr" else "pprm"
         search = RefineConfig(rollouts=args.rollouts, value=value, solution_length=max_new)
         found = ev.refine_evaluate(
             params,
@@ -127,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             lora=adapter,
             judge=judge if value == "pprm" else None,
-            tree_dir=args.trees or None,
+            tree_dir=tree_dir(name),
         )
-        rows[f"{args.search} accuracy ({args.rollouts} rollouts)"] = found.pass1
-        rows[f"{args.search} any solution right"] = sum(
-            r["any_correct"] for r in found.records
-        ) / max(len(found.records), 1)
-        ev.write_records(os.path.join(out_dir, f"{args.search}_outputs.jsonl"), found.records)
+        rows[f"{name} accuracy ({args.rollouts} rollouts)"] = found.pass1
+        rows[f"{name} any solution right"] = sum(r["any_correct"] for r in found.records) / max(
+            len(found.records), 1
+        )
+        ev.write_records(os.path.join(out_dir, f"{name}_outputs.jsonl"), found.records)
     print(ev.summary_table(rows))
     with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
         json.dump(rows, f, indent=2)

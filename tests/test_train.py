@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from o1jax.data import longcot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
@@ -200,14 +202,21 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
 
     trees = tmp_path / "trees"
     argv = ["--workdir", str(uninterrupted), "--limit", "4", "--samples", "2", "--out"]
-    argv += [str(tmp_path), "--search", "mcts", "--simulations", "3", "--trees", str(trees)]
-    assert evaluate.main(argv) == 0
+    argv += [str(tmp_path), "--search", "mcts,mctsr", "--simulations", "3", "--rollouts", "2"]
+    assert evaluate.main([*argv, "--trees", str(trees)]) == 0
     summary = json.load(open(tmp_path / "eval_summary.json"))
     assert summary["problems"] == 4 and 0 <= summary["pass@2"] <= 1
     assert summary["maj@2"] <= summary["pass@2"] and "mcts accuracy (3 sims)" in summary
+    refined = summary["mctsr accuracy (2 rollouts)"]
+    assert 0 <= refined <= summary["mctsr any solution right"] <= 1
     assert len(open(tmp_path / "eval_outputs.jsonl").readlines()) == 4
-    files = sorted(os.listdir(trees))
+    records = [json.loads(line) for line in open(tmp_path / "mctsr_outputs.jsonl")]
+    assert [len(r["answers"]) for r in records] == [3] * 4  # the first answer + 2 refinements
+    for name in sorted(os.listdir(trees / "mctsr")):  # OpenLongCoT text, parsed strictly
+        longcot.parse_tree((trees / "mctsr" / name).read_text())
+    files = sorted(os.listdir(trees / "mcts"))
     assert len(files) == 4
+    trees = trees / "mcts"
     tree = json.load(open(trees / files[0]))
     n = len(tree["nodes"])  # the root + K = 2 children per expanding simulation
     assert n in (3, 5, 7) and tree["truth"] is not None
