@@ -630,7 +630,7 @@ def run(
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
         for t in range(b):
             steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
-            texts[t].append(_pprm_text(steps[t][-1]))
+            texts[t].append(pprm_text(steps[t][-1]))
             found[t].append(solution_answer(steps[t][-1]))
         # An answer needs a well-formed chain too (the host's parse is the stricter one).
         parsed = jnp.asarray([found[t][new] is not None for t in range(b)])
@@ -674,7 +674,7 @@ def run(
     return SearchResult(tree, steps, found, pref, global_value)
 
 
-def _pprm_text(steps: list[tuple[str, str]]) -> str:
+def pprm_text(steps: list[tuple[str, str]]) -> str:
     """What the PPRM reads of a solution: its effective thoughts (`o1jax.train.pprm`'s format)."""
     from o1jax.train.pprm import solution_text
 

@@ -1,0 +1,86 @@
+"""Preference pairs mined from the policy's own solutions, for training the PPRM.
+
+LLaMA-Berry trains its pairwise reward model on solutions of the policy it will judge. On a task
+with checkable answers this needs no labels: sample K whole solutions per training problem, check
+each final answer against the ground truth, and pair right solutions against wrong ones. The
+PPRM then learns to tell apart the mistakes this policy makes (rather than only the planted flaws
+of `o1jax.train.pprm.task_pairs`), which is what SR-MCTS asks of it.
+
+    triples = policy_triples(params, cfg, tokenizer, problems, key=key, samples=8)
+    pairs = encode_pairs(tokenizer, triples)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from o1jax.data import answers
+from o1jax.search import refine
+
+
+def solution_verdicts(texts: Sequence[str], truth: str) -> tuple[list[str], list[str]]:
+    """(right, wrong): the distinct PPRM texts of decoded solutions, split by their answers.
+
+    A solution without a final answer counts as wrong; one whose chain breaks is skipped.
+    """
+    right, wrong = [], []
+    for text in texts:
+        steps = refine.solution_steps(text)
+        if not steps:
+            continue
+        answer = refine.solution_answer(steps)
+        good = answer is not None and answers.is_equivalent(answer, truth)
+        bucket = right if good else wrong
+        solution = refine.pprm_text(steps)
+        if solution not in right and solution not in wrong:
+            bucket.append(solution)
+    return right, wrong
+
+
+def policy_triples(
+    params,
+    cfg,
+    tokenizer,
+    problems,
+    *,
+    key,
+    samples: int = 8,
+    pairs_per_problem: int = 2,
+    max_new_tokens: int = 160,
+    batch_size: int = 32,
+    lora=None,
+    seed: int | Sequence[int] = 0,
+    progress: str | None = "pprm pairs",
+) -> list[tuple[str, str, str]]:
+    """(question, chosen, rejected) triples from `samples` solutions per problem at T = 1.
+
+    Each problem with both right and wrong solutions gives up to `pairs_per_problem` pairs,
+    drawn without repeats by a generator seeded with `seed`.
+    """
+    from o1jax.train.evaluate import generate_texts
+
+    texts = generate_texts(
+        params,
+        cfg,
+        tokenizer,
+        [p.question for p in problems],
+        key=key,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        num_samples=samples,
+        batch_size=max(batch_size // samples, 1),
+        lora=lora,
+        progress=progress,
+    )
+    rng = np.random.default_rng(seed)
+    triples = []
+    for problem, solutions in zip(problems, texts, strict=True):
+        right, wrong = solution_verdicts(solutions, problem.answer)
+        combos = [(r, w) for r in right for w in wrong]
+        if not combos:
+            continue
+        for k in rng.permutation(len(combos))[:pairs_per_problem]:
+            triples.append((problem.question, *combos[k]))
+    return triples
