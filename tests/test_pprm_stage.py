@@ -1,0 +1,174 @@
+"""The PPRM stage of train.py: report, resume after SIGKILL, restore_pprm, pairs files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_train import ROOT, SMOKE, _checkpoint_steps, _kill_when, _report, _train
+
+from o1jax.data.tasks import DataError
+from o1jax.train.config import ConfigError, dump_config, load_config
+from o1jax.train.metrics import MetricsWriter
+
+# S = 8 SFT steps, P = 24 PPRM steps, no RL iteration: checkpoints 1..8, eval 9, PPRM 10..33
+# (every 8: 17, 25, then 33 with the accuracy), done 34. Small evaluations keep it fast.
+S, P = 8, 24
+RUN = [
+    f"sft.steps={S}",
+    f"pprm.steps={P}",
+    "pprm.batch_size=16",
+    "rl.iterations=0",
+    "eval.num_problems=2",
+    "eval.search_simulations=1",
+]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's train.py runs (same programs)."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",)}
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield path
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+
+
+@pytest.fixture(scope="module")
+def with_pprm(tmp_path_factory, compile_cache):
+    workdir = tmp_path_factory.mktemp("pprm")
+    result = _train(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def _pprm_of(workdir):
+    from o1jax.train.pipeline import open_run, restore_policy, restore_pprm
+
+    ctx = open_run(str(workdir))
+    try:
+        base, adapter = restore_pprm(ctx)
+        policy, _ = restore_policy(ctx)
+    finally:
+        ctx.checkpointer.close()
+    return jax.tree.map(np.asarray, (base, adapter, policy))
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_pprm_stage_reports_accuracy_and_keeps_the_numbering(with_pprm):
+    report = _report(with_pprm)
+    assert 0.0 <= report["pprm_accuracy"] <= 1.0 and report["pprm_steps"] == P
+    assert report["pprm_eval_pairs"] == 16  # one pair per flawable held-out problem
+    assert _checkpoint_steps(with_pprm) == [S + 1 + P, S + P + 2]  # PPRM's last, done
+    rows = _metrics(with_pprm)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+    loss_steps = [r["step"] for r in rows if "pprm/loss" in r]
+    assert loss_steps == [S + 10, S + 20, S + P]
+    assert all("pprm/accuracy" in r for r in rows if "pprm/loss" in r)
+    (acc,) = [r for r in rows if "eval/pprm_accuracy" in r]
+    assert acc["step"] == S + P and acc["eval/pprm_accuracy"] == report["pprm_accuracy"]
+
+
+def test_sigkill_during_pprm_resumes_to_the_same_report_and_adapter(with_pprm, tmp_path):
+    workdir = tmp_path / "killed"
+    _kill_when(workdir, _train(workdir, *RUN, wait=False), step=S + 1 + 8)  # PPRM step 8 saved
+    assert max(_checkpoint_steps(workdir)) < S + 1 + P  # stopped inside the PPRM stage
+    result = _train(workdir, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _report(workdir) == _report(with_pprm)
+    jax.tree.map(np.testing.assert_array_equal, _pprm_of(workdir), _pprm_of(with_pprm))
+    pprm_rows = lambda w: [r for r in _metrics(w) if any(k.startswith("pprm/") for k in r)]
+    assert pprm_rows(workdir) == pprm_rows(with_pprm)
+
+
+def test_restore_pprm_gives_the_trained_adapter_over_the_sft_model(with_pprm):
+    base, adapter, policy = _pprm_of(with_pprm)
+    jax.tree.map(np.testing.assert_array_equal, base, policy)  # no RL: the SFT'd model
+    bs = [
+        ab["b"] for group in adapter.weights.values() for t in group.values() for ab in t.values()
+    ]
+    assert max(np.abs(b).max() for b in bs) > 0  # trained: every B starts at zero
+
+
+def _context(tmp_path, *overrides):
+    from o1jax.train.pipeline import build_context
+
+    config = load_config(SMOKE, list(overrides))
+    os.makedirs(tmp_path, exist_ok=True)
+    dump_config(config, os.path.join(tmp_path, "config.yaml"))
+    return build_context(config, str(tmp_path), MetricsWriter(str(tmp_path), False), None)
+
+
+def test_restore_pprm_errors_name_the_workdir(tmp_path):
+    from o1jax.train.pipeline import open_run, restore_pprm
+
+    _context(tmp_path / "none").checkpointer.close()
+    ctx = open_run(str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match=r"none: this run trained no PPRM \(pprm.steps is 0\)"):
+        restore_pprm(ctx)
+    ctx.checkpointer.close()
+    _context(tmp_path / "early", "pprm.steps=4").checkpointer.close()
+    ctx = open_run(str(tmp_path / "early"))
+    with pytest.raises(ConfigError, match="early: this run has not finished its PPRM stage"):
+        restore_pprm(ctx)
+    ctx.checkpointer.close()
+
+
+def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
+    from o1jax.train.pipeline import pprm_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"question": f"Start with {i}, add 2.", "chosen": f"{i} + 2 = {i + 2}", "rejected": "9"}
+        for i in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ctx = _context(tmp_path / "w", f"pprm.pairs_path={path}", "pprm.eval_pairs=2", "pprm.steps=1")
+    train, held_out = pprm_pairs(ctx)
+    ctx.checkpointer.close()
+    assert held_out.num_pairs <= 2 and train.num_pairs + held_out.num_pairs <= 40
+    assert train.num_pairs >= 30 and train.first_better.tolist()[:4] == [1, 0, 1, 0]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "chosen": "a"}))
+    with pytest.raises(DataError, match=f"{bad}:2: field 'rejected' is missing"):
+        pprm_pairs(_context(tmp_path / "w2", f"pprm.pairs_path={bad}", "pprm.steps=1"))
+    bad.write_text('{"question": "q", "chosen": "a", "rejected": 3}\n')
+    with pytest.raises(DataError, match=f"{bad}:1: field 'rejected' must be a non-empty string"):
+        pprm_pairs(_context(tmp_path / "w3", f"pprm.pairs_path={bad}", "pprm.steps=1"))
+
+
+def test_a_broken_pairs_file_stops_train_py_before_sft(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    import train
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "chosen": "a", "rejected": "b"}\n{"question": oops}\n')
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path / "w"), f"pprm.pairs_path={bad}"]
+    assert train.main([*argv, "pprm.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: broken JSON" in err
+    assert _checkpoint_steps(tmp_path / "w") == []  # nothing trained
+    assert train.main([*argv, "pprm.steps=-1"]) == 2
+    assert "pprm.steps: must be >= 0 (0: no PPRM stage), got -1" in capsys.readouterr().err
+
+
+def test_berry_config_adds_only_the_pprm_stage_to_the_default():
+    tiny = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    berry = load_config(os.path.join(ROOT, "configs", "berry.yaml"))
+    assert tiny.pprm.steps == 0 and berry.pprm.steps > 0
+    assert berry.pprm.pairs_path == ""
+    assert {k: v for k, v in vars(berry).items() if k != "pprm"} == {
+        k: v for k, v in vars(tiny).items() if k != "pprm"
+    }
