@@ -149,6 +149,30 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
         pprm_pairs(_context(tmp_path / "w3", f"pprm.pairs_path={bad}", "pprm.steps=1"))
 
 
+def test_policy_source_mines_pairs_from_the_sft_policy_after_sft(tmp_path, monkeypatch):
+    from o1jax.train import pipeline, pprm_mining
+
+    ctx = _context(tmp_path / "w", "pprm.source=policy", "pprm.steps=1", "pprm.eval_pairs=1",
+                   "pprm.mine_problems=5", "pprm.samples=3")  # fmt: skip
+    assert pipeline.pprm_pairs(ctx) is None  # nothing to mine before SFT
+    calls = []
+
+    def fake_triples(params, cfg, tokenizer, problems, *, key, samples, seed, **kw):
+        calls.append((len(problems), samples, seed))
+        return [(p.question, "right", "wrong") for p in problems]
+
+    monkeypatch.setattr(pprm_mining, "policy_triples", fake_triples)
+    train, held_out = pipeline.policy_pprm_pairs(ctx, ctx.params)
+    assert train.num_pairs == 5 and held_out.num_pairs == 1
+    assert calls[0][:2] == (5, 3) and calls[0][2] != calls[1][2]  # train and held-out draws
+    monkeypatch.setattr(pprm_mining, "policy_triples", lambda *a, **k: [])
+    with pytest.raises(ConfigError, match=r"pprm\.source policy: .* 0 train / 0 held-out"):
+        pipeline.policy_pprm_pairs(ctx, ctx.params)
+    ctx.checkpointer.close()
+    with pytest.raises(ConfigError, match=r"pprm\.source: must be 'task' or 'policy'"):
+        load_config(SMOKE, overrides=["pprm.source=trees"])
+
+
 def test_a_broken_pairs_file_stops_train_py_before_sft(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     import train

@@ -138,8 +138,14 @@ class PPRMSection:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # JSONL of {"question", "chosen", "rejected"} rows, split into train / held-out by question
-    # (data.test_fraction); empty: (correct, flawed) solutions of the train problems.
+    # (data.test_fraction); empty: pairs from `source`.
     pairs_path: str = ""
+    # "task": (correct, flawed) worked solutions of the built-in task's problems; "policy":
+    # right against wrong final answers among `samples` solutions the SFT'd policy writes for
+    # each of the first `mine_problems` train problems (o1jax.train.pprm_mining).
+    source: str = "task"
+    mine_problems: int = 1024
+    samples: int = 8
     eval_pairs: int = 200  # held-out pairs for the pairwise accuracy in the report
 
     def __post_init__(self):
@@ -149,6 +155,10 @@ class PPRMSection:
         _require(self.weight_decay >= 0, "pprm.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.max_grad_norm > 0, "pprm.max_grad_norm", self.max_grad_norm, "must be > 0")
         _require(self.eval_pairs >= 1, "pprm.eval_pairs", self.eval_pairs, "must be >= 1")
+        _require(self.source in ("task", "policy"), "pprm.source", self.source,
+                 "must be 'task' or 'policy'")  # fmt: skip
+        _require(self.mine_problems >= 1, "pprm.mine_problems", self.mine_problems, "must be >= 1")
+        _require(self.samples >= 2, "pprm.samples", self.samples, "must be >= 2")
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:

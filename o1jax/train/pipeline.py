@@ -47,6 +47,7 @@ from o1jax.rl.ppo import PPOConfig, PPOTrainer
 from o1jax.search import mcts
 from o1jax.search.format import encode_chain, encode_prompts, make_step_format
 from o1jax.train import evaluate as ev
+from o1jax.train import pprm_mining
 from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
 from o1jax.train.config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from o1jax.train.metrics import MetricsWriter
@@ -316,10 +317,11 @@ def policy_params(ctx: RunContext, sft_state):
     return lora.merge(ctx.params, sft_state.trainable)
 
 
-def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs]:
+def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs] | None:
     """(training, held-out) preference pairs of the PPRM stage: the `pprm.pairs_path` file split
     by question (`data.test_fraction`), or (correct, flawed) solutions of the train and the
-    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs."""
+    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs. None for
+    `pprm.source: policy`, whose pairs need the SFT'd policy (`policy_pprm_pairs`)."""
     config, p = ctx.config, ctx.config.pprm
     if p.pairs_path:
         triples = load_pairs(p.pairs_path)
@@ -333,6 +335,8 @@ def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs]:
                 f"be non-empty"
             )
         return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test[: p.eval_pairs])
+    if p.source == "policy":
+        return None  # mined from the SFT'd policy in the PPRM stage (policy_pprm_pairs)
     try:
         train = task_pairs(
             ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0])
@@ -346,6 +350,35 @@ def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs]:
             f"give pprm.pairs_path"
         ) from None
     return train, test.head(p.eval_pairs)
+
+
+def policy_pprm_pairs(ctx: RunContext, base_params) -> tuple[Pairs, Pairs]:
+    """Pairs mined from the SFT'd policy's own solutions: right against wrong final answers
+    among `pprm.samples` samples per train problem (and per held-out problem for the accuracy).
+    Deterministic in the seed, so a resumed stage mines the same pairs."""
+    config, p = ctx.config, ctx.config.pprm
+    key = jax.random.fold_in(ctx.key, STAGE_PPRM)
+    mine = lambda problems, part: pprm_mining.policy_triples(
+        base_params,
+        ctx.cfg,
+        ctx.tokenizer,
+        problems,
+        key=jax.random.fold_in(key, part),
+        samples=p.samples,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=_eval_batch(config, len(problems)) * p.samples,
+        seed=(config.seed, STAGE_PPRM, part),
+        progress=f"pprm pairs ({'train' if part == 0 else 'held-out'})",
+    )
+    train = mine(ctx.train[: p.mine_problems], 0)
+    test = mine(ctx.test[: config.eval.num_problems], 1)
+    if not train or not test:
+        raise ConfigError(
+            f"pprm.source policy: the SFT'd policy's samples gave {len(train)} train / "
+            f"{len(test)} held-out (right, wrong) pairs; both must be non-empty (more "
+            f"pprm.samples or pprm.mine_problems, or pprm.source: task)"
+        )
+    return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test).head(p.eval_pairs)
 
 
 def _pprm_trainer(ctx: RunContext, base_params) -> PPRMTrainer:
@@ -750,6 +783,7 @@ def _run_stages(ctx: RunContext) -> dict:
     # PPRM: its own adapter over the frozen SFT'd model, resumed from its own checkpoint.
     if pprm_pending:
         start = meta["step"] if meta["stage"] == "pprm" else 0
+        pairs = pairs or policy_pprm_pairs(ctx, base)
         pprm_state, results = run_pprm(
             ctx, base, *pairs, sft_state, results, start_state=pprm_state, start_step=start
         )
