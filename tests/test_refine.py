@@ -7,10 +7,13 @@ import pytest
 from tiny_models import random_tiny_model
 
 from o1jax.data import longcot
+from o1jax.data.tasks import DataError
 from o1jax.data.tokenizer import build_tiny_tokenizer
 from o1jax.model.sampler import SampleOutput
 from o1jax.search import refine
 from o1jax.search.format import encode_chain, encode_prompts
+from o1jax.train.config import DataConfig, RunConfig
+from o1jax.train.pipeline import sft_examples
 
 QUESTION = "Start with 4, add 5, multiply by 2."
 WRONG = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 19", "<conclusion>\\boxed{19}"]
@@ -227,7 +230,7 @@ def test_a_run_keeps_the_tree_invariants_and_compiles_once(tok, model, value):
         np.testing.assert_allclose((p + p.T)[off], 1.0, atol=1e-6)
 
 
-def test_planted_tree_exports_to_longcot_and_feeds_sft(tok):
+def test_planted_tree_exports_to_longcot_and_feeds_sft(tok, tmp_path):
     """A root with a wrong answer and its refinement become one long-CoT tree that branches at
     the criticised step; its paths encode as SFT chains."""
     right = [
@@ -252,8 +255,17 @@ def test_planted_tree_exports_to_longcot_and_feeds_sft(tok):
     paths = longcot.tree_to_paths(nodes)
     assert [p[-1].rating for p in paths] == ["<negative_rating>", "<positive_rating>"]
     assert paths[1][2].rating == "<negative_rating>" and paths[1][3].action == "<critic>"
-    for path in paths:
-        ids, mask = encode_chain(
-            tok, QUESTION, [n.text for n in path[1:]], [n.rating for n in path[1:]]
-        )
-        assert mask.sum() > 0 and len(ids) > 20
+    # Written as `evaluate --trees` writes it, the tree feeds SFT through data.sft_trees: its
+    # one right path (the journey) becomes one example.
+    (tmp_path / "trees").mkdir()
+    (tmp_path / "trees" / "p1.txt").write_text(longcot.render_tree(nodes))
+    config = RunConfig(data=DataConfig(sft_trees=str(tmp_path / "trees")))
+    (example,) = sft_examples(config, tok, [])
+    journey = [n.text for n in longcot.right_paths(nodes)[0][1:]]
+    assert journey == right
+    ids, mask = encode_chain(tok, QUESTION, journey, ratings)
+    np.testing.assert_array_equal(example.tokens, ids)
+    np.testing.assert_array_equal(example.loss_mask, mask)
+    (tmp_path / "trees" / "p2.txt").write_text("<start_of_father_id>-1<end_of_father_id>oops")
+    with pytest.raises(DataError, match=r"p2\.txt: long-CoT text, offset \d+"):
+        sft_examples(config, tok, [])

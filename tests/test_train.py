@@ -214,8 +214,8 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
     assert [len(r["answers"]) for r in records] == [3] * 4  # the first answer + 2 refinements
     for name in sorted(os.listdir(trees / "mctsr")):  # OpenLongCoT text, parsed strictly
         longcot.parse_tree((trees / "mctsr" / name).read_text())
-    files = sorted(os.listdir(trees / "mcts"))
-    assert len(files) == 4
+    files = sorted(f for f in os.listdir(trees / "mcts") if f.endswith(".json"))
+    assert len(files) == 4 and len(os.listdir(trees / "mcts")) == 8  # and OpenLongCoT text
     trees = trees / "mcts"
     tree = json.load(open(trees / files[0]))
     n = len(tree["nodes"])  # the root + K = 2 children per expanding simulation
@@ -223,7 +223,7 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
     assert show_tree.main([str(trees / files[0]), "-o", str(tmp_path / "t.html")]) == 0
     assert (tmp_path / "t.html").read_text().count("<rect") == n
     # The run's own trees of its first held-out problems are written beside its report.
-    assert len(os.listdir(os.path.join(uninterrupted, "trees_sft"))) == 8
+    assert len(os.listdir(os.path.join(uninterrupted, "trees_sft"))) == 16  # JSON and text
     capsys.readouterr()
     prompt = tree["question"]
     assert generate.main(["--workdir", str(uninterrupted), "--prompt", prompt, "--longcot"]) == 0

@@ -357,6 +357,16 @@ def tree_to_paths(nodes: Sequence[Node]) -> list[list[Node]]:
     return paths
 
 
+def right_paths(nodes: Sequence[Node]) -> list[list[Node]]:
+    """The root-to-leaf paths that end in a positively rated `<conclusion>`: the solutions of a
+    rated tree worth imitating, journeys through a criticised step included."""
+    return [
+        p
+        for p in tree_to_paths(nodes)
+        if p[-1].action == CONCLUSION and p[-1].rating == POSITIVE_RATING
+    ]
+
+
 def paths_to_tree(paths: Sequence[Sequence[Node]]) -> list[Node]:
     """Merges root-to-leaf paths into one tree; shared prefixes (same action, thought and rating
     at the same depth) become one node. Local ids are assigned in depth-first order (root 0), and

@@ -397,3 +397,25 @@ def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:
         problem_from_row(row, f"{path}[{tag}] row {i}", f"{path.name}-{tag}-{i}")
         for i, row in enumerate(data)
     ]
+
+
+def load_trees(path: str | Path) -> list[list[Node]]:
+    """OpenLongCoT trees from a text file (one tree) or a directory (every `*.txt` in it, sorted),
+    such as `python -m o1jax.evaluate --search ... --trees DIR` writes. Errors (`DataError`) name
+    the file and the character offset."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise DataError(f"{path}: no *.txt long-CoT tree files in this directory")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    trees = []
+    for file in files:
+        try:
+            trees.append(longcot.parse_tree(file.read_text(encoding="utf-8")))
+        except ValueError as e:  # LongCoTParseError names the offset
+            raise DataError(f"{file}: {e}") from None
+    return trees

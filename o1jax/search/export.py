@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from o1jax.data import longcot
-from o1jax.data.answers import extract_answer
+from o1jax.data.answers import extract_answer, is_equivalent
 from o1jax.search.tree import Tree
 
 
@@ -64,22 +64,27 @@ def choose_answer(tree: Tree, b: int, tokenizer, method: str = "vote") -> str | 
     return max(scores, key=scores.get) if scores else None
 
 
-def tree_to_longcot(tree: Tree, b: int, tokenizer, question: str) -> list[longcot.Node]:
+def tree_to_longcot(
+    tree: Tree, b: int, tokenizer, question: str, truth: str | None = None
+) -> list[longcot.Node]:
     """Tree `b` as OpenLongCoT nodes (local id = slot; rating from the answer check for judged
-    answers, else from the model's rating), ready for `longcot.render_tree` and SFT."""
+    answers, or against `truth` when given, else from the model's rating), ready for
+    `longcot.render_tree` and SFT (`data.sft_trees`)."""
     t = _host(tree, b)
     nodes = [
         longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
     ]
     for i in range(1, len(t["parent"])):
-        if t["is_answer"][i] and t["reward"][i] != 0:
+        text = thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
+        if t["is_answer"][i] and truth is not None:
+            answer = extract_answer(text)
+            good = answer is not None and is_equivalent(answer, truth)
+        elif t["is_answer"][i] and t["reward"][i] != 0:
             good = t["reward"][i] > 0.5
         else:
             good = t["rating"][i] >= 0.5
         rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
-        action, body = longcot.split_action(
-            thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
-        )
+        action, body = longcot.split_action(text)
         for special in longcot.SPECIAL_TOKENS:  # a sampled thought may contain stray tags
             body = body.replace(special, "")
         nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
@@ -88,8 +93,6 @@ def tree_to_longcot(tree: Tree, b: int, tokenizer, question: str) -> list[longco
 
 def tree_to_json(tree: Tree, b: int, tokenizer, question: str, truth: str | None = None) -> dict:
     """Tree `b` as a JSON-able dict (what `python -m o1jax.show_tree` draws)."""
-    from o1jax.data.answers import is_equivalent
-
     t = _host(tree, b)
     chosen = choose_answer(tree, b, tokenizer)
     out_nodes = []

@@ -59,6 +59,9 @@ class DataConfig:
     path: str = ""  # JSONL problem file; empty: the built-in task
     test_path: str = ""  # held-out JSONL; empty: a held-out split of `path` or of the task
     test_fraction: float = 0.1
+    # OpenLongCoT trees (a .txt file, or a directory of them, as `evaluate --trees` writes) whose
+    # right paths (ending in a positive <conclusion>) are added to the SFT data.
+    sft_trees: str = ""
     task: TaskConfig = TaskConfig()
 
 

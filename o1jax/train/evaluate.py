@@ -24,7 +24,7 @@ from o1jax.data import longcot
 from o1jax.data.answers import extract_answer, is_equivalent
 from o1jax.model.sampler import generate
 from o1jax.search import mcts, refine
-from o1jax.search.export import choose_answer, tree_to_json
+from o1jax.search.export import choose_answer, tree_to_json, tree_to_longcot
 from o1jax.search.format import encode_prompts, make_step_format
 
 
@@ -201,7 +201,9 @@ def search_evaluate(
     """MCTS accuracy without the ground truth: answers chosen by value-weighted vote.
 
     tree_dir: also write each problem's tree as `tree_dir/<id>.json` (`tree_to_json`, what
-      `python -m o1jax.show_tree` draws), the first `max_trees` of them (None: all).
+      `python -m o1jax.show_tree` draws) and as OpenLongCoT text `tree_dir/<id>.txt` (answers
+      rated by the answer check: SFT data through `data.sft_trees`), the first `max_trees` of
+      them (None: all).
     """
     fmt = make_step_format(tokenizer, search.max_depth)
     _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
@@ -322,6 +324,8 @@ def _write_tree(tree_dir: str, tree, b: int, tokenizer, problem) -> None:
     data = tree_to_json(tree, b, tokenizer, problem.question, truth=problem.answer)
     with open(os.path.join(tree_dir, f"{name}.json"), "w") as f:
         json.dump(data, f, indent=1)
+    nodes = tree_to_longcot(tree, b, tokenizer, problem.question, truth=problem.answer)
+    _write_text(tree_dir, problem, longcot.render_tree(nodes))
 
 
 def write_records(path: str, records: list[dict]) -> None:

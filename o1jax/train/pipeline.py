@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from o1jax.data import answers, tasks
+from o1jax.data import answers, longcot, tasks
 from o1jax.data.tokenizer import (
     add_longcot_tokens,
     build_tiny_tokenizer,
@@ -202,13 +202,14 @@ def tiny_model_config(config: RunConfig, vocab_size: int) -> Gemma2Config:
 def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
     """Correct chains, journeys with a fixed mistake (a `journey_fraction` of them), and extra
     wrong chains trained on their ratings only (`flawed_fraction`), which teach the rating
-    tokens, the search's value function, to reject a wrong path."""
+    tokens, the search's value function, to reject a wrong path. With `data.sft_trees`, also
+    the right paths of those OpenLongCoT trees (search trees fed back as SFT data)."""
     rng = np.random.default_rng([config.seed, STAGE_SFT])
     task = config.data.task
     out = []
 
-    def add(thoughts, ratings, train_thoughts=True):
-        ids, mask = encode_chain(tokenizer, p.question, thoughts, ratings, train_thoughts)
+    def add(question, thoughts, ratings, train_thoughts=True):
+        ids, mask = encode_chain(tokenizer, question, thoughts, ratings, train_thoughts)
         if len(ids) <= config.sft.seq_len:
             out.append(Example(ids, mask))
 
@@ -217,13 +218,17 @@ def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
             continue
         if rng.random() < task.journey_fraction:
             nodes = tasks.journey_solution(p, rng)[1:]
-            add([n.text for n in nodes], [n.rating for n in nodes])
+            add(p.question, [n.text for n in nodes], [n.rating for n in nodes])
         else:
-            add(list(p.steps), None)
+            add(p.question, list(p.steps), None)
         if rng.random() < task.flawed_fraction:
             flawed = tasks.flawed_chain(p, rng)
             if flawed is not None:
-                add(*flawed, train_thoughts=False)
+                add(p.question, *flawed, train_thoughts=False)
+    if config.data.sft_trees:
+        for nodes in tasks.load_trees(config.data.sft_trees):
+            for path in longcot.right_paths(nodes):
+                add(nodes[0].thought, [n.text for n in path[1:]], [n.rating for n in path[1:]])
     if not out:
         raise ConfigError("sft: no training example has a worked solution that fits sft.seq_len")
     return out
