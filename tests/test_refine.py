@@ -134,6 +134,23 @@ def test_selection_follows_the_candidate_rule_and_uct():
     assert int(refine.select(tree, wide)[0]) == expected
 
 
+def test_pprm_values_mix_the_borda_rank_with_preferences_over_parent_and_siblings():
+    parent = np.asarray([[-1, 0, 0, 1, -1]])  # slot 4 unused
+    has = np.asarray([[True, True, True, True, False]])
+    upper = {(0, 1): 0.3, (0, 2): 0.6, (0, 3): 0.2, (1, 2): 0.9, (1, 3): 0.55, (2, 3): 0.7}
+    pref = np.full((1, 5, 5), np.nan, np.float32)
+    for (i, j), p in upper.items():
+        pref[0, i, j], pref[0, j, i] = p, 1 - p
+    value, global_value = refine.pprm_values(parent, has, pref, weight=0.25)
+    # 1 beats 0, 2 and 3; 0 > 2 > 3 > 0 is a cycle whose members reach each other and tie:
+    # ranks 1, 0, 1, 1 of 4 -> global values 2/3, 1, 2/3, 2/3.
+    np.testing.assert_allclose(global_value[0, :4], [2 / 3, 1, 2 / 3, 2 / 3], rtol=1e-6)
+    local = [0.5, np.mean([0.7, 0.9]), np.mean([0.4, 0.1]), 0.45]  # root: nothing to compare
+    expected = 0.25 * global_value[0, :4] + 0.75 * np.asarray(local)
+    np.testing.assert_allclose(value[0, :4], expected, rtol=1e-6)
+    assert value[0, 4] == 0.0
+
+
 def _sample(tok, texts, width, stopped):
     rows = [tok.encode(t, add_special_tokens=False)[:width] for t in texts]
     return SampleOutput(

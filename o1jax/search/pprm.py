@@ -44,6 +44,11 @@ def answer_format(tokenizer) -> tuple[tuple[int, int], str]:
     raise ValueError("pprm: the tokenizer has neither ' A'/' B' nor 'A'/'B' as single tokens")
 
 
+def solution_text(thoughts) -> str:
+    """A whole solution as the PPRM reads it: its thoughts joined by '; ' (action tags kept)."""
+    return "; ".join(thoughts)
+
+
 def encode_pair(tokenizer, question: str, first: str, second: str) -> list[int]:
     """Token ids of the comparison prompt (BOS included), ending right before the answer."""
     _, tail = answer_format(tokenizer)

@@ -557,21 +557,15 @@ def pprm_values(tree_parent: np.ndarray, has_answer: np.ndarray, pref: np.ndarra
     The local value of a node is its mean preference over its parent and siblings (0.5 when it
     has none to compare with); nodes without an answer are left out of the ranking (value 0).
     """
-    b, n = has_answer.shape
+    n = has_answer.shape[1]
     _, global_value = ebc.enhanced_borda_count(jnp.asarray(pref), jnp.asarray(has_answer))
     global_value = np.asarray(global_value)
-    local = np.full((b, n), 0.5, np.float32)
-    for t in range(b):
-        for i in range(n):
-            p = tree_parent[t, i]
-            if p < 0 and i != 0:
-                continue
-            near = [
-                j for j in range(n) if j != i and (j == p or (p >= 0 and tree_parent[t, j] == p))
-            ]
-            vals = [pref[t, i, j] for j in near if not np.isnan(pref[t, i, j])]
-            if vals:
-                local[t, i] = float(np.mean(vals))
+    p = tree_parent[:, :, None]  # [B, N, 1] parent of node i
+    near = (tree_parent[:, None, :] == p) & (p >= 0)  # [B, i, j]: j is a sibling of i
+    near |= np.arange(n)[None, None, :] == p  # or its parent
+    near &= ~np.eye(n, dtype=bool)[None] & ~np.isnan(pref)
+    count = near.sum(-1)
+    local = np.where(count > 0, np.where(near, pref, 0.0).sum(-1) / np.maximum(count, 1), 0.5)
     value = ebc.mix_values(global_value, local, weight)
     return np.where(has_answer, value, 0.0).astype(np.float32), global_value
 
@@ -675,10 +669,8 @@ def run(
 
 
 def pprm_text(steps: list[tuple[str, str]]) -> str:
-    """What the PPRM reads of a solution: its effective thoughts (`o1jax.train.pprm`'s format)."""
-    from o1jax.train.pprm import solution_text
-
-    return solution_text([thought for thought, _ in effective_steps(steps)])
+    """What the PPRM reads of a solution: its effective thoughts (`pprm.solution_text`)."""
+    return pprm.solution_text([thought for thought, _ in effective_steps(steps)])
 
 
 # ----------------------------------------------------------------------------- export

@@ -29,6 +29,7 @@ from flax import struct
 
 from o1jax.data import tasks
 from o1jax.search import pprm
+from o1jax.search.pprm import solution_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,6 @@ class Pairs:
         """The first `num_pairs` pairs (both orders of each)."""
         n = 2 * num_pairs
         return Pairs(self.tokens[:n], self.lengths[:n], self.first_better[:n])
-
-
-def solution_text(thoughts: Sequence[str]) -> str:
-    """A whole solution as one line: its thoughts joined by '; ' (meta-action tags kept)."""
-    return "; ".join(thoughts)
 
 
 def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator) -> Pairs:
