@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -344,26 +344,30 @@ def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
     return Problem(pid, question, answer, steps)
 
 
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSON-lines file (GSM8K or MATH / AIME rows; blank lines skipped).
-
-    Errors (DataError) name the file, the line number and the field.
-    """
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
+    """(where = "file:line", line number, parsed value) of each non-blank line of a JSON-lines
+    file. A missing file or a line that is not JSON raises DataError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    problems = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                yield where, lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
-            problems.append(problem_from_row(row, where, f"{path.stem}-{lineno}"))
-    return problems
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from a JSON-lines file (GSM8K or MATH / AIME rows; blank lines skipped).
+
+    Errors (DataError) name the file, the line number and the field.
+    """
+    stem = Path(path).stem
+    return [problem_from_row(row, where, f"{stem}-{n}") for where, n, row in jsonl_rows(path)]
 
 
 def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:

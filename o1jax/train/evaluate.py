@@ -49,6 +49,18 @@ def _batches(items: Sequence, size: int):
         yield i, items[i : i + size]
 
 
+def _prompt_batches(tokenizer, problems, batch_size: int):
+    """(start, chunk, questions [batch_size], prompts [batch_size, P], lengths [batch_size]):
+    every batch padded to `batch_size` rows (repeating its first problem) and to the widest
+    prompt of the whole set, so one compiled search serves them all."""
+    _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
+    width = int(jnp.max(lengths))
+    for start, chunk in _batches(list(problems), batch_size):
+        questions = [p.question for p in chunk] + [chunk[0].question] * (batch_size - len(chunk))
+        prompts, plens = encode_prompts(tokenizer, questions, width)
+        yield start, chunk, questions, prompts, plens
+
+
 def generate_texts(
     params,
     cfg,
@@ -206,13 +218,9 @@ def search_evaluate(
       them (None: all).
     """
     fmt = make_step_format(tokenizer, search.max_depth)
-    _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
-    width = int(jnp.max(lengths))
     records, n_correct = [], 0
     bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
-    for start, chunk in _batches(list(problems), batch_size):
-        padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
-        prompts, plens = encode_prompts(tokenizer, [p.question for p in padded], width)
+    for start, chunk, _, prompts, plens in _prompt_batches(tokenizer, problems, batch_size):
         expand = mcts.make_lm_expand_fn(
             params, cfg, prompts, plens, fmt, search, lora=lora, stats=stats
         )
@@ -261,14 +269,9 @@ def refine_evaluate(
     each tree in the OpenLongCoT format as `tree_dir/<id>.txt` (conclusions rated by the answer
     check, so the file is SFT data), the first `max_trees` of them (None: all).
     """
-    _, lengths = encode_prompts(tokenizer, [p.question for p in problems])
-    width = int(jnp.max(lengths))
     records, n_correct = [], 0
     bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
-    for start, chunk in _batches(list(problems), batch_size):
-        padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
-        questions = [p.question for p in padded]
-        prompts, plens = encode_prompts(tokenizer, questions, width)
+    for start, chunk, questions, prompts, plens in _prompt_batches(tokenizer, problems, batch_size):
         result = refine.run(
             params,
             cfg,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,30 +88,19 @@ def load_pairs(path: str | Path) -> list[tuple[str, str, str]]:
 
     Blank lines are skipped. Errors (`tasks.DataError`) name the file, the line and the field.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise tasks.DataError(f"{path}: no such file")
     triples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise tasks.DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            values = []
-            for field in ("question", "chosen", "rejected"):
-                value = row.get(field)
-                if value is None:
-                    raise tasks.DataError(f"{where}: field {field!r} is missing")
-                if not isinstance(value, str) or not value.strip():
-                    raise tasks.DataError(f"{where}: field {field!r} must be a non-empty string")
-                values.append(value)
-            triples.append(tuple(values))
+    for where, _, row in tasks.jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        values = []
+        for field in ("question", "chosen", "rejected"):
+            value = row.get(field)
+            if value is None:
+                raise tasks.DataError(f"{where}: field {field!r} is missing")
+            if not isinstance(value, str) or not value.strip():
+                raise tasks.DataError(f"{where}: field {field!r} must be a non-empty string")
+            values.append(value)
+        triples.append(tuple(values))
     if not triples:
         raise tasks.DataError(f"{path}: holds no preference pairs")
     return triples
