@@ -217,3 +217,32 @@ def test_no_recompilation_between_simulations_or_batches():
     for seed in (1, 2):
         mcts.run(expand, 3, config, jax.random.key(seed))
     assert (mcts.select._cache_size(), mcts.insert_and_backup._cache_size()) == sizes
+
+
+def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
+    """The LM expansion prefills prefixes cut to a multiple of PREFIX_BUCKET: a bounded set of
+    sampler programs, compiled once and reused by later simulations and batches."""
+    from tiny_models import random_tiny_model
+
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.model import sampler
+    from o1jax.search.format import encode_prompts, make_step_format
+
+    tok = build_tiny_tokenizer()
+    cfg, params = random_tiny_model(len(tok), seed=3)
+    config = MCTSConfig(num_simulations=6, num_children=2, max_depth=3, thought_length=12)
+    fmt = make_step_format(tok, config.max_depth)
+    prompts, lengths = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    width = fmt.max_prefix_length(24, config.max_depth, config.thought_length)
+    run = lambda seed: mcts.run(
+        mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, config),
+        2,
+        config,
+        jax.random.key(seed),
+    )
+    before = sampler._generate._cache_size()
+    run(0)
+    compiled = sampler._generate._cache_size()
+    assert 1 <= compiled - before <= -(-width // mcts.PREFIX_BUCKET)
+    run(0)  # the same shapes again: nothing new to compile
+    assert sampler._generate._cache_size() == compiled

@@ -258,6 +258,7 @@ def build_prefixes(
 
 # ----------------------------------------------------------------------------- the search
 ExpandFn = Callable[[Tree, jax.Array, jax.Array], Expansion]
+PREFIX_BUCKET = 64  # prefix widths are multiples of this (one compiled sampler per bucket)
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -346,6 +347,10 @@ def make_lm_expand_fn(
         prefix, lengths = build_prefixes(
             tree, leaf, prompts, prompt_lengths, fmt, config.max_depth, width
         )
+        # Prefill only as far as the longest prefix reaches, rounded up to a bucket: early
+        # simulations have short paths, and a padded slot costs as much as a real token.
+        longest = int(jnp.max(lengths))
+        prefix = prefix[:, : min(width, -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)]
         out = generate(
             params,
             cfg,
