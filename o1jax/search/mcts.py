@@ -262,6 +262,14 @@ PREFIX_BUCKET = 64  # prefix widths are multiples of this (one compiled sampler 
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def trim_to_bucket(prompts: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Right-padded prompts [R, W] cut to their longest row rounded up to `PREFIX_BUCKET`, so
+    the sampler prefills no padding beyond it (a padded slot costs as much as a real token);
+    one compiled sampler per bucket. A host sync on `lengths`."""
+    longest = int(jnp.max(lengths))
+    return prompts[:, : min(prompts.shape[1], -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)]
+
+
 @dataclasses.dataclass
 class SearchStats:
     simulations: int = 0
@@ -347,10 +355,7 @@ def make_lm_expand_fn(
         prefix, lengths = build_prefixes(
             tree, leaf, prompts, prompt_lengths, fmt, config.max_depth, width
         )
-        # Prefill only as far as the longest prefix reaches, rounded up to a bucket: early
-        # simulations have short paths, and a padded slot costs as much as a real token.
-        longest = int(jnp.max(lengths))
-        prefix = prefix[:, : min(width, -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)]
+        prefix = trim_to_bucket(prefix, lengths)  # early simulations have short paths
         out = generate(
             params,
             cfg,

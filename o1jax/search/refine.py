@@ -44,7 +44,7 @@ from o1jax.model.gemma2 import forward
 from o1jax.model.sampler import generate
 from o1jax.search import ebc, pprm
 from o1jax.search.format import make_step_format, special_id
-from o1jax.search.mcts import PREFIX_BUCKET, StepFormat
+from o1jax.search.mcts import StepFormat, trim_to_bucket
 
 NO_NODE = -1
 VALUES = ("self_reward", "pprm")
@@ -644,7 +644,7 @@ def run(
         k_critic, k_rewrite = jax.random.split(jax.random.fold_in(key, rollout))
         node = select(tree, config)
         prefix, prefix_len = critique_prefixes(tree, node, prompts, prompt_lengths, fmt)
-        prefix = _trim(prefix, prefix_len)
+        prefix = trim_to_bucket(prefix, prefix_len)
         critique = sample(
             prefix,
             prefix_len,
@@ -654,7 +654,7 @@ def run(
             stop_tokens=(fmt.step.end_of_thought,),
         )
         prefix2, prefix2_len = rewrite_prefixes(prefix, prefix_len, tree, node, critique, fmt)
-        prefix2 = _trim(prefix2, prefix2_len)
+        prefix2 = trim_to_bucket(prefix2, prefix2_len)
         rewrite = sample(
             prefix2,
             prefix2_len,
@@ -668,13 +668,6 @@ def run(
         tree = add_children(tree, node, child, child_len, stats)
         tree = evaluate_new(tree, stats, rollout + 1)
     return SearchResult(tree, steps, found, pref, global_value)
-
-
-def _trim(prefix: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Prompts [R, W] cut to the longest row rounded up to `mcts.PREFIX_BUCKET`: the sampler
-    prefills no padding beyond it (one compiled program per bucket)."""
-    longest = int(jnp.max(lengths))
-    return prefix[:, : min(prefix.shape[1], -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)]
 
 
 def pprm_text(steps: list[tuple[str, str]]) -> str:
