@@ -1,14 +1,18 @@
 """Trees -> experiences: sequences match the search's prefixes; advantages match a NumPy GAE."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_mcts import CONCLUSION, EOT, L, synthetic_expand_fn
 
 from o1jax.rl.experience import experience_width, tree_to_experiences
 from o1jax.rl.gae import gae
 from o1jax.search import mcts
 from o1jax.search.mcts import MCTSConfig, StepFormat
+from o1jax.train.config import ConfigError, load_config
 
 GAMMA, LAM = 0.9, 0.8
 START_RATING = 60
@@ -143,3 +147,106 @@ def _reference_advantages(t, b, terminal_only):
             sums[p] += a
             counts[p] += 1
     return sums[1:used] / np.maximum(counts[1:used], 1), counts[1:used]
+
+
+def test_outcome_values_give_the_change_in_success_rate_below_each_node():
+    """values='outcome', lam=0, gamma=1: advantage(node) = V(node) - V(parent), where V is the
+    mean reward of the terminal leaves below a node (the root: of the whole tree), by a loop."""
+    config = MCTSConfig(
+        num_simulations=12, num_children=2, max_depth=4, thought_length=L, noise=0.05
+    )
+    tree = mcts.run(
+        synthetic_expand_fn(config, answer_depth=2),
+        2,
+        config,
+        jax.random.key(5),
+        reward_fn=lambda b, tok, n: (tok[:, 1] % 2 == b).astype(np.float32),
+    )
+    fmt = _fmt(config.max_depth)
+    prompts = jnp.asarray([[10, 11, 12, 0], [13, 14, 0, 0]])
+    plens = jnp.asarray([3, 2])
+    width = experience_width(fmt, prompts.shape[1], config)
+    exps = tree_to_experiences(
+        tree, prompts, plens, fmt, config, 1.0, 0.0, width, True, values="outcome"
+    )
+    t = jax.tree.map(np.asarray, tree)
+    n = tree.capacity
+    informative = 0
+    for b in range(2):
+        used = int(t.num_nodes[b])
+        rows = slice(b * (n - 1), (b + 1) * (n - 1))
+        adv = np.asarray(exps.advantage[rows])[: used - 1]
+        valid = np.asarray(exps.valid[rows])[: used - 1]
+        for i in range(1, used):
+            below = _terminal_rewards_below(t, b, i)
+            assert valid[i - 1] == bool(below)
+            if valid[i - 1]:
+                expected = np.mean(below) - np.mean(_terminal_rewards_below(t, b, t.parent[b, i]))
+                np.testing.assert_allclose(adv[i - 1], expected, atol=1e-6)
+                informative += expected != 0
+    assert informative > 0  # the trees hold both right and wrong answers
+
+
+def _terminal_rewards_below(t, b, node):
+    """Rewards of the terminal leaves in `node`'s subtree (node included), by walking up."""
+    rewards = []
+    for leaf in range(1, int(t.num_nodes[b])):
+        if t.first_child[b, leaf] != -1 or not t.terminal[b, leaf]:
+            continue
+        x = leaf
+        while x != node and x > 0:
+            x = t.parent[b, x]
+        if x == node:
+            rewards.append(float(t.reward[b, leaf]))
+    return rewards
+
+
+def test_outcome_values_need_terminal_paths():
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=3, thought_length=L)
+    tree = mcts.run(synthetic_expand_fn(config, answer_depth=2), 1, config, jax.random.key(0))
+    fmt = _fmt(config.max_depth)
+    prompts, plens = jnp.asarray([[10, 11]]), jnp.asarray([2])
+    width = experience_width(fmt, 2, config)
+    with pytest.raises(ValueError, match="terminal_only"):
+        tree_to_experiences(tree, prompts, plens, fmt, config, 1.0, 0.0, width, False, "outcome")
+
+
+def test_rl_values_config_is_checked():
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+    outcome = ["rl.values=outcome", "rl.terminal_paths_only=true"]
+    assert load_config(smoke, overrides=outcome).rl.values == "outcome"
+    with pytest.raises(ConfigError, match=r"rl\.values: must be 'rating' or 'outcome'"):
+        load_config(smoke, overrides=["rl.values=ratings"])
+    with pytest.raises(ConfigError, match=r"rl\.values: 'outcome' needs rl\.terminal_paths_only"):
+        load_config(smoke, overrides=["rl.values=outcome", "rl.terminal_paths_only=false"])
+
+
+def test_ppo_scores_exactly_the_tokens_the_search_sampled():
+    """An LM search's experiences, scored by PPO's forward, give back the sampler's own
+    log-probs token for token: the policy term trains the sampled thought at the positions the
+    search sampled it, with the prefix the search conditioned on."""
+    from tiny_models import random_tiny_model
+
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.model.gemma2 import forward
+    from o1jax.rl.ppo import sequence_logprobs
+    from o1jax.search.format import encode_prompts, make_step_format
+
+    tok = build_tiny_tokenizer()
+    cfg, params = random_tiny_model(len(tok), seed=5)
+    config = MCTSConfig(num_simulations=4, num_children=2, max_depth=3, thought_length=12)
+    fmt = make_step_format(tok, config.max_depth)
+    prompts, plens = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    expand = mcts.make_lm_expand_fn(params, cfg, prompts, plens, fmt, config)
+    tree = mcts.run(expand, 2, config, jax.random.key(1))
+    width = experience_width(fmt, prompts.shape[1], config)
+    exps = tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width)
+    e = jax.tree.map(lambda x: x[np.flatnonzero(np.asarray(exps.valid))], exps)
+    mask = jnp.arange(width)[None, :] < e.length[:, None]
+    logits = forward(params, cfg, e.tokens, attention_mask=mask)
+    logp, _ = sequence_logprobs(logits, e.tokens, e.action_start, config.thought_length)
+    act = np.arange(config.thought_length)[None, :] < np.asarray(e.action_length)[:, None]
+    assert act.sum() > 20
+    np.testing.assert_allclose(
+        np.asarray(logp)[act], np.asarray(e.behaviour_logprobs)[act], atol=1e-4
+    )

@@ -18,6 +18,16 @@ answer, a truncated thought, the depth limit) count, and nodes with no terminal 
 not experiences. A path that stops at the search frontier ends on the model's own rating, not
 on an outcome; counting it rewards "never conclude" whenever the ratings are more optimistic
 than the answer checks, which is how a tiny policy learned to stop answering in self-play.
+
+The values GAE runs on come from one of two sources (`values`):
+
+- "rating": the model's own rating of each thought, P(<positive_rating>), as search reads it.
+- "outcome": the tree's own Monte-Carlo estimate, the mean reward of the terminal leaves below
+  a node (the root: of the whole tree). With lam = 0 and gamma = 1 a node's advantage is then
+  V(node) - V(parent): how much choosing this thought changed the chance of a right answer,
+  measured by the search itself. Subtrees whose outcomes all agree give zero advantage, so a
+  problem the policy always (or never) solves pushes no thought up or down. This needs
+  `terminal_only`.
 """
 
 from __future__ import annotations
@@ -48,10 +58,13 @@ class Experience:
     valid: jax.Array  # [M] bool
 
 
-def path_values(tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Array):
+def path_values(
+    tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Array, node_values=None
+):
     """Rewards, values and mask along root-to-`leaf` paths, GAE's layout.
 
-    leaf: [B]; root_value: [B]. Returns (path [B, D], rewards [B, D], values [B, D + 1], mask).
+    leaf: [B]; root_value: [B]; node_values: [B, N] value after each thought (default: the
+    model's ratings). Returns (path [B, D], rewards [B, D], values [B, D + 1], mask).
     """
     rows = jnp.arange(tree.batch_size)[:, None]
     path = path_from_root(tree, leaf, max_depth)  # [B, D]
@@ -59,12 +72,15 @@ def path_values(tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Arr
     safe = jnp.maximum(path, 0)
     terminal = tree.terminal[rows, safe] & mask
     rewards = jnp.where(terminal, tree.reward[rows, safe], 0.0)
-    rating = jnp.where(mask & ~terminal, tree.rating[rows, safe], 0.0)  # value after thought t
+    node_values = tree.rating if node_values is None else node_values
+    rating = jnp.where(mask & ~terminal, node_values[rows, safe], 0.0)  # value after thought t
     values = jnp.concatenate([root_value[:, None], rating], axis=1)  # [B, D + 1]
     return path, rewards, values, mask.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gamma", "lam", "width", "terminal_only"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "gamma", "lam", "width", "terminal_only", "values")
+)
 def tree_to_experiences(
     tree: Tree,
     prompts: jax.Array,
@@ -75,35 +91,52 @@ def tree_to_experiences(
     lam: float,
     width: int,
     terminal_only: bool = False,
+    values: str = "rating",
 ) -> Experience:
     """Every non-root node of B trees as an experience. prompts: [B, P]; prompt_lengths: [B].
 
     terminal_only: average GAE over the paths to terminal leaves only; nodes without one are
       marked invalid.
+    values: "rating" (the model's ratings) or "outcome" (mean terminal reward below each node;
+      requires terminal_only).
     """
+    if values not in ("rating", "outcome"):
+        raise ValueError(
+            f"tree_to_experiences: values must be 'rating' or 'outcome', got {values!r}"
+        )
+    if values == "outcome" and not terminal_only:
+        raise ValueError("tree_to_experiences: values='outcome' needs terminal_only=True")
     b, n, max_len = tree.batch_size, tree.capacity, tree.thought_length
     d = config.max_depth
     nodes = jnp.arange(1, n)  # [N - 1]
     in_use = nodes[None, :] < tree.num_nodes[:, None]  # [B, N - 1]
-    root_value = tree.q_values()[:, ROOT]
-
-    # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
     is_leaf = in_use & (tree.first_child[:, 1:] == NO_NODE)  # [B, N - 1]
     if terminal_only:
         is_leaf &= tree.terminal[:, 1:]
-
-    def leaf_paths(leaf_col):  # leaf_col: [B]
-        path, rewards, values, mask = path_values(tree, leaf_col, d, root_value)
-        adv, ret = gae(rewards, values, mask, gamma, lam)
-        return path, adv, ret
-
-    paths, advs, rets = jax.vmap(leaf_paths, in_axes=1, out_axes=1)(
-        jnp.broadcast_to(nodes[None, :], (b, n - 1))
-    )  # [B, N - 1, D] each
-    weight = (is_leaf[:, :, None] & (paths != NO_NODE)).astype(jnp.float32)
+    leaves = jnp.broadcast_to(nodes[None, :], (b, n - 1))
+    paths = jax.vmap(lambda col: path_from_root(tree, col, d), in_axes=1, out_axes=1)(leaves)
+    weight = (is_leaf[:, :, None] & (paths != NO_NODE)).astype(jnp.float32)  # [B, N - 1, D]
     target = jnp.where(weight > 0, paths, n)  # dropped when not a real leaf path
     rows = jnp.arange(b)[:, None, None]
-    count = jnp.zeros((b, n)).at[rows, target].add(weight, mode="drop")
+    count = jnp.zeros((b, n)).at[rows, target].add(weight, mode="drop")  # leaves below a node
+
+    if values == "outcome":
+        leaf_reward = jnp.where(is_leaf, tree.reward[:, 1:], 0.0)  # [B, N - 1]
+        reward_sum = (
+            jnp.zeros((b, n)).at[rows, target].add(weight * leaf_reward[:, :, None], mode="drop")
+        )
+        node_values = reward_sum / jnp.maximum(count, 1.0)  # [B, N]
+        root_value = leaf_reward.sum(1) / jnp.maximum(is_leaf.sum(1), 1)
+    else:
+        node_values = None
+        root_value = tree.q_values()[:, ROOT]
+
+    # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
+    def leaf_gae(leaf_col):  # leaf_col: [B]
+        _, rewards, path_vals, mask = path_values(tree, leaf_col, d, root_value, node_values)
+        return gae(rewards, path_vals, mask, gamma, lam)
+
+    advs, rets = jax.vmap(leaf_gae, in_axes=1, out_axes=1)(leaves)  # [B, N - 1, D] each
     adv_sum = jnp.zeros((b, n)).at[rows, target].add(weight * advs, mode="drop")
     ret_sum = jnp.zeros((b, n)).at[rows, target].add(weight * rets, mode="drop")
     advantage = (adv_sum / jnp.maximum(count, 1.0))[:, 1:]  # [B, N - 1]

@@ -122,12 +122,22 @@ class RLSection:
     lam: float = 0.95
     # Advantages from paths that end in an outcome only (see o1jax.rl.experience).
     terminal_paths_only: bool = True
+    # What GAE uses as values: "rating" (the model's ratings) or "outcome" (the mean answer
+    # reward of the terminal leaves below each node, measured by the search; see
+    # o1jax.rl.experience). With lam = 0 and gamma = 1, "outcome" gives V(node) - V(parent).
+    values: str = "rating"
     clip_eps: float = 0.2
     kl_coef: float = 0.05
     value_coef: float = 1.0
     entropy_coef: float = 0.0
     learning_rate: float = 3e-4
     max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        _require(self.values in ("rating", "outcome"), "rl.values", self.values,
+                 "must be 'rating' or 'outcome'")  # fmt: skip
+        _require(self.terminal_paths_only or self.values != "outcome", "rl.values", self.values,
+                 "'outcome' needs rl.terminal_paths_only: true")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

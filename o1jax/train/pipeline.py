@@ -578,7 +578,16 @@ def run_rl(
             stats=stats,
         )
         exps = tree_to_experiences(
-            tree, prompts, plens, fmt, search, r.gamma, r.lam, width, r.terminal_paths_only
+            tree,
+            prompts,
+            plens,
+            fmt,
+            search,
+            r.gamma,
+            r.lam,
+            width,
+            r.terminal_paths_only,
+            r.values,
         )
         valid = np.flatnonzero(np.asarray(exps.valid))
         items = {k: np.asarray(v)[valid] for k, v in _strip_valid(exps).items()}
