@@ -813,7 +813,10 @@ def _run_stages(ctx: RunContext) -> dict:
 
     start_it = meta["iteration"] if meta["stage"] == "rl" else 0
     trainer, _ = run_rl(ctx, base, start_it, rl_state, per_state, on_iteration=save_iteration)
-    final = evaluate_policy(ctx, base, trainer.lora, "rl", with_search=True)
+    if iters:
+        final = evaluate_policy(ctx, base, trainer.lora, "rl", with_search=True)
+    else:  # no RL: the policy is the SFT'd one, evaluated above (a zero adapter changes nothing)
+        final = {k: results[k] for k in ("greedy_pass1", "search_accuracy")}
     report = {
         **results,
         "rl_pass1": final["greedy_pass1"],
