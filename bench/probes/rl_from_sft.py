@@ -2,6 +2,7 @@
 
     python bench/probes/rl_from_sft.py --params /tmp/sft/step_450 --out /tmp/rl_a \
         rl.learning_rate=1e-4 rl.updates_per_iteration=8 rl.value_coef=0.0
+    python bench/probes/rl_from_sft.py --workdir /tmp/sft_tiny --out /tmp/rl_b   # a train.py run
 
 Prints the per-iteration self-play success, experiences and PPO losses, then greedy pass@1 on
 200 held-out problems with and without the learned adapter.
@@ -28,13 +29,18 @@ KEYS = ("rl/selfplay_success", "rl/answer_reward_mean", "rl/nodes_per_tree", "rl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="an HF directory from sft_curve.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--params", help="an HF directory from sft_curve.py")
+    source.add_argument("--workdir", help="a train.py workdir: its SFT'd policy")
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     ctx = context(args.out, args.overrides, metrics=True)
-    _, params = load_params(args.params)
+    if args.params:
+        _, params = load_params(args.params)
+    else:
+        params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
     trainer, _ = pipeline.run_rl(ctx, params, 0)
     ctx.metrics.close()
     for line in open(f"{args.out}/metrics.jsonl"):
