@@ -58,16 +58,13 @@ class Experience:
     valid: jax.Array  # [M] bool
 
 
-def path_values(
-    tree: Tree, leaf: jax.Array, max_depth: int, root_value: jax.Array, node_values=None
-):
-    """Rewards, values and mask along root-to-`leaf` paths, GAE's layout.
+def path_values(tree: Tree, path: jax.Array, root_value: jax.Array, node_values=None):
+    """Rewards, values and mask along root-to-leaf paths, GAE's layout.
 
-    leaf: [B]; root_value: [B]; node_values: [B, N] value after each thought (default: the
-    model's ratings). Returns (path [B, D], rewards [B, D], values [B, D + 1], mask).
+    path: [B, D] from `path_from_root`; root_value: [B]; node_values: [B, N] value after each
+    thought (default: the model's ratings). Returns (rewards [B, D], values [B, D + 1], mask).
     """
     rows = jnp.arange(tree.batch_size)[:, None]
-    path = path_from_root(tree, leaf, max_depth)  # [B, D]
     mask = path != NO_NODE
     safe = jnp.maximum(path, 0)
     terminal = tree.terminal[rows, safe] & mask
@@ -75,7 +72,7 @@ def path_values(
     node_values = tree.rating if node_values is None else node_values
     rating = jnp.where(mask & ~terminal, node_values[rows, safe], 0.0)  # value after thought t
     values = jnp.concatenate([root_value[:, None], rating], axis=1)  # [B, D + 1]
-    return path, rewards, values, mask.astype(jnp.float32)
+    return rewards, values, mask.astype(jnp.float32)
 
 
 @functools.partial(
@@ -132,11 +129,11 @@ def tree_to_experiences(
         root_value = tree.q_values()[:, ROOT]
 
     # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
-    def leaf_gae(leaf_col):  # leaf_col: [B]
-        _, rewards, path_vals, mask = path_values(tree, leaf_col, d, root_value, node_values)
+    def path_gae(path):  # path: [B, D]
+        rewards, path_vals, mask = path_values(tree, path, root_value, node_values)
         return gae(rewards, path_vals, mask, gamma, lam)
 
-    advs, rets = jax.vmap(leaf_gae, in_axes=1, out_axes=1)(leaves)  # [B, N - 1, D] each
+    advs, rets = jax.vmap(path_gae, in_axes=1, out_axes=1)(paths)  # [B, N - 1, D] each
     adv_sum = jnp.zeros((b, n)).at[rows, target].add(weight * advs, mode="drop")
     ret_sum = jnp.zeros((b, n)).at[rows, target].add(weight * rets, mode="drop")
     advantage = (adv_sum / jnp.maximum(count, 1.0))[:, 1:]  # [B, N - 1]
