@@ -2,13 +2,12 @@
 
 import json
 
-import jax.numpy as jnp
 import pytest
-from tiny_models import random_tiny_model
+from tiny_models import greedy_by_full_forwards, random_tiny_model
 
 from o1jax import generate as cli
 from o1jax.data.tokenizer import build_tiny_tokenizer
-from o1jax.model import forward, save_hf
+from o1jax.model import save_hf
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +29,9 @@ def test_greedy_output_equals_repeated_full_forwards(model_dir, capsys):
     rc = cli.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "10", "--json"])
     assert rc == 0
     (record,) = _records(capsys)
-    seq = tokenizer.encode(prompt)
-    expected = []
-    for _ in range(10):
-        nxt = int(jnp.argmax(forward(params, cfg, jnp.asarray([seq]))[0, -1]))
-        seq.append(nxt)
-        expected.append(nxt)
-        if nxt == tokenizer.eos_token_id:
-            break
+    expected = greedy_by_full_forwards(
+        params, cfg, tokenizer.encode(prompt), 10, stop=tokenizer.eos_token_id
+    )
     assert record["tokens"] == expected
     assert record["text"] == tokenizer.decode(expected, skip_special_tokens=False)
     assert len(record["logprobs"]) == len(expected) and all(lp <= 0 for lp in record["logprobs"])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from tiny_models import greedy_by_full_forwards
 
 from o1jax.model import Gemma2Config, forward, init_params
 from o1jax.model.sampler import _generate, filter_logits, generate
@@ -42,14 +43,6 @@ def _prompts(lengths, width=9, seed=0):
     return jnp.asarray(tokens), jnp.asarray(lengths)
 
 
-def _greedy_reference(params, cfg, prompt, steps):
-    seq = list(prompt)
-    for _ in range(steps):
-        logits = forward(params, cfg, jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt) :]
-
-
 def test_greedy_equals_repeated_full_forward_and_rows_are_independent(model):
     cfg, params = model
     tokens, lengths = _prompts([9, 3, 6])
@@ -58,12 +51,12 @@ def test_greedy_equals_repeated_full_forward_and_rows_are_independent(model):
     )
     assert len({tuple(r) for r in np.asarray(out.tokens)}) == 3
     for i, n in enumerate([9, 3, 6]):
-        expected = _greedy_reference(params, cfg, list(np.asarray(tokens[i, :n])), 8)
+        expected = greedy_by_full_forwards(params, cfg, list(np.asarray(tokens[i, :n])), 8)
         assert list(np.asarray(out.tokens[i])) == expected
-        alone = generate(
+        alone = generate(  # the same row in a batch of one (same width: one compile)
             params,
             cfg,
-            tokens[i : i + 1, :n],
+            tokens[i : i + 1],
             lengths[i : i + 1],
             key=jax.random.key(9),
             max_new_tokens=8,

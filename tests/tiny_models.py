@@ -1,9 +1,13 @@
 """A small random Gemma2 over the project's tiny tokenizer, with weights large enough that
 greedy continuations and pairwise preferences vary (init_params alone gives near-uniform logits)."""
 
-import jax
+import functools
 
-from o1jax.model import Gemma2Config, init_params
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax.model import Gemma2Config, forward, init_params
 
 
 def random_tiny_model(vocab_size: int, seed: int, sliding_window: int = 16):
@@ -18,3 +22,27 @@ def random_tiny_model(vocab_size: int, seed: int, sliding_window: int = 16):
         init_params(cfg, jax.random.key(0)),
     )
     return cfg, params
+
+
+def greedy_by_full_forwards(params, cfg, prompt, steps: int, stop: int | None = None) -> list[int]:
+    """Greedy continuation of `prompt` by one full, cache-free `forward` per new token.
+
+    Each step runs the whole sequence so far, right-padded to one width and masked, so a single
+    compiled forward serves every step (eager forwards cost ~1 s each). Stops after `stop`.
+    """
+    width = len(prompt) + steps
+    seq = list(prompt)
+    for _ in range(steps):
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(seq)] = seq
+        logits = _masked_forward(params, cfg, jnp.asarray(tokens), len(seq))  # [1, W, V]
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        if seq[-1] == stop:
+            break
+    return seq[len(prompt) :]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _masked_forward(params, cfg, tokens, length):
+    mask = jnp.arange(tokens.shape[1])[None, :] < length  # [1, W]
+    return forward(params, cfg, tokens, attention_mask=mask)
