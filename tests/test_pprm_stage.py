@@ -6,7 +6,16 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_train import ROOT, SMOKE, _checkpoint_steps, _kill_when, _report, _train
+from shared_runs import made_once
+from test_train import (
+    ROOT,
+    SMOKE,
+    _checkpoint_steps,
+    _kill_when,
+    _report,
+    _train,
+    _train_to_the_end,
+)
 
 from o1jax.data.tasks import DataError
 from o1jax.train.config import ConfigError, dump_config, load_config
@@ -26,27 +35,8 @@ RUN = [
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's train.py runs (same programs)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",)}
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield path
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
-
-
-@pytest.fixture(scope="module")
-def with_pprm(tmp_path_factory, compile_cache):
-    workdir = tmp_path_factory.mktemp("pprm")
-    result = _train(workdir, *RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def with_pprm(tmp_path_factory):
+    return made_once(tmp_path_factory, "pprm_straight", lambda w: _train_to_the_end(w, *RUN))
 
 
 def _pprm_of(workdir):

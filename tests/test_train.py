@@ -10,16 +10,21 @@ import time
 import jax
 import numpy as np
 import pytest
+from shared_runs import made_once
 
 from o1jax.data import longcot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+TRAIN_CACHE_ENV = "O1JAX_TEST_TRAIN_XLA_CACHE"  # a compilation cache dir made by conftest.py
 
 
 def _train(workdir, *overrides, devices=8, config=SMOKE, wait=True):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if os.environ.get(TRAIN_CACHE_ENV):  # set by conftest: one compilation cache per session
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ[TRAIN_CACHE_ENV]
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [
         sys.executable,
         os.path.join(ROOT, "train.py"),
@@ -82,10 +87,12 @@ def _sft_losses(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight")
-    result = _train(workdir)
+    return made_once(tmp_path_factory, "smoke_straight", _train_to_the_end)
+
+
+def _train_to_the_end(workdir, *overrides):
+    result = _train(workdir, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
 
 
 def test_smoke_run_writes_report_curves_and_tensorboard(uninterrupted):
