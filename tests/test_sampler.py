@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from tiny_models import greedy_by_full_forwards
+from tiny_models import full_forward_logits, greedy_by_full_forwards
 
 from o1jax.model import Gemma2Config, forward, init_params
 from o1jax.model.sampler import _generate, filter_logits, generate
@@ -73,7 +73,7 @@ def test_logprobs_equal_full_forward_log_softmax(model):
     )
     for i, n in enumerate([7, 4]):
         seq = jnp.concatenate([tokens[i, :n], out.tokens[i]])[None]
-        logp = jax.nn.log_softmax(forward(params, cfg, seq)[0])  # [n + 6, V]
+        logp = jax.nn.log_softmax(full_forward_logits(params, cfg, seq[0]))  # [n + 6, V]
         expected = logp[n - 1 + jnp.arange(6), out.tokens[i]]
         np.testing.assert_allclose(out.logprobs[i], expected, atol=1e-5)
 
@@ -222,5 +222,5 @@ def test_suffix_scores_equal_a_full_forward_over_the_row(model):
         seq = jnp.concatenate(
             [prompt, out.tokens[row, : int(out.lengths[row])], jnp.asarray(suffix)]
         )[None]
-        logp = jax.nn.log_softmax(forward(params, cfg, seq)[0, -1])
+        logp = jax.nn.log_softmax(full_forward_logits(params, cfg, seq[0])[-1])
         np.testing.assert_allclose(out.scores[row], logp[jnp.asarray(scored)], atol=1e-5)

@@ -24,19 +24,22 @@ def random_tiny_model(vocab_size: int, seed: int, sliding_window: int = 16):
     return cfg, params
 
 
-def greedy_by_full_forwards(params, cfg, prompt, steps: int, stop: int | None = None) -> list[int]:
-    """Greedy continuation of `prompt` by one full, cache-free `forward` per new token.
+def full_forward_logits(params, cfg, seq, width: int = 32) -> jax.Array:
+    """Logits [T, V] of one cache-free `forward` over `seq` (T tokens), right-padded to a
+    multiple of `width` and masked, so sequences of many lengths share a few compiled forwards
+    (an eager forward costs seconds; the padding is never attended)."""
+    seq = np.asarray(seq)
+    padded = np.zeros((1, -(-len(seq) // width) * width), np.int32)
+    padded[0, : len(seq)] = seq
+    return _masked_forward(params, cfg, jnp.asarray(padded), len(seq))[0, : len(seq)]
 
-    Each step runs the whole sequence so far, right-padded to one width and masked, so a single
-    compiled forward serves every step (eager forwards cost ~1 s each). Stops after `stop`.
-    """
-    width = len(prompt) + steps
+
+def greedy_by_full_forwards(params, cfg, prompt, steps: int, stop: int | None = None) -> list[int]:
+    """Greedy continuation of `prompt` by one full, cache-free `forward` per new token
+    (`full_forward_logits`); stops after `stop`."""
     seq = list(prompt)
     for _ in range(steps):
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, : len(seq)] = seq
-        logits = _masked_forward(params, cfg, jnp.asarray(tokens), len(seq))  # [1, W, V]
-        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        seq.append(int(jnp.argmax(full_forward_logits(params, cfg, seq)[-1])))
         if seq[-1] == stop:
             break
     return seq[len(prompt) :]
