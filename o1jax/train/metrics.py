@@ -17,6 +17,16 @@ from collections import defaultdict
 
 import jax
 
+EVAL_PREFIX = "eval/"
+
+
+def panels(names: list[str]) -> list[tuple[str, list[str]]]:
+    """The PNG's panels as (title, scalars): every `eval/` scalar in one first panel, so the
+    held-out accuracies before and after RL sit side by side; one panel per other scalar."""
+    evals = [n for n in names if n.startswith(EVAL_PREFIX)]
+    rest = [(n, [n]) for n in names if not n.startswith(EVAL_PREFIX)]
+    return ([("held-out evaluation (eval/)", evals)] if evals else []) + rest
+
 
 class MetricsWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
@@ -62,7 +72,7 @@ class MetricsWriter:
         return series
 
     def plot(self, path: str | None = None, keys: list[str] | None = None) -> str | None:
-        """Writes a grid of learning curves (one panel per scalar) as a PNG; returns its path."""
+        """Writes the learning curves as a PNG grid (see `panels`); returns its path."""
         if not self.enabled:
             return None
         import matplotlib
@@ -71,18 +81,22 @@ class MetricsWriter:
         import matplotlib.pyplot as plt
 
         series = self.history()
-        names = [k for k in (keys or sorted(series)) if series.get(k)]
-        if not names:
+        grid = panels([k for k in (keys or sorted(series)) if series.get(k)])
+        if not grid:
             return None
-        cols = min(3, len(names))
-        rows = math.ceil(len(names) / cols)
+        cols = min(3, len(grid))
+        rows = math.ceil(len(grid) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, name in zip(axes.flat, names, strict=False):
-            steps, values = zip(*series[name], strict=True)
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None)
-            ax.set_title(name, fontsize=9)
+        for ax, (title, names) in zip(axes.flat, grid, strict=False):
+            for name in names:
+                steps, values = zip(*series[name], strict=True)
+                label = name.removeprefix(EVAL_PREFIX) if len(names) > 1 else None
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
+            if len(names) > 1:
+                ax.legend(fontsize=7)
+            ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(names) :]:
+        for ax in list(axes.flat)[len(grid) :]:
             ax.axis("off")
         fig.tight_layout()
         path = path or os.path.join(self.workdir, "learning_curves.png")
