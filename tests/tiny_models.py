@@ -1,5 +1,6 @@
 """A small random Gemma2 over the project's tiny tokenizer, with weights large enough that
-greedy continuations and pairwise preferences vary (init_params alone gives near-uniform logits)."""
+greedy continuations and pairwise preferences vary (init_params alone gives near-uniform logits),
+and cache-free full-forward references to check the sampler against."""
 
 import functools
 
