@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TRAIN_CACHE_ENV = "O1JAX_TEST_TRAIN_XLA_CACHE"
+from shared_runs import TRAIN_CACHE_ENV
 
 
 def pytest_configure(config):

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+# A persistent XLA compilation cache directory for the session's train.py runs: conftest.py
+# makes it and exports its path under this name; test_train._train hands it to each run.
+TRAIN_CACHE_ENV = "O1JAX_TEST_TRAIN_XLA_CACHE"
+
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     """The directory `make(path)` fills, made by the first worker that asks and reused by all.

@@ -10,13 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from shared_runs import made_once
+from shared_runs import TRAIN_CACHE_ENV, made_once
 
 from o1jax.data import longcot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
-TRAIN_CACHE_ENV = "O1JAX_TEST_TRAIN_XLA_CACHE"  # a compilation cache dir made by conftest.py
 
 
 def _train(workdir, *overrides, devices=8, config=SMOKE, wait=True):
