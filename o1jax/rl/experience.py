@@ -75,6 +75,9 @@ def path_values(tree: Tree, path: jax.Array, root_value: jax.Array, node_values=
     return rewards, values, mask.astype(jnp.float32)
 
 
+VALUE_SOURCES = ("rating", "outcome")  # what GAE's values come from (see the module doc)
+
+
 @functools.partial(
     jax.jit, static_argnames=("config", "gamma", "lam", "width", "terminal_only", "values")
 )
@@ -97,9 +100,9 @@ def tree_to_experiences(
     values: "rating" (the model's ratings) or "outcome" (mean terminal reward below each node;
       requires terminal_only).
     """
-    if values not in ("rating", "outcome"):
+    if values not in VALUE_SOURCES:
         raise ValueError(
-            f"tree_to_experiences: values must be 'rating' or 'outcome', got {values!r}"
+            f"tree_to_experiences: values must be one of {VALUE_SOURCES}, got {values!r}"
         )
     if values == "outcome" and not terminal_only:
         raise ValueError("tree_to_experiences: values='outcome' needs terminal_only=True")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from o1jax.model.lora import ALL_TARGETS
+from o1jax.rl.experience import VALUE_SOURCES
 
 
 class ConfigError(ValueError):
@@ -134,7 +135,7 @@ class RLSection:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        _require(self.values in ("rating", "outcome"), "rl.values", self.values,
+        _require(self.values in VALUE_SOURCES, "rl.values", self.values,
                  "must be 'rating' or 'outcome'")  # fmt: skip
         _require(self.terminal_paths_only or self.values != "outcome", "rl.values", self.values,
                  "'outcome' needs rl.terminal_paths_only: true")  # fmt: skip
