@@ -8,7 +8,7 @@ from scipy import stats
 from tiny_models import full_forward_logits, greedy_by_full_forwards
 
 from o1jax.model import Gemma2Config, forward, init_params
-from o1jax.model.sampler import _generate, filter_logits, generate
+from o1jax.model.sampler import _generate, filter_logits, first_argmax, generate
 
 VOCAB = 48
 STOP_CANDIDATES = (5, 6, 7)
@@ -116,6 +116,17 @@ def test_samples_follow_the_filtered_softmax(model, temperature, top_k, top_p):
     if exp_pooled[-1] == 0:
         exp_pooled, obs_pooled = exp_pooled[:-1], obs_pooled[:-1]
     assert stats.chisquare(obs_pooled, exp_pooled).pvalue > 1e-3
+
+
+def test_first_argmax_equals_argmax_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (64, 9)).astype(np.float32)  # many ties
+    x[::5, 2] = -np.inf
+    x[::7] = -np.inf
+    x[::7, 4] = 0.0  # a row whose only finite entry is in the middle
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
 
 
 def test_stop_tokens_end_rows_independently(model):
