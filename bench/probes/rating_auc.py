@@ -29,8 +29,8 @@ from o1jax.data import longcot, tasks
 from o1jax.model.gemma2 import forward
 from o1jax.train import pipeline
 
-STEP = re.compile(r"^<expansion>(\d+) ([-+*]) (\d+) = (\d+)$")
-APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+# The task's own parsing of an arithmetic step and its operators (tasks.flawed_chain uses them).
+STEP, APPLY = tasks._ARITH_STEP_RE, tasks._APPLY
 WIDTH, BATCH = 256, 32
 
 
