@@ -152,6 +152,7 @@ def test_gradients_reach_only_the_lora_pytree(hf_dir):
     tokens, _ = _batch(cfg.vocab_size)
     tokens = jnp.asarray(tokens)
 
+    @jax.jit
     def loss(adapter):
         logits = forward(params, cfg, tokens[:, :-1], lora=adapter)
         logp = jax.nn.log_softmax(logits)
@@ -160,7 +161,7 @@ def test_gradients_reach_only_the_lora_pytree(hf_dir):
     opt = optax.adam(1e-2)
     opt_state = opt.init(adapter)
     base_before = jax.tree.map(np.asarray, params)
-    grads = jax.grad(loss)(adapter)
+    grads = jax.jit(jax.grad(loss))(adapter)
     assert isinstance(grads, lora.LoRAParams)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
     updates, opt_state = opt.update(grads, opt_state, adapter)

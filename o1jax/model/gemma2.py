@@ -26,6 +26,7 @@ batches, right-padded prompts, prefill and token-by-token decode.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -300,6 +301,9 @@ def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) ->
     return cache
 
 
+# Jitted so that a call outside any other `jax.jit` (a notebook, a test) compiles one program per
+# shape instead of dispatching its few hundred ops one by one; inside a jitted caller it inlines.
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def forward(
     params: Params,
     cfg: Gemma2Config,
