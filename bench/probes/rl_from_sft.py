@@ -6,6 +6,9 @@
 
 Prints the per-iteration self-play success, experiences and PPO losses, then greedy pass@1 on
 200 held-out problems with and without the learned adapter.
+
+--strict-steps: a right answer earns its reward in the experiences only if every `a op b = c`
+step on its path is right too (the search itself still backs up the plain answer check).
 """
 
 from __future__ import annotations
@@ -16,15 +19,48 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import context, load_params
 
+from o1jax.data import tasks
+from o1jax.search.export import thought_text
 from o1jax.train import evaluate as ev
 from o1jax.train import pipeline
 
 KEYS = ("rl/selfplay_success", "rl/answer_reward_mean", "rl/nodes_per_tree", "rl/experiences",
         "ppo/kl", "ppo/value_loss", "ppo/policy_loss")  # fmt: skip
+
+
+def steps_are_right(texts) -> bool:
+    """Whether every arithmetic step among thought texts computes its result correctly."""
+    for text in texts:
+        match = tasks._ARITH_STEP_RE.match(text)
+        if match:
+            a, op, b, c = match.groups()
+            if tasks._APPLY[op](int(a), int(b)) != int(c):
+                return False
+    return True
+
+
+def strict_experiences(tokenizer, make_experiences):
+    """`tree_to_experiences` whose trees first lose the reward of right answers reached
+    through a wrong arithmetic step."""
+
+    def wrapped(tree, *args, **kwargs):
+        reward = np.array(tree.reward)
+        parent, tokens, lengths = map(np.asarray, (tree.parent, tree.tokens, tree.lengths))
+        for b, node in zip(*np.nonzero(np.asarray(tree.is_answer) & (reward > 0.5)), strict=True):
+            path, at = [], int(parent[b, node])
+            while at > 0:
+                path.append(thought_text(tokenizer, tokens[b, at], int(lengths[b, at])))
+                at = int(parent[b, at])
+            if not steps_are_right(path):
+                reward[b, node] = 0.0
+        return make_experiences(tree.replace(reward=jax.numpy.asarray(reward)), *args, **kwargs)
+
+    return wrapped
 
 
 def main() -> None:
@@ -33,6 +69,7 @@ def main() -> None:
     source.add_argument("--params", help="an HF directory from sft_curve.py")
     source.add_argument("--workdir", help="a train.py workdir: its SFT'd policy")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--strict-steps", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -41,6 +78,10 @@ def main() -> None:
         _, params = load_params(args.params)
     else:
         params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
+    if args.strict_steps:
+        pipeline.tree_to_experiences = strict_experiences(
+            ctx.tokenizer, pipeline.tree_to_experiences
+        )
     trainer, _ = pipeline.run_rl(ctx, params, 0)
     ctx.metrics.close()
     for line in open(f"{args.out}/metrics.jsonl"):
