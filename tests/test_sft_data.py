@@ -1,4 +1,4 @@
-"""SFT data: flawed chains for the verifier, and rating-only loss masks."""
+"""SFT data: flawed chains for the verifier, step checks, and rating-only loss masks."""
 
 import numpy as np
 
@@ -25,6 +25,11 @@ def test_flawed_chains_carry_one_mistake_to_a_wrong_conclusion():
         assert thoughts[first_bad] != p.steps[first_bad]
         assert all(r == longcot.NEGATIVE_RATING for r in ratings[first_bad:])
         assert extract_answer(thoughts[-1]) != p.answer  # the mistake reaches the answer
+        # The flaw is the one wrong result; later steps compute right from it.
+        assert tasks.arithmetic_step_is_right(thoughts[first_bad]) is False
+        assert all(tasks.arithmetic_step_is_right(t) for t in thoughts[first_bad + 1 : -1])
+        assert all(tasks.arithmetic_step_is_right(t) for t in p.steps[:-1])
+        assert tasks.arithmetic_step_is_right(thoughts[-1]) is None  # the conclusion
     assert made >= 40
     assert (
         tasks.flawed_chain(tasks.Problem("x", "q", "1", ("<expansion>odd", "<conclusion>1")), 0)

@@ -39,13 +39,10 @@ def kind(text: str, depth: int, problem, reward: float) -> str:
         return "conclusion, right" if reward > 0.5 else "conclusion, wrong"
     if depth <= len(steps) and text == steps[depth - 1]:
         return "the worked step"
-    match = tasks._ARITH_STEP_RE.match(text)
-    if match is None:
+    right = tasks.arithmetic_step_is_right(text)
+    if right is None:
         return "other"
-    a, op, b, c = match.groups()
-    if tasks._APPLY[op](int(a), int(b)) != int(c):
-        return "wrong arithmetic"
-    return "right arithmetic, off the worked path"
+    return "right arithmetic, off the worked path" if right else "wrong arithmetic"
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from o1jax.model.gemma2 import forward
 from o1jax.train import pipeline
 
 # The task's own parsing of an arithmetic step and its operators (tasks.flawed_chain uses them).
-STEP, APPLY = tasks._ARITH_STEP_RE, tasks._APPLY
+STEP = tasks._ARITH_STEP_RE
 WIDTH, BATCH = 256, 32
 
 
@@ -95,11 +95,7 @@ def on_policy(rater: Rater, workdir: str, problems) -> tuple[float, int, int]:
             continue
         thoughts = re.findall(r"<start_of_thought>(.*?)<end_of_thought>", row["output"])
         texts.append(longcot.render_chain(by_id[row["id"]].question, thoughts))
-        labels.append([
-            None if (m := STEP.match(t)) is None
-            else APPLY[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4))
-            for t in thoughts
-        ])  # fmt: skip
+        labels.append([tasks.arithmetic_step_is_right(t) for t in thoughts])
     right, wrong = [], []
     for r, steps in zip(rater.ratings(texts), labels, strict=True):
         for value, ok in zip(r[1:], steps, strict=False):

@@ -33,17 +33,6 @@ KEYS = ("rl/selfplay_success", "rl/answer_reward_mean", "rl/nodes_per_tree", "rl
         "ppo/kl", "ppo/value_loss", "ppo/policy_loss")  # fmt: skip
 
 
-def steps_are_right(texts) -> bool:
-    """Whether every arithmetic step among thought texts computes its result correctly."""
-    for text in texts:
-        match = tasks._ARITH_STEP_RE.match(text)
-        if match:
-            a, op, b, c = match.groups()
-            if tasks._APPLY[op](int(a), int(b)) != int(c):
-                return False
-    return True
-
-
 def strict_experiences(tokenizer, make_experiences):
     """`tree_to_experiences` whose trees first lose the reward of right answers reached
     through a wrong arithmetic step."""
@@ -56,7 +45,7 @@ def strict_experiences(tokenizer, make_experiences):
             while at > 0:
                 path.append(thought_text(tokenizer, tokens[b, at], int(lengths[b, at])))
                 at = int(parent[b, at])
-            if not steps_are_right(path):
+            if any(tasks.arithmetic_step_is_right(text) is False for text in path):
                 reward[b, node] = 0.0
         return make_experiences(tree.replace(reward=jax.numpy.asarray(reward)), *args, **kwargs)
 

@@ -239,6 +239,16 @@ _ARITH_STEP_RE = re.compile(r"^<expansion>(\d+) ([-+*]) (\d+) = (\d+)$")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+def arithmetic_step_is_right(thought: str) -> bool | None:
+    """Whether an arithmetic-chain thought `<expansion>a op b = c` has the right c; None for a
+    thought of any other form."""
+    match = _ARITH_STEP_RE.match(thought)
+    if match is None:
+        return None
+    a, op, b, c = match.groups()
+    return _APPLY[op](int(a), int(b)) == int(c)
+
+
 def flawed_chain(problem: Problem, rng: np.random.Generator | int):
     """A wrong solution of an arithmetic-chain problem, for teaching the rating tokens to judge.
 
