@@ -53,6 +53,19 @@ def test_logits_match_transformers(hf_dir):
     assert np.abs(hf_logits(model, tokens[:1]) - ours0).max() <= 1e-4
 
 
+def test_forward_outside_jit_compiles_once_per_shape(hf_dir):
+    path, _ = hf_dir
+    cfg, params = load_hf(path)
+    tokens = jnp.asarray(_batch(cfg.vocab_size)[0])
+    first = forward(params, cfg, tokens)
+    size = forward._cache_size()
+    again = forward(params, cfg, tokens)
+    assert forward._cache_size() == size  # same shapes: the compiled program is reused
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    forward(params, cfg, tokens[:, :7])
+    assert forward._cache_size() == size + 1
+
+
 def test_config_round_trips_through_transformers():
     for name in ("tiny", "gemma2_2b", "gemma2_9b", "gemma2_27b"):
         cfg = Gemma2Config.preset(name)
