@@ -16,7 +16,6 @@ import argparse
 import sys
 from collections import defaultdict
 
-import jax
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -24,12 +23,8 @@ from common import context
 
 from o1jax.data import tasks
 from o1jax.data.longcot import CONCLUSION
-from o1jax.rl.experience import experience_width, tree_to_experiences
-from o1jax.search import mcts
 from o1jax.search.export import thought_text
-from o1jax.search.format import encode_prompts, make_step_format
 from o1jax.train import pipeline
-from o1jax.train.pipeline import STAGE_RL
 
 
 def kind(text: str, depth: int, problem, reward: float) -> str:
@@ -54,27 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     ctx = context(args.out, args.overrides)
     params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
-    config, r = ctx.config, ctx.config.rl
-    fmt = make_step_format(ctx.tokenizer, config.search.max_depth)
-    search = pipeline.search_config(config)
-    prompt_width = pipeline._prompt_width(ctx)
-    width = experience_width(fmt, prompt_width, search)
+    setup = pipeline.self_play_setup(ctx)
     stats = defaultdict(list)
     for it in range(args.iterations):  # the RL stage's own problems and keys
-        key = jax.random.fold_in(jax.random.fold_in(ctx.key, STAGE_RL), it)
-        rng = np.random.default_rng([config.seed, STAGE_RL, it])
-        picked = rng.choice(len(ctx.train), size=r.problems_per_iteration, replace=False)
-        problems = [ctx.train[i] for i in picked]
-        prompts, plens = encode_prompts(ctx.tokenizer, [p.question for p in problems], prompt_width)
-        expand = mcts.make_lm_expand_fn(params, ctx.cfg, prompts, plens, fmt, search)
-        tree = mcts.run(
-            expand, len(problems), search, jax.random.fold_in(key, 0),
-            reward_fn=pipeline._reward_fn(ctx.tokenizer, problems),
-        )  # fmt: skip
-        exps = tree_to_experiences(
-            tree, prompts, plens, fmt, search, r.gamma, r.lam, width, r.terminal_paths_only,
-            r.values,
-        )  # fmt: skip
+        problems, tree, exps = pipeline.self_play(ctx, setup, params, None, it)
         n = tree.capacity - 1
         valid, adv = np.asarray(exps.valid), np.asarray(exps.advantage)
         tokens, depth = np.asarray(tree.tokens), np.asarray(tree.depth)

@@ -21,7 +21,6 @@ import json
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,7 @@ from o1jax.data import longcot, tasks
 from o1jax.model.gemma2 import forward
 from o1jax.train import pipeline
 
-# The task's own parsing of an arithmetic step and its operators (tasks.flawed_chain uses them).
+# The task's own parsing of an arithmetic step (tasks.flawed_chain uses it too).
 STEP = tasks._ARITH_STEP_RE
 WIDTH, BATCH = 256, 32
 
@@ -50,7 +49,6 @@ class Rater:
             tok.convert_tokens_to_ids(t)
             for t in ("<start_of_rating>", "<positive_rating>", "<negative_rating>")
         ]
-        self.forward = jax.jit(lambda p, t: forward(p, self.ctx.cfg, t))
 
     def ratings(self, texts: list[str]) -> list[np.ndarray]:
         """Per text, the rating at each of its <start_of_rating> tokens (the root's first)."""
@@ -62,7 +60,7 @@ class Rater:
             tokens = np.zeros((BATCH, WIDTH), np.int32)
             for j, ids in enumerate(chunk):
                 tokens[j, : len(ids)] = ids
-            logits = np.asarray(self.forward(self.params, jnp.asarray(tokens)))
+            logits = np.asarray(forward(self.params, self.ctx.cfg, jnp.asarray(tokens)))
             for j, ids in enumerate(chunk):
                 at = logits[j, [k for k, t in enumerate(ids) if t == start]]
                 out.append(1.0 / (1.0 + np.exp(at[:, negative] - at[:, positive])))

@@ -529,7 +529,7 @@ def run_rl(
     config = ctx.config
     r = config.rl
     adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_RL), _lora_config(config))
-    fmt = make_step_format(ctx.tokenizer, config.search.max_depth)
+    setup = self_play_setup(ctx)
     ppo_config = PPOConfig(
         clip_eps=r.clip_eps,
         value_coef=r.value_coef,
@@ -545,50 +545,21 @@ def run_rl(
         adapter,
         ppo_config,
         ctx.mesh,
-        rating_tokens=(fmt.positive_rating, fmt.negative_rating),
+        rating_tokens=(setup.fmt.positive_rating, setup.fmt.negative_rating),
     )
     if rl_state is not None:
         trainer.state = rl_state
-    search = search_config(config)
-    prompt_width = _prompt_width(ctx)
-    width = experience_width(fmt, prompt_width, search)
     if per_state is None:
-        example = _experience_item(width, search.thought_length)
+        example = _experience_item(setup.width, setup.search.thought_length)
         per_state = per.init(r.buffer_capacity, example, alpha=r.alpha)
     bar = tqdm(
         range(start_iteration, r.iterations), desc="rl", initial=start_iteration, total=r.iterations
     )
     for it in bar:
-        key = jax.random.fold_in(jax.random.fold_in(ctx.key, STAGE_RL), it)
-        rng = np.random.default_rng([config.seed, STAGE_RL, it])
-        picked = rng.choice(len(ctx.train), size=r.problems_per_iteration, replace=False)
-        problems = [ctx.train[i] for i in picked]
-        prompts, plens = encode_prompts(ctx.tokenizer, [p.question for p in problems], prompt_width)
+        key = _rl_iteration_key(ctx, it)
         t0 = time.perf_counter()
         stats = mcts.SearchStats()
-        expand = mcts.make_lm_expand_fn(
-            trainer.params, ctx.cfg, prompts, plens, fmt, search, lora=trainer.lora, stats=stats
-        )
-        tree = mcts.run(
-            expand,
-            len(problems),
-            search,
-            jax.random.fold_in(key, 0),
-            reward_fn=_reward_fn(ctx.tokenizer, problems),
-            stats=stats,
-        )
-        exps = tree_to_experiences(
-            tree,
-            prompts,
-            plens,
-            fmt,
-            search,
-            r.gamma,
-            r.lam,
-            width,
-            r.terminal_paths_only,
-            r.values,
-        )
+        problems, tree, exps = self_play(ctx, setup, trainer.params, trainer.lora, it, stats)
         valid = np.flatnonzero(np.asarray(exps.valid))
         items = {k: np.asarray(v)[valid] for k, v in _strip_valid(exps).items()}
         per_state = _add_to_buffer(per_state, items, np.abs(items["advantage"]) + 1e-6)
@@ -656,6 +627,66 @@ def run_rl(
             raise Preempted(f"SIGTERM: saved RL iteration {it + 1}")
     bar.close()
     return trainer, per_state
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfPlaySetup:
+    """What every RL iteration's self-play shares: the step format, the search settings, the
+    prompt width and the experience width (tokens)."""
+
+    fmt: mcts.StepFormat
+    search: mcts.MCTSConfig
+    prompt_width: int
+    width: int
+
+
+def self_play_setup(ctx: RunContext) -> SelfPlaySetup:
+    fmt = make_step_format(ctx.tokenizer, ctx.config.search.max_depth)
+    search = search_config(ctx.config)
+    prompt_width = _prompt_width(ctx)
+    return SelfPlaySetup(fmt, search, prompt_width, experience_width(fmt, prompt_width, search))
+
+
+def _rl_iteration_key(ctx: RunContext, iteration: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(ctx.key, STAGE_RL), iteration)
+
+
+def self_play(ctx: RunContext, setup: SelfPlaySetup, params, adapter, iteration: int, stats=None):
+    """RL iteration `iteration`'s self-play: its training problems (drawn from the seed), their
+    search trees (B = rl.problems_per_iteration) and the experiences built from them.
+
+    Returns (problems, tree, experiences).
+    """
+    config, r = ctx.config, ctx.config.rl
+    rng = np.random.default_rng([config.seed, STAGE_RL, iteration])
+    picked = rng.choice(len(ctx.train), size=r.problems_per_iteration, replace=False)
+    problems = [ctx.train[i] for i in picked]
+    questions = [p.question for p in problems]
+    prompts, plens = encode_prompts(ctx.tokenizer, questions, setup.prompt_width)
+    expand = mcts.make_lm_expand_fn(
+        params, ctx.cfg, prompts, plens, setup.fmt, setup.search, lora=adapter, stats=stats
+    )
+    tree = mcts.run(
+        expand,
+        len(problems),
+        setup.search,
+        jax.random.fold_in(_rl_iteration_key(ctx, iteration), 0),
+        reward_fn=_reward_fn(ctx.tokenizer, problems),
+        stats=stats,
+    )
+    exps = tree_to_experiences(
+        tree,
+        prompts,
+        plens,
+        setup.fmt,
+        setup.search,
+        r.gamma,
+        r.lam,
+        setup.width,
+        r.terminal_paths_only,
+        r.values,
+    )
+    return problems, tree, exps
 
 
 def _prompt_width(ctx: RunContext) -> int:
