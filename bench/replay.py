@@ -1,11 +1,13 @@
 """Prioritized replay: o1jax's sum tree against flashbax's prioritised item buffer.
 
 One round = add 256 items + sample 256 + set 256 priorities, both buffers jitted with donated
-state, same item shape, same machine, one run. Measured two ways for both libraries:
-"three calls" (add, sample and update each a jitted call, as a Python training loop makes them)
-and "one program" (the whole round traced into one jitted function, as inside a jitted training
-step, where per-call dispatch no longer hides the work). Then o1jax's time across capacities
-2^14..2^20 (three calls).
+state, same item shape, same machine, one run. Measured three ways for both libraries:
+"three calls" (add, sample and update each a jitted call, as a Python training loop makes them),
+"one program" (the whole round traced into one jitted function, as inside a jitted training
+step, where per-call dispatch no longer hides the work), and "in a jitted loop" (`LOOP_ROUNDS`
+rounds inside one `fori_loop`, as in a fully jitted training loop, flashbax's intended use;
+the time per round is then the buffer's own work, with no dispatch at all). Then o1jax's time
+across capacities 2^14..2^20 (three calls, and in a jitted loop).
 
     python bench/replay.py [--reps 200]
 """
@@ -23,6 +25,7 @@ import numpy as np
 from o1jax.rl import per
 
 BATCH = 256
+LOOP_ROUNDS = 64
 ITEM = {"obs": jnp.zeros((16,), jnp.float32), "reward": jnp.zeros((), jnp.float32)}
 
 
@@ -31,6 +34,21 @@ def _batch(i: int):
 
 
 KEYS = [jax.random.key(i) for i in range(16)]  # made up front: key creation is host work
+
+
+def _loop_batch(i):
+    """Round i's items and priorities [BATCH], made on device inside the loop."""
+    x = i.astype(jnp.float32)
+    items = {"obs": jnp.full((BATCH, 16), x), "reward": jnp.full((BATCH,), x)}
+    return items, jnp.abs(jnp.sin(jnp.arange(BATCH) + x)) + 0.1
+
+
+def _median_loop(one_round, state, reps: int) -> float:
+    """Median time per round of `LOOP_ROUNDS` rounds run inside one jitted fori_loop."""
+    program = jax.jit(
+        lambda state: jax.lax.fori_loop(0, LOOP_ROUNDS, one_round, state), donate_argnums=0
+    )
+    return _median_round(lambda state, i: program(state), state, reps) / LOOP_ROUNDS
 
 
 def _median_round(round_fn, state, reps: int) -> float:
@@ -46,7 +64,7 @@ def _median_round(round_fn, state, reps: int) -> float:
     return statistics.median(times)
 
 
-def ours(capacity: int, reps: int, fused: bool = False) -> float:
+def ours(capacity: int, reps: int, mode: str = "calls") -> float:
     state = per.init(capacity, ITEM)
     state = per.add(
         state, jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape)), ITEM), jnp.ones(capacity)
@@ -61,7 +79,15 @@ def ours(capacity: int, reps: int, fused: bool = False) -> float:
         _, idx, _ = per.sample(state, key, BATCH, 0.4)
         return per.update(state, idx, new_prios)
 
-    if fused:
+    if mode == "loop":
+
+        def loop_round(i, state):
+            items, prios_i = _loop_batch(i)
+            key = jax.random.fold_in(KEYS[0], i)
+            return one_round(state, items, prios_i, key, prios_i[::-1])
+
+        return _median_loop(loop_round, state, max(reps // LOOP_ROUNDS * 4, 5))
+    if mode == "program":
         program = jax.jit(one_round, donate_argnums=0)
         return _median_round(
             lambda state, i: program(
@@ -79,7 +105,7 @@ def ours(capacity: int, reps: int, fused: bool = False) -> float:
     )
 
 
-def flashbax_round(capacity: int, reps: int, fused: bool = False) -> float:
+def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
     import flashbax as fbx
 
     buf = fbx.make_prioritised_item_buffer(
@@ -95,7 +121,16 @@ def flashbax_round(capacity: int, reps: int, fused: bool = False) -> float:
         jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32) for i in range(8)
     ]
 
-    if fused:
+    if mode == "loop":
+
+        def loop_round(i, state):
+            items, prios_i = _loop_batch(i)
+            state = buf.add(state, items)
+            batch = buf.sample(state, jax.random.fold_in(KEYS[0], i))
+            return buf.set_priorities(state, batch.indices, prios_i[::-1])
+
+        return _median_loop(loop_round, state, max(reps // LOOP_ROUNDS * 4, 5))
+    if mode == "program":
 
         def one_round(state, items, key, new_prios):
             state = buf.add(state, items)
@@ -125,18 +160,20 @@ def main() -> None:
         f"jax {jax.__version__} ({jax.default_backend()}); one round = add {BATCH} + sample "
         f"{BATCH} + set {BATCH} priorities; median of {args.reps} rounds"
     )
-    for fused, label in ((False, "three calls"), (True, "one program")):
-        t_ours = ours(65536, args.reps, fused)
-        t_fbx = flashbax_round(65536, args.reps, fused)
+    modes = (("calls", "three calls"), ("program", "one program"), ("loop", "in a jitted loop"))
+    for mode, label in modes:
+        t_ours = ours(65536, args.reps, mode)
+        t_fbx = flashbax_round(65536, args.reps, mode)
         print(
             f"capacity 65536, {label}: o1jax {t_ours * 1e3:.3f} ms, flashbax "
             f"{t_fbx * 1e3:.3f} ms, flashbax / o1jax = {t_fbx / t_ours:.2f}x"
         )
-    times = {}
-    for log2 in (14, 16, 18, 20):
-        times[log2] = ours(1 << log2, args.reps)
-        print(f"capacity 2^{log2}: o1jax {times[log2] * 1e3:.3f} ms")
-    print(f"growth 2^20 / 2^14: {times[20] / times[14]:.2f}x")
+    for mode, label in modes[::2]:
+        times = {}
+        for log2 in (14, 16, 18, 20):
+            times[log2] = ours(1 << log2, args.reps, mode)
+            print(f"capacity 2^{log2}, {label}: o1jax {times[log2] * 1e3:.3f} ms")
+        print(f"growth 2^20 / 2^14, {label}: {times[20] / times[14]:.2f}x")
 
 
 if __name__ == "__main__":

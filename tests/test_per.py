@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from o1jax.rl import per
@@ -15,32 +16,50 @@ def _items(ids):
     return {"x": np.repeat(ids[:, None].astype(np.float32), 3, 1), "id": ids}
 
 
-def test_sampling_frequencies_follow_p_alpha():
+# 64 slots: sampling searches the leaves in one pass; 2^16 (F = 16) and 2^20 (F = 32): it
+# searches a level above them, then descends one or two levels per draw.
+CAPACITIES = [64, 1 << 16, 1 << 20]
+
+
+def _spread(capacity: int, priorities) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, leaf priorities [capacity]) with `priorities` spread over the whole buffer."""
+    slots = np.linspace(0, capacity - 1, len(priorities)).astype(np.int64)
+    full = np.zeros(capacity, np.float32)
+    full[slots] = priorities
+    return slots, full
+
+
+@pytest.mark.parametrize("capacity", CAPACITIES)
+def test_sampling_frequencies_follow_p_alpha(capacity):
     alpha = 0.6
-    state = per.init(64, ITEM, alpha=alpha)
+    state = per.init(capacity, ITEM, alpha=alpha)
     rng = np.random.default_rng(0)
-    priorities = rng.uniform(0.05, 3.0, 40).astype(np.float32)
-    state = per.add(state, _items(np.arange(40)), jnp.asarray(priorities))
-    counts = np.zeros(40)
+    slots, priorities = _spread(capacity, rng.uniform(0.05, 3.0, 40).astype(np.float32))
+    state = per.add(state, _items(np.arange(capacity)), jnp.asarray(priorities))
+    counts = np.zeros(capacity)
     for i in range(200):
         items, idx, _ = per.sample(state, jax.random.key(i), 256, 1.0)
         np.testing.assert_array_equal(np.asarray(items["id"]), np.asarray(idx))
-        counts += np.bincount(np.asarray(idx), minlength=64)[:40]
-    expected = priorities**alpha / np.sum(priorities**alpha) * counts.sum()
-    assert stats.chisquare(counts, expected).pvalue > 1e-3
+        counts += np.bincount(np.asarray(idx), minlength=capacity)
+    assert counts.sum() == counts[slots].sum()  # nothing outside the 40 items
+    mass = priorities.astype(np.float64) ** alpha
+    expected = mass[slots] / mass.sum() * counts.sum()
+    assert stats.chisquare(counts[slots], expected).pvalue > 1e-3
 
 
-def test_zero_priority_items_are_never_drawn():
-    state = per.init(32, ITEM)
+@pytest.mark.parametrize("capacity", CAPACITIES)
+def test_zero_priority_items_are_never_drawn(capacity):
+    state = per.init(capacity, ITEM)
     priorities = np.zeros(20, np.float32)
     priorities[[3, 7, 19]] = [1e-6, 2.0, 1e-30]  # tiny masses sit beside large ones
-    state = per.add(state, _items(np.arange(20)), jnp.asarray(priorities))
+    slots, full = _spread(capacity, priorities)
+    state = per.add(state, _items(np.arange(capacity)), jnp.asarray(full))
     drawn = set()
     for i in range(100):
         _, idx, _ = per.sample(state, jax.random.key(i), 128, 0.4)
         drawn |= set(np.asarray(idx).tolist())
-    assert drawn <= {3, 7, 19}
-    assert 7 in drawn
+    assert drawn <= set(slots[[3, 7, 19]].tolist())
+    assert slots[7] in drawn
 
 
 def test_circular_overwrite_replaces_the_oldest():

@@ -14,8 +14,10 @@ Writes never update internal nodes by adding deltas: after the leaves change, ev
 ancestor is recomputed as the exact sum of its F children, level by level. Sums therefore never
 drift (flashbax's incremental float32 tree drifts until it samples zero-priority items), at
 O(M F DEPTH) per call. Sampling is stratified (one uniform draw in each of `batch_size` equal
-slices of the total mass), and the descent only ever enters children of positive mass, so items
-of zero priority are never drawn. Duplicate indices in one write take their largest priority.
+slices of the total mass). It places all draws in the nodes of the deepest level with at most
+`SCAN_LEVEL_SIZE` nodes at once (one prefix sum of that level and a binary search), then each
+draw descends the levels below alone. It only ever enters nodes of positive mass, so items of
+zero priority are never drawn. Duplicate indices in one write take their largest priority.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 DEPTH = 4  # levels below the root
+SCAN_LEVEL_SIZE = 4096  # sampling searches the deepest level this small in one pass
 
 
 @struct.dataclass
@@ -128,20 +131,37 @@ def add(state: PERState, items, priorities=None) -> PERState:
     )
 
 
+def _scan_level(branching: int) -> int:
+    """The deepest level, at most DEPTH, with at most `SCAN_LEVEL_SIZE` nodes."""
+    level = 1
+    while level < DEPTH and branching ** (level + 1) <= SCAN_LEVEL_SIZE:
+        level += 1
+    return level
+
+
 def _descend(levels: tuple, u, branching: int):
     """Slots [B] whose cumulative-mass intervals hold the draws u [B].
 
-    At each level the chosen child is the first whose cumulative mass exceeds u. A child of zero
-    mass ends where its left neighbour ends, so it is never the first to exceed u; clamping u
-    below the children's own total (their float32 sum may round below the parent's) keeps the
-    choice in range. Items of zero priority are therefore never drawn.
+    The top of the tree is skipped: one prefix sum over a whole level of at most
+    `SCAN_LEVEL_SIZE` nodes and a binary search of it place every draw in a node of that level
+    at once. From there each draw descends alone, choosing at each level the first child whose
+    cumulative mass exceeds it.
+
+    A node of zero mass ends where its left neighbour ends, so it is never the first to exceed
+    u; clamping u below the total of the nodes searched (their float32 sum may round below
+    their parent's) keeps the choice in range. Items of zero priority are therefore never drawn.
     """
-    node = jnp.zeros(u.shape, jnp.int32)
-    # Inclusive prefix sums as one masked multiply-reduce, which XLA fuses into a single loop
-    # (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a library
-    # call per level).
+    top = _scan_level(branching)
+    level_cum = jnp.cumsum(levels[top])  # [F^top], inclusive
+    u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
+    node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
+    before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
+    u = jnp.maximum(u - before, 0.0)
+    # Inclusive prefix sums within a node as one masked multiply-reduce, which XLA fuses into a
+    # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
+    # library call per level).
     upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))  # [F, F], i <= j
-    for d in range(DEPTH):
+    for d in range(top, DEPTH):
         mass = _children(levels[d + 1], node, branching)  # [B, F]
         cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
         u = jnp.minimum(u, jnp.nextafter(cum[:, -1], 0.0))
