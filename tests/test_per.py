@@ -16,8 +16,8 @@ def _items(ids):
     return {"x": np.repeat(ids[:, None].astype(np.float32), 3, 1), "id": ids}
 
 
-# 64 slots: sampling searches the leaves in one pass; 2^16 (F = 16) and 2^20 (F = 32): it
-# searches a level above them, then descends one or two levels per draw.
+# 64 slots (depth 2): sampling searches the leaves in one pass; 2^16 (depth 4) and 2^20
+# (depth 5): it searches the level of 4096 nodes, then descends one or two levels per draw.
 CAPACITIES = [64, 1 << 16, 1 << 20]
 
 

@@ -5,15 +5,16 @@
     items, indices, weights = sample(state, key, batch_size, beta)
     state = update(state, indices, new_priorities)
 
-Priorities p^alpha live in a wide sum tree: `DEPTH` levels of branching factor F (the smallest
-power of two with F^DEPTH >= capacity), each level one flat array, `levels[0]` the root and
-`levels[-1]` the leaves. A wide, shallow tree turns the log2(N) dependent steps of a binary tree
-into DEPTH steps of F-wide vector work, which is what both a CPU and an accelerator like.
+Priorities p^alpha live in a wide sum tree of branching factor F = `BRANCHING` and depth D, the
+fewest levels below the root that hold the capacity (F^D >= capacity), each level one flat
+array, `levels[0]` the root and `levels[-1]` the leaves. A wide, shallow tree turns the log2(N)
+dependent steps of a binary tree into D steps of F-wide vector work, which is what both a CPU
+and an accelerator like.
 
 Writes never update internal nodes by adding deltas: after the leaves change, every touched
 ancestor is recomputed as the exact sum of its F children, level by level. Sums therefore never
 drift (flashbax's incremental float32 tree drifts until it samples zero-priority items), at
-O(M F DEPTH) per call. Sampling is stratified (one uniform draw in each of `batch_size` equal
+O(M F D) per call. Sampling is stratified (one uniform draw in each of `batch_size` equal
 slices of the total mass). It places all draws in the nodes of the deepest level with at most
 `SCAN_LEVEL_SIZE` nodes at once (one prefix sum of that level and a binary search), then each
 draw descends the levels below alone. It only ever enters nodes of positive mass, so items of
@@ -29,14 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-DEPTH = 4  # levels below the root
+BRANCHING = 16  # F, children per node
 SCAN_LEVEL_SIZE = 4096  # sampling searches the deepest level this small in one pass
 
 
 @struct.dataclass
 class PERState:
     items: object  # pytree, leaves [C, ...]
-    levels: tuple  # DEPTH + 1 arrays: [1], [F], [F^2], ..., [F^DEPTH] float32 sums of p^alpha
+    levels: tuple  # D + 1 arrays: [1], [F], [F^2], ..., [F^D] float32 sums of p^alpha
     position: jax.Array  # [] int32, next slot to write (circular)
     size: jax.Array  # [] int32, items stored
     max_priority: jax.Array  # [] float32, largest raw priority seen (for priorities=None)
@@ -65,15 +66,15 @@ def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
     """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis)."""
     if capacity < 1:
         raise ValueError(f"per.init: capacity must be >= 1, got {capacity}")
-    branching = 2
-    while branching**DEPTH < capacity:
-        branching *= 2
+    depth = 1
+    while BRANCHING**depth < capacity:
+        depth += 1
     items = jax.tree.map(
         lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_item
     )
     return PERState(
         items=items,
-        levels=tuple(jnp.zeros((branching**d,), jnp.float32) for d in range(DEPTH + 1)),
+        levels=tuple(jnp.zeros((BRANCHING**d,), jnp.float32) for d in range(depth + 1)),
         position=jnp.zeros((), jnp.int32),
         size=jnp.zeros((), jnp.int32),
         max_priority=jnp.ones((), jnp.float32),
@@ -96,7 +97,7 @@ def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool) -> t
         leaves = levels[-1].at[slots].set(0.0, mode="promise_in_bounds")
         levels[-1] = leaves.at[slots].max(values, mode="promise_in_bounds")
     nodes = slots
-    for d in range(DEPTH - 1, -1, -1):
+    for d in range(len(levels) - 2, -1, -1):
         nodes = nodes // branching
         sums = jnp.sum(_children(levels[d + 1], nodes, branching), axis=1)
         levels[d] = levels[d].at[nodes].set(sums, mode="promise_in_bounds")
@@ -131,10 +132,10 @@ def add(state: PERState, items, priorities=None) -> PERState:
     )
 
 
-def _scan_level(branching: int) -> int:
-    """The deepest level, at most DEPTH, with at most `SCAN_LEVEL_SIZE` nodes."""
+def _scan_level(levels: tuple) -> int:
+    """The deepest level (at least 1) with at most `SCAN_LEVEL_SIZE` nodes."""
     level = 1
-    while level < DEPTH and branching ** (level + 1) <= SCAN_LEVEL_SIZE:
+    while level + 1 < len(levels) and levels[level + 1].shape[0] <= SCAN_LEVEL_SIZE:
         level += 1
     return level
 
@@ -151,7 +152,7 @@ def _descend(levels: tuple, u, branching: int):
     u; clamping u below the total of the nodes searched (their float32 sum may round below
     their parent's) keeps the choice in range. Items of zero priority are therefore never drawn.
     """
-    top = _scan_level(branching)
+    top = _scan_level(levels)
     level_cum = jnp.cumsum(levels[top])  # [F^top], inclusive
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
@@ -161,7 +162,7 @@ def _descend(levels: tuple, u, branching: int):
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
     # library call per level).
     upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))  # [F, F], i <= j
-    for d in range(top, DEPTH):
+    for d in range(top, len(levels) - 1):
         mass = _children(levels[d + 1], node, branching)  # [B, F]
         cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
         u = jnp.minimum(u, jnp.nextafter(cum[:, -1], 0.0))
