@@ -1,11 +1,16 @@
 """Train the PPRM on the default task's pairs and report held-out pair accuracy.
 
 python bench/probes/pprm_accuracy.py --params /tmp/sft/step_600 --steps 400
+
+--layout interleaved: a probe-only prompt layout (not the library's) that lays the two
+solutions out step by step, "A: {step i of a} B: {step i of b}" on line i, so the steps that
+differ sit side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -16,7 +21,16 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import context, load_params
 
 from o1jax.model import lora
+from o1jax.search import pprm as search_pprm
 from o1jax.train import pprm
+
+
+def encode_interleaved(tokenizer, question: str, first: str, second: str) -> list[int]:
+    """`search_pprm.encode_pair` with the two solutions' steps interleaved, one pair a line."""
+    _, tail = search_pprm.answer_format(tokenizer)
+    steps = itertools.zip_longest(first.split("; "), second.split("; "), fillvalue="-")
+    lines = "\n".join(f"A: {a} B: {b}" for a, b in steps)
+    return tokenizer.encode(f"{question}\n{lines}\nBetter:{tail}")
 
 
 def main() -> None:
@@ -26,7 +40,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layout", choices=("sequential", "interleaved"), default="sequential")
     args = parser.parse_args()
+    if args.layout == "interleaved":
+        search_pprm.encode_pair = encode_interleaved
     ctx = context("/tmp/o1jax_probe_pprm", [])
     _, params = load_params(args.params)
     train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0))
