@@ -169,7 +169,8 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"jax {jax.__version__} ({jax.default_backend()}); one round = add {BATCH} + sample "
-        f"{BATCH} + set {BATCH} priorities; median of {args.reps} rounds"
+        f"{BATCH} + set {BATCH} priorities; median of {args.reps} rounds (in the loop: of "
+        f"{max(args.reps // LOOP_ROUNDS * 4, 5)} calls of {LOOP_ROUNDS} rounds)"
     )
     modes = (("calls", "three calls"), ("program", "one program"), ("loop", "in a jitted loop"))
     for mode, label in modes:
