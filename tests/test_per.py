@@ -93,6 +93,27 @@ def test_importance_weights_match_a_hand_computation():
     assert float(np.max(np.asarray(w))) == 1.0
 
 
+@pytest.mark.parametrize("capacity", [50, 1000, 5000])
+def test_circular_adds_keep_every_level_exact(capacity):
+    # add() recomputes only the nodes above its run of slots, including runs that wrap around
+    # a capacity that is not a multiple of the branching factor.
+    state = per.init(capacity, ITEM, alpha=1.0)
+    rng = np.random.default_rng(capacity)
+    expected = np.zeros(capacity, np.float32)
+    position = 0
+    for m in (7, 300, 1, capacity - 1, 64, capacity, 33, 17):
+        m = min(m, capacity)
+        priorities = rng.uniform(0.1, 5.0, m).astype(np.float32)
+        state = per.add(state, _items(np.arange(m)), jnp.asarray(priorities))
+        expected[(position + np.arange(m)) % capacity] = priorities
+        position = (position + m) % capacity
+        np.testing.assert_array_equal(np.asarray(state.leaf_mass), expected)
+        f = state.branching
+        for upper, lower in zip(state.levels[:-1], state.levels[1:], strict=True):
+            sums = np.asarray(lower, np.float64).reshape(-1, f).sum(axis=1)
+            np.testing.assert_allclose(np.asarray(upper), sums, rtol=1e-6)
+
+
 def test_sum_tree_does_not_drift_under_many_updates():
     # Large priorities, then many rounds of tiny ones: a tree updated by adding deltas keeps a
     # residue of the large values (~1e4 * eps per update) that dwarfs the small total.

@@ -87,9 +87,23 @@ def _children(level, nodes, branching: int):
     return level.reshape(-1, branching).at[nodes].get(mode="promise_in_bounds")
 
 
-def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool) -> tuple:
+def _run_nodes(position, m: int, capacity: int, level_size: int, span: int):
+    """Nodes [K] of a level whose nodes cover `span` slots each, under the circular run of slots
+    position, ..., position + m - 1 (mod capacity). K is static: the nodes from the run's first
+    slot on, then from slot 0 for the part that wraps. Some may repeat or lie outside the run;
+    recomputing those rewrites the sum they already hold."""
+    k = m // span + 2  # a run of m slots touches at most this many nodes before it wraps
+    if 2 * k >= level_size:
+        return jnp.arange(level_size)
+    runs = jnp.concatenate([position // span + jnp.arange(k), jnp.arange(k)])
+    return jnp.minimum(runs, (capacity - 1) // span)
+
+
+def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool, run=None) -> tuple:
     """Writes leaf masses and recomputes their ancestors exactly. Duplicate slots (possible
-    unless `unique`) take their largest value."""
+    unless `unique`) take their largest value. run: (position [], m, capacity) when `slots` are
+    the circular run position, ..., position + m - 1; then each level recomputes only the few
+    nodes above the run (about m / span), not one node per slot."""
     levels = list(levels)
     if unique:
         levels[-1] = levels[-1].at[slots].set(values, mode="promise_in_bounds")
@@ -98,7 +112,11 @@ def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool) -> t
         levels[-1] = leaves.at[slots].max(values, mode="promise_in_bounds")
     nodes = slots
     for d in range(len(levels) - 2, -1, -1):
-        nodes = nodes // branching
+        if run is None:
+            nodes = nodes // branching
+        else:
+            span = branching ** (len(levels) - 1 - d)  # slots under one node of level d
+            nodes = _run_nodes(*run, levels[d].shape[0], span)
         sums = jnp.sum(_children(levels[d + 1], nodes, branching), axis=1)
         levels[d] = levels[d].at[nodes].set(sums, mode="promise_in_bounds")
     return tuple(levels)
@@ -122,7 +140,10 @@ def add(state: PERState, items, priorities=None) -> PERState:
         state.items,
         items,
     )
-    levels = _set_leaves(state.levels, slots, priorities**state.alpha, state.branching, True)
+    run = (state.position, m, state.capacity)
+    levels = _set_leaves(
+        state.levels, slots, priorities**state.alpha, state.branching, True, run=run
+    )
     return state.replace(
         items=new_items,
         levels=levels,
