@@ -57,8 +57,10 @@ def test_forward_outside_jit_compiles_once_per_shape(hf_dir):
     path, _ = hf_dir
     cfg, params = load_hf(path)
     tokens = jnp.asarray(_batch(cfg.vocab_size)[0])
+    forward.clear_cache()  # other tests in this process may have compiled these shapes
     first = forward(params, cfg, tokens)
     size = forward._cache_size()
+    assert size == 1
     again = forward(params, cfg, tokens)
     assert forward._cache_size() == size  # same shapes: the compiled program is reused
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
