@@ -6,10 +6,11 @@
     state = update(state, indices, new_priorities)
 
 Priorities p^alpha live in a wide sum tree of branching factor F = `BRANCHING` and depth D, the
-fewest levels below the root that hold the capacity (F^D >= capacity), each level one flat
-array, `levels[0]` the root and `levels[-1]` the leaves. A wide, shallow tree turns the log2(N)
-dependent steps of a binary tree into D steps of F-wide vector work, which is what both a CPU
-and an accelerator like.
+fewest levels below the root that hold the capacity (F^D >= capacity). A wide, shallow tree turns
+the log2(N) dependent steps of a binary tree into D steps of F-wide vector work, which is what
+both a CPU and an accelerator like. All levels share one flat array, root first (level d starts
+at (F^d - 1) / (F - 1)), and the four scalars share two small arrays. The state thus has three
+leaves besides the items: each leaf of a jitted call's arguments costs dispatch time.
 
 Writes never update internal nodes by adding deltas: after the leaves change, every touched
 ancestor is recomputed as the exact sum of its F children, level by level. Sums therefore never
@@ -34,14 +35,25 @@ BRANCHING = 16  # F, children per node
 SCAN_LEVEL_SIZE = 4096  # sampling searches the deepest level this small in one pass
 
 
+def _depth(capacity: int) -> int:
+    """D, the fewest levels below the root whose F^D leaves hold `capacity` slots."""
+    depth = 1
+    while BRANCHING**depth < capacity:
+        depth += 1
+    return depth
+
+
+def _offset(level: int) -> int:
+    """Where `level` starts in the flat tree: 1 + F + ... + F^(level - 1)."""
+    return (BRANCHING**level - 1) // (BRANCHING - 1)
+
+
 @struct.dataclass
 class PERState:
     items: object  # pytree, leaves [C, ...]
-    levels: tuple  # D + 1 arrays: [1], [F], [F^2], ..., [F^D] float32 sums of p^alpha
-    position: jax.Array  # [] int32, next slot to write (circular)
-    size: jax.Array  # [] int32, items stored
-    max_priority: jax.Array  # [] float32, largest raw priority seen (for priorities=None)
-    alpha: jax.Array  # [] float32 exponent
+    tree: jax.Array  # [1 + F + ... + F^D] float32 sums of p^alpha, levels root first
+    counters: jax.Array  # [2] int32: next slot to write (circular), items stored
+    scalars: jax.Array  # [2] float32: largest raw priority seen (for priorities=None), alpha
 
     @property
     def capacity(self) -> int:
@@ -49,42 +61,72 @@ class PERState:
 
     @property
     def branching(self) -> int:
-        return self.levels[1].shape[0]
+        return BRANCHING
+
+    @property
+    def depth(self) -> int:
+        return _depth(self.capacity)
+
+    @property
+    def levels(self) -> tuple:
+        """D + 1 views of the tree: [1], [F], [F^2], ..., [F^D]; the last are the leaves."""
+        return tuple(_level(self.tree, d) for d in range(self.depth + 1))
+
+    @property
+    def position(self) -> jax.Array:
+        """[] int32, the next slot to write."""
+        return self.counters[0]
+
+    @property
+    def size(self) -> jax.Array:
+        """[] int32, items stored."""
+        return self.counters[1]
+
+    @property
+    def max_priority(self) -> jax.Array:
+        """[] float32, the largest raw priority seen."""
+        return self.scalars[0]
+
+    @property
+    def alpha(self) -> jax.Array:
+        """[] float32, the priority exponent."""
+        return self.scalars[1]
 
     @property
     def total(self) -> jax.Array:
         """Total mass sum(p^alpha) [] (the root)."""
-        return self.levels[0][0]
+        return self.tree[0]
 
     @property
     def leaf_mass(self) -> jax.Array:
         """p^alpha of every slot [C]."""
-        return self.levels[-1][: self.capacity]
+        return _level(self.tree, self.depth)[: self.capacity]
+
+
+def _level(tree: jax.Array, level: int) -> jax.Array:
+    """Level `level` [F^level] of the flat tree."""
+    return tree[_offset(level) : _offset(level + 1)]
 
 
 def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
     """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis)."""
     if capacity < 1:
         raise ValueError(f"per.init: capacity must be >= 1, got {capacity}")
-    depth = 1
-    while BRANCHING**depth < capacity:
-        depth += 1
     items = jax.tree.map(
         lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_item
     )
     return PERState(
         items=items,
-        levels=tuple(jnp.zeros((BRANCHING**d,), jnp.float32) for d in range(depth + 1)),
-        position=jnp.zeros((), jnp.int32),
-        size=jnp.zeros((), jnp.int32),
-        max_priority=jnp.ones((), jnp.float32),
-        alpha=jnp.asarray(alpha, jnp.float32),
+        tree=jnp.zeros((_offset(_depth(capacity) + 1),), jnp.float32),
+        counters=jnp.zeros((2,), jnp.int32),
+        scalars=jnp.asarray([1.0, alpha], jnp.float32),
     )
 
 
-def _children(level, nodes, branching: int):
-    """The F children [M, F] of `nodes` [M] in the next level down."""
-    return level.reshape(-1, branching).at[nodes].get(mode="promise_in_bounds")
+def _children(tree: jax.Array, level: int, nodes: jax.Array) -> jax.Array:
+    """The F children [M, F] in level + 1 of `nodes` [M] of `level`."""
+    below = _level(tree, level + 1).reshape(-1, BRANCHING)
+    return below.at[nodes].get(mode="promise_in_bounds")
 
 
 def _run_nodes(position, m: int, capacity: int, level_size: int, span: int):
@@ -99,27 +141,27 @@ def _run_nodes(position, m: int, capacity: int, level_size: int, span: int):
     return jnp.minimum(runs, (capacity - 1) // span)
 
 
-def _set_leaves(levels: tuple, slots, values, branching: int, unique: bool, run=None) -> tuple:
-    """Writes leaf masses and recomputes their ancestors exactly. Duplicate slots (possible
-    unless `unique`) take their largest value. run: (position [], m, capacity) when `slots` are
-    the circular run position, ..., position + m - 1; then each level recomputes only the few
-    nodes above the run (about m / span), not one node per slot."""
-    levels = list(levels)
+def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=None) -> jax.Array:
+    """Writes leaf masses [M] at `slots` [M] and recomputes their ancestors exactly. Duplicate
+    slots (possible unless `unique`) take their largest value. run: (position [], m, capacity)
+    when `slots` are the circular run position, ..., position + m - 1; then each level recomputes
+    only the few nodes above the run (about m / span), not one node per slot."""
+    leaves = _offset(depth) + slots
     if unique:
-        levels[-1] = levels[-1].at[slots].set(values, mode="promise_in_bounds")
+        tree = tree.at[leaves].set(values, mode="promise_in_bounds")
     else:
-        leaves = levels[-1].at[slots].set(0.0, mode="promise_in_bounds")
-        levels[-1] = leaves.at[slots].max(values, mode="promise_in_bounds")
+        tree = tree.at[leaves].set(0.0, mode="promise_in_bounds")
+        tree = tree.at[leaves].max(values, mode="promise_in_bounds")
     nodes = slots
-    for d in range(len(levels) - 2, -1, -1):
+    for d in range(depth - 1, -1, -1):
         if run is None:
-            nodes = nodes // branching
+            nodes = nodes // BRANCHING
         else:
-            span = branching ** (len(levels) - 1 - d)  # slots under one node of level d
-            nodes = _run_nodes(*run, levels[d].shape[0], span)
-        sums = jnp.sum(_children(levels[d + 1], nodes, branching), axis=1)
-        levels[d] = levels[d].at[nodes].set(sums, mode="promise_in_bounds")
-    return tuple(levels)
+            span = BRANCHING ** (depth - d)  # slots under one node of level d
+            nodes = _run_nodes(*run, BRANCHING**d, span)
+        sums = jnp.sum(_children(tree, d, nodes), axis=1)
+        tree = tree.at[_offset(d) + nodes].set(sums, mode="promise_in_bounds")
+    return tree
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -141,27 +183,29 @@ def add(state: PERState, items, priorities=None) -> PERState:
         items,
     )
     run = (state.position, m, state.capacity)
-    levels = _set_leaves(
-        state.levels, slots, priorities**state.alpha, state.branching, True, run=run
+    tree = _set_leaves(
+        state.tree, state.depth, slots, priorities**state.alpha, unique=True, run=run
     )
+    position = (state.position + m) % state.capacity
+    size = jnp.minimum(state.size + m, state.capacity)
+    max_priority = jnp.maximum(state.max_priority, jnp.max(priorities))
     return state.replace(
         items=new_items,
-        levels=levels,
-        position=(state.position + m) % state.capacity,
-        size=jnp.minimum(state.size + m, state.capacity),
-        max_priority=jnp.maximum(state.max_priority, jnp.max(priorities)),
+        tree=tree,
+        counters=jnp.stack([position, size]),
+        scalars=state.scalars.at[0].set(max_priority),
     )
 
 
-def _scan_level(levels: tuple) -> int:
+def _scan_level(depth: int) -> int:
     """The deepest level (at least 1) with at most `SCAN_LEVEL_SIZE` nodes."""
     level = 1
-    while level + 1 < len(levels) and levels[level + 1].shape[0] <= SCAN_LEVEL_SIZE:
+    while level < depth and BRANCHING ** (level + 1) <= SCAN_LEVEL_SIZE:
         level += 1
     return level
 
 
-def _descend(levels: tuple, u, branching: int):
+def _descend(tree: jax.Array, depth: int, u):
     """Slots [B] whose cumulative-mass intervals hold the draws u [B].
 
     The top of the tree is skipped: one prefix sum over a whole level of at most
@@ -173,8 +217,8 @@ def _descend(levels: tuple, u, branching: int):
     u; clamping u below the total of the nodes searched (their float32 sum may round below
     their parent's) keeps the choice in range. Items of zero priority are therefore never drawn.
     """
-    top = _scan_level(levels)
-    level_cum = jnp.cumsum(levels[top])  # [F^top], inclusive
+    top = _scan_level(depth)
+    level_cum = jnp.cumsum(_level(tree, top))  # [F^top], inclusive
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
     before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
@@ -182,15 +226,15 @@ def _descend(levels: tuple, u, branching: int):
     # Inclusive prefix sums within a node as one masked multiply-reduce, which XLA fuses into a
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
     # library call per level).
-    upper = jnp.triu(jnp.ones((branching, branching), jnp.float32))  # [F, F], i <= j
-    for d in range(top, len(levels) - 1):
-        mass = _children(levels[d + 1], node, branching)  # [B, F]
+    upper = jnp.triu(jnp.ones((BRANCHING, BRANCHING), jnp.float32))  # [F, F], i <= j
+    for d in range(top, depth):
+        mass = _children(tree, d, node)  # [B, F]
         cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
         u = jnp.minimum(u, jnp.nextafter(cum[:, -1], 0.0))
         passed = cum <= u[:, None]  # children entirely before u
         child = jnp.sum(passed, axis=1, dtype=jnp.int32)
         u = jnp.maximum(u - jnp.sum(jnp.where(passed, mass, 0.0), axis=1), 0.0)
-        node = node * branching + child
+        node = node * BRANCHING + child
     return node
 
 
@@ -204,8 +248,8 @@ def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
     total = state.total
     offsets = jax.random.uniform(key, (batch_size,))
     u = (jnp.arange(batch_size) + offsets) / batch_size * total  # one draw per stratum
-    indices = _descend(state.levels, u, state.branching)  # [B]
-    mass = state.levels[-1].at[indices].get(mode="promise_in_bounds")
+    indices = _descend(state.tree, state.depth, u)  # [B]
+    mass = state.leaf_mass.at[indices].get(mode="promise_in_bounds")
     weights = (state.size.astype(jnp.float32) * mass / total) ** (-beta)
     weights = weights / jnp.max(weights)
     items = jax.tree.map(lambda buf: buf.at[indices].get(mode="promise_in_bounds"), state.items)
@@ -217,10 +261,9 @@ def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERSta
     """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins)."""
     chex.assert_equal_shape([indices, priorities])
     priorities = priorities.astype(jnp.float32)
-    levels = _set_leaves(state.levels, indices, priorities**state.alpha, state.branching, False)
-    return state.replace(
-        levels=levels, max_priority=jnp.maximum(state.max_priority, jnp.max(priorities))
-    )
+    tree = _set_leaves(state.tree, state.depth, indices, priorities**state.alpha, unique=False)
+    max_priority = jnp.maximum(state.max_priority, jnp.max(priorities))
+    return state.replace(tree=tree, scalars=state.scalars.at[0].set(max_priority))
 
 
 def beta_schedule(step, beta0: float = 0.4, beta1: float = 1.0, steps: int = 100_000) -> float:
