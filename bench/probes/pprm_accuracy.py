@@ -2,6 +2,9 @@
 
 python bench/probes/pprm_accuracy.py --params /tmp/sft/step_600 --steps 400
 
+--schedule cosine: a linear warmup over --warmup steps to --learning-rate, then a cosine decay
+to 0 at --steps (probe-only; the library's PPRM stage keeps a constant rate).
+
 --layout interleaved: a probe-only prompt layout (not the library's) that lays the two
 solutions out step by step, "A: {step i of a} B: {step i of b}" on line i, so the steps that
 differ sit side by side.
@@ -16,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import context, load_params
@@ -41,6 +45,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--layout", choices=("sequential", "interleaved"), default="sequential")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=100)
     args = parser.parse_args()
     if args.layout == "interleaved":
         search_pprm.encode_pair = encode_interleaved
@@ -52,6 +59,14 @@ def main() -> None:
     trainer = pprm.PPRMTrainer(ctx.cfg, params, adapter,
                                pprm.PPRMConfig(learning_rate=args.learning_rate), ctx.mesh,
                                ctx.tokenizer)  # fmt: skip
+    if args.schedule == "cosine":
+        rate = optax.warmup_cosine_decay_schedule(
+            0.0, args.learning_rate, args.warmup, args.steps, end_value=0.0
+        )
+        trainer.optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(rate, weight_decay=0.0)
+        )
+        trainer.state = trainer.state.replace(opt_state=trainer.optimizer.init(trainer.lora))
     accuracy = lambda: pprm.pairwise_accuracy(
         params, ctx.cfg, trainer.lora, held_out, trainer.answer_tokens
     )
@@ -60,7 +75,7 @@ def main() -> None:
     start = time.time()
     for step in range(args.steps):
         metrics = trainer.train_step(train.batch(step, args.batch_size, 0))
-        if (step + 1) % 100 == 0:
+        if (step + 1) % args.eval_every == 0:
             print(f"step {step + 1}: loss {float(metrics['loss']):.3f}, held-out pair accuracy "
                   f"{accuracy():.3f} ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
 
