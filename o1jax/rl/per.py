@@ -206,7 +206,7 @@ def _scan_level(depth: int) -> int:
 
 
 def _descend(tree: jax.Array, depth: int, u):
-    """Slots [B] whose cumulative-mass intervals hold the draws u [B].
+    """(slots [B] whose cumulative-mass intervals hold the draws u [B], their masses [B]).
 
     The top of the tree is skipped: one prefix sum over a whole level of at most
     `SCAN_LEVEL_SIZE` nodes and a binary search of it place every draw in a node of that level
@@ -227,6 +227,8 @@ def _descend(tree: jax.Array, depth: int, u):
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
     # library call per level).
     upper = jnp.triu(jnp.ones((BRANCHING, BRANCHING), jnp.float32))  # [F, F], i <= j
+    if top == depth:  # the scanned level is the leaves
+        return node, _level(tree, depth).at[node].get(mode="promise_in_bounds")
     for d in range(top, depth):
         mass = _children(tree, d, node)  # [B, F]
         cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
@@ -235,7 +237,7 @@ def _descend(tree: jax.Array, depth: int, u):
         child = jnp.sum(passed, axis=1, dtype=jnp.int32)
         u = jnp.maximum(u - jnp.sum(jnp.where(passed, mass, 0.0), axis=1), 0.0)
         node = node * BRANCHING + child
-    return node
+    return node, jnp.take_along_axis(mass, child[:, None], axis=1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -248,10 +250,13 @@ def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
     total = state.total
     offsets = jax.random.uniform(key, (batch_size,))
     u = (jnp.arange(batch_size) + offsets) / batch_size * total  # one draw per stratum
-    indices = _descend(state.tree, state.depth, u)  # [B]
-    mass = state.leaf_mass.at[indices].get(mode="promise_in_bounds")
-    weights = (state.size.astype(jnp.float32) * mass / total) ** (-beta)
-    weights = weights / jnp.max(weights)
+    indices, mass = _descend(state.tree, state.depth, u)  # [B], [B]
+    # (N P(i))^-beta / max_j (N P(j))^-beta = (min_j P(j) / P(i))^beta: N and the total mass
+    # cancel, and the ratio stays in (0, 1]. The masses come from the descent's own reads, so
+    # every read of the tree here feeds `indices`: an `update` of them in the same program is
+    # ordered after all of them and writes the tree in place (reading the root for the weights
+    # made XLA copy the whole tree before each such update).
+    weights = (jnp.min(mass) / mass) ** beta
     items = jax.tree.map(lambda buf: buf.at[indices].get(mode="promise_in_bounds"), state.items)
     return items, indices, weights
 
