@@ -138,3 +138,23 @@ def test_beta_schedule_anneals_linearly_to_one():
     assert per.beta_schedule(0) == 0.4
     assert abs(per.beta_schedule(50_000) - 0.7) < 1e-12
     assert per.beta_schedule(10**7) == 1.0
+
+
+def test_a_round_in_one_program_writes_the_tree_in_place():
+    # add -> sample -> update traced into one loop: no read of the tree may be left unordered
+    # before update's in-place write, or XLA copies the whole tree every round.
+    capacity, batch = 1 << 16, 64
+    state = jax.eval_shape(lambda: per.init(capacity, ITEM))
+
+    def round_(i, state):
+        ids = jnp.full((batch,), i)
+        items = {"x": jnp.zeros((batch, 3), jnp.float32) + i, "id": ids}
+        state = per.add(state, items, jnp.ones((batch,)))
+        _, idx, weights = per.sample(state, jax.random.key(0), batch, 0.4)
+        return per.update(state, idx, weights)
+
+    loop = jax.jit(lambda s: jax.lax.fori_loop(0, 4, round_, s), donate_argnums=0)
+    hlo = loop.lower(state).compile().as_text()
+    tree_shape = f"f32[{state.tree.shape[0]}]"
+    copies = [line for line in hlo.splitlines() if f"{tree_shape}{{0}} copy(" in line]
+    assert not copies, copies
