@@ -222,13 +222,13 @@ def _descend(tree: jax.Array, depth: int, u):
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
     before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
+    if top == depth:  # the scanned level is the leaves
+        return node, _level(tree, depth).at[node].get(mode="promise_in_bounds")
     u = jnp.maximum(u - before, 0.0)
     # Inclusive prefix sums within a node as one masked multiply-reduce, which XLA fuses into a
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
     # library call per level).
     upper = jnp.triu(jnp.ones((BRANCHING, BRANCHING), jnp.float32))  # [F, F], i <= j
-    if top == depth:  # the scanned level is the leaves
-        return node, _level(tree, depth).at[node].get(mode="promise_in_bounds")
     for d in range(top, depth):
         mass = _children(tree, d, node)  # [B, F]
         cum = jnp.sum(mass[:, :, None] * upper[None], axis=1)  # [B, F]
