@@ -56,17 +56,11 @@ def main() -> None:
     train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0))
     held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1))
     adapter = lora.init(ctx.cfg, jax.random.key(9), lora.LoRAConfig(args.rank, 2.0 * args.rank))
-    trainer = pprm.PPRMTrainer(ctx.cfg, params, adapter,
-                               pprm.PPRMConfig(learning_rate=args.learning_rate), ctx.mesh,
-                               ctx.tokenizer)  # fmt: skip
-    if args.schedule == "cosine":
-        rate = optax.warmup_cosine_decay_schedule(
-            0.0, args.learning_rate, args.warmup, args.steps, end_value=0.0
-        )
-        trainer.optimizer = optax.chain(
-            optax.clip_by_global_norm(1.0), optax.adamw(rate, weight_decay=0.0)
-        )
-        trainer.state = trainer.state.replace(opt_state=trainer.optimizer.init(trainer.lora))
+    rate = args.learning_rate
+    if args.schedule == "cosine":  # optax takes a schedule wherever it takes a rate
+        rate = optax.warmup_cosine_decay_schedule(0.0, rate, args.warmup, args.steps)
+    trainer = pprm.PPRMTrainer(ctx.cfg, params, adapter, pprm.PPRMConfig(learning_rate=rate),
+                               ctx.mesh, ctx.tokenizer)  # fmt: skip
     accuracy = lambda: pprm.pairwise_accuracy(
         params, ctx.cfg, trainer.lora, held_out, trainer.answer_tokens
     )
