@@ -145,7 +145,9 @@ def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=No
     """Writes leaf masses [M] at `slots` [M] and recomputes their ancestors exactly. Duplicate
     slots (possible unless `unique`) take their largest value. run: (position [], m, capacity)
     when `slots` are the circular run position, ..., position + m - 1; then each level recomputes
-    only the few nodes above the run (about m / span), not one node per slot."""
+    only the few nodes above the run (about m / span), not one node per slot. A level with no
+    more nodes than would be recomputed is summed whole: a dense reduce and a contiguous write
+    instead of a gather and a scatter."""
     leaves = _offset(depth) + slots
     if unique:
         tree = tree.at[leaves].set(values, mode="promise_in_bounds")
@@ -159,8 +161,12 @@ def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=No
         else:
             span = BRANCHING ** (depth - d)  # slots under one node of level d
             nodes = _run_nodes(*run, BRANCHING**d, span)
-        sums = jnp.sum(_children(tree, d, nodes), axis=1)
-        tree = tree.at[_offset(d) + nodes].set(sums, mode="promise_in_bounds")
+        if nodes.shape[0] >= BRANCHING**d:  # as many nodes as the level has: sum it whole
+            sums = _level(tree, d + 1).reshape(-1, BRANCHING).sum(axis=1)
+            tree = tree.at[_offset(d) : _offset(d + 1)].set(sums)
+        else:
+            sums = jnp.sum(_children(tree, d, nodes), axis=1)
+            tree = tree.at[_offset(d) + nodes].set(sums, mode="promise_in_bounds")
     return tree
 
 
