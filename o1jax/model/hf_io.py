@@ -32,7 +32,8 @@ _IGNORED_HF_TENSORS = ("lm_head.weight",)  # tied with the embedding; some expor
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as a Gemma2; the message names the culprit."""
+    """A checkpoint that cannot be read: an HF directory that is not a Gemma2, or a run's orbax
+    checkpoint whose state does not match the run's. The message names the culprit."""
 
 
 def hf_tensor_names(cfg: Gemma2Config) -> Iterator[tuple[str, tuple[str, ...], bool]]:

@@ -17,6 +17,8 @@ import signal
 import jax
 import orbax.checkpoint as ocp
 
+from o1jax.model.hf_io import CheckpointError
+
 
 def config_fingerprint(config_dict: dict) -> str:
     """A stable hash of everything in the config that changes the numbers of a run."""
@@ -54,14 +56,25 @@ class Checkpointer:
         return dict(restored.meta)
 
     def restore(self, step: int, like) -> tuple[object, dict]:
-        """The state saved at `step`, with the structure, dtypes and shardings of `like`."""
+        """The state saved at `step`, with the structure, dtypes and shardings of `like`.
+
+        Raises `CheckpointError` (one line, naming the checkpoint) when the saved state does not
+        have `like`'s structure or shapes, e.g. one written by another version of o1jax."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{os.path.join(self.directory, str(step))}: the saved state does not match this "
+                f"run's ({reason}); was it written by another version of o1jax? Start a new "
+                "--workdir"
+            ) from e
         return restored.state, dict(restored.meta)
 
     def close(self) -> None:

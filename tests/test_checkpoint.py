@@ -1,0 +1,42 @@
+"""Run checkpoints: a round trip, and a clear one-line error for a state of another layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from o1jax.model import CheckpointError
+from o1jax.train.checkpoint import Checkpointer
+
+
+def _state(levels):
+    return {"lora": jnp.arange(3, dtype=jnp.float32), "buffer": levels}
+
+
+def test_restore_gives_back_what_was_saved(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path))
+    saved = _state((jnp.ones(1), jnp.full((16,), 2.0)))
+    checkpointer.save(7, saved, {"stage": "rl", "step": 7})
+    restored, meta = checkpointer.restore(7, saved)
+    checkpointer.close()
+    assert meta == {"stage": "rl", "step": 7}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "like",
+    [
+        _state(jnp.zeros(17)),  # another structure: one flat array where two were saved
+        _state((jnp.ones(1), jnp.zeros(32))),  # the same structure, another shape
+    ],
+)
+def test_a_state_of_another_layout_is_a_one_line_checkpoint_error(tmp_path, like):
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(3, _state((jnp.ones(1), jnp.full((16,), 2.0))), {"stage": "rl"})
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.restore(3, like)
+    checkpointer.close()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / "3") + ":")
