@@ -129,14 +129,13 @@ def _children(tree: jax.Array, level: int, nodes: jax.Array) -> jax.Array:
     return below.at[nodes].get(mode="promise_in_bounds")
 
 
-def _run_nodes(position, m: int, capacity: int, level_size: int, span: int):
+def _run_nodes(position, m: int, capacity: int, span: int):
     """Nodes [K] of a level whose nodes cover `span` slots each, under the circular run of slots
     position, ..., position + m - 1 (mod capacity). K is static: the nodes from the run's first
     slot on, then from slot 0 for the part that wraps. Some may repeat or lie outside the run;
-    recomputing those rewrites the sum they already hold."""
+    recomputing those rewrites the sum they already hold. When K is at least the level's size,
+    `_set_leaves` sums the level whole instead."""
     k = m // span + 2  # a run of m slots touches at most this many nodes before it wraps
-    if 2 * k >= level_size:
-        return jnp.arange(level_size)
     runs = jnp.concatenate([position // span + jnp.arange(k), jnp.arange(k)])
     return jnp.minimum(runs, (capacity - 1) // span)
 
@@ -160,7 +159,7 @@ def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=No
             nodes = nodes // BRANCHING
         else:
             span = BRANCHING ** (depth - d)  # slots under one node of level d
-            nodes = _run_nodes(*run, BRANCHING**d, span)
+            nodes = _run_nodes(*run, span)
         if nodes.shape[0] >= BRANCHING**d:  # as many nodes as the level has: sum it whole
             sums = _level(tree, d + 1).reshape(-1, BRANCHING).sum(axis=1)
             tree = tree.at[_offset(d) : _offset(d + 1)].set(sums)
@@ -227,9 +226,9 @@ def _descend(tree: jax.Array, depth: int, u):
     level_cum = jnp.cumsum(_level(tree, top))  # [F^top], inclusive
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
-    before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
     if top == depth:  # the scanned level is the leaves
         return node, _level(tree, depth).at[node].get(mode="promise_in_bounds")
+    before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
     u = jnp.maximum(u - before, 0.0)
     # Inclusive prefix sums within a node as one masked multiply-reduce, which XLA fuses into a
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
