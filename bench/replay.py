@@ -9,6 +9,9 @@ rounds inside one `fori_loop`, as in a fully jitted training loop, flashbax's in
 the time per round is then the buffer's own work, with no dispatch at all). Then o1jax's time
 across capacities 2^14..2^20 (three calls, and in a jitted loop).
 
+Every comparison alternates its contenders in blocks (`interleaved`), so that the machine's
+drift during a run weighs on all of them alike; a ratio is the median of the per-block ratios.
+
     python bench/replay.py [--reps 200]
 """
 
@@ -43,11 +46,55 @@ def _loop_batch(i):
     return items, jnp.abs(jnp.sin(jnp.arange(BATCH) + x)) + 0.1
 
 
-def _median_loop(one_round, state, reps: int) -> float:
-    """Median time per round of `LOOP_ROUNDS` rounds run inside one jitted fori_loop.
+class Runner:
+    """A buffer set up for one mode: `call(state, i) -> state` runs one timed call (one round,
+    or `LOOP_ROUNDS` rounds in the loop mode) on the donated state; `rounds` per call."""
 
-    one_round(i, state) -> (state, sampled items). The loop sums the sampled items into its
-    carry, so the items gather is part of the work rather than dead code."""
+    def __init__(self, call, state, rounds: int = 1):
+        self.call, self.state, self.rounds = call, state, rounds
+        self.i = 0
+
+    def warm_up(self) -> None:
+        for _ in range(5):
+            self.step()
+        jax.block_until_ready(self.state)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.state = self.call(self.state, self.i)
+        jax.block_until_ready(self.state)
+        self.i += 1
+        return time.perf_counter() - start
+
+
+def interleaved(runners: dict, calls: int, blocks: int = 10) -> dict:
+    """Median seconds per round of each runner, and of their ratios, timed in alternating blocks.
+
+    Each of `blocks` blocks times `calls // blocks` calls of every runner in turn and keeps the
+    block's median per round, so a change in the machine's state during the run (this 2-core
+    machine drifts by 30% or more within a minute) weighs on every runner alike. Returns
+    {name: median of the block medians} and {"ratios": per-block times / the first runner's}.
+    """
+    for runner in runners.values():
+        runner.warm_up()
+    per_block = {name: [] for name in runners}
+    for _ in range(blocks):
+        for name, runner in runners.items():
+            times = [runner.step() for _ in range(max(calls // blocks, 1))]
+            per_block[name].append(statistics.median(times) / runner.rounds)
+    first = next(iter(per_block.values()))
+    out = {name: statistics.median(times) for name, times in per_block.items()}
+    out["ratios"] = {
+        name: statistics.median(t / f for t, f in zip(times, first, strict=True))
+        for name, times in per_block.items()
+    }
+    return out
+
+
+def _loop_runner(one_round, state) -> Runner:
+    """`LOOP_ROUNDS` rounds inside one jitted fori_loop per call. one_round(i, state) ->
+    (state, sampled items); the loop sums the items into its carry, so their gather is part of
+    the work rather than dead code."""
 
     def body(i, carry):
         state, total = carry
@@ -57,32 +104,20 @@ def _median_loop(one_round, state, reps: int) -> float:
     program = jax.jit(
         lambda carry: jax.lax.fori_loop(0, LOOP_ROUNDS, body, carry), donate_argnums=0
     )
-    carry = (state, jnp.zeros((), jnp.float32))
-    return _median_round(lambda carry, i: program(carry), carry, reps) / LOOP_ROUNDS
+    return Runner(lambda carry, i: program(carry), (state, jnp.zeros((), jnp.float32)), LOOP_ROUNDS)
 
 
-def _median_round(round_fn, state, reps: int) -> float:
-    for i in range(5):  # compile and warm up
-        state = round_fn(state, i)
-    jax.block_until_ready(state)
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        state = round_fn(state, i)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _prios(i: int):
+    return jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32)
 
 
-def ours(capacity: int, reps: int, mode: str = "calls") -> float:
+def ours(capacity: int, mode: str = "calls") -> Runner:
     state = per.init(capacity, ITEM)
     state = per.add(
         state, jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape)), ITEM), jnp.ones(capacity)
     )
     batches = [_batch(i) for i in range(8)]
-    prios = [
-        jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32) for i in range(8)
-    ]
+    prios = [_prios(i) for i in range(8)]
 
     def one_round(state, items, add_prios, key, new_prios):
         state = per.add(state, items, add_prios)
@@ -97,26 +132,15 @@ def ours(capacity: int, reps: int, mode: str = "calls") -> float:
             sampled, idx, _ = per.sample(state, jax.random.fold_in(KEYS[0], i), BATCH, 0.4)
             return per.update(state, idx, prios_i[::-1]), sampled
 
-        return _median_loop(loop_round, state, max(reps // LOOP_ROUNDS * 4, 5))
-    if mode == "program":
-        program = jax.jit(one_round, donate_argnums=0)
-        return _median_round(
-            lambda state, i: program(
-                state, batches[i % 8], prios[i % 8], KEYS[i % 16], prios[(i + 1) % 8]
-            ),
-            state,
-            reps,
-        )
-    return _median_round(
-        lambda state, i: one_round(
-            state, batches[i % 8], prios[i % 8], KEYS[i % 16], prios[(i + 1) % 8]
-        ),
+        return _loop_runner(loop_round, state)
+    fn = jax.jit(one_round, donate_argnums=0) if mode == "program" else one_round
+    return Runner(
+        lambda state, i: fn(state, batches[i % 8], prios[i % 8], KEYS[i % 16], prios[(i + 1) % 8]),
         state,
-        reps,
     )
 
 
-def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
+def flashbax(capacity: int, mode: str = "calls") -> Runner:
     import flashbax as fbx
 
     buf = fbx.make_prioritised_item_buffer(
@@ -128,9 +152,7 @@ def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
     state = buf.init(jax.tree.map(lambda x: x, ITEM))
     state = add(state, jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape)), ITEM))
     batches = [_batch(i) for i in range(8)]
-    prios = [
-        jnp.asarray(np.random.default_rng(i).uniform(0.1, 2, BATCH), jnp.float32) for i in range(8)
-    ]
+    prios = [_prios(i) for i in range(8)]
 
     if mode == "loop":
 
@@ -140,7 +162,7 @@ def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
             batch = buf.sample(state, jax.random.fold_in(KEYS[0], i))
             return buf.set_priorities(state, batch.indices, prios_i[::-1]), batch.experience
 
-        return _median_loop(loop_round, state, max(reps // LOOP_ROUNDS * 4, 5))
+        return _loop_runner(loop_round, state)
     if mode == "program":
 
         def one_round(state, items, key, new_prios):
@@ -149,10 +171,9 @@ def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
             return buf.set_priorities(state, batch.indices, new_prios)
 
         program = jax.jit(one_round, donate_argnums=0)
-        return _median_round(
+        return Runner(
             lambda state, i: program(state, batches[i % 8], KEYS[i % 16], prios[(i + 1) % 8]),
             state,
-            reps,
         )
 
     def round_fn(state, i):
@@ -160,32 +181,34 @@ def flashbax_round(capacity: int, reps: int, mode: str = "calls") -> float:
         batch = sample(state, KEYS[i % 16])
         return set_prio(state, batch.indices, prios[(i + 1) % 8])
 
-    return _median_round(round_fn, state, reps)
+    return Runner(round_fn, state)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=200, help="timed rounds per buffer and mode")
     args = parser.parse_args()
+    loop_calls = max(args.reps // LOOP_ROUNDS * 4, 10)
     print(
         f"jax {jax.__version__} ({jax.default_backend()}); one round = add {BATCH} + sample "
-        f"{BATCH} + set {BATCH} priorities; median of {args.reps} rounds (in the loop: of "
-        f"{max(args.reps // LOOP_ROUNDS * 4, 5)} calls of {LOOP_ROUNDS} rounds)"
+        f"{BATCH} + set {BATCH} priorities; medians over 10 alternating blocks of "
+        f"{args.reps // 10} rounds (in the loop: of {loop_calls // 10} calls of {LOOP_ROUNDS} "
+        f"rounds)"
     )
     modes = (("calls", "three calls"), ("program", "one program"), ("loop", "in a jitted loop"))
     for mode, label in modes:
-        t_ours = ours(65536, args.reps, mode)
-        t_fbx = flashbax_round(65536, args.reps, mode)
+        calls = loop_calls if mode == "loop" else args.reps
+        t = interleaved({"o1jax": ours(65536, mode), "flashbax": flashbax(65536, mode)}, calls)
         print(
-            f"capacity 65536, {label}: o1jax {t_ours * 1e3:.3f} ms, flashbax "
-            f"{t_fbx * 1e3:.3f} ms, flashbax / o1jax = {t_fbx / t_ours:.2f}x"
+            f"capacity 65536, {label}: o1jax {t['o1jax'] * 1e3:.3f} ms, flashbax "
+            f"{t['flashbax'] * 1e3:.3f} ms, flashbax / o1jax = {t['ratios']['flashbax']:.2f}x"
         )
     for mode, label in modes[::2]:
-        times = {}
-        for log2 in (14, 16, 18, 20):
-            times[log2] = ours(1 << log2, args.reps, mode)
-            print(f"capacity 2^{log2}, {label}: o1jax {times[log2] * 1e3:.3f} ms")
-        print(f"growth 2^20 / 2^14, {label}: {times[20] / times[14]:.2f}x")
+        calls = loop_calls if mode == "loop" else args.reps
+        t = interleaved({f"2^{n}": ours(1 << n, mode) for n in (14, 16, 18, 20)}, calls)
+        for n in (14, 16, 18, 20):
+            print(f"capacity 2^{n}, {label}: o1jax {t[f'2^{n}'] * 1e3:.3f} ms")
+        print(f"growth 2^20 / 2^14, {label}: {t['ratios']['2^20']:.2f}x")
 
 
 if __name__ == "__main__":
