@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 from o1jax.train.pipeline import restore_pprm
 
                 base, pprm_adapter = restore_pprm(ctx)
-                judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer)
+                rated = ctx.config.pprm.rates_steps
+                judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer, rated=rated)
             cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
             problems = load_jsonl(args.data) if args.data else ctx.test
             out_dir = args.out or args.workdir

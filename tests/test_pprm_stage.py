@@ -17,6 +17,7 @@ from test_train import (
     _train_to_the_end,
 )
 
+from o1jax.data.longcot import NEGATIVE_RATING, POSITIVE_RATING
 from o1jax.data.tasks import DataError
 from o1jax.train.config import ConfigError, dump_config, load_config
 from o1jax.train.metrics import MetricsWriter
@@ -24,6 +25,7 @@ from o1jax.train.metrics import MetricsWriter
 # S = 8 SFT steps, P = 24 PPRM steps, no RL iteration: checkpoints 1..8, eval 9, PPRM 10..33
 # (every 8: 17, 25, then 33 with the accuracy), done 34. Small evaluations keep it fast.
 S, P = 8, 24
+VERDICTS = (POSITIVE_RATING, NEGATIVE_RATING)
 RUN = [
     f"sft.steps={S}",
     f"pprm.steps={P}",
@@ -137,6 +139,23 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     bad.write_text('{"question": "q", "chosen": "a", "rejected": 3}\n')
     with pytest.raises(DataError, match=f"{bad}:1: field 'rejected' must be a non-empty string"):
         pprm_pairs(_context(tmp_path / "w3", f"pprm.pairs_path={bad}", "pprm.steps=1"))
+
+
+def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):
+    from o1jax.train.pipeline import pprm_pairs
+
+    ctx = _context(tmp_path / "w", "pprm.steps=1", "pprm.eval_pairs=3")
+    assert ctx.config.pprm.rated and pprm_pairs(ctx) is None  # needs the SFT'd model first
+    rated = pprm_pairs(ctx, ctx.params)
+    ctx.checkpointer.close()
+    plain_ctx = _context(tmp_path / "w2", "pprm.steps=1", "pprm.eval_pairs=3", "pprm.rated=false")
+    plain = pprm_pairs(plain_ctx)
+    plain_ctx.checkpointer.close()
+    verdict_ids = [ctx.tokenizer.convert_tokens_to_ids(t) for t in VERDICTS]
+    count = lambda pairs: np.isin(pairs[0].tokens, verdict_ids).sum(axis=1)
+    assert rated[0].num_pairs == plain[0].num_pairs and rated[1].num_pairs == 3
+    assert (count(rated) >= 4).all() and (count(plain) == 0).all()  # a verdict per thought
+    assert rated[0].first_better.tolist() == plain[0].first_better.tolist()
 
 
 def test_policy_source_mines_pairs_from_the_sft_policy_after_sft(tmp_path, monkeypatch):

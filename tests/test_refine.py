@@ -17,6 +17,7 @@ from o1jax.train.pipeline import sft_examples
 
 QUESTION = "Start with 4, add 5, multiply by 2."
 WRONG = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 19", "<conclusion>\\boxed{19}"]
+RIGHT_SOLUTION = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 18", "<conclusion>\\boxed{18}"]
 S = 160
 
 
@@ -286,3 +287,39 @@ def test_planted_tree_exports_to_longcot_and_feeds_sft(tok, tmp_path):
     (tmp_path / "trees" / "p2.txt").write_text("<start_of_father_id>-1<end_of_father_id>oops")
     with pytest.raises(DataError, match=r"p2\.txt: long-CoT text, offset \d+"):
         sft_examples(config, tok, [])
+
+
+@pytest.mark.parametrize("rated", [False, True])
+def test_the_pprm_reads_solutions_as_it_was_trained_to(tok, model, rated, monkeypatch):
+    """A rated judge reads each solution's effective thoughts with the verdicts of its own base
+    model (`ratings.thought_ratings`, no adapter); an unrated one reads the bare thoughts."""
+    from o1jax.search import pprm, ratings
+
+    cfg, params = model
+    journey = refine.solution_steps(
+        longcot.render_chain(
+            QUESTION,
+            [
+                *WRONG[:2],
+                "<critic>9 * 2 is not 19",
+                "<refine>9 * 2 = 18",
+                "<conclusion>\\boxed{18}",
+            ],
+            ["<positive_rating>", "<negative_rating>"] + ["<positive_rating>"] * 3,
+        )
+    )[1:]
+    calls, rate = [], ratings.thought_ratings
+    monkeypatch.setattr(refine, "thought_ratings", lambda *a, **k: calls.append(a) or rate(*a))
+    judge = refine.PPRMJudge(params, cfg, None, tok, rated=rated)
+    texts = refine.pprm_texts(judge, [QUESTION, QUESTION], [journey, journey[:1]])
+    effective = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 18", "<conclusion>\\boxed{18}"]
+    if not rated:
+        assert calls == [] and texts == [pprm.solution_text(effective), effective[0]]
+        return
+    (call,) = calls
+    assert call[0] is judge.params and call[3] == [(QUESTION, effective), (QUESTION, effective[:1])]
+    verdicts = rate(params, cfg, tok, call[3])
+    assert texts == [
+        pprm.solution_text(effective, verdicts[0]),
+        pprm.solution_text(effective[:1], verdicts[1]),
+    ]

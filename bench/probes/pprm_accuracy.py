@@ -13,6 +13,7 @@ differ sit side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -26,6 +27,7 @@ from common import context, load_params
 
 from o1jax.model import lora
 from o1jax.search import pprm as search_pprm
+from o1jax.search import ratings
 from o1jax.train import pprm
 
 
@@ -48,13 +50,19 @@ def main() -> None:
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--rated", action="store_true", help="the policy's verdicts in the texts")
     args = parser.parse_args()
     if args.layout == "interleaved":
         search_pprm.encode_pair = encode_interleaved
     ctx = context("/tmp/o1jax_probe_pprm", [])
     _, params = load_params(args.params)
-    train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0))
-    held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1))
+    rate = None
+    if args.rated:
+        rate = functools.partial(ratings.thought_ratings, params, ctx.cfg, ctx.tokenizer)
+    start = time.time()
+    train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0), rate)
+    held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1), rate)
+    print(f"pairs built in {time.time() - start:.0f} s", flush=True)
     adapter = lora.init(ctx.cfg, jax.random.key(9), lora.LoRAConfig(args.rank, 2.0 * args.rank))
     rate = args.learning_rate
     if args.schedule == "cosine":  # optax takes a schedule wherever it takes a rate

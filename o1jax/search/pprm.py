@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from o1jax.data.longcot import NEGATIVE_RATING, POSITIVE_RATING
 from o1jax.model.gemma2 import forward
 
 # The answer tokens: " A" / " B" where the tokenizer has them as single tokens (SentencePiece
@@ -44,9 +45,20 @@ def answer_format(tokenizer) -> tuple[tuple[int, int], str]:
     raise ValueError("pprm: the tokenizer has neither ' A'/' B' nor 'A'/'B' as single tokens")
 
 
-def solution_text(thoughts) -> str:
-    """A whole solution as the PPRM reads it: its thoughts joined by '; ' (action tags kept)."""
-    return "; ".join(thoughts)
+def solution_text(thoughts, ratings=None) -> str:
+    """A whole solution as the PPRM reads it: its thoughts joined by '; ' (action tags kept).
+
+    ratings: the policy's rating in [0, 1] of each thought (`ratings.thought_ratings`), or None.
+    With them each thought is followed by the policy's verdict on it, `<positive_rating>` at
+    1/2 or above, else `<negative_rating>`, so that the PPRM compares solutions knowing which
+    steps the policy itself doubts.
+    """
+    if ratings is None:
+        return "; ".join(thoughts)
+    if len(ratings) != len(thoughts):
+        raise ValueError(f"solution_text: {len(thoughts)} thoughts but {len(ratings)} ratings")
+    verdicts = [POSITIVE_RATING if r >= 0.5 else NEGATIVE_RATING for r in ratings]
+    return "; ".join(t + v for t, v in zip(thoughts, verdicts, strict=True))
 
 
 def encode_pair(tokenizer, question: str, first: str, second: str) -> list[int]:

@@ -45,6 +45,7 @@ from o1jax.model.sampler import generate
 from o1jax.search import ebc, pprm
 from o1jax.search.format import make_step_format, special_id
 from o1jax.search.mcts import StepFormat, trim_to_bucket
+from o1jax.search.ratings import thought_ratings
 
 NO_NODE = -1
 VALUES = ("self_reward", "pprm")
@@ -483,12 +484,16 @@ def solution_answer(steps: list[tuple[str, str]]) -> str | None:
 
 @dataclasses.dataclass
 class PPRMJudge:
-    """The PPRM's adapter on the policy's base, and the tokenizer that writes its prompts."""
+    """The PPRM's adapter on the policy's base, and the tokenizer that writes its prompts.
+    rated: the PPRM was trained on texts with the SFT'd model's verdict beside each thought
+    (`PPRMSection.rated`); search then writes its solutions the same way, rated by `params`
+    (the PPRM's base, that model) without the adapter."""
 
     params: object
     cfg: object
     lora: object
     tokenizer: object
+    rated: bool = False
     width_multiple: int = 64  # pair prompts are padded to a multiple of this (fewer shapes)
 
 
@@ -624,8 +629,11 @@ def run(
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
         for t in range(b):
             steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
-            texts[t].append(pprm_text(steps[t][-1]))
             found[t].append(solution_answer(steps[t][-1]))
+        if pref is not None:
+            new_texts = pprm_texts(judge, questions, [steps[t][-1] for t in range(b)])
+            for t in range(b):
+                texts[t].append(new_texts[t])
         # An answer needs a well-formed chain too (the host's parse is the stricter one).
         parsed = jnp.asarray([found[t][new] is not None for t in range(b)])
         tree = tree.replace(
@@ -670,9 +678,15 @@ def run(
     return SearchResult(tree, steps, found, pref, global_value)
 
 
-def pprm_text(steps: list[tuple[str, str]]) -> str:
-    """What the PPRM reads of a solution: its effective thoughts (`pprm.solution_text`)."""
-    return pprm.solution_text([thought for thought, _ in effective_steps(steps)])
+def pprm_texts(judge: PPRMJudge, questions: list[str], solutions: list[list[tuple[str, str]]]):
+    """What the PPRM reads of each solution's (thought, rating) steps: its effective thoughts
+    (`pprm.solution_text`), with the verdicts of the judge's base model when it is `rated`."""
+    thoughts = [[thought for thought, _ in effective_steps(steps)] for steps in solutions]
+    verdicts = [None] * len(solutions)
+    if judge.rated:  # the SFT'd model's verdicts, as the PPRM was trained to read them
+        pairs = list(zip(questions, thoughts, strict=True))
+        verdicts = thought_ratings(judge.params, judge.cfg, judge.tokenizer, pairs)
+    return [pprm.solution_text(t, v) for t, v in zip(thoughts, verdicts, strict=True)]
 
 
 # ----------------------------------------------------------------------------- export

@@ -161,6 +161,15 @@ class PPRMSection:
     mine_problems: int = 1024
     samples: int = 8
     eval_pairs: int = 200  # held-out pairs for the pairwise accuracy in the report
+    # The SFT'd policy's verdict on each step (its rating token, read as search reads it) is
+    # written beside the step in the PPRM's texts, in training and in SR-MCTS alike
+    # (o1jax.search.ratings). Pairs from a `pairs_path` file are plain texts, read as given.
+    rated: bool = True
+
+    @property
+    def rates_steps(self) -> bool:
+        """Whether the PPRM's texts carry the policy's verdicts (see `rated`)."""
+        return self.rated and not self.pairs_path
 
     def __post_init__(self):
         _require(self.steps >= 0, "pprm.steps", self.steps, "must be >= 0 (0: no PPRM stage)")

@@ -22,6 +22,7 @@ started again on its workdir ends with the same report and parameters as an unin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -46,6 +47,7 @@ from o1jax.rl.experience import Experience, experience_width, tree_to_experience
 from o1jax.rl.ppo import PPOConfig, PPOTrainer
 from o1jax.search import mcts
 from o1jax.search.format import encode_chain, encode_prompts, make_step_format
+from o1jax.search.ratings import thought_ratings
 from o1jax.train import evaluate as ev
 from o1jax.train import pprm_mining
 from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
@@ -322,11 +324,19 @@ def policy_params(ctx: RunContext, sft_state):
     return lora.merge(ctx.params, sft_state.trainable)
 
 
-def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs] | None:
+def _step_rater(ctx: RunContext, base_params):
+    """None, or what writes the SFT'd model's verdicts into the PPRM's texts (`pprm.rated`)."""
+    if not ctx.config.pprm.rates_steps:
+        return None
+    return functools.partial(thought_ratings, base_params, ctx.cfg, ctx.tokenizer)
+
+
+def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
     """(training, held-out) preference pairs of the PPRM stage: the `pprm.pairs_path` file split
     by question (`data.test_fraction`), or (correct, flawed) solutions of the train and the
-    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs. None for
-    `pprm.source: policy`, whose pairs need the SFT'd policy (`policy_pprm_pairs`)."""
+    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs. None when the pairs
+    need the SFT'd model `base_params` and it is not given: `pprm.source: policy`
+    (`policy_pprm_pairs`), or task pairs with the model's verdicts (`pprm.rated`)."""
     config, p = ctx.config, ctx.config.pprm
     if p.pairs_path:
         triples = load_pairs(p.pairs_path)
@@ -340,14 +350,15 @@ def pprm_pairs(ctx: RunContext) -> tuple[Pairs, Pairs] | None:
                 f"be non-empty"
             )
         return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test[: p.eval_pairs])
-    if p.source == "policy":
-        return None  # mined from the SFT'd policy in the PPRM stage (policy_pprm_pairs)
+    if p.source == "policy" or (p.rates_steps and base_params is None):
+        return None  # made from the SFT'd policy in the PPRM stage
+    rate = _step_rater(ctx, base_params)
     try:
         train = task_pairs(
-            ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0])
+            ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0]), rate
         )
         test = task_pairs(
-            ctx.tokenizer, ctx.test, np.random.default_rng([config.seed, STAGE_PPRM, 1])
+            ctx.tokenizer, ctx.test, np.random.default_rng([config.seed, STAGE_PPRM, 1]), rate
         )
     except ValueError as e:
         raise ConfigError(
@@ -374,6 +385,7 @@ def policy_pprm_pairs(ctx: RunContext, base_params) -> tuple[Pairs, Pairs]:
         batch_size=_eval_batch(config, len(problems)) * p.samples,
         seed=(config.seed, STAGE_PPRM, part),
         progress=f"pprm pairs ({'train' if part == 0 else 'held-out'})",
+        rate=_step_rater(ctx, base_params),
     )
     train = mine(ctx.train[: p.mine_problems], 0)
     test = mine(ctx.test[: config.eval.num_problems], 1)
@@ -828,7 +840,9 @@ def _run_stages(ctx: RunContext) -> dict:
     # PPRM: its own adapter over the frozen SFT'd model, resumed from its own checkpoint.
     if pprm_pending:
         start = meta["step"] if meta["stage"] == "pprm" else 0
-        pairs = pairs or policy_pprm_pairs(ctx, base)
+        if pairs is None:
+            mined = config.pprm.source == "policy"
+            pairs = policy_pprm_pairs(ctx, base) if mined else pprm_pairs(ctx, base)
         pprm_state, results = run_pprm(
             ctx, base, *pairs, sft_state, results, start_state=pprm_state, start_step=start
         )

@@ -69,15 +69,23 @@ class Pairs:
         return Pairs(self.tokens[:n], self.lengths[:n], self.first_better[:n])
 
 
-def task_pairs(tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator) -> Pairs:
-    """For each problem with a flawable solution, (correct, flawed) in both orders."""
-    triples = []
+def task_pairs(
+    tokenizer, problems: Sequence[tasks.Problem], rng: np.random.Generator, rate=None
+) -> Pairs:
+    """For each problem with a flawable solution, (correct, flawed) in both orders.
+
+    rate: None, or a function from [(question, thoughts)] to the policy's rating of each thought
+    (`ratings.thought_ratings` bound to the policy), whose verdicts then go into the texts."""
+    solutions = []
     for p in problems:
         flawed = tasks.flawed_chain(p, rng)
         if flawed is not None:
-            triples.append((p.question, solution_text(p.steps), solution_text(flawed[0])))
-    if not triples:
+            solutions += [(p.question, list(p.steps)), (p.question, flawed[0])]
+    if not solutions:
         raise ValueError("pprm: no problem has a worked solution with a result to flaw")
+    verdicts = rate(solutions) if rate is not None else [None] * len(solutions)
+    texts = [solution_text(t, r) for (_, t), r in zip(solutions, verdicts, strict=True)]
+    triples = [(q, texts[i], texts[i + 1]) for i, (q, _) in enumerate(solutions) if i % 2 == 0]
     return encode_pairs(tokenizer, triples)
 
 

@@ -18,10 +18,14 @@ import numpy as np
 
 from o1jax.data import answers
 from o1jax.search import refine
+from o1jax.search.pprm import solution_text
 
 
-def solution_verdicts(texts: Sequence[str], truth: str) -> tuple[list[str], list[str]]:
-    """(right, wrong): the distinct PPRM texts of decoded solutions, split by their answers.
+def solution_verdicts(
+    texts: Sequence[str], truth: str, as_thoughts: bool = False
+) -> tuple[list, list]:
+    """(right, wrong): the distinct PPRM texts of decoded solutions, split by their answers
+    (with `as_thoughts`, each solution's effective thoughts as a tuple instead of its text).
 
     A solution without a final answer counts as wrong; one whose chain breaks is skipped.
     """
@@ -33,7 +37,8 @@ def solution_verdicts(texts: Sequence[str], truth: str) -> tuple[list[str], list
         answer = refine.solution_answer(steps)
         good = answer is not None and answers.is_equivalent(answer, truth)
         bucket = right if good else wrong
-        solution = refine.pprm_text(steps)
+        thoughts = tuple(thought for thought, _ in refine.effective_steps(steps))
+        solution = thoughts if as_thoughts else solution_text(thoughts)
         if solution not in right and solution not in wrong:
             bucket.append(solution)
     return right, wrong
@@ -53,11 +58,14 @@ def policy_triples(
     lora=None,
     seed: int | Sequence[int] = 0,
     progress: str | None = "pprm pairs",
+    rate=None,
 ) -> list[tuple[str, str, str]]:
     """(question, chosen, rejected) triples from `samples` solutions per problem at T = 1.
 
     Each problem with both right and wrong solutions gives up to `pairs_per_problem` pairs,
-    drawn without repeats by a generator seeded with `seed`.
+    drawn without repeats by a generator seeded with `seed`. rate: None, or a function from
+    [(question, thoughts)] to the policy's rating of each thought, whose verdicts then go into
+    the texts (`pprm.solution_text`).
     """
     from o1jax.train.evaluate import generate_texts
 
@@ -77,10 +85,16 @@ def policy_triples(
     rng = np.random.default_rng(seed)
     triples = []
     for problem, solutions in zip(problems, texts, strict=True):
-        right, wrong = solution_verdicts(solutions, problem.answer)
+        right, wrong = solution_verdicts(solutions, problem.answer, as_thoughts=True)
         combos = [(r, w) for r in right for w in wrong]
         if not combos:
             continue
         for k in rng.permutation(len(combos))[:pairs_per_problem]:
             triples.append((problem.question, *combos[k]))
-    return triples
+    if rate is None:
+        return [(q, solution_text(a), solution_text(b)) for q, a, b in triples]
+    rated = rate([(q, list(t)) for q, a, b in triples for t in (a, b)])
+    return [
+        (q, solution_text(a, rated[2 * i]), solution_text(b, rated[2 * i + 1]))
+        for i, (q, a, b) in enumerate(triples)
+    ]

@@ -1,0 +1,83 @@
+"""The policy's own verdict on each thought of given solutions, read as search reads it.
+
+A solution is rendered as the chain SFT trains on (`format.encode_chain`), and the rating of its
+thought k is P(<positive_rating>) / (P(<positive_rating>) + P(<negative_rating>)) at the
+<start_of_rating> after it: the value search gives a node (`mcts.make_lm_expand_fn`), here for
+every thought of a whole solution in one forward pass. The PPRM reads solutions with these
+verdicts beside their thoughts (`pprm.solution_text`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from o1jax.data import longcot
+from o1jax.model.gemma2 import forward
+from o1jax.search.format import encode_chain, encode_prompt, special_id
+
+WIDTH_BUCKET = 64  # rows are padded to a multiple of this: one compiled program per bucket
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rating_ids"))
+def _positive_probability(params, cfg, tokens, lengths, lora, rating_ids: tuple[int, int]):
+    """P(positive) against P(negative) as the next token [M, W] of right-padded `tokens`
+    [M, W] (lengths [M])."""
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    logits = forward(params, cfg, tokens, attention_mask=mask, lora=lora)  # [M, W, V]
+    return jax.nn.sigmoid(logits[..., rating_ids[0]] - logits[..., rating_ids[1]])
+
+
+def thought_ratings(
+    params,
+    cfg,
+    tokenizer,
+    solutions: Sequence[tuple[str, Sequence[str]]],
+    *,
+    lora=None,
+    batch_size: int = 32,
+) -> list[np.ndarray]:
+    """The policy's rating [T_i] in [0, 1] of each thought of each (question, thoughts) solution.
+
+    Rows run in fixed batches of `batch_size`, padded to a multiple of `WIDTH_BUCKET` tokens.
+    """
+    start = special_id(tokenizer, longcot.START_OF_RATING)
+    rating_ids = (
+        special_id(tokenizer, longcot.POSITIVE_RATING),
+        special_id(tokenizer, longcot.NEGATIVE_RATING),
+    )
+    rows, where = [], []
+    for question, thoughts in solutions:
+        ids, _ = encode_chain(tokenizer, question, thoughts)
+        skip = encode_prompt(tokenizer, question).count(start)  # the root's own rating slot
+        at = np.flatnonzero(ids == start)[skip:]
+        if len(at) != len(thoughts):
+            raise ValueError(
+                f"thought_ratings: {len(thoughts)} thoughts but {len(at)} rating slots; a thought "
+                f"holds a long-CoT token of its own ({question[:40]!r})"
+            )
+        rows.append(ids)
+        where.append(at)
+    if not rows:
+        return []
+    width = -(-max(len(r) for r in rows) // WIDTH_BUCKET) * WIDTH_BUCKET
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first : first + batch_size]
+        tokens = np.full((batch_size, width), pad, np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for i, ids in enumerate(chunk):
+            tokens[i, : len(ids)] = ids
+            lengths[i] = len(ids)
+        p = np.asarray(
+            _positive_probability(
+                params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), lora, rating_ids
+            )
+        )
+        out += [p[i, where[first + i]] for i in range(len(chunk))]
+    return out
