@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from o1jax.data import longcot
 from o1jax.model.gemma2 import forward
@@ -40,10 +41,12 @@ def thought_ratings(
     *,
     lora=None,
     batch_size: int = 32,
+    progress: str | None = None,
 ) -> list[np.ndarray]:
     """The policy's rating [T_i] in [0, 1] of each thought of each (question, thoughts) solution.
 
     Rows run in fixed batches of `batch_size`, padded to a multiple of `WIDTH_BUCKET` tokens.
+    progress: a progress bar's label, or None for none.
     """
     start = special_id(tokenizer, longcot.START_OF_RATING)
     rating_ids = (
@@ -67,7 +70,8 @@ def thought_ratings(
     width = -(-max(len(r) for r in rows) // WIDTH_BUCKET) * WIDTH_BUCKET
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
-    for first in range(0, len(rows), batch_size):
+    batches = range(0, len(rows), batch_size)
+    for first in tqdm(batches, desc=progress, disable=progress is None, leave=False):
         chunk = rows[first : first + batch_size]
         tokens = np.full((batch_size, width), pad, np.int32)
         lengths = np.ones((batch_size,), np.int32)

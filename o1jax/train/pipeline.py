@@ -328,7 +328,9 @@ def _step_rater(ctx: RunContext, base_params):
     """None, or what writes the SFT'd model's verdicts into the PPRM's texts (`pprm.rated`)."""
     if not ctx.config.pprm.rates_steps:
         return None
-    return functools.partial(thought_ratings, base_params, ctx.cfg, ctx.tokenizer)
+    return functools.partial(
+        thought_ratings, base_params, ctx.cfg, ctx.tokenizer, progress="pprm verdicts"
+    )
 
 
 def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
