@@ -5,6 +5,8 @@ same random weights, prompts of 32 tokens, 128 new tokens sampled at temperature
 and 64, in one run. Also measures this machine's matmul FLOP/s (a large float32 jnp.dot) and
 reports the fraction of that roofline the sampler reaches.
 
+The two libraries are timed in turn, rep by rep; the ratio is the median of the per-rep ratios.
+
     python bench/sample.py [--reps 3]
 """
 
@@ -36,6 +38,22 @@ def median_seconds(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def alternating_seconds(first, second, reps: int) -> tuple[float, float, float]:
+    """(median seconds of `first`, of `second`, median of the per-rep ratios first / second),
+    the two timed in turn, so that the machine's drift during the run weighs on both alike."""
+    first(), second()
+    times = []
+    for _ in range(reps):
+        pair = []
+        for fn in (first, second):
+            start = time.perf_counter()
+            fn()
+            pair.append(time.perf_counter() - start)
+        times.append(pair)
+    a, b = zip(*times, strict=True)
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in times)
 
 
 def matmul_flops_per_second(n: int = 1024, reps: int = 10) -> float:
@@ -109,13 +127,12 @@ def main() -> None:
             out.tokens.block_until_ready()
 
         n_tokens = batch * NEW
-        t_hf = median_seconds(run_hf, args.reps)
-        t_ours = median_seconds(run_ours, args.reps)
+        t_hf, t_ours, ratio = alternating_seconds(run_hf, run_ours, args.reps)
         flops = batch * sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
         achieved = flops / t_ours
         print(
             f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
-            f"{t_hf / t_ours:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}"
+            f"{ratio:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}"
         )
 
 
