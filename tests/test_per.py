@@ -17,7 +17,7 @@ def _items(ids):
 
 
 # 64 slots (depth 2): sampling searches the leaves in one pass; 2^16 (depth 4) and 2^20
-# (depth 5): it searches the level of 4096 nodes, then descends one or two levels per draw.
+# (depth 5): it searches the level of 256 nodes, then descends two or three levels per draw.
 CAPACITIES = [64, 1 << 16, 1 << 20]
 
 
@@ -60,6 +60,28 @@ def test_zero_priority_items_are_never_drawn(capacity):
         drawn |= set(np.asarray(idx).tolist())
     assert drawn <= set(slots[[3, 7, 19]].tolist())
     assert slots[7] in drawn
+
+
+def test_a_zero_mass_node_is_never_drawn_where_a_blocked_cumsum_steps_up(monkeypatch):
+    """XLA sums a long cumsum in blocks, and the running total can step up by an ulp at a
+    zero-mass node that starts a block. A draw landing in that one-ulp step once took the empty
+    node, returning a zero-priority slot or a NaN weight for the whole batch. Searched over the
+    level of 4096 nodes, whose cumsum XLA's CPU backend blocks, every such draw must still
+    land on an item of positive priority."""
+    monkeypatch.setattr(per, "SCAN_LEVEL_SIZE", 4096)  # read when `_descend` runs (eagerly here)
+    capacity = 1 << 16
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, capacity).astype(np.float32) ** 4 * 100
+    p.reshape(-1, 16)[rng.random(capacity // 16) < 0.3] = 0  # zero-mass nodes of that level
+    state = per.add(per.init(capacity, ITEM, alpha=1.0), _items(np.arange(capacity)), p)
+    assert per._scan_level(state.depth) == 3
+    cum = np.asarray(jnp.cumsum(per._level(state.tree, 3)))
+    empty = p.reshape(-1, 16).sum(axis=1) == 0
+    steps = [j for j in range(1, len(cum)) if empty[j] and cum[j] > cum[j - 1]]
+    assert steps, "no zero-mass node where the blocked cumsum steps up: the test needs one"
+    u = jnp.asarray([cum[j - 1] for j in steps], jnp.float32)  # inside each one-ulp step
+    slots, mass = per._descend(state.tree, state.depth, u)
+    assert (p[np.asarray(slots)] > 0).all() and (np.asarray(mass) > 0).all()
 
 
 def test_circular_overwrite_replaces_the_oldest():

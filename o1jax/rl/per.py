@@ -32,7 +32,10 @@ import jax.numpy as jnp
 from flax import struct
 
 BRANCHING = 16  # F, children per node
-SCAN_LEVEL_SIZE = 4096  # sampling searches the deepest level this small in one pass
+# Sampling searches the deepest level this small in one pass. XLA's CPU backend sums a cumsum
+# of up to 256 in order; a longer one it sums in blocks (a level of 4 096 then needs a running
+# maximum over it, which costs more than descending two levels instead of one).
+SCAN_LEVEL_SIZE = 256
 
 
 def _depth(capacity: int) -> int:
@@ -221,15 +224,21 @@ def _descend(tree: jax.Array, depth: int, u):
     A node of zero mass ends where its left neighbour ends, so it is never the first to exceed
     u; clamping u below the total of the nodes searched (their float32 sum may round below
     their parent's) keeps the choice in range. Items of zero priority are therefore never drawn.
+    A backend may compute the cumsum in blocks (XLA's CPU backend does beyond 256 values), and
+    then it can step up by an ulp at a zero-mass node that starts a block: a draw in that step
+    would enter an empty node. A running maximum over the nonzero nodes' sums gives every
+    zero-mass node its left neighbour's end again, exactly.
     """
     top = _scan_level(depth)
-    level_cum = jnp.cumsum(_level(tree, top))  # [F^top], inclusive
+    mass_top = _level(tree, top)  # [F^top]
+    level_cum = jnp.cumsum(mass_top)  # [F^top], inclusive
+    level_cum = jax.lax.cummax(jnp.where(mass_top > 0, level_cum, -jnp.inf))  # leading zeros: -inf
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
     if top == depth:  # the scanned level is the leaves
-        return node, _level(tree, depth).at[node].get(mode="promise_in_bounds")
+        return node, mass_top.at[node].get(mode="promise_in_bounds")
     before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
-    u = jnp.maximum(u - before, 0.0)
+    u = jnp.maximum(u - jnp.maximum(before, 0.0), 0.0)
     # Inclusive prefix sums within a node as one masked multiply-reduce, which XLA fuses into a
     # single loop (its cumsum is slow for short rows on a CPU, and a [B, F] x [F, F] dot costs a
     # library call per level).
