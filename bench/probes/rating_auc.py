@@ -21,16 +21,14 @@ import json
 import os
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
-from o1jax.data import longcot, tasks
-from o1jax.model.gemma2 import forward
+from o1jax.data import tasks
+from o1jax.search.ratings import thought_ratings
 from o1jax.train import pipeline
 
 # The task's own parsing of an arithmetic step (tasks.flawed_chain uses it too).
 STEP = tasks._ARITH_STEP_RE
-WIDTH, BATCH = 256, 32
 
 
 def auc(positives, negatives) -> float:
@@ -43,28 +41,10 @@ class Rater:
     def __init__(self, workdir: str):
         self.ctx = pipeline.open_run(workdir)
         self.params, _ = pipeline.restore_policy(self.ctx)
-        tok = self.ctx.tokenizer
-        self.tokenizer = tok
-        self.ids = [
-            tok.convert_tokens_to_ids(t)
-            for t in ("<start_of_rating>", "<positive_rating>", "<negative_rating>")
-        ]
 
-    def ratings(self, texts: list[str]) -> list[np.ndarray]:
-        """Per text, the rating at each of its <start_of_rating> tokens (the root's first)."""
-        start, positive, negative = self.ids
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:WIDTH] for t in texts]
-        out = []
-        for i in range(0, len(encoded), BATCH):
-            chunk = encoded[i : i + BATCH]
-            tokens = np.zeros((BATCH, WIDTH), np.int32)
-            for j, ids in enumerate(chunk):
-                tokens[j, : len(ids)] = ids
-            logits = np.asarray(forward(self.params, self.ctx.cfg, jnp.asarray(tokens)))
-            for j, ids in enumerate(chunk):
-                at = logits[j, [k for k, t in enumerate(ids) if t == start]]
-                out.append(1.0 / (1.0 + np.exp(at[:, negative] - at[:, positive])))
-        return out
+    def ratings(self, solutions: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        """Per (question, thoughts) solution, the rating of each thought."""
+        return thought_ratings(self.params, self.ctx.cfg, self.ctx.tokenizer, solutions)
 
 
 def controlled(rater: Rater, problems, sizes: tuple[int, ...], rng) -> float:
@@ -75,9 +55,8 @@ def controlled(rater: Rater, problems, sizes: tuple[int, ...], rng) -> float:
         a, op, b, c = STEP.match(steps[k]).groups()
         delta = int(rng.choice(sizes)) * (1 if int(c) < 5 or rng.random() < 0.5 else -1)
         flawed = [*steps[:k], f"<expansion>{a} {op} {b} = {int(c) + delta}"]
-        texts += [longcot.render_chain(p.question, steps[: k + 1]),
-                  longcot.render_chain(p.question, flawed)]  # fmt: skip
-        index.append(k + 1)
+        texts += [(p.question, steps[: k + 1]), (p.question, flawed)]
+        index.append(k)
     r = rater.ratings(texts)
     right = [r[2 * i][k] for i, k in enumerate(index)]
     wrong = [r[2 * i + 1][k] for i, k in enumerate(index)]
@@ -92,11 +71,11 @@ def on_policy(rater: Rater, workdir: str, problems) -> tuple[float, int, int]:
         if row["id"] not in by_id:
             continue
         thoughts = re.findall(r"<start_of_thought>(.*?)<end_of_thought>", row["output"])
-        texts.append(longcot.render_chain(by_id[row["id"]].question, thoughts))
+        texts.append((by_id[row["id"]].question, thoughts))
         labels.append([tasks.arithmetic_step_is_right(t) for t in thoughts])
     right, wrong = [], []
     for r, steps in zip(rater.ratings(texts), labels, strict=True):
-        for value, ok in zip(r[1:], steps, strict=False):
+        for value, ok in zip(r, steps, strict=False):
             if ok is not None:
                 (right if ok else wrong).append(value)
     return auc(right, wrong), len(right), len(wrong)
@@ -107,14 +86,13 @@ def task_pairs(rater: Rater, problems, rng) -> dict[str, float]:
     for p in problems:
         flawed = tasks.flawed_chain(p, rng)
         if flawed is not None:
-            texts += [longcot.render_chain(p.question, list(p.steps)),
-                      longcot.render_chain(p.question, flawed[0])]  # fmt: skip
+            texts += [(p.question, list(p.steps)), (p.question, flawed[0])]
     r = rater.ratings(texts)
     rules = {"min": np.min, "mean": np.mean, "conclusion": lambda x: x[-1]}
     out = {}
     for name, rule in rules.items():
-        right = np.asarray([rule(x[1:]) for x in r[0::2]])
-        wrong = np.asarray([rule(x[1:]) for x in r[1::2]])
+        right = np.asarray([rule(x) for x in r[0::2]])
+        wrong = np.asarray([rule(x) for x in r[1::2]])
         out[name] = float(np.mean((right > wrong) + 0.5 * (right == wrong)))
     return out
 
