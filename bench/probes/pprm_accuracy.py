@@ -56,12 +56,12 @@ def main() -> None:
         search_pprm.encode_pair = encode_interleaved
     ctx = context("/tmp/o1jax_probe_pprm", [])
     _, params = load_params(args.params)
-    rate = None
+    rater = None
     if args.rated:
-        rate = functools.partial(ratings.thought_ratings, params, ctx.cfg, ctx.tokenizer)
+        rater = functools.partial(ratings.thought_ratings, params, ctx.cfg, ctx.tokenizer)
     start = time.time()
-    train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0), rate)
-    held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1), rate)
+    train = pprm.task_pairs(ctx.tokenizer, ctx.train, np.random.default_rng(0), rater)
+    held_out = pprm.task_pairs(ctx.tokenizer, ctx.test[:200], np.random.default_rng(1), rater)
     print(f"pairs built in {time.time() - start:.0f} s", flush=True)
     adapter = lora.init(ctx.cfg, jax.random.key(9), lora.LoRAConfig(args.rank, 2.0 * args.rank))
     rate = args.learning_rate

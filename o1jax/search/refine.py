@@ -470,6 +470,11 @@ def effective_steps(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+def effective_thoughts(steps: list[tuple[str, str]]) -> list[str]:
+    """The thought texts of `effective_steps(steps)`: what the PPRM reads of a solution."""
+    return [thought for thought, _ in effective_steps(steps)]
+
+
 def decode(tokenizer, tokens: np.ndarray, length: int) -> str:
     return tokenizer.decode(tokens[:length].tolist(), skip_special_tokens=False)
 
@@ -681,7 +686,7 @@ def run(
 def pprm_texts(judge: PPRMJudge, questions: list[str], solutions: list[list[tuple[str, str]]]):
     """What the PPRM reads of each solution's (thought, rating) steps: its effective thoughts
     (`pprm.solution_text`), with the verdicts of the judge's base model when it is `rated`."""
-    thoughts = [[thought for thought, _ in effective_steps(steps)] for steps in solutions]
+    thoughts = [effective_thoughts(steps) for steps in solutions]
     verdicts = [None] * len(solutions)
     if judge.rated:  # the SFT'd model's verdicts, as the PPRM was trained to read them
         pairs = list(zip(questions, thoughts, strict=True))

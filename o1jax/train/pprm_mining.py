@@ -37,7 +37,7 @@ def solution_verdicts(
         answer = refine.solution_answer(steps)
         good = answer is not None and answers.is_equivalent(answer, truth)
         bucket = right if good else wrong
-        thoughts = tuple(thought for thought, _ in refine.effective_steps(steps))
+        thoughts = tuple(refine.effective_thoughts(steps))
         solution = thoughts if as_thoughts else solution_text(thoughts)
         if solution not in right and solution not in wrong:
             bucket.append(solution)
