@@ -84,6 +84,58 @@ def test_a_zero_mass_node_is_never_drawn_where_a_blocked_cumsum_steps_up(monkeyp
     assert (p[np.asarray(slots)] > 0).all() and (np.asarray(mass) > 0).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_priorities_that_are_not_positive_finite_numbers_are_never_drawn(alpha):
+    """0 (also at alpha 0, where 0 ** 0 = 1), negative, NaN and inf all store mass 0; none of
+    them reaches the largest priority that `add(priorities=None)` uses."""
+    state = per.init(8, ITEM, alpha=alpha)
+    bad = [0.0, -1.0, np.nan, np.inf]
+    state = per.add(state, _items(np.arange(8)), jnp.asarray([2.0, 3.0, *bad, 1.0, 0.0]))
+    state = per.update(state, jnp.asarray([1, 6]), jnp.asarray([np.nan, -2.0]))
+    assert float(state.max_priority) == 3.0
+    drawn = set()
+    for i in range(20):
+        _, idx, w = per.sample(state, jax.random.key(i), 16, 0.5)
+        drawn |= set(np.asarray(idx).tolist())
+        assert np.all(np.isfinite(np.asarray(w)))
+    assert drawn == {0}
+    state = per.add(state, _items([8]), None)  # the default priority is still a real one
+    assert float(state.leaf_mass[0]) == float(np.float32(3.0) ** np.float32(alpha))
+
+
+def test_a_buffer_without_mass_samples_in_range_with_zero_weights():
+    state = per.add(per.init(8, ITEM), _items(np.arange(4)), jnp.zeros(4))
+    _, idx, w = per.sample(state, jax.random.key(0), 6, 0.4)
+    assert np.all((np.asarray(idx) >= 0) & (np.asarray(idx) < 8))
+    np.testing.assert_array_equal(np.asarray(w), 0.0)
+
+
+def test_empty_writes_and_out_of_range_indices_change_nothing():
+    state = per.init(100, ITEM, alpha=1.0)
+    state = per.add(state, _items(np.arange(100)), jnp.ones(100))
+    before = np.asarray(state.tree).copy()
+    state = per.add(state, _items([]), jnp.zeros(0))
+    state = per.update(state, jnp.zeros(0, jnp.int32), jnp.zeros(0))
+    state = per.update(state, jnp.asarray([-1, 100, 102, 5]), jnp.asarray([9.0, 9.0, 9.0, 1.0]))
+    np.testing.assert_array_equal(np.asarray(state.tree), before)
+    assert int(state.size) == 100 and float(state.max_priority) == 1.0
+
+
+def test_add_with_a_count_stores_only_that_many_items():
+    """One compiled `add` for any number of items: the padding past `count` takes no slot and
+    overwrites nothing."""
+    state = per.init(6, ITEM, alpha=1.0)
+    state = per.add(state, _items([0, 1, 2, 3]), jnp.ones(4))
+    state = per.add(state, _items([4, 5, 6, 7]), jnp.asarray([2.0, 3.0, 9.0, 9.0]), 2)
+    assert int(state.size) == 6 and int(state.position) == 0
+    np.testing.assert_array_equal(np.asarray(state.items["id"]), [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(np.asarray(state.leaf_mass), [1, 1, 1, 1, 2, 3])
+    assert float(state.max_priority) == 3.0
+    state = per.add(state, _items([8, 9, 10, 11]), jnp.full(4, 5.0), 1)  # wraps to slot 0
+    np.testing.assert_array_equal(np.asarray(state.items["id"]), [8, 1, 2, 3, 4, 5])
+    assert int(state.position) == 1 and float(state.total) == 5 + 1 + 1 + 1 + 2 + 3
+
+
 def test_circular_overwrite_replaces_the_oldest():
     state = per.init(5, ITEM)
     state = per.add(state, _items([0, 1, 2, 3]), jnp.ones(4))

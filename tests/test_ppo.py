@@ -116,3 +116,44 @@ def test_updates_raise_positive_and_lower_negative_advantage_thoughts(base):
     positive = np.asarray(batch.advantage) > 0
     assert np.all(change[positive] > 0), change[positive]
     assert np.all(change[~positive] < 0), change[~positive]
+
+
+def test_log_probs_outside_the_thoughts_cannot_make_the_loss_nan(base, monkeypatch):
+    """The policy may put any log-prob on padding and the rating marker: 100 nats there once
+    made exp() overflow and inf * 0 turn loss, gradients and priorities into NaN."""
+    from o1jax.rl import ppo
+
+    batch = _batch()
+    pred = np.zeros((M, W), bool)  # positions that predict a thought token
+    for i in range(M):
+        s, n = int(batch.action_start[i]), int(batch.action_length[i])
+        pred[i, s - 1 : s - 1 + n] = True
+
+    def stub_forward(params, cfg, tokens, attention_mask=None, lora=None):
+        logits = jnp.zeros((M, W, CFG.vocab_size))
+        if lora is None:  # the reference
+            return logits
+        return jnp.where(pred[..., None], logits, logits.at[..., 0].set(-lora))
+
+    monkeypatch.setattr(ppo, "forward", stub_forward)
+    old = jnp.where(jnp.arange(L)[None] < batch.action_length[:, None], 0.0, -100.0)
+    for old_logp in (None, old - jnp.log(CFG.vocab_size)):
+        f = lambda shift, o=old_logp: ppo.ppo_loss(
+            shift, None, CFG, batch, jnp.ones(M), o, PPOConfig(), (POS, NEG)
+        )
+        (loss, (aux, _, priorities)), grad = jax.value_and_grad(f, has_aux=True)(100.0)
+        assert np.isfinite(float(loss)) and float(grad) == 0.0
+        assert float(aux["kl"]) == 0.0 and np.all(np.isfinite(np.asarray(priorities)))
+
+
+def test_equal_advantages_normalise_to_no_signal(base):
+    """A batch whose advantages are all equal (here 0.9, not exact in float32 sums) has no
+    policy gradient after normalisation, rather than its rounding residue blown up."""
+    from o1jax.rl import ppo
+
+    batch = _batch().replace(advantage=jnp.full((M,), 0.9, jnp.float32))
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    _, (aux, _, _) = ppo.ppo_loss(
+        adapter, base, CFG, batch, jnp.ones(M), None, PPOConfig(), (POS, NEG)
+    )
+    assert float(aux["policy_loss"]) == 0.0

@@ -20,6 +20,9 @@ slices of the total mass). It places all draws in the nodes of the deepest level
 `SCAN_LEVEL_SIZE` nodes at once (one prefix sum of that level and a binary search), then each
 draw descends the levels below alone. It only ever enters nodes of positive mass, so items of
 zero priority are never drawn. Duplicate indices in one write take their largest priority.
+
+A priority is a finite number > 0; anything else (0, negative, NaN, inf) is stored as mass 0 and
+never drawn, whatever alpha (even 0 ** 0). Writes at indices outside [0, capacity) are dropped.
 """
 
 from __future__ import annotations
@@ -126,6 +129,14 @@ def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
     )
 
 
+def _masses(priorities: jax.Array, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(masses p^alpha [M], the priorities kept [M]): a priority that is not a finite number > 0
+    becomes 0, and so does its mass (also at alpha = 0, where 0 ** 0 would be 1)."""
+    p = priorities.astype(jnp.float32)
+    p = jnp.where(jnp.isfinite(p) & (p > 0), p, 0.0)
+    return jnp.where(p > 0, p**alpha, 0.0), p
+
+
 def _children(tree: jax.Array, level: int, nodes: jax.Array) -> jax.Array:
     """The F children [M, F] in level + 1 of `nodes` [M] of `level`."""
     below = _level(tree, level + 1).reshape(-1, BRANCHING)
@@ -143,19 +154,25 @@ def _run_nodes(position, m: int, capacity: int, span: int):
     return jnp.minimum(runs, (capacity - 1) // span)
 
 
-def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=None) -> jax.Array:
+def _set_leaves(
+    tree: jax.Array, depth: int, slots, values, unique: bool, run=None, keep=None
+) -> jax.Array:
     """Writes leaf masses [M] at `slots` [M] and recomputes their ancestors exactly. Duplicate
     slots (possible unless `unique`) take their largest value. run: (position [], m, capacity)
     when `slots` are the circular run position, ..., position + m - 1; then each level recomputes
     only the few nodes above the run (about m / span), not one node per slot. A level with no
     more nodes than would be recomputed is summed whole: a dense reduce and a contiguous write
-    instead of a gather and a scatter."""
+    instead of a gather and a scatter. keep: optional [M] bool; writes where it is False are
+    dropped (their slots must still be in range: their ancestors are recomputed, harmlessly)."""
     leaves = _offset(depth) + slots
+    mode = "promise_in_bounds"
+    if keep is not None:
+        leaves, mode = jnp.where(keep, leaves, tree.shape[0]), "drop"
     if unique:
-        tree = tree.at[leaves].set(values, mode="promise_in_bounds")
+        tree = tree.at[leaves].set(values, mode=mode)
     else:
-        tree = tree.at[leaves].set(0.0, mode="promise_in_bounds")
-        tree = tree.at[leaves].max(values, mode="promise_in_bounds")
+        tree = tree.at[leaves].set(0.0, mode=mode)
+        tree = tree.at[leaves].max(values, mode=mode)
     nodes = slots
     for d in range(depth - 1, -1, -1):
         if run is None:
@@ -173,29 +190,41 @@ def _set_leaves(tree: jax.Array, depth: int, slots, values, unique: bool, run=No
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def add(state: PERState, items, priorities=None) -> PERState:
+def add(state: PERState, items, priorities=None, count=None) -> PERState:
     """Appends M items (overwriting the oldest when full). priorities: [M] raw |td| values, or
-    None for the largest priority seen so far. Stored as p^alpha."""
+    None for the largest priority seen so far. Stored as p^alpha.
+
+    count: optional [] int in [0, M]: only the first `count` items are added (the rest of the
+    batch is padding and takes no slot), so one compiled `add` serves any number of items.
+    """
     m = jax.tree.leaves(items)[0].shape[0]
     if m > state.capacity:
         raise ValueError(f"per.add: {m} items exceed the capacity {state.capacity}")
     chex.assert_trees_all_equal_structs(items, state.items)
+    if m == 0:
+        return state
     if priorities is None:
         priorities = jnp.full((m,), state.max_priority)
     chex.assert_shape(priorities, (m,))
-    priorities = priorities.astype(jnp.float32)
+    masses, priorities = _masses(priorities, state.alpha)
     slots = (state.position + jnp.arange(m)) % state.capacity  # [M]
+    keep, item_slots, mode = None, slots, "promise_in_bounds"
+    if count is not None:
+        count = jnp.clip(jnp.asarray(count, jnp.int32), 0, m)
+        keep = jnp.arange(m) < count  # [M]
+        item_slots, mode = jnp.where(keep, slots, state.capacity), "drop"
+        priorities = jnp.where(keep, priorities, 0.0)
+    else:
+        count = m
     new_items = jax.tree.map(
-        lambda buf, x: buf.at[slots].set(x.astype(buf.dtype), mode="promise_in_bounds"),
+        lambda buf, x: buf.at[item_slots].set(x.astype(buf.dtype), mode=mode),
         state.items,
         items,
     )
     run = (state.position, m, state.capacity)
-    tree = _set_leaves(
-        state.tree, state.depth, slots, priorities**state.alpha, unique=True, run=run
-    )
-    position = (state.position + m) % state.capacity
-    size = jnp.minimum(state.size + m, state.capacity)
+    tree = _set_leaves(state.tree, state.depth, slots, masses, unique=True, run=run, keep=keep)
+    position = (state.position + count) % state.capacity
+    size = jnp.minimum(state.size + count, state.capacity)
     max_priority = jnp.maximum(state.max_priority, jnp.max(priorities))
     return state.replace(
         items=new_items,
@@ -235,6 +264,7 @@ def _descend(tree: jax.Array, depth: int, u):
     level_cum = jax.lax.cummax(jnp.where(mass_top > 0, level_cum, -jnp.inf))  # leading zeros: -inf
     u = jnp.minimum(u, jnp.nextafter(level_cum[-1], 0.0))
     node = jnp.searchsorted(level_cum, u, side="right", method="scan").astype(jnp.int32)  # [B]
+    node = jnp.minimum(node, mass_top.shape[0] - 1)  # in range when the tree has no mass
     if top == depth:  # the scanned level is the leaves
         return node, mass_top.at[node].get(mode="promise_in_bounds")
     before = jnp.where(node > 0, level_cum[jnp.maximum(node - 1, 0)], 0.0)  # [B]
@@ -258,8 +288,9 @@ def _descend(tree: jax.Array, depth: int, u):
 def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
     """(items [B, ...], indices [B], importance weights [B]) by stratified proportional sampling.
 
-    weights = (N * P(i))^-beta / max over the batch, N the number of stored items. Sampling an
-    empty buffer is undefined (check `state.size` first).
+    weights = (N * P(i))^-beta / max over the batch, N the number of stored items. A buffer
+    with no item of positive priority (empty, or only zeros) gives arbitrary in-range indices
+    and weights 0, which leave a weighted loss unmoved; check `state.total > 0` to tell.
     """
     total = state.total
     offsets = jax.random.uniform(key, (batch_size,))
@@ -270,17 +301,24 @@ def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
     # every read of the tree here feeds `indices`: an `update` of them in the same program is
     # ordered after all of them and writes the tree in place (reading the root for the weights
     # made XLA copy the whole tree before each such update).
-    weights = (jnp.min(mass) / mass) ** beta
+    weights = jnp.where(mass > 0, (jnp.min(mass) / jnp.where(mass > 0, mass, 1.0)) ** beta, 0.0)
+    indices = jnp.minimum(indices, state.capacity - 1)  # in range even with no mass at all
     items = jax.tree.map(lambda buf: buf.at[indices].get(mode="promise_in_bounds"), state.items)
     return items, indices, weights
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERState:
-    """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins)."""
+    """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins;
+    indices outside [0, capacity) are ignored)."""
     chex.assert_equal_shape([indices, priorities])
-    priorities = priorities.astype(jnp.float32)
-    tree = _set_leaves(state.tree, state.depth, indices, priorities**state.alpha, unique=False)
+    if indices.shape[0] == 0:
+        return state
+    masses, priorities = _masses(priorities, state.alpha)
+    keep = (indices >= 0) & (indices < state.capacity)  # [M]
+    slots = jnp.where(keep, indices, 0)
+    tree = _set_leaves(state.tree, state.depth, slots, masses, unique=False, keep=keep)
+    priorities = jnp.where(keep, priorities, 0.0)
     max_priority = jnp.maximum(state.max_priority, jnp.max(priorities))
     return state.replace(tree=tree, scalars=state.scalars.at[0].set(max_priority))
 

@@ -106,15 +106,22 @@ def ppo_loss(
     if config.normalize_advantages:
         n = jnp.maximum(m, 1)
         mean = adv.mean()
-        std = jnp.sqrt(jnp.sum((adv - mean) ** 2) / n)
-        adv = (adv - mean) / (std + 1e-6)
-    log_ratio = logp - old_logp
+        centred = adv - mean
+        std = jnp.sqrt(jnp.sum(centred**2) / n)
+        # A batch of equal advantages carries no signal: its float32 residue around the mean,
+        # divided by a near-zero std, would not be 0.
+        spread = std > 1e-6 * (1.0 + jnp.abs(mean))
+        adv = jnp.where(spread, centred / (std + 1e-6), 0.0)
+    # Positions past a thought's end (padding, the rating marker) are zeroed before any exp:
+    # the policy may put any log-prob there, and inf * 0 would turn the sums into NaN.
+    on = act > 0
+    log_ratio = jnp.where(on, logp - old_logp, 0.0)
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
     pg_tok = -jnp.minimum(ratio * adv[:, None], clipped * adv[:, None])  # [M, L]
-    log_r = ref_logp - logp
+    log_r = jnp.where(on, ref_logp - logp, 0.0)
     kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref)
-    entropy_tok = -jnp.sum(jnp.exp(rows) * rows, axis=-1)  # [M, L]
+    entropy_tok = jnp.where(on, -jnp.sum(jnp.exp(rows) * rows, axis=-1), 0.0)  # [M, L]
 
     pos_lp, neg_lp = rating_logprob(logits, batch.length, *rating_tokens)
     value_item = -(batch.value_target * pos_lp + (1.0 - batch.value_target) * neg_lp)  # [M]
