@@ -360,15 +360,25 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+    try:
+        with path.open("rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            yield where, lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
+        except ValueError as e:  # e.g. an integer of more digits than Python will convert
+            raise DataError(f"{where}: unreadable JSON value ({e})") from None
 
 
 def load_jsonl(path: str | Path) -> list[Problem]:

@@ -23,6 +23,14 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and key at fault."""
 
 
+PRESETS = ("tiny", "gemma2_2b", "gemma2_9b", "gemma2_27b")  # Gemma2Config.preset's names
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # used when model_dir is empty
@@ -39,6 +47,20 @@ class ModelConfig:
     # CPU the tanh over [B, H, T, T] scores is a quarter of an SFT step). HF models keep theirs.
     attn_logit_softcapping: float | None = 50.0
 
+    def __post_init__(self):
+        _require(self.preset in PRESETS, "model.preset", self.preset, f"must be one of {PRESETS}")
+        _require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
+                 "must be 'float32' or 'bfloat16'")  # fmt: skip
+        _require(self.attention_impl in ("xla", "pallas"), "model.attention_impl",
+                 self.attention_impl, "must be 'xla' or 'pallas'")  # fmt: skip
+        for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
+                     "sliding_window"):  # fmt: skip
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads", self.num_heads,
+                 f"must be a multiple of model.num_kv_heads ({self.num_kv_heads})")  # fmt: skip
+        cap = self.attn_logit_softcapping
+        _require(cap is None or cap > 0, "model.attn_logit_softcapping", cap, "must be > 0 or null")
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
@@ -54,6 +76,20 @@ class TaskConfig:
     journey_fraction: float = 0.3  # share of SFT examples written as journeys (errors + fixes)
     flawed_fraction: float = 0.3  # extra wrong chains per problem, trained on ratings only
 
+    def __post_init__(self):
+        _require(1 <= self.min_ops <= self.max_ops, "data.task.min_ops", self.min_ops,
+                 f"must be >= 1 and <= data.task.max_ops ({self.max_ops})")  # fmt: skip
+        top = f"must be >= 1 and <= data.task.max_value ({self.max_value})"
+        _require(1 <= self.max_operand <= self.max_value, "data.task.max_operand",
+                 self.max_operand, top)  # fmt: skip
+        _require(self.max_multiplier >= 2, "data.task.max_multiplier", self.max_multiplier,
+                 "must be >= 2")  # fmt: skip
+        _require(self.num_train >= 1, "data.task.num_train", self.num_train, "must be >= 1")
+        _require(self.num_test >= 1, "data.task.num_test", self.num_test, "must be >= 1")
+        for name in ("journey_fraction", "flawed_fraction"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"data.task.{name}", value, "must be in [0, 1]")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -65,6 +101,10 @@ class DataConfig:
     sft_trees: str = ""
     task: TaskConfig = TaskConfig()
 
+    def __post_init__(self):
+        _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
+                 "must be in (0, 1)")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -72,12 +112,27 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for axis, size in sizes.items():
+            _require(
+                size == -1 or size >= 1, f"mesh.{axis}", size, "must be >= 1, or -1 (the rest)"
+            )
+        free = [axis for axis, size in sizes.items() if size == -1]
+        _require(len(free) <= 1, "mesh", sizes, "may have at most one axis of -1")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASection:
     rank: int = 32
     alpha: float = 16.0
     targets: tuple[str, ...] = ALL_TARGETS  # every projection of every layer
+
+    def __post_init__(self):
+        _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        _require(bool(self.targets) and not unknown, "lora.targets", list(self.targets),
+                 f"must be a non-empty subset of {list(ALL_TARGETS)}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +145,13 @@ class SFTSection:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     full_finetune: bool = True  # False: train a LoRA adapter on the frozen base
+
+    def __post_init__(self):
+        _require(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
+        _require(self.batch_size >= 1, "sft.batch_size", self.batch_size, "must be >= 1")
+        _require(self.seq_len >= 2, "sft.seq_len", self.seq_len, "must be >= 2")
+        _require(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "must be > 0")
+        _require(self.warmup_steps >= 0, "sft.warmup_steps", self.warmup_steps, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +168,18 @@ class SearchSection:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self):
+        for name in ("num_simulations", "num_children", "max_depth", "thought_length"):
+            value = getattr(self, name)
+            _require(value >= 1, f"search.{name}", value, "must be >= 1")
+        _require(self.selection in ("puct", "uct"), "search.selection", self.selection,
+                 "must be 'puct' or 'uct'")  # fmt: skip
+        _require(self.backup in ("max", "mean"), "search.backup", self.backup,
+                 "must be 'max' or 'mean'")  # fmt: skip
+        _require(self.temperature >= 0, "search.temperature", self.temperature, "must be >= 0")
+        _require(0 < self.top_p <= 1, "search.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.top_k >= 0, "search.top_k", self.top_k, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +209,14 @@ class RLSection:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
+        for name in ("problems_per_iteration", "buffer_capacity", "batch_size", "epochs"):
+            value = getattr(self, name)
+            _require(value >= 1, f"rl.{name}", value, "must be >= 1")
+        _require(self.iterations >= 0, "rl.iterations", self.iterations, "must be >= 0")
+        _require(self.updates_per_iteration >= 0, "rl.updates_per_iteration",
+                 self.updates_per_iteration, "must be >= 0")  # fmt: skip
+        _require(self.alpha >= 0, "rl.alpha", self.alpha, "must be >= 0")
+        _require(self.learning_rate > 0, "rl.learning_rate", self.learning_rate, "must be > 0")
         _require(self.values in VALUE_SOURCES, "rl.values", self.values,
                  "must be 'rating' or 'outcome'")  # fmt: skip
         _require(self.terminal_paths_only or self.values != "outcome", "rl.values", self.values,
@@ -184,11 +266,6 @@ class PPRMSection:
         _require(self.samples >= 2, "pprm.samples", self.samples, "must be >= 2")
 
 
-def _require(ok: bool, key: str, value, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {rule}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     num_problems: int = 200
@@ -196,11 +273,23 @@ class EvalSection:
     search_simulations: int = 16
     every: int = 0  # RL iterations between evaluations (0: only at the end)
 
+    def __post_init__(self):
+        _require(self.num_problems >= 1, "eval.num_problems", self.num_problems, "must be >= 1")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens,
+                 "must be >= 1")  # fmt: skip
+        _require(self.search_simulations >= 1, "eval.search_simulations",
+                 self.search_simulations, "must be >= 1")  # fmt: skip
+        _require(self.every >= 0, "eval.every", self.every, "must be >= 0 (0: only at the end)")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     every: int = 100  # SFT and PPRM steps between checkpoints (RL: after every iteration)
     keep: int = 2
+
+    def __post_init__(self):
+        _require(self.every >= 1, "checkpoint.every", self.every, "must be >= 1")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +311,24 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- parsing
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line scalar: its text, and that text read as YAML. A string field takes the
+    text as typed (a path may hold "#", or be "2024" or "yes"); other fields the YAML value."""
+
+    text: str
+    value: Any
+    error: str = ""  # why the text is not YAML
+
+
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Checks `value` against a field's type; returns it converted (lists -> tuples)."""
+    if isinstance(value, _Override):
+        if annotation is str:
+            return value.text
+        if value.error:
+            raise ConfigError(f"{key}: cannot parse {value.text!r} ({value.error})")
+        value = value.value
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
@@ -272,7 +377,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
 def _build(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(map(str, set(raw) - names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
@@ -288,22 +393,25 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
+        if isinstance(node, _Override) and isinstance(node.value, dict):  # a section given whole
+            node = node.value
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {p} is not a section")
     node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings (values parsed as YAML scalars) -> a nested dict."""
+    """`a.b=value` strings -> a nested dict. Values are read as YAML (a mapping may override a
+    whole section); a string field takes its text verbatim."""
     raw: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = _Override(text, yaml.safe_load(text) if text else "")
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: cannot parse {text!r} ({e})") from None
+            value = _Override(text, None, str(e).splitlines()[0])
         _set_path(raw, key.strip(), value)
     return raw
 
@@ -311,7 +419,11 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        section = v.value if isinstance(v, _Override) and isinstance(v.value, dict) else v
+        if isinstance(section, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], section)
+        else:
+            out[k] = v
     return out
 
 
@@ -320,12 +432,15 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     raw: dict = {}
     if path:
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: malformed YAML ({e})") from None
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     raw = _merge(raw, parse_overrides(list(overrides)))

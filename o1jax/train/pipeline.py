@@ -94,12 +94,19 @@ class RunContext:
 # ----------------------------------------------------------------------------- set-up
 def check_workdir(config: RunConfig, workdir: str) -> None:
     """A workdir belongs to one config: refuse (before writing anything) to mix two."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
     path = os.path.join(workdir, "config.yaml")
     if os.path.exists(path):
         import yaml
 
-        with open(path) as f:
-            saved = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); use another --workdir") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path}: not a config (a mapping); use another --workdir")
         try:  # sections added since the run started (e.g. pprm) take their defaults
             saved = to_dict(load_config(path))
         except ConfigError:
@@ -732,16 +739,17 @@ def _as_experience(items: dict) -> Experience:
 
 def _add_to_buffer(state, items: dict, priorities: np.ndarray, chunk: int = 256):
     """Adds a variable number of items in fixed-size chunks (one compiled `add`). The last chunk
-    is padded with zero-priority copies, which the buffer never samples."""
+    is padded with copies that take no slot (`per.add`'s `count`)."""
     n = len(priorities)
+    chunk = min(chunk, state.capacity)
     pad = (-n) % chunk
     idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])
     prio = np.concatenate([priorities, np.zeros(pad, priorities.dtype)]).astype(np.float32)
     for start in range(0, n + pad, chunk):
         sel = idx[start : start + chunk]
-        state = per.add(
-            state, jax.tree.map(lambda x, sel=sel: x[sel], items), prio[start : start + chunk]
-        )
+        batch = jax.tree.map(lambda x, sel=sel: x[sel], items)
+        count = np.int32(min(chunk, n - start))
+        state = per.add(state, batch, prio[start : start + chunk], count)
     return state
 
 
@@ -766,10 +774,12 @@ def run(config: RunConfig, workdir: str) -> dict:
     maybe_initialize_distributed()
     check_workdir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, "config.yaml")):
-        dump_config(config, os.path.join(workdir, "config.yaml"))
     with PreemptionFlag() as flag:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
+        # Only a run that could start claims the workdir: a start that failed on its data or
+        # model leaves it free for the corrected command.
+        if not os.path.exists(os.path.join(workdir, "config.yaml")):
+            dump_config(config, os.path.join(workdir, "config.yaml"))
         try:
             report = _run_stages(ctx)
         finally:
