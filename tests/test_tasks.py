@@ -201,6 +201,19 @@ def test_load_jsonl_missing_file(tmp_path):
         tasks.load_jsonl(tmp_path / "nope.jsonl")
 
 
+def test_load_jsonl_bytes(tmp_path):
+    """A BOM and CRLF line ends are read; text that is not UTF-8 is a DataError naming the line."""
+    good = tmp_path / "bom.jsonl"
+    good.write_bytes(
+        b'\xef\xbb\xbf{"question": "q", "answer": "1"}\r\n{"question": "r", "answer": "2"}'
+    )
+    assert [p.answer for p in tasks.load_jsonl(good)] == ["1", "2"]
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        tasks.load_jsonl(bad)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
 def test_load_hf_disk_without_datasets(tmp_path):
     with pytest.raises(ImportError, match="needs the 'datasets' package"):
