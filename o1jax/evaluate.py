@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model and not args.data:
         parser.error("--model needs --data")
+    for flag, value, least in (
+        ("--samples", args.samples, 1),
+        ("--simulations", args.simulations, 1),
+        ("--rollouts", args.rollouts, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 0),
+        ("--max-new-tokens", args.max_new_tokens, 0),
+    ):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
     searches = [] if args.search == "none" else args.search.split(",")
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
@@ -82,17 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             from o1jax.train.config import ModelConfig
             from o1jax.train.pipeline import build_model, build_tokenizer, search_config
 
+            problems = load_jsonl(args.data)
             config = RunConfig(model_dir=args.model, model=ModelConfig(dtype="float32"))
             tokenizer = build_tokenizer(config, args.out or "eval")
             cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
             adapter = judge = None
-            problems = load_jsonl(args.data)
             out_dir = args.out or "eval"
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # the model's own checks (Gemma2Config) on a saved config
+        print(f"error: {args.workdir or args.model}: {e}", file=sys.stderr)
+        return 2
     if args.limit:
         problems = problems[: args.limit]
+    if not problems:
+        source = args.data or f"{args.workdir}: its held-out set"
+        print(f"error: {source}: no problems to evaluate", file=sys.stderr)
+        return 2
     key = jax.random.key(args.seed)
     max_new = args.max_new_tokens or config.eval.max_new_tokens
     result = ev.evaluate(

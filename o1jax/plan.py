@@ -59,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from o1jax.model import Gemma2Config
     from o1jax.model.hf_io import CheckpointError, read_config
+    from o1jax.model.lora import ALL_TARGETS
+    from o1jax.parallel.mesh import mesh_shape
     from o1jax.train.config import ConfigError, load_config
 
     try:
+        if args.devices < 0:
+            raise ConfigError(f"--devices {args.devices}: must be >= 1 (or 0: from the mesh)")
         config = load_config(args.config, args.overrides)
         mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
         for item in filter(None, args.mesh.split(",")):
@@ -69,21 +73,30 @@ def main(argv: list[str] | None = None) -> int:
             if axis not in mesh or not size.lstrip("-").isdigit():
                 raise ConfigError(f"--mesh {args.mesh}: expected axis=size with axes {list(mesh)}")
             mesh[axis] = int(size)
-        if -1 in mesh.values():
-            if not args.devices:
-                raise ConfigError("the mesh has a -1 axis: give --devices or a full --mesh")
-            fixed = 1
-            for size in mesh.values():
-                fixed *= size if size != -1 else 1
-            mesh = {a: (args.devices // fixed if s == -1 else s) for a, s in mesh.items()}
-        if config.model_dir:
-            cfg = read_config(config.model_dir)
-        elif config.model.preset != "tiny":
-            cfg = Gemma2Config.preset(config.model.preset)
-        else:
-            from o1jax.train.pipeline import tiny_model_config
+        if -1 in mesh.values() and not args.devices:
+            raise ConfigError("the mesh has a -1 axis: give --devices or a full --mesh")
+        try:
+            mesh = mesh_shape(mesh, args.devices or None)
+        except ValueError as e:
+            where = f"--mesh {args.mesh}" if args.mesh else f"{args.config}: mesh"
+            devices = f" with --devices {args.devices}" if args.devices else ""
+            raise ConfigError(f"{where}{devices}: {str(e).removeprefix('mesh: ')}") from e
+        unknown = [t for t in config.lora.targets if t not in ALL_TARGETS]
+        if unknown:
+            raise ConfigError(f"lora.targets: unknown {unknown}; choose from {list(ALL_TARGETS)}")
+        try:
+            if config.model_dir:
+                cfg = read_config(config.model_dir)
+            elif config.model.preset != "tiny":
+                cfg = Gemma2Config.preset(config.model.preset)
+            else:
+                from o1jax.train.pipeline import tiny_model_config
 
-            cfg = tiny_model_config(config, vocab_size=512)
+                cfg = tiny_model_config(config, vocab_size=512)
+        except (ConfigError, CheckpointError):
+            raise
+        except ValueError as e:  # the model's own checks (Gemma2Config)
+            raise ConfigError(f"{args.config}: model: {e}") from e
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,22 +26,55 @@ class TreeFileError(ValueError):
     """A tree file that cannot be drawn; the message names the file and what is wrong."""
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# field: (check, what it must be); "rating" is optional (tree_to_json always writes it)
+NODE_FIELDS = {
+    "id": (_is_int, "an integer"),
+    "parent": (_is_int, "an integer"),
+    "text": (lambda x: isinstance(x, str), "a string"),
+    "visits": (_is_int, "an integer"),
+    "value": (_is_number, "a finite number"),
+    "rating": (_is_number, "a finite number"),
+}
+
+
 def load_tree(path: str) -> dict:
-    """The tree dict in `path`, checked for the fields the drawing needs."""
+    """The tree dict in `path`, checked for the fields the drawing needs and their types."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError as e:
         raise TreeFileError(f"{path}: no such file") from e
     except json.JSONDecodeError as e:
         raise TreeFileError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from e
+    except UnicodeDecodeError as e:
+        raise TreeFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except RecursionError as e:
+        raise TreeFileError(f"{path}: JSON nested too deeply") from e
+    except OSError as e:
+        raise TreeFileError(f"{path}: cannot read ({e.strerror or e})") from e
     nodes = data.get("nodes") if isinstance(data, dict) else None
     if not isinstance(nodes, list) or not nodes:
         raise TreeFileError(f"{path}: expected an object with a non-empty 'nodes' list")
     for i, node in enumerate(nodes):
-        for field in ("id", "parent", "text", "visits", "value"):
+        if not isinstance(node, dict):
+            raise TreeFileError(f"{path}: node {i} is {type(node).__name__}, not an object")
+        for field, (ok, kind) in NODE_FIELDS.items():
             if field not in node:
+                if field == "rating":
+                    continue
                 raise TreeFileError(f"{path}: node {i} has no {field!r}")
+            if not ok(node[field]):
+                got = repr(node[field])
+                got = got if len(got) <= 40 else got[:37] + "..."
+                raise TreeFileError(f"{path}: node {i} field {field!r} is {got}, expected {kind}")
         if node["id"] != i:
             raise TreeFileError(f"{path}: node {i} has id {node['id']} (ids must be 0..N-1)")
         if i and not 0 <= node["parent"] < i:
@@ -154,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         page = render_html(load_tree(args.tree), title=args.tree)
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(page)
+        except OSError as e:
+            raise TreeFileError(f"{args.out}: cannot write ({e.strerror or e})") from e
     except TreeFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(args.out, "w") as f:
-        f.write(page)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,6 +1,7 @@
 """`python -m o1jax.show_tree`: a tree JSON in, a self-contained HTML drawing out."""
 
 import json
+import math
 import re
 
 import pytest
@@ -57,6 +58,13 @@ def test_a_deep_chain_does_not_hit_the_recursion_limit():
     assert show_tree.layout(nodes)[2999] == (0.0, 2999)
 
 
+def _child(**fields) -> str:
+    """A two-node tree (JSON text) whose second node has `fields` over valid ones."""
+    root = {"id": 0, "parent": -1, "text": "q", "visits": 1, "value": 0}
+    node = {"id": 1, "parent": 0, "text": "t", "visits": 1, "value": 0.5, "rating": 0.5}
+    return json.dumps({"nodes": [root, node | fields]})
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -68,6 +76,15 @@ def test_a_deep_chain_does_not_hit_the_recursion_limit():
             ' {"id": 1, "parent": 4, "text": "t", "visits": 1, "value": 0}]}',
             "node 1 has parent 4",
         ),
+        ('{"nodes": [1, 2]}', "node 0 is int, not an object"),
+        (_child(parent="0"), "node 1 field 'parent' is '0', expected an integer"),
+        (_child(value="abc"), "node 1 field 'value' is 'abc', expected a finite number"),
+        (_child(value=None), "node 1 field 'value' is None, expected a finite number"),
+        (_child(value=math.nan), "node 1 field 'value' is nan, expected a finite number"),
+        (_child(value=True), "node 1 field 'value' is True, expected a finite number"),
+        (_child(visits="x"), "node 1 field 'visits' is 'x', expected an integer"),
+        (_child(text=5), "node 1 field 'text' is 5, expected a string"),
+        (_child(rating="pos"), "node 1 field 'rating' is 'pos', expected a finite number"),
     ],
 )
 def test_bad_files_exit_2_naming_the_file_and_fault(tmp_path, capsys, content, message):
@@ -76,4 +93,20 @@ def test_bad_files_exit_2_naming_the_file_and_fault(tmp_path, capsys, content, m
     assert show_tree.main([str(path), "-o", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message in err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_unreadable_inputs_and_outputs_exit_2(tmp_path, tree_file, capsys):
+    path, _ = tree_file
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00{")
+    cases = [
+        ([str(binary), "-o", str(tmp_path / "x.html")], f"{binary}: not UTF-8 text"),
+        ([str(tmp_path), "-o", str(tmp_path / "x.html")], f"{tmp_path}: cannot read"),
+        ([str(path), "-o", str(tmp_path / "no" / "x.html")], "no/x.html: cannot write"),
+    ]
+    for argv, message in cases:
+        assert show_tree.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.html").exists()

@@ -57,29 +57,45 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
+def mesh_shape(shape: dict[str, int], num_devices: int | None = None) -> dict[str, int]:
+    """The size of every axis of `shape` (missing axes: 1), its -1 axis (at most one) given the
+    rest of `num_devices`. Raises ValueError for an unknown axis, a size that is neither >= 1 nor
+    -1, or a shape that does not use exactly `num_devices` devices (when given; it must be when
+    an axis is -1).
+    """
+    unknown = set(shape) - set(AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; axes are {AXES}")
+    sizes = {a: int(shape.get(a, 1)) for a in AXES}
+    bad = {a: s for a, s in sizes.items() if s != -1 and s < 1}
+    if bad:
+        raise ValueError(f"mesh: axis sizes must be >= 1, or -1 for the rest; got {bad}")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    if num_devices is None:
+        if free:
+            raise ValueError(f"mesh: the -1 axis {free[0]!r} needs the number of devices")
+        return sizes
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh: {num_devices} devices do not divide by {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh: shape {sizes} needs {math.prod(sizes.values())} devices, have {num_devices}"
+        )
+    return sizes
+
+
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor). `shape` may give -1 for one axis (all the rest).
 
     `make_mesh()` puts every device on `data`; `make_mesh({"fsdp": -1})` shards params instead.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = dict(shape or {"data": -1})
-    unknown = set(shape) - set(AXES)
-    if unknown:
-        raise ValueError(f"mesh: unknown axes {sorted(unknown)}; axes are {AXES}")
-    sizes = {a: int(shape.get(a, 1)) for a in AXES}
-    free = [a for a, s in sizes.items() if s == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if free:
-        if len(devices) % fixed:
-            raise ValueError(f"mesh: {len(devices)} devices do not divide by {fixed}")
-        sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(
-            f"mesh: shape {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}"
-        )
+    sizes = mesh_shape(dict(shape or {"data": -1}), len(devices))
     grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
     return Mesh(grid, AXES)
 
