@@ -13,7 +13,17 @@ import transformers
 from hf_models import PARITY_CONFIGS, build_hf_model, hf_logits
 from safetensors.numpy import load_file, save_file
 
-from o1jax.model import CheckpointError, Gemma2Config, forward, init_cache, load_hf, lora, save_hf
+from o1jax.model import (
+    CheckpointError,
+    Gemma2Config,
+    forward,
+    gemma2,
+    init_cache,
+    load_hf,
+    lora,
+    save_hf,
+)
+from o1jax.model.hf_io import expected_shape, hf_tensor_names
 from o1jax.parallel.mesh import make_mesh
 
 SEQ = 19  # longer than every test config's sliding window
@@ -57,15 +67,16 @@ def test_forward_outside_jit_compiles_once_per_shape(hf_dir):
     path, _ = hf_dir
     cfg, params = load_hf(path)
     tokens = jnp.asarray(_batch(cfg.vocab_size)[0])
-    forward.clear_cache()  # other tests in this process may have compiled these shapes
+    jitted = gemma2._forward  # `forward` checks its arguments, then calls this
+    jitted.clear_cache()  # other tests in this process may have compiled these shapes
     first = forward(params, cfg, tokens)
-    size = forward._cache_size()
+    size = jitted._cache_size()
     assert size == 1
     again = forward(params, cfg, tokens)
-    assert forward._cache_size() == size  # same shapes: the compiled program is reused
+    assert jitted._cache_size() == size  # same shapes: the compiled program is reused
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     forward(params, cfg, tokens[:, :7])
-    assert forward._cache_size() == size + 1
+    assert jitted._cache_size() == size + 1
 
 
 def test_config_round_trips_through_transformers():
@@ -117,6 +128,45 @@ def test_cached_decoding_equals_full_forward(hf_dir):
     valid = np.asarray(mask).astype(bool)
     assert np.abs(np.asarray(cached) - np.asarray(full))[valid].max() <= 1e-5
     assert int(cache["index"]) == SEQ
+
+
+def _random_params(cfg, seed=0):
+    """Random params of `cfg`'s shapes (`init_params` costs seconds of eager dispatch)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for _, path, _ in hf_tensor_names(cfg):
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jnp.asarray(0.3 * rng.normal(size=expected_shape(cfg, path)), jnp.float32)
+    return params
+
+
+def test_cache_default_positions_follow_each_row_and_overflow_is_refused():
+    cfg = Gemma2Config.tiny(
+        vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+        ffn_dim=64, sliding_window=3,
+    )  # fmt: skip
+    params = _random_params(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 8)))
+    mask = jnp.asarray([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])  # row 1 left-padded
+    full = forward(params, cfg, tokens, attention_mask=mask)
+    cache = init_cache(cfg, 2, 8)
+    logits, cache = forward(params, cfg, tokens[:, :6], attention_mask=mask[:, :6], cache=cache)
+    outs = [logits]
+    for i in (6, 7):  # default positions: each row continues from its own last token
+        logits, cache = forward(
+            params, cfg, tokens[:, i : i + 1], attention_mask=mask[:, i : i + 1], cache=cache
+        )
+        outs.append(logits)
+    cached = np.asarray(jnp.concatenate(outs, axis=1))
+    valid = np.asarray(mask).astype(bool)
+    assert np.abs(cached - np.asarray(full))[valid].max() <= 1e-5
+    np.testing.assert_array_equal(cache["positions"][1], [-1, -1, -1, 0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"writing 1 tokens at cache index 8 overflows .* 8 slots"):
+        forward(params, cfg, tokens[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="writing 8 tokens at cache index None overflows"):
+        jax.jit(lambda c: forward(params, cfg, tokens, cache=c))(init_cache(cfg, 2, 4))
 
 
 # ----------------------------------------------------------------------------- 3. LoRA

@@ -210,6 +210,55 @@ def test_bad_settings_are_rejected(model):
         )
 
 
+@pytest.mark.parametrize(
+    "lengths,kwargs,match",
+    [
+        ([0, 3], {}, r"prompt_lengths\[0\] = 0 is outside \[1, 9\]"),
+        ([3, 10], {}, r"prompt_lengths\[1\] = 10 is outside \[1, 9\]"),
+        ([3, 3], dict(num_samples=0), "num_samples=0"),
+        ([3, 3], dict(temperature=float("nan")), "temperature=nan"),
+        ([3, 3], dict(temperature=float("inf")), "temperature=inf"),
+        ([3, 3], dict(score_suffix=(9,)), "must be given together"),
+        ([3, 3], dict(score_tokens=(9,)), "must be given together"),
+        ([3, 3], dict(stop_tokens=(VOCAB,)), rf"stop_tokens \({VOCAB},\) are not all in"),
+        ([3, 3], dict(stop_tokens=(-1,)), r"stop_tokens \(-1,\) are not all in"),
+    ],
+)
+def test_bad_lengths_and_token_ids_are_rejected(model, lengths, kwargs, match):
+    cfg, params = model
+    tokens, _ = _prompts([3, 3])
+    with pytest.raises(ValueError, match=match):
+        generate(
+            params,
+            cfg,
+            tokens,
+            jnp.asarray(lengths),
+            key=jax.random.key(0),
+            max_new_tokens=2,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_tiny_temperature_filters_to_the_max_without_overflow(top_p):
+    logits = jnp.asarray([[29.0, 30.0, -5.0]])  # / 2e-38 would overflow to [inf, inf, -inf]
+    filtered = np.asarray(filter_logits(logits, 2e-38, 0, top_p))[0]
+    assert filtered[1] == 0.0 and np.all(filtered[[0, 2]] < -1e37)
+    assert not np.isnan(filtered).any()
+
+
+@pytest.mark.parametrize("temperature", [2e-38, 1e-44])  # 1e-44 is subnormal in float32
+def test_tiny_temperature_is_greedy(model, temperature):
+    cfg, params = model
+    tokens, lengths = _prompts([7, 4])
+    run = lambda t: generate(
+        params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=4, temperature=t
+    )
+    greedy, tiny = run(0.0), run(temperature)
+    np.testing.assert_array_equal(tiny.tokens, greedy.tokens)
+    np.testing.assert_array_equal(tiny.logprobs, greedy.logprobs)
+
+
 def test_suffix_scores_equal_a_full_forward_over_the_row(model):
     cfg, params = model
     tokens, lengths = _prompts([7, 4])

@@ -1,6 +1,8 @@
 """The tiny tokenizer (exact round trips, single-token specials and digits, HF save / load),
 long-CoT tokens on a foreign tokenizer, and embedding growth."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from o1jax.data import longcot, tasks
 from o1jax.data import tokenizer as tk
 from o1jax.data.longcot import SPECIAL_TOKENS
+from o1jax.model import Gemma2Config
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +94,34 @@ def test_deterministic_save_and_load(tok, tmp_path):
         tk.load_tokenizer(tmp_path)
 
 
-def test_add_longcot_tokens():
+def test_load_tokenizer_refuses_a_directory_without_tokenizer_files(tmp_path):
+    # A model directory (as save_hf writes it): transformers would build a 5-token default.
+    (tmp_path / "config.json").write_text(json.dumps(Gemma2Config.tiny().to_hf()))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds none of the tokenizer files tokenizer\.json"):
+        tk.load_tokenizer(tmp_path)
+
+
+def _foreign_tokenizer(extra_vocab=()):
+    """A character-level tokenizer without the long-CoT tokens (`extra_vocab` entries are in
+    its vocabulary but split by its pre-tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *"abc<>_"])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    entries = ["<pad>", "<eos>", "<bos>", "<unk>", *"abc<>_", *extra_vocab]
+    raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(entries)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    foreign = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=raw,
         pad_token="<pad>",
         eos_token="<eos>",
         bos_token="<bos>",
         unk_token="<unk>",
     )
+
+
+def test_add_longcot_tokens():
+    foreign = _foreign_tokenizer()
     with pytest.raises(ValueError, match="add_longcot_tokens"):
         tk.token_ids(foreign)
     before = len(foreign)
@@ -116,6 +133,15 @@ def test_add_longcot_tokens():
     assert (
         foreign.encode("a<end_of_thought>b", add_special_tokens=False)[1] == ids["end_of_thought"]
     )
+
+
+def test_add_longcot_tokens_makes_a_split_vocabulary_entry_one_token():
+    foreign = _foreign_tokenizer(["<critic>"])  # id 10, but encoded character by character
+    before = len(foreign)
+    assert tk.add_longcot_tokens(foreign) == 15  # new ids; <critic> keeps its own
+    assert len(foreign) == before + 15
+    assert tk.token_ids(foreign)["critic"] == 10
+    assert foreign.encode("a<critic>b", add_special_tokens=False) == [4, 10, 5]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

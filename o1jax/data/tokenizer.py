@@ -22,6 +22,18 @@ from o1jax.data.longcot import SPECIAL_TOKENS
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 TINY_VOCAB_SIZE = 512
 _CORPUS_PROBLEMS = 256  # default-task problems whose texts train the tiny BPE (fixed seed)
+# Files a Hugging Face tokenizer directory holds (at least one of them); without any,
+# `AutoTokenizer` falls back to a default tokenizer built from config.json alone.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _tiny_corpus() -> list[str]:
@@ -81,12 +93,20 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None):
 
 
 def load_tokenizer(path: str | Path):
-    """Any Hugging Face tokenizer from a LOCAL directory (never the network)."""
+    """Any Hugging Face tokenizer from a LOCAL directory (never the network).
+
+    The directory must hold at least one of `TOKENIZER_FILES` (a model directory written by
+    `save_hf` holds none: give the tokenizer's own directory)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"could not load a tokenizer from {str(path)!r}: it holds none of the tokenizer "
+            f"files {', '.join(TOKENIZER_FILES)}"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -94,18 +114,21 @@ def load_tokenizer(path: str | Path):
 
 
 def add_longcot_tokens(tokenizer) -> int:
-    """Adds the long-CoT tokens the tokenizer lacks, as special tokens (never split).
+    """Adds the long-CoT tokens that do not encode to one id (absent, or an ordinary vocabulary
+    entry the pre-tokenizer splits), as special tokens (never split).
 
-    Returns how many were added; grow the model's embeddings to `len(tokenizer)` after
+    Returns how many new ids were added; grow the model's embeddings to `len(tokenizer)` after
     (`resize_embeddings`).
     """
     vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    missing = [t for t in SPECIAL_TOKENS if not _is_one_token(tokenizer, vocab, t)]
     if not missing:
         return 0
-    return tokenizer.add_special_tokens(
+    before = len(tokenizer)
+    tokenizer.add_special_tokens(
         {"extra_special_tokens": missing}, replace_extra_special_tokens=False
     )
+    return len(tokenizer) - before  # a split vocabulary entry keeps its id
 
 
 def token_ids(tokenizer) -> dict[str, int]:
@@ -120,14 +143,19 @@ def token_ids(tokenizer) -> dict[str, int]:
         ids[name] = int(value)
     vocab = tokenizer.get_vocab()
     for token in SPECIAL_TOKENS:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        if token not in vocab or encoded != [vocab[token]]:
+        if not _is_one_token(tokenizer, vocab, token):
+            encoded = tokenizer.encode(token, add_special_tokens=False)
             raise ValueError(
                 f"tokenizer does not hold the long-CoT token {token!r} as one token (encodes to "
                 f"{encoded}); call add_longcot_tokens(tokenizer) and resize_embeddings(...)"
             )
         ids[token.strip("<>")] = vocab[token]
     return ids
+
+
+def _is_one_token(tokenizer, vocab: dict[str, int], token: str) -> bool:
+    """Whether `token` is in `vocab` and encodes to exactly its own id."""
+    return token in vocab and tokenizer.encode(token, add_special_tokens=False) == [vocab[token]]
 
 
 def resize_embeddings(params: dict, new_vocab_size: int) -> dict:

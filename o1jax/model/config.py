@@ -165,7 +165,8 @@ class Gemma2Config:
         """Builds a config from an HF `Gemma2Config` (object or its `to_dict()`/config.json dict).
 
         `source` names the file in error messages. Raises ValueError for a config that is not a
-        Gemma2 or whose layer pattern this implementation does not reproduce.
+        Gemma2 or whose layer pattern this implementation does not reproduce. A null pad, eos or
+        bos token id falls back to Gemma's (0, 1, 2).
         """
         d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
         model_type = d.get("model_type")
@@ -218,9 +219,9 @@ class Gemma2Config:
             rope_theta=float(rope_theta),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 8192),
-            pad_token_id=d.get("pad_token_id", 0),
-            eos_token_id=_first(d.get("eos_token_id", 1)),
-            bos_token_id=d.get("bos_token_id", 2),
+            pad_token_id=_or(d.get("pad_token_id"), 0),
+            eos_token_id=_or(_first(d.get("eos_token_id")), 1),
+            bos_token_id=_or(d.get("bos_token_id"), 2),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -257,3 +258,7 @@ class Gemma2Config:
 
 def _first(x):
     return x[0] if isinstance(x, list | tuple) else x
+
+
+def _or(x, default):
+    return default if x is None else x

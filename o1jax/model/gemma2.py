@@ -301,9 +301,6 @@ def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) ->
     return cache
 
 
-# Jitted so that a call outside any other `jax.jit` (a notebook, a test) compiles one program per
-# shape instead of dispatching its few hundred ops one by one; inside a jitted caller it inlines.
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def forward(
     params: Params,
     cfg: Gemma2Config,
@@ -318,14 +315,41 @@ def forward(
     """Runs Gemma2 on `tokens` [B, T] and returns float32 logits [B, T, V].
 
     positions: [B, T] int; defaults to `cumsum(attention_mask) - 1` (left padding) when a mask is
-      given, else `arange(T)`, offset by the cache's index when a cache is given.
+      given, else `arange(T)`, offset per row by 1 + the largest position in the cache when a
+      cache is given (so each row continues from its own last real token).
     attention_mask: [B, T], 1 for real tokens, 0 for padding (padding is never attended).
     lora: a `LoRAParams` (see `o1jax.model.lora`) applied on the fly, or None.
     cache: from `init_cache`; when given, the T new tokens are written at slots
-      [index, index + T) and `(logits, new_cache)` is returned.
+      [index, index + T) and `(logits, new_cache)` is returned. index + T must not exceed the
+      cache's length: a concrete index is checked (ValueError); under `jax.jit` it is not, and
+      an overflowing write would overwrite earlier slots.
     segment_ids: [B, T] document ids of packed rows (no cache): a token attends only to its own
       document. Give per-document `positions` with it.
     """
+    if cache is not None:
+        t, slots = tokens.shape[-1], cache["positions"].shape[-1]
+        index = None if isinstance(cache["index"], jax.core.Tracer) else int(cache["index"])
+        if (index or 0) + t > slots:  # a traced index can only be checked for T > slots
+            raise ValueError(
+                f"forward: writing {t} tokens at cache index {index} overflows the cache's "
+                f"{slots} slots"
+            )
+    return _forward(
+        params,
+        cfg,
+        tokens,
+        positions=positions,
+        attention_mask=attention_mask,
+        lora=lora,
+        cache=cache,
+        segment_ids=segment_ids,
+    )
+
+
+# Jitted so that a call outside any other `jax.jit` (a notebook, a test) compiles one program per
+# shape instead of dispatching its few hundred ops one by one; inside a jitted caller it inlines.
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, cfg, tokens, *, positions, attention_mask, lora, cache, segment_ids):
     chex.assert_rank(tokens, 2)
     b, t = tokens.shape
     if segment_ids is not None:
@@ -345,7 +369,7 @@ def forward(
         else:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is not None:
-            positions = positions + cache["index"]
+            positions = positions + jnp.max(cache["positions"], axis=1, keepdims=True) + 1
     chex.assert_shape(positions, (b, t))
     positions = positions.astype(jnp.int32)
     new_key_positions = jnp.where(valid, positions, -1)  # [B, T]

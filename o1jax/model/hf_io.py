@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from o1jax.model.config import Gemma2Config
@@ -29,6 +30,8 @@ _NORMS = {
     "post_feedforward_layernorm": "post_ffw_norm",
 }
 _IGNORED_HF_TENSORS = ("lm_head.weight",)  # tied with the embedding; some exports include it
+# The weight files of either layout (single file, or shards and their index).
+_WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 
 
 class CheckpointError(ValueError):
@@ -78,6 +81,8 @@ def read_config(path: str) -> Gemma2Config:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object ({type(raw).__name__})")
     try:
         return Gemma2Config.from_hf(raw, source=config_file)
     except ValueError as e:
@@ -89,8 +94,12 @@ def _weight_map(path: str) -> dict[str, str]:
     index_file = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index_file) as f:
+                index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: no 'weight_map' object")
         for file in sorted(set(weight_map.values())):
@@ -98,7 +107,7 @@ def _weight_map(path: str) -> dict[str, str]:
                 raise CheckpointError(f"{index_file}: lists {file}, which is missing")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
-        with safe_open(single, framework="np") as f:
+        with _open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(path)):
         raise CheckpointError(
@@ -140,12 +149,15 @@ def load_hf(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None)
 
     with contextlib.ExitStack() as stack:
         handles = {
-            file: stack.enter_context(safe_open(file, framework="np"))
+            file: stack.enter_context(_open_safetensors(file))
             for file in sorted(set(weight_map[n] for n in wanted_names))
         }
         for name, ours, transposed in wanted:
             file = weight_map[name]
-            tensor = handles[file].get_slice(name)
+            try:
+                tensor = handles[file].get_slice(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
             hf_shape = tuple(tensor.get_shape())
             want = expected_shape(cfg, ours)
             want_hf = tuple(reversed(want)) if transposed else want
@@ -178,34 +190,60 @@ def save_hf(
     """Writes an HF Gemma2 directory (config.json + safetensors) that transformers loads.
 
     A LoRA adapter is merged first. Files larger than `max_shard_bytes` are split with an index.
+    Each param's shape must match `cfg` (CheckpointError otherwise, before anything is written);
+    weight files of an earlier checkpoint in `path` that this one does not overwrite are removed.
     """
     if lora is not None:
         params = merge(params, lora)
-    os.makedirs(path, exist_ok=True)
     dtype = jax.tree.leaves(params)[0].dtype
     config = cfg.to_hf() | {"dtype": "bfloat16" if dtype == jnp.bfloat16 else "float32"}
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, ours, transposed in hf_tensor_names(cfg):
-        array = np.asarray(jax.device_get(_get(params, ours)))
+        value = _get(params, ours)
+        want = expected_shape(cfg, ours)
+        if tuple(value.shape) != want:
+            raise CheckpointError(
+                f"{path}: param {'/'.join(ours)} (tensor {name}) has shape {list(value.shape)}, "
+                f"but the config expects {list(want)}"
+            )
+        array = np.asarray(jax.device_get(value))
         array = np.ascontiguousarray(array.T if transposed else array)
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = array
         size += array.nbytes
+    os.makedirs(path, exist_ok=True)
     if len(shards) == 1:
+        written = {"model.safetensors"}
         save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     else:
+        written = {"model.safetensors.index.json"}
         weight_map = {}
         for k, shard in enumerate(shards):
             file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
+            written.add(file)
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    for file in os.listdir(path):  # a stale index or shard would shadow the new weights
+        if _WEIGHT_FILES.fullmatch(file) and file not in written:
+            os.remove(os.path.join(path, file))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str):
+    """`safe_open(file)`, raising CheckpointError naming the file when it cannot be read."""
+    try:
+        handle = safe_open(file, framework="np")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        yield f
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

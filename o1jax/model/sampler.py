@@ -15,10 +15,12 @@ prefill to the last decode step is one compiled program per distinct set of stat
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from o1jax.model.config import Gemma2Config
@@ -39,8 +41,12 @@ class SampleOutput:
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
-    """Tempered, top-k- and nucleus-filtered logits [R, V] (filtered entries are -inf)."""
-    logits = logits / temperature
+    """Tempered, top-k- and nucleus-filtered logits [R, V] (filtered entries are -inf).
+
+    Each row is shifted by its max before tempering (the softmax is unchanged), so a tiny
+    temperature gives a max of 0 and -inf elsewhere rather than overflowing to inf.
+    """
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [R, 1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -107,21 +113,56 @@ def generate(
 ) -> SampleOutput:
     """Samples `num_samples` continuations of each right-padded prompt.
 
-    prompt_tokens: [B, P] int, right-padded; prompt_lengths: [B] int in [1, P].
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    prompt_tokens: [B, P] int, right-padded; prompt_lengths: [B] int in [1, P] (checked when
+      concrete; traced lengths outside it give garbage rows).
+    temperature 0 (or one below float32's smallest normal number) is greedy; top_k 0 and top_p 1
+      disable those filters.
     score_suffix / score_tokens: after sampling, feed `score_suffix` behind each row's tokens and
       return the log-probs of `score_tokens` at its last position (from the same KV cache).
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
     chex.assert_rank(prompt_tokens, 2)
     chex.assert_shape(prompt_lengths, (prompt_tokens.shape[0],))
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+    width = prompt_tokens.shape[1]
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+        lengths = np.asarray(prompt_lengths)
+        bad = np.flatnonzero((lengths < 1) | (lengths > width))
+        if bad.size:
+            raise ValueError(
+                f"generate: prompt_lengths[{bad[0]}] = {lengths[bad[0]]} is outside [1, {width}] "
+                f"(the prompts' width)"
+            )
+    if (
+        not math.isfinite(temperature)
+        or temperature < 0
+        or not 0 < top_p <= 1
+        or top_k < 0
+        or max_new_tokens < 1
+        or num_samples < 1
+    ):
         raise ValueError(
             f"generate: bad sampling settings temperature={temperature} top_k={top_k} "
-            f"top_p={top_p} max_new_tokens={max_new_tokens}"
+            f"top_p={top_p} max_new_tokens={max_new_tokens} num_samples={num_samples}"
         )
+    if bool(score_suffix) != bool(score_tokens):
+        raise ValueError(
+            f"generate: score_suffix {tuple(score_suffix)} and score_tokens "
+            f"{tuple(score_tokens)} must be given together"
+        )
+    for name, ids in (
+        ("stop_tokens", stop_tokens),
+        ("score_suffix", score_suffix),
+        ("score_tokens", score_tokens),
+    ):
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            raise ValueError(
+                f"generate: {name} {tuple(ids)} are not all in [0, {cfg.vocab_size}) "
+                "(the vocabulary)"
+            )
     if cfg.pad_token_id in stop_tokens:
         raise ValueError(f"generate: the pad token {cfg.pad_token_id} cannot be a stop token")
+    if temperature < np.finfo(np.float32).tiny:
+        temperature = 0.0  # subnormal in float32 (flushed to zero); its limit is greedy
     return _generate(
         params,
         prompt_tokens,
