@@ -89,3 +89,12 @@ def test_workdirs_that_cannot_hold_a_run_are_config_errors(tmp_path):
         (workdir / "config.yaml").write_text(text)
         with pytest.raises(ConfigError, match=message):
             pipeline.check_workdir(config, str(workdir))
+
+
+def test_a_tokenizer_source_that_holds_no_tokenizer_is_a_config_error(tmp_path):
+    for override, message in [
+        (f"tokenizer_dir={tmp_path / 'nope'}", "tokenizer_dir .*nope: no such directory"),
+        (f"model_dir={tmp_path}", "model_dir .*: could not load a tokenizer"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            pipeline.build_tokenizer(load_config(SMOKE, [override]), str(tmp_path / "w"))

@@ -136,7 +136,13 @@ def _first_difference(a, b, prefix="") -> str:
 def build_tokenizer(config: RunConfig, workdir: str):
     source = config.tokenizer_dir or config.model_dir
     if source:
-        tokenizer = load_tokenizer(source)
+        key = "tokenizer_dir" if config.tokenizer_dir else "model_dir"
+        if not os.path.isdir(source):
+            raise ConfigError(f"{key} {source}: no such directory")
+        try:
+            tokenizer = load_tokenizer(source)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key} {source}: {e}") from None
         add_longcot_tokens(tokenizer)
         return tokenizer
     return build_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
