@@ -158,6 +158,10 @@ def test_load_jsonl(tmp_path):
     path = _write(tmp_path, [rows[0], "", *rows[1:]])  # a blank line is skipped
     p = tasks.load_jsonl(path)
     assert [x.answer for x in p] == ["1072", "\\frac12", "204", "3", "42"]
+    blank = _write(
+        tmp_path, [{"problem": "q", "answer": "", "solution": "so \\boxed{7}"}], "b.jsonl"
+    )
+    assert tasks.load_jsonl(blank)[0].answer == "7"  # an empty answer defers to the solution
     assert [x.id for x in p[:3]] == ["data-1", "data-3", "aime-1"]  # file stem, line; or "id"
     assert p[0].steps == (
         "<expansion>She sold 48/2 = 24.",
@@ -182,6 +186,7 @@ def test_load_jsonl(tmp_path):
         ('{"question": 3.5, "answer": []}', "data.jsonl:2: field 'answer' must be a string"),
         ('{"question": "q", "answer": "<critic>\\n#### 1"}', "field 'answer': thought 1 contains"),
         ('{"question": "", "answer": "1"}', "data.jsonl:2: field 'question' is empty"),
+        ('{"question": "q", "answer": "\\\\boxed{ }"}', "field 'answer' has an empty \\boxed{}"),
         ("[1, 2]", "data.jsonl:2: expected a JSON object"),
         (
             '{"question": "<end_of_thought>", "answer": "1"}',

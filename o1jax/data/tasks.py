@@ -317,14 +317,18 @@ def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
         raise DataError(f"{where}: field {field!r}: {e}") from e
     solution_lines: list[str] = []
     source = "answer"
-    if "answer" in row and row["answer"] is not None:
+    has_solution = row.get("solution") not in (None, "")
+    if row.get("answer") is not None and not (row["answer"] == "" and has_solution):
         raw = _field_str(row, "answer", where)
         if "####" in raw:  # GSM8K: reasoning lines, then "#### N"
             reasoning, _, final = raw.rpartition("####")
             answer = final.strip().replace(",", "")
             solution_lines = _CALC_RE.sub("", reasoning).splitlines()
         else:
-            answer = last_boxed(raw) or raw
+            boxed = last_boxed(raw)
+            if boxed == "":
+                raise DataError(f"{where}: field 'answer' has an empty \\boxed{{}}")
+            answer = boxed or raw
             if "\n" in answer:
                 raise DataError(
                     f"{where}: field 'answer' has no final answer "
