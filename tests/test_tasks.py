@@ -187,6 +187,7 @@ def test_load_jsonl(tmp_path):
         ('{"question": "q", "answer": "<critic>\\n#### 1"}', "field 'answer': thought 1 contains"),
         ('{"question": "", "answer": "1"}', "data.jsonl:2: field 'question' is empty"),
         ('{"question": "q", "answer": "\\\\boxed{ }"}', "field 'answer' has an empty \\boxed{}"),
+        ('{"question": "q", "answer": "#### 1\\n#### 2"}', "has 2 '####' markers"),
         ("[1, 2]", "data.jsonl:2: expected a JSON object"),
         (
             '{"question": "<end_of_thought>", "answer": "1"}',

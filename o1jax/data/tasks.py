@@ -320,6 +320,8 @@ def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
     has_solution = row.get("solution") not in (None, "")
     if row.get("answer") is not None and not (row["answer"] == "" and has_solution):
         raw = _field_str(row, "answer", where)
+        if raw.count("####") > 1:
+            raise DataError(f"{where}: field 'answer' has {raw.count('####')} '####' markers")
         if "####" in raw:  # GSM8K: reasoning lines, then "#### N"
             reasoning, _, final = raw.rpartition("####")
             answer = final.strip().replace(",", "")
