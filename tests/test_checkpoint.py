@@ -38,3 +38,17 @@ def test_a_state_of_another_layout_is_a_one_line_checkpoint_error(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(str(tmp_path / "3") + ":")
+
+
+def test_a_save_cut_short_by_a_kill_leaves_no_directory_behind(tmp_path):
+    """A kill mid-save leaves orbax's tmp directory; at 27B scale each is as large as a
+    checkpoint, so the next run must remove it rather than keep it forever."""
+    checkpointer = Checkpointer(str(tmp_path), keep=1)
+    checkpointer.save(2, _state(jnp.ones(4)), {"stage": "sft"})
+    checkpointer.close()
+    (tmp_path / "3.orbax-checkpoint-tmp-12345").mkdir()
+    checkpointer = Checkpointer(str(tmp_path), keep=1)
+    assert checkpointer.latest_step() == 2
+    checkpointer.save(3, _state(jnp.ones(4)), {"stage": "sft"})
+    checkpointer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]

@@ -98,3 +98,12 @@ def test_a_tokenizer_source_that_holds_no_tokenizer_is_a_config_error(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             pipeline.build_tokenizer(load_config(SMOKE, [override]), str(tmp_path / "w"))
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_stops_the_run_before_training(tmp_path):
+    """On the tests' 8 devices: refused before SFT, not after it (the PPRM stage once crashed
+    there, and on every resume)."""
+    config = load_config(SMOKE, ["pprm.steps=2", "pprm.batch_size=12"])
+    with pytest.raises(ConfigError, match=re.escape("pprm.batch_size: must be a multiple")):
+        pipeline.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "config.yaml").exists()

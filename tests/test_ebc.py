@@ -87,3 +87,10 @@ def test_mix_values_weights_and_rejects_bad_weights():
     np.testing.assert_allclose(np.asarray(ebc.mix_values(g, loc, 0.25)), [0.4, 0.45], atol=1e-6)
     with pytest.raises(ValueError, match="weight"):
         ebc.mix_values(g, loc, 1.5)
+
+
+def test_mismatched_shapes_are_named():
+    with pytest.raises(ValueError, match=r"p_better must be \[B, n, n\] and valid \[B, n\]"):
+        ebc.enhanced_borda_count(jnp.zeros((1, 3, 2)), jnp.ones((1, 3), bool))
+    with pytest.raises(ValueError, match="got \\(1, 3, 3\\) and \\(1, 2\\)"):
+        ebc.enhanced_borda_count(jnp.zeros((1, 3, 3)), jnp.ones((1, 2), bool))

@@ -63,3 +63,44 @@ def test_export_to_longcot_round_trips_and_to_json():
     verdicts = [(n["answer"], n["correct"]) for n in data["nodes"] if n["answer"]]
     assert verdicts == [("14", True), ("16", False), ("16", False)]
     assert data["nodes"][2]["visits"] == 3 and abs(data["nodes"][2]["value"] - 0.3) < 1e-6
+
+
+def test_equal_answers_written_differently_vote_together():
+    """ "14", "14.0" and "x = 14" (Q 0.4 each) outvote "16" (Q 0.7); they once split the vote."""
+    tok = build_tiny_tokenizer()
+    answers = ["14", "14.0", "x = 14", "16"]
+    n = 1 + len(answers)
+    tokens = np.zeros((1, n, 16), np.int32)
+    lengths = np.zeros((1, n), np.int32)
+    for i, answer in enumerate(answers, start=1):
+        ids = encode_thought(tok, f"<conclusion>\\boxed{{{answer}}}")
+        tokens[0, i, : len(ids)] = ids
+        lengths[0, i] = len(ids)
+    tree = init_tree(1, n, 16).replace(
+        parent=jnp.asarray([[-1] + [0] * len(answers)]),
+        depth=jnp.asarray([[0] + [1] * len(answers)]),
+        visits=jnp.ones((1, n), jnp.int32),
+        value_sum=jnp.asarray([[1.0, 0.4, 0.4, 0.4, 0.7]]),
+        is_answer=jnp.asarray([[False] + [True] * len(answers)]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray(lengths),
+        num_nodes=jnp.asarray([n]),
+    )
+    assert choose_answer(tree, 0, tok, "vote") == "14"  # the first spelling of the winner
+    assert choose_answer(tree, 0, tok, "value") == "16"
+
+
+def test_checked_answers_take_their_rating_from_the_check():
+    """A reward of 0 is also "not checked": only `checked` lets it mark a confident answer
+    wrong; otherwise answers keep the model's rating."""
+    tok = build_tiny_tokenizer()
+    # The checks: "14" right, both "16" wrong (one of them rated 0.9 by the model).
+    tree = _tree(tok).replace(
+        reward=jnp.asarray([[0, 0, 0, 1.0, 0, 0]]),
+        rating=jnp.asarray([[0, 0.8, 0.3, 0.9, 0.9, 0.3]]),
+    )
+    ratings = lambda **kw: [n.rating for n in tree_to_longcot(tree, 0, tok, "q", **kw)[3:]]
+    pos, neg = longcot.POSITIVE_RATING, longcot.NEGATIVE_RATING
+    assert ratings(checked=True) == [pos, neg, neg]
+    assert ratings() == [pos, pos, neg]  # the model's own ratings
+    assert ratings(truth="16") == [neg, pos, pos]

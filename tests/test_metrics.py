@@ -25,3 +25,16 @@ def test_history_survives_truncation_and_the_plot_is_written(tmp_path):
     writer.close()
     assert path == str(tmp_path / "learning_curves.png")
     assert (tmp_path / "learning_curves.png").stat().st_size > 5_000
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=True)
+    for step in (1, 2):
+        writer.scalars(step, {"sft/loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 3, "sft/lo')  # a blank line, then a partial row
+    writer.truncate_after(5)
+    assert writer.history() == {"sft/loss": [(1, 1.0), (2, 2.0)]}
+    writer.scalars(3, {"sft/loss": 3.0})
+    assert writer.history()["sft/loss"][-1] == (3, 3.0)
+    writer.close()

@@ -205,3 +205,19 @@ def test_berry_config_adds_only_the_pprm_stage_to_the_default():
     assert {k: v for k, v in vars(berry).items() if k != "pprm"} == {
         k: v for k, v in vars(tiny).items() if k != "pprm"
     }
+
+
+def test_a_pair_batch_always_has_batch_size_rows():
+    """Fewer rows than a batch repeat, so a batch always splits evenly over the mesh (the
+    stage once crashed on 8 devices with 37 pairs and batches of 128)."""
+    from o1jax.train.pprm import Pairs
+
+    m = 6
+    pairs = Pairs(np.arange(m)[:, None].repeat(3, 1), np.full(m, 3), np.arange(m) % 2)
+    for step in range(3):
+        batch = pairs.batch(step, 16, (0, 1))
+        assert batch["tokens"].shape == (16, 3)
+        assert sorted(set(batch["tokens"][:, 0].tolist())) == list(range(m))
+    full = Pairs(np.arange(40)[:, None], np.ones(40), np.zeros(40))
+    seen = np.concatenate([full.batch(s, 8, 0)["tokens"][:, 0] for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))  # an epoch still covers every row once

@@ -127,3 +127,12 @@ def test_nonfinite_loss_skips_the_update_and_is_counted():
         np.testing.assert_array_equal, poisoned, jax.tree.map(np.asarray, trainer.state.trainable)
     )
     assert before is not None
+
+
+def test_no_warmup_means_the_full_rate_from_the_first_step():
+    from o1jax.train.sft import make_optimizer
+
+    params = {"w": jnp.ones(3)}
+    optimizer = make_optimizer(SFTConfig(steps=10, warmup_steps=0, learning_rate=0.01))
+    updates, _ = optimizer.update({"w": jnp.ones(3)}, optimizer.init(params), params)
+    assert float(jnp.abs(updates["w"]).max()) > 0.005  # was 0: one step at rate 0

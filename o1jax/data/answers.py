@@ -207,6 +207,16 @@ def _numbers(cleaned: str) -> tuple[set[Fraction], bool] | None:
     return ({value, value / 100} if percent else {value}), "." in s
 
 
+def vote_key(answer: str) -> str:
+    """A key under which equal answers are counted together: the exact value of a plain number
+    ("14", "14.0", "x = 14" and "\\boxed{14}" share one), else the compacted text."""
+    cleaned = _clean(answer)
+    numbers = _numbers(cleaned)
+    if numbers is not None and len(numbers[0]) == 1:
+        return str(next(iter(numbers[0])))
+    return _compact(cleaned)
+
+
 def _terminates(x: Fraction, places: int = 6) -> bool:
     return (10**places) % x.denominator == 0
 

@@ -57,7 +57,16 @@ def global_values(wins: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def enhanced_borda_count(p_better: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(Borda counts [B, n], global values [B, n]) of the solutions of B trees."""
+    """(Borda counts [B, n], global values [B, n]) of the solutions of B trees.
+
+    p_better: [B, n, n] float; valid: [B, n] bool (shapes checked: a mismatch is a ValueError).
+    """
+    b, n = jnp.shape(valid) if jnp.ndim(valid) == 2 else (None, None)
+    if n is None or jnp.shape(p_better) != (b, n, n):
+        raise ValueError(
+            f"enhanced_borda_count: p_better must be [B, n, n] and valid [B, n], got "
+            f"{jnp.shape(p_better)} and {jnp.shape(valid)}"
+        )
     reach = transitive_closure(preference_matrix(p_better, valid))
     wins = borda_counts(reach, valid)
     return wins, global_values(wins, valid)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from o1jax.data import longcot
-from o1jax.data.answers import extract_answer, is_equivalent
+from o1jax.data.answers import extract_answer, is_equivalent, vote_key
 from o1jax.search.tree import Tree
 
 
@@ -43,33 +43,43 @@ def choose_answer(tree: Tree, b: int, tokenizer, method: str = "vote") -> str | 
     """The final answer of tree `b`, from its answer nodes, without looking at the truth.
 
     "vote": the answer with the largest total value (backed-up Q) over the answer nodes that
-    state it (self-consistency weighted by the model's own values); "value": the answer node
-    with the best Q.
+    state it, equal answers counted together ("14" and "14.0"; `answers.vote_key`): self-
+    consistency weighted by the model's own values. "value": the answer node with the best Q.
     """
+    if method not in ("vote", "value"):
+        raise ValueError(f"choose_answer: method must be 'vote' or 'value', got {method!r}")
     t = _host(tree, b)
     q = t["value_sum"] / np.maximum(t["visits"], 1)
     scores: dict[str, float] = defaultdict(float)
+    spelling: dict[str, str] = {}  # each key's answer as its first node wrote it
     best: tuple[float, str | None] = (-np.inf, None)
     for node in np.flatnonzero(t["is_answer"]):
         answer = extract_answer(thought_text(tokenizer, t["tokens"][node], t["lengths"][node]))
         if answer is None:
             continue
-        scores[answer] += float(q[node])
+        key = vote_key(answer)
+        scores[key] += float(q[node])
+        spelling.setdefault(key, answer)
         if q[node] > best[0]:
             best = (float(q[node]), answer)
     if method == "value":
         return best[1]
-    if method != "vote":
-        raise ValueError(f"choose_answer: method must be 'vote' or 'value', got {method!r}")
-    return max(scores, key=scores.get) if scores else None
+    return spelling[max(scores, key=scores.get)] if scores else None
 
 
 def tree_to_longcot(
-    tree: Tree, b: int, tokenizer, question: str, truth: str | None = None
+    tree: Tree,
+    b: int,
+    tokenizer,
+    question: str,
+    truth: str | None = None,
+    checked: bool = False,
 ) -> list[longcot.Node]:
-    """Tree `b` as OpenLongCoT nodes (local id = slot; rating from the answer check for judged
-    answers, or against `truth` when given, else from the model's rating), ready for
-    `longcot.render_tree` and SFT (`data.sft_trees`)."""
+    """Tree `b` as OpenLongCoT nodes (local id = slot), ready for `longcot.render_tree` and SFT
+    (`data.sft_trees`). An answer's rating comes from `truth` when given, else from its reward
+    when the search checked its answers (`checked`: `mcts.run` had a `reward_fn`; a reward of 0
+    alone cannot tell "checked and wrong" from "not checked"), else from the model's rating, as
+    every other thought's does."""
     t = _host(tree, b)
     nodes = [
         longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
@@ -79,7 +89,7 @@ def tree_to_longcot(
         if t["is_answer"][i] and truth is not None:
             answer = extract_answer(text)
             good = answer is not None and is_equivalent(answer, truth)
-        elif t["is_answer"][i] and t["reward"][i] != 0:
+        elif t["is_answer"][i] and checked:
             good = t["reward"][i] > 0.5
         else:
             good = t["rating"][i] >= 0.5

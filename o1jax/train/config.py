@@ -31,6 +31,13 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
         raise ConfigError(f"{key}: {rule}, got {value!r}")
 
 
+def require_batch_fits_mesh(key: str, batch_size: int, mesh) -> None:
+    """A batch is split over the mesh's data x fsdp devices: its size must divide evenly."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    _require(batch_size % shards == 0, key, batch_size,
+             f"must be a multiple of the mesh's data x fsdp size {shards}")  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # used when model_dir is empty

@@ -53,8 +53,7 @@ class MetricsWriter:
         """Drops logged rows past `step` (a resumed run logs those steps again)."""
         if not self.enabled or not os.path.exists(self._log_path):
             return
-        with open(self._log_path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
+        rows = [line for line, row in self._rows() if row["step"] <= step]
         with open(self._log_path, "w") as f:
             f.writelines(rows)
 
@@ -63,13 +62,25 @@ class MetricsWriter:
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         if not os.path.exists(self._log_path):
             return series
+        for _, row in self._rows():
+            step = row.pop("step")
+            for k, v in row.items():
+                series[k].append((step, v))
+        return series
+
+    def _rows(self) -> list[tuple[str, dict]]:
+        """(line, row) of every readable row of the log. A line cut short by a kill mid-write
+        (or blank) is left out, so the resumed run writes that step again."""
+        rows = []
         with open(self._log_path) as f:
             for line in f:
-                row = json.loads(line)
-                step = row.pop("step")
-                for k, v in row.items():
-                    series[k].append((step, v))
-        return series
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "step" in row:
+                    rows.append((line if line.endswith("\n") else line + "\n", row))
+        return rows
 
     def plot(self, path: str | None = None, keys: list[str] | None = None) -> str | None:
         """Writes the learning curves as a PNG grid (see `panels`); returns its path."""

@@ -51,7 +51,14 @@ from o1jax.search.ratings import thought_ratings
 from o1jax.train import evaluate as ev
 from o1jax.train import pprm_mining
 from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
-from o1jax.train.config import ConfigError, RunConfig, dump_config, load_config, to_dict
+from o1jax.train.config import (
+    ConfigError,
+    RunConfig,
+    dump_config,
+    load_config,
+    require_batch_fits_mesh,
+    to_dict,
+)
 from o1jax.train.metrics import MetricsWriter
 from o1jax.train.pprm import (
     Pairs,
@@ -782,6 +789,15 @@ def run(config: RunConfig, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with PreemptionFlag() as flag:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
+        # Every stage's batch is split over the mesh: refuse one that does not fit now, not
+        # after minutes of SFT.
+        for key, size, used in (
+            ("sft.batch_size", config.sft.batch_size, config.sft.steps > 0),
+            ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
+            ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
+        ):
+            if used:
+                require_batch_fits_mesh(key, size, ctx.mesh)
         # Only a run that could start claims the workdir: a start that failed on its data or
         # model leaves it free for the corrected command.
         if not os.path.exists(os.path.join(workdir, "config.yaml")):
@@ -972,7 +988,10 @@ def open_run(workdir: str):
 def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preemption):
     """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here)."""
     m = config.mesh
-    mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    try:
+        mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    except ValueError as e:  # a shape that does not fit this host's devices
+        raise ConfigError(str(e)) from None
     key = jax.random.key(config.seed)
     tokenizer = build_tokenizer(config, workdir)
     train, test = load_problems(config)

@@ -56,7 +56,8 @@ class Pairs:
         m = len(self.lengths)
         per_epoch = max(m // batch_size, 1)
         order = np.random.default_rng([*np.atleast_1d(seed), step // per_epoch]).permutation(m)
-        idx = order[(step % per_epoch) * batch_size :][:batch_size]
+        # Always `batch_size` rows (fewer rows than that repeat), so the batch shards evenly.
+        idx = np.resize(order[(step % per_epoch) * batch_size :], batch_size)
         return {
             "tokens": self.tokens[idx],
             "lengths": self.lengths[idx],

@@ -28,6 +28,7 @@ from flax import struct
 
 from o1jax.model.gemma2 import forward
 from o1jax.parallel.mesh import param_shardings, replicated, shard_batch
+from o1jax.train.config import require_batch_fits_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,7 @@ def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         config.learning_rate,
-        max(config.warmup_steps, 1),
+        config.warmup_steps,  # 0: the full rate from the first step
         max(config.steps, config.warmup_steps + 1),
         end_value=config.learning_rate * 0.1,
     )
@@ -151,12 +152,7 @@ class SFTTrainer:
     def __init__(self, cfg, params, config: SFTConfig, mesh, lora=None):
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.use_lora = lora is not None
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if config.batch_size % shards:
-            raise ValueError(
-                f"sft.batch_size={config.batch_size} must be a multiple of the mesh's "
-                f"data x fsdp size {shards}"
-            )
+        require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
         self.optimizer = make_optimizer(config)
         with jax.set_mesh(mesh):
             params = jax.device_put(params, param_shardings(params, mesh))
