@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from o1jax.data.tasks import DataError
     from o1jax.model import CheckpointError
     from o1jax.train.config import ConfigError, load_config
-    from o1jax.train.pipeline import NonFiniteLoss, Preempted, run
+    from o1jax.train.pipeline import run
+    from o1jax.train.run_context import NonFiniteLoss, Preempted
 
     try:
         config = load_config(args.config, args.overrides)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.workdir:
-            from o1jax.train.pipeline import open_run, restore_policy, search_config
+            from o1jax.train.pipeline import restore_policy
+            from o1jax.train.run_context import open_run, search_config
 
             ctx = open_run(args.workdir)
             params, adapter = restore_policy(ctx)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = args.out or args.workdir
         else:
             from o1jax.train.config import ModelConfig
-            from o1jax.train.pipeline import build_model, build_tokenizer, search_config
+            from o1jax.train.run_context import build_model, build_tokenizer, search_config
 
             problems = load_jsonl(args.data)
             config = RunConfig(model_dir=args.model, model=ModelConfig(dtype="float32"))

@@ -44,7 +44,8 @@ def _load(args):
     import jax.numpy as jnp
 
     if args.workdir:
-        from o1jax.train.pipeline import open_run, restore_policy
+        from o1jax.train.pipeline import restore_policy
+        from o1jax.train.run_context import open_run
 
         ctx = open_run(args.workdir)
         params, adapter = restore_policy(ctx)

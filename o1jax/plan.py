@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             elif config.model.preset != "tiny":
                 cfg = Gemma2Config.preset(config.model.preset)
             else:
-                from o1jax.train.pipeline import tiny_model_config
+                from o1jax.train.run_context import tiny_model_config
 
                 cfg = tiny_model_config(config, vocab_size=512)
         except (ConfigError, CheckpointError):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from o1jax.data.tasks import DataError
-from o1jax.train import pipeline
+from o1jax.train import pipeline, run_context
 from o1jax.train.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,13 +82,13 @@ def test_workdirs_that_cannot_hold_a_run_are_config_errors(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
-        pipeline.check_workdir(config, str(a_file))
+        run_context.check_workdir(config, str(a_file))
     for text, message in [("seed: [1\n", "unreadable"), ("- 1\n", "not a config")]:
         workdir = tmp_path / f"w{len(text)}"
         workdir.mkdir()
         (workdir / "config.yaml").write_text(text)
         with pytest.raises(ConfigError, match=message):
-            pipeline.check_workdir(config, str(workdir))
+            run_context.check_workdir(config, str(workdir))
 
 
 def test_a_tokenizer_source_that_holds_no_tokenizer_is_a_config_error(tmp_path):
@@ -97,7 +97,7 @@ def test_a_tokenizer_source_that_holds_no_tokenizer_is_a_config_error(tmp_path):
         (f"model_dir={tmp_path}", "model_dir .*: could not load a tokenizer"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            pipeline.build_tokenizer(load_config(SMOKE, [override]), str(tmp_path / "w"))
+            run_context.build_tokenizer(load_config(SMOKE, [override]), str(tmp_path / "w"))
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_stops_the_run_before_training(tmp_path):

@@ -42,14 +42,14 @@ def test_an_empty_problem_file_names_the_file(tmp_path, capsys):
 
 
 def test_a_model_the_saved_config_cannot_build_names_the_workdir(tmp_path, capsys, monkeypatch):
-    import o1jax.train.pipeline as pipeline
+    import o1jax.train.run_context as run_context
 
     message = "Gemma2Config: attention_impl must be 'xla' or 'pallas', got 'foo'"
 
     def open_run(workdir):  # what building the model raises for a value the config let through
         raise ValueError(message)
 
-    monkeypatch.setattr(pipeline, "open_run", open_run)
+    monkeypatch.setattr(run_context, "open_run", open_run)
     workdir = tmp_path / "run"
     assert cli.main(["--workdir", str(workdir)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {workdir}: {message}"

@@ -42,7 +42,8 @@ def with_pprm(tmp_path_factory):
 
 
 def _pprm_of(workdir):
-    from o1jax.train.pipeline import open_run, restore_policy, restore_pprm
+    from o1jax.train.pipeline import restore_policy, restore_pprm
+    from o1jax.train.run_context import open_run
 
     ctx = open_run(str(workdir))
     try:
@@ -94,7 +95,7 @@ def test_restore_pprm_gives_the_trained_adapter_over_the_sft_model(with_pprm):
 
 
 def _context(tmp_path, *overrides):
-    from o1jax.train.pipeline import build_context
+    from o1jax.train.run_context import build_context
 
     config = load_config(SMOKE, list(overrides))
     os.makedirs(tmp_path, exist_ok=True)
@@ -103,7 +104,8 @@ def _context(tmp_path, *overrides):
 
 
 def test_restore_pprm_errors_name_the_workdir(tmp_path):
-    from o1jax.train.pipeline import open_run, restore_pprm
+    from o1jax.train.pipeline import restore_pprm
+    from o1jax.train.run_context import open_run
 
     _context(tmp_path / "none").checkpointer.close()
     ctx = open_run(str(tmp_path / "none"))
@@ -118,7 +120,7 @@ def test_restore_pprm_errors_name_the_workdir(tmp_path):
 
 
 def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
-    from o1jax.train.pipeline import pprm_pairs
+    from o1jax.train.pprm_stage import pprm_pairs
 
     path = tmp_path / "pairs.jsonl"
     rows = [
@@ -142,7 +144,7 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
 
 
 def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):
-    from o1jax.train.pipeline import pprm_pairs
+    from o1jax.train.pprm_stage import pprm_pairs
 
     ctx = _context(tmp_path / "w", "pprm.steps=1", "pprm.eval_pairs=3")
     assert ctx.config.pprm.rated and pprm_pairs(ctx) is None  # needs the SFT'd model first
@@ -159,11 +161,11 @@ def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):
 
 
 def test_policy_source_mines_pairs_from_the_sft_policy_after_sft(tmp_path, monkeypatch):
-    from o1jax.train import pipeline, pprm_mining
+    from o1jax.train import pprm_mining, pprm_stage
 
     ctx = _context(tmp_path / "w", "pprm.source=policy", "pprm.steps=1", "pprm.eval_pairs=1",
                    "pprm.mine_problems=5", "pprm.samples=3")  # fmt: skip
-    assert pipeline.pprm_pairs(ctx) is None  # nothing to mine before SFT
+    assert pprm_stage.pprm_pairs(ctx) is None  # nothing to mine before SFT
     calls = []
 
     def fake_triples(params, cfg, tokenizer, problems, *, key, samples, seed, **kw):
@@ -171,12 +173,12 @@ def test_policy_source_mines_pairs_from_the_sft_policy_after_sft(tmp_path, monke
         return [(p.question, "right", "wrong") for p in problems]
 
     monkeypatch.setattr(pprm_mining, "policy_triples", fake_triples)
-    train, held_out = pipeline.policy_pprm_pairs(ctx, ctx.params)
+    train, held_out = pprm_stage.policy_pprm_pairs(ctx, ctx.params)
     assert train.num_pairs == 5 and held_out.num_pairs == 1
     assert calls[0][:2] == (5, 3) and calls[0][2] != calls[1][2]  # train and held-out draws
     monkeypatch.setattr(pprm_mining, "policy_triples", lambda *a, **k: [])
     with pytest.raises(ConfigError, match=r"pprm\.source policy: .* 0 train / 0 held-out"):
-        pipeline.policy_pprm_pairs(ctx, ctx.params)
+        pprm_stage.policy_pprm_pairs(ctx, ctx.params)
     ctx.checkpointer.close()
     with pytest.raises(ConfigError, match=r"pprm\.source: must be 'task' or 'policy'"):
         load_config(SMOKE, overrides=["pprm.source=trees"])

@@ -13,7 +13,7 @@ from o1jax.model.sampler import SampleOutput
 from o1jax.search import refine
 from o1jax.search.format import encode_chain, encode_prompts
 from o1jax.train.config import DataConfig, RunConfig
-from o1jax.train.pipeline import sft_examples
+from o1jax.train.sft_stage import sft_examples
 
 QUESTION = "Start with 4, add 5, multiply by 2."
 WRONG = ["<expansion>4 + 5 = 9", "<expansion>9 * 2 = 19", "<conclusion>\\boxed{19}"]

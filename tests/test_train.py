@@ -71,7 +71,8 @@ def _report(workdir):
 
 
 def _final_params(workdir):
-    from o1jax.train.pipeline import open_run, restore_policy
+    from o1jax.train.pipeline import restore_policy
+    from o1jax.train.run_context import open_run
 
     ctx = open_run(str(workdir))
     params, adapter = restore_policy(ctx)

@@ -24,7 +24,7 @@ from common import context
 from o1jax.data import tasks
 from o1jax.data.longcot import CONCLUSION
 from o1jax.search.export import thought_text
-from o1jax.train import pipeline
+from o1jax.train import pipeline, rl_loop, run_context
 
 
 def kind(text: str, depth: int, problem, reward: float) -> str:
@@ -48,11 +48,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     ctx = context(args.out, args.overrides)
-    params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
-    setup = pipeline.self_play_setup(ctx)
+    params, _ = pipeline.restore_policy(run_context.open_run(args.workdir))
+    setup = rl_loop.self_play_setup(ctx)
     stats = defaultdict(list)
     for it in range(args.iterations):  # the RL stage's own problems and keys
-        problems, tree, exps = pipeline.self_play(ctx, setup, params, None, it)
+        problems, tree, exps = rl_loop.self_play(ctx, setup, params, None, it)
         n = tree.capacity - 1
         valid, adv = np.asarray(exps.valid), np.asarray(exps.advantage)
         tokens, depth = np.asarray(tree.tokens), np.asarray(tree.depth)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from o1jax.model import load_hf, save_hf
-from o1jax.train import pipeline
+from o1jax.train import run_context
 from o1jax.train.checkpoint import PreemptionFlag
 from o1jax.train.config import load_config
 from o1jax.train.metrics import MetricsWriter
@@ -16,7 +16,7 @@ def context(workdir: str, overrides: list[str], metrics: bool = False):
     os.makedirs(workdir, exist_ok=True)
     config = load_config("configs/tiny.yaml", overrides=overrides)
     writer = MetricsWriter(workdir, enabled=metrics)
-    return pipeline.build_context(config, workdir, writer, PreemptionFlag())
+    return run_context.build_context(config, workdir, writer, PreemptionFlag())
 
 
 def save_params(path: str, cfg, params) -> None:

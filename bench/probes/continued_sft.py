@@ -21,7 +21,7 @@ from common import context
 
 from o1jax.model import lora
 from o1jax.train import evaluate as ev
-from o1jax.train import pipeline
+from o1jax.train import pipeline, run_context, sft_stage
 from o1jax.train.sft import SFTConfig, SFTTrainer, pack
 
 
@@ -37,16 +37,16 @@ def main() -> None:
     args = parser.parse_args()
     evals = sorted(int(x) for x in args.evals.split(","))
     ctx = context(args.out, args.overrides)
-    params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
+    params, _ = pipeline.restore_policy(run_context.open_run(args.workdir))
     config = ctx.config
-    adapter = lora.init(ctx.cfg, jax.random.key(args.shuffle_seed), pipeline._lora_config(config))
+    adapter = lora.init(ctx.cfg, jax.random.key(args.shuffle_seed), run_context.lora_config(config))
     sft = SFTConfig(
         steps=10**9, batch_size=args.batch_size, seq_len=config.sft.seq_len,
         learning_rate=args.lr, warmup_steps=1,
     )  # fmt: skip
     trainer = SFTTrainer(ctx.cfg, params, sft, ctx.mesh, lora=adapter)
     packed = pack(
-        pipeline.sft_examples(config, ctx.tokenizer, ctx.train), config.sft.seq_len,
+        sft_stage.sft_examples(config, ctx.tokenizer, ctx.train), config.sft.seq_len,
         pad_id=ctx.tokenizer.pad_token_id or 0,
     )  # fmt: skip
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from o1jax.data import tasks
 from o1jax.search.ratings import thought_ratings
-from o1jax.train import pipeline
+from o1jax.train import pipeline, run_context
 
 # The task's own parsing of an arithmetic step (tasks.flawed_chain uses it too).
 STEP = tasks._ARITH_STEP_RE
@@ -39,7 +39,7 @@ def auc(positives, negatives) -> float:
 
 class Rater:
     def __init__(self, workdir: str):
-        self.ctx = pipeline.open_run(workdir)
+        self.ctx = run_context.open_run(workdir)
         self.params, _ = pipeline.restore_policy(self.ctx)
 
     def ratings(self, solutions: list[tuple[str, list[str]]]) -> list[np.ndarray]:

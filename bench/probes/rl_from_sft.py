@@ -27,7 +27,7 @@ from common import context, load_params
 from o1jax.data import tasks
 from o1jax.search.export import thought_text
 from o1jax.train import evaluate as ev
-from o1jax.train import pipeline
+from o1jax.train import pipeline, rl_loop, run_context
 
 KEYS = ("rl/selfplay_success", "rl/answer_reward_mean", "rl/nodes_per_tree", "rl/experiences",
         "ppo/kl", "ppo/value_loss", "ppo/policy_loss")  # fmt: skip
@@ -66,12 +66,10 @@ def main() -> None:
     if args.params:
         _, params = load_params(args.params)
     else:
-        params, _ = pipeline.restore_policy(pipeline.open_run(args.workdir))
+        params, _ = pipeline.restore_policy(run_context.open_run(args.workdir))
     if args.strict_steps:
-        pipeline.tree_to_experiences = strict_experiences(
-            ctx.tokenizer, pipeline.tree_to_experiences
-        )
-    trainer, _ = pipeline.run_rl(ctx, params, 0)
+        rl_loop.tree_to_experiences = strict_experiences(ctx.tokenizer, rl_loop.tree_to_experiences)
+    trainer, _ = rl_loop.run_rl(ctx, params, 0)
     ctx.metrics.close()
     for line in open(f"{args.out}/metrics.jsonl"):
         record = json.loads(line)

@@ -27,7 +27,7 @@ from o1jax.search import mcts
 from o1jax.search.export import _host, thought_text
 from o1jax.search.format import encode_prompts, make_step_format
 from o1jax.train import evaluate as ev
-from o1jax.train import pipeline
+from o1jax.train import run_context
 
 
 def candidates(tree, b, tokenizer):
@@ -65,7 +65,7 @@ def main() -> None:
     for spec in args.specs.split(";"):
         temperature, k, sims = spec.split(",")
         search = dataclasses.replace(
-            pipeline.search_config(ctx.config, int(sims)),
+            run_context.search_config(ctx.config, int(sims)),
             temperature=float(temperature),
             num_children=int(k),
         )

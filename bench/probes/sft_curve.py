@@ -18,7 +18,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import context, save_params
 
 from o1jax.train import evaluate as ev
-from o1jax.train import pipeline
+from o1jax.train import sft_stage
 from o1jax.train.sft import SFTConfig, SFTTrainer, pack
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
     )  # fmt: skip
     trainer = SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh)
-    examples = pipeline.sft_examples(ctx.config, ctx.tokenizer, ctx.train)
+    examples = sft_stage.sft_examples(ctx.config, ctx.tokenizer, ctx.train)
     packed = pack(examples, s.seq_len, pad_id=ctx.tokenizer.pad_token_id or 0)
     start, eval_seconds = time.time(), 0.0
     for step in range(args.steps):

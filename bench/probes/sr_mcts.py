@@ -16,7 +16,8 @@ from o1jax.model import lora
 from o1jax.search import refine
 from o1jax.train import evaluate as ev
 from o1jax.train import pprm, pprm_mining
-from o1jax.train.pipeline import open_run, restore_policy
+from o1jax.train.pipeline import restore_policy
+from o1jax.train.run_context import open_run
 
 
 def main() -> None:

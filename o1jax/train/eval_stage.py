@@ -1,0 +1,58 @@
+"""Held-out evaluation inside a run: greedy pass@1 and search accuracy, with per-problem
+records written to the workdir."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from o1jax.train import evaluate as ev
+from o1jax.train.config import (
+    RunConfig,
+)
+from o1jax.train.run_context import STAGE_EVAL, RunContext, search_config
+
+
+def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: bool) -> dict:
+    """Held-out greedy pass@1 (and search accuracy), with per-problem JSONL in the workdir."""
+    config = ctx.config
+    problems = ctx.test[: config.eval.num_problems]
+    key = jax.random.fold_in(ctx.key, STAGE_EVAL)
+    batch = eval_batch(config, len(problems))
+    greedy = ev.evaluate(
+        params,
+        ctx.cfg,
+        ctx.tokenizer,
+        problems,
+        key=key,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=batch,
+        lora=adapter,
+        progress=f"eval {tag}",
+    )
+    ev.write_records(os.path.join(ctx.workdir, f"eval_{tag}.jsonl"), greedy.records)
+    out = {"greedy_pass1": greedy.pass1}
+    if with_search:
+        found = ev.search_evaluate(
+            params,
+            ctx.cfg,
+            ctx.tokenizer,
+            problems,
+            search_config(config, config.eval.search_simulations),
+            key=key,
+            batch_size=batch,
+            lora=adapter,
+            progress=f"search {tag}",
+            tree_dir=os.path.join(ctx.workdir, f"trees_{tag}"),
+            max_trees=8,
+        )
+        ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
+        out["search_accuracy"] = found.pass1
+    return out
+
+
+def eval_batch(config: RunConfig, n: int) -> int:
+    """Rows per evaluation call for `n` problems (at most 32)."""
+    shards = 1  # evaluation runs replicated; batch only bounds memory
+    return max(shards, min(32, n))

@@ -1,0 +1,248 @@
+"""What every stage of a run reads: the workdir check, tokenizer, problems, model, mesh and
+checkpointer, gathered in a `RunContext` (nothing is trained here).
+
+    ctx = build_context(load_config("configs/tiny.yaml"), "runs/tiny", MetricsWriter(...), flag)
+    ctx = open_run("runs/tiny")    # an existing workdir, with its saved config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from o1jax.data import tasks
+from o1jax.data.tokenizer import (
+    add_longcot_tokens,
+    build_tiny_tokenizer,
+    load_tokenizer,
+    resize_embeddings,
+)
+from o1jax.model import Gemma2Config, init_params, load_hf, lora
+from o1jax.parallel.mesh import make_mesh
+from o1jax.search import mcts
+from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
+from o1jax.train.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    to_dict,
+)
+from o1jax.train.metrics import MetricsWriter
+
+STAGE_SFT, STAGE_RL, STAGE_EVAL, STAGE_PPRM = 1, 2, 3, 4
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the last checkpoint is complete and the run can be resumed."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses; the run stopped (the last good checkpoint is intact)."""
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a stage reads: the validated config, the mesh, the tokenizer, the model
+    (`cfg` and the frozen base `params`), the train and held-out problems, the metrics writer,
+    the checkpointer, the SIGTERM flag and the run's root key (`seed`)."""
+
+    config: RunConfig
+    workdir: str
+    mesh: object
+    tokenizer: object
+    cfg: Gemma2Config
+    params: dict
+    train: list
+    test: list
+    metrics: MetricsWriter
+    checkpointer: Checkpointer
+    preemption: PreemptionFlag
+    key: jax.Array
+
+
+def check_workdir(config: RunConfig, workdir: str) -> None:
+    """A workdir belongs to one config: refuse (before writing anything) to mix two."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
+    path = os.path.join(workdir, "config.yaml")
+    if os.path.exists(path):
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); use another --workdir") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path}: not a config (a mapping); use another --workdir")
+        try:  # sections added since the run started (e.g. pprm) take their defaults
+            saved = to_dict(load_config(path))
+        except ConfigError:
+            pass
+        if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
+            diff = _first_difference(saved, to_dict(config))
+            raise ConfigError(
+                f"{workdir}: holds a run of a different config ({diff}); use another --workdir"
+            )
+
+
+def _first_difference(a, b, prefix="") -> str:
+    """The first key (dotted) whose value differs between two config dicts, as a message."""
+    for k in sorted(set(a) | set(b)):
+        if k == "checkpoint":
+            continue
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, key + ".")
+            if d:
+                return d
+        elif va != vb:
+            return f"{key}: {va!r} in the workdir, {vb!r} now"
+    return ""
+
+
+def build_tokenizer(config: RunConfig, workdir: str):
+    """The tokenizer of `tokenizer_dir` or `model_dir` with the long-CoT tokens added, or the
+    built-in tiny one (built once and saved under `workdir/tokenizer`)."""
+    source = config.tokenizer_dir or config.model_dir
+    if source:
+        key = "tokenizer_dir" if config.tokenizer_dir else "model_dir"
+        if not os.path.isdir(source):
+            raise ConfigError(f"{key} {source}: no such directory")
+        try:
+            tokenizer = load_tokenizer(source)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key} {source}: {e}") from None
+        add_longcot_tokens(tokenizer)
+        return tokenizer
+    return build_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
+
+
+def load_problems(config: RunConfig) -> tuple[list, list]:
+    """(train, held-out) problems: the built-in task, or a JSONL file split by question hash."""
+    data = config.data
+    if not data.path:
+        t = data.task
+        task = tasks.ArithmeticTask(
+            num_ops=(t.min_ops, t.max_ops),
+            max_operand=t.max_operand,
+            max_multiplier=t.max_multiplier,
+            max_value=t.max_value,
+        )
+        return (
+            tasks.generate_problems(task, t.num_train, config.seed, "train"),
+            tasks.generate_problems(task, t.num_test, config.seed, "test"),
+        )
+    problems = tasks.load_jsonl(data.path)
+    if data.test_path:
+        return problems, tasks.load_jsonl(data.test_path)
+    train = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "train"]
+    test = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "test"]
+    if not train or not test:
+        raise ConfigError(
+            f"data.path {data.path}: {len(train)} train / {len(test)} held-out problems after "
+            f"the split (test_fraction={data.test_fraction}); give data.test_path"
+        )
+    return train, test
+
+
+def build_model(config: RunConfig, tokenizer, mesh, key):
+    """(cfg, params): an HF checkpoint (grown to the tokenizer's vocabulary) or the tiny model."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype: 'float32' or 'bfloat16', not {config.model.dtype!r}")
+    vocab = len(tokenizer)
+    if config.model_dir:
+        cfg, params = load_hf(config.model_dir, dtype=dtype, mesh=mesh)
+        if vocab > cfg.vocab_size:
+            params = resize_embeddings(params, vocab)
+            cfg = cfg.replace(vocab_size=vocab)
+        return cfg.replace(attention_impl=config.model.attention_impl), params
+    m = config.model
+    if m.preset != "tiny":  # a full-size preset with random weights (for planning and tests)
+        cfg = Gemma2Config.preset(m.preset, vocab_size=vocab, attention_impl=m.attention_impl)
+        return cfg, init_params(cfg, key, dtype)
+    cfg = tiny_model_config(config, vocab)
+    return cfg, init_params(cfg, key, dtype)
+
+
+def tiny_model_config(config: RunConfig, vocab_size: int) -> Gemma2Config:
+    """The built-in model's architecture from the config's `model` section."""
+    m = config.model
+    return Gemma2Config.tiny(
+        vocab_size=vocab_size,
+        num_layers=m.num_layers,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        ffn_dim=m.ffn_dim,
+        sliding_window=m.sliding_window,
+        attn_logit_softcapping=m.attn_logit_softcapping,
+        query_pre_attn_scalar=float(m.head_dim),
+        attention_impl=m.attention_impl,
+    )
+
+
+def lora_config(config: RunConfig) -> lora.LoRAConfig:
+    """The adapters' shape (`lora` section), shared by the SFT, PPRM and RL adapters."""
+    return lora.LoRAConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets
+    )
+
+
+def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCTSConfig:
+    """The `search` section as an MCTSConfig; `simulations` overrides its simulation count."""
+    s = config.search
+    return mcts.MCTSConfig(
+        num_simulations=simulations or s.num_simulations,
+        num_children=s.num_children,
+        max_depth=s.max_depth,
+        thought_length=s.thought_length,
+        selection=s.selection,
+        c_puct=s.c_puct,
+        discount=s.discount,
+        backup=s.backup,
+        patience=s.patience,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+    )
+
+
+def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preemption):
+    """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here)."""
+    m = config.mesh
+    try:
+        mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    except ValueError as e:  # a shape that does not fit this host's devices
+        raise ConfigError(str(e)) from None
+    key = jax.random.key(config.seed)
+    tokenizer = build_tokenizer(config, workdir)
+    train, test = load_problems(config)
+    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    return RunContext(
+        config,
+        workdir,
+        mesh,
+        tokenizer,
+        cfg,
+        params,
+        train,
+        test,
+        metrics,
+        checkpointer,
+        preemption,
+        key,
+    )
+
+
+def open_run(workdir: str):
+    """A RunContext for an existing workdir (its saved config), for evaluation and export."""
+    config = load_config(os.path.join(workdir, "config.yaml"))
+    return build_context(config, workdir, MetricsWriter(workdir, enabled=False), PreemptionFlag())

@@ -1,0 +1,140 @@
+"""The SFT stage: the run's training examples, the SFT loop with its checkpoints, and the SFT'd
+policy as plain params."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from o1jax.data import longcot, tasks
+from o1jax.model import lora
+from o1jax.search.format import encode_chain
+from o1jax.train.config import (
+    ConfigError,
+    RunConfig,
+)
+from o1jax.train.run_context import STAGE_SFT, NonFiniteLoss, Preempted, RunContext, lora_config
+from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack
+
+
+def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
+    """Correct chains, journeys with a fixed mistake (a `journey_fraction` of them), and extra
+    wrong chains trained on their ratings only (`flawed_fraction`), which teach the rating
+    tokens, the search's value function, to reject a wrong path. With `data.sft_trees`, also
+    the right paths of those OpenLongCoT trees (search trees fed back as SFT data)."""
+    rng = np.random.default_rng([config.seed, STAGE_SFT])
+    task = config.data.task
+    out = []
+
+    def add(question, thoughts, ratings, train_thoughts=True):
+        ids, mask = encode_chain(tokenizer, question, thoughts, ratings, train_thoughts)
+        if len(ids) <= config.sft.seq_len:
+            out.append(Example(ids, mask))
+
+    for p in problems:
+        if not p.steps:
+            continue
+        if rng.random() < task.journey_fraction:
+            nodes = tasks.journey_solution(p, rng)[1:]
+            add(p.question, [n.text for n in nodes], [n.rating for n in nodes])
+        else:
+            add(p.question, list(p.steps), None)
+        if rng.random() < task.flawed_fraction:
+            flawed = tasks.flawed_chain(p, rng)
+            if flawed is not None:
+                add(p.question, *flawed, train_thoughts=False)
+    if config.data.sft_trees:
+        for nodes in tasks.load_trees(config.data.sft_trees):
+            for path in longcot.right_paths(nodes):
+                add(nodes[0].thought, [n.text for n in path[1:]], [n.rating for n in path[1:]])
+    if not out:
+        raise ConfigError("sft: no training example has a worked solution that fits sft.seq_len")
+    return out
+
+
+def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
+    """SFT steps `start_step`..`sft.steps` from `start_state` (None: a fresh adapter, or the full
+    params with `sft.full_finetune`). Checkpoints every `checkpoint.every` steps, at the end and
+    on SIGTERM (then raises Preempted). Returns the trainer."""
+    config = ctx.config
+    s = config.sft
+    sft_config = SFTConfig(
+        steps=s.steps,
+        batch_size=s.batch_size,
+        seq_len=s.seq_len,
+        learning_rate=s.learning_rate,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+    )
+    adapter = None
+    if not s.full_finetune:
+        adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), lora_config(config))
+    trainer = SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter)
+    if start_state is not None:
+        trainer.state = start_state
+    packed = pack(
+        sft_examples(config, ctx.tokenizer, ctx.train),
+        s.seq_len,
+        pad_id=ctx.tokenizer.pad_token_id or 0,
+    )
+    bar = tqdm(range(start_step, s.steps), desc="sft", initial=start_step, total=s.steps)
+    t0, tokens_seen = time.perf_counter(), 0
+
+    def settle(done: int, metrics: dict) -> None:
+        """Host-side logs and checks of a finished step (the only place that waits for it)."""
+        if done % 10 == 0 or done == s.steps:
+            loss = float(metrics["loss"])
+            rate = tokens_seen / (time.perf_counter() - t0)
+            ctx.metrics.scalars(
+                done,
+                {
+                    "sft/loss": loss,
+                    "sft/tokens_per_s": rate,
+                    "sft/grad_norm": float(metrics["grad_norm"]),
+                },
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        if not bool(metrics["finite"]):
+            bad = int(metrics["nonfinite_total"])
+            tqdm.write(
+                f"sft step {done}: non-finite loss, update skipped ({bad} so far)", file=sys.stderr
+            )
+            ctx.metrics.scalars(done, {"sft/nonfinite_total": bad})
+            if bad >= config.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"sft: {bad} non-finite losses (max_nonfinite="
+                    f"{config.max_nonfinite}); stopped at step {done}"
+                )
+
+    # Step s is settled after step s + 1 was dispatched, so the host prepares the next batch
+    # while the device computes; a checkpoint settles its own step first, so nothing logged
+    # can be lost by a kill.
+    pending = None
+    for step in bar:
+        batch = packed.batch(step, s.batch_size, config.seed)
+        metrics = trainer.train_step(batch)
+        tokens_seen += int((batch["segment_ids"] > 0).sum())
+        done = step + 1
+        if pending is not None:
+            settle(*pending)
+        pending = (done, metrics)
+        if done % config.checkpoint.every == 0 or done == s.steps or ctx.preemption.requested:
+            settle(*pending)
+            pending = None
+            ctx.checkpointer.save(done, {"sft": trainer.state}, {"stage": "sft", "step": done})
+            if ctx.preemption.requested:
+                raise Preempted(f"SIGTERM: saved SFT step {done}")
+    bar.close()
+    return trainer
+
+
+def policy_params(ctx: RunContext, sft_state):
+    """The SFT'd model as a plain params pytree (an SFT adapter is merged into the base)."""
+    if ctx.config.sft.full_finetune:
+        return sft_state.trainable
+    return lora.merge(ctx.params, sft_state.trainable)
