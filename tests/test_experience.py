@@ -103,12 +103,13 @@ def test_experiences_match_prefixes_and_path_gae():
             assert int(exps.action_start[row]) == plen
             np.testing.assert_array_equal(np.asarray(exps.tokens[row, : len(expected)]), expected)
         # Advantages: NumPy GAE along every root-to-leaf path, averaged per node.
-        expected_adv, _ = _reference_advantages(t, b, terminal_only=False)
+        expected_adv, _, expected_target = _reference_advantages(t, b, terminal_only=False)
         np.testing.assert_allclose(
             np.asarray(exps.advantage[rows])[: used - 1], expected_adv, atol=1e-5
         )
-        assert np.all(np.asarray(exps.value_target[rows]) >= 0)
-        assert np.all(np.asarray(exps.value_target[rows]) <= 1)
+        np.testing.assert_allclose(
+            np.asarray(exps.value_target[rows])[: used - 1], expected_target, atol=1e-5
+        )
 
     # terminal_only: only paths that end in an outcome count; nodes without one are dropped.
     exps = tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width, True)
@@ -116,20 +117,57 @@ def test_experiences_match_prefixes_and_path_gae():
     for b in range(2):
         used = int(t.num_nodes[b])
         rows = slice(b * (n - 1), (b + 1) * (n - 1))
-        expected_adv, counts = _reference_advantages(t, b, terminal_only=True)
+        expected_adv, counts, expected_target = _reference_advantages(t, b, terminal_only=True)
         valid = np.asarray(exps.valid[rows])[: used - 1]
         np.testing.assert_array_equal(valid, counts > 0)
         np.testing.assert_allclose(
             np.asarray(exps.advantage[rows])[: used - 1][valid], expected_adv[valid], atol=1e-5
         )
+        np.testing.assert_allclose(
+            np.asarray(exps.value_target[rows])[: used - 1][valid],
+            expected_target[valid],
+            atol=1e-5,
+        )
         dropped += int((~valid).sum())
     assert dropped > 0  # the frontier of a 7-simulation search is not all terminal
 
 
+def test_a_rating_is_trained_toward_what_follows_its_thought_not_toward_itself():
+    """root -> a (rated 0.3) -> b (a right answer): a's rating, the value after a (before b),
+    must move toward b's reward (1) at every gamma and lambda; b's toward its reward."""
+    from o1jax.search.tree import init_tree
+
+    config = MCTSConfig(num_simulations=1, num_children=1, max_depth=3, thought_length=L)
+    tokens = np.zeros((1, 4, L), np.int32)
+    tokens[0, 1, :2], tokens[0, 2, :2] = [7, EOT], [CONCLUSION, EOT]
+    tree = init_tree(1, 4, L).replace(
+        parent=jnp.asarray([[-1, 0, 1, -1]]),
+        first_child=jnp.asarray([[1, 2, -1, -1]]),
+        depth=jnp.asarray([[0, 1, 2, 0]]),
+        visits=jnp.asarray([[2, 2, 1, 0]]),
+        value_sum=jnp.asarray([[1.3, 1.3, 1.0, 0.0]]),
+        rating=jnp.asarray([[0.0, 0.3, 0.8, 0.0]]),
+        terminal=jnp.asarray([[False, False, True, False]]),
+        is_answer=jnp.asarray([[False, False, True, False]]),
+        reward=jnp.asarray([[0.0, 0.0, 1.0, 0.0]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([[0, 2, 2, 0]]),
+        num_nodes=jnp.asarray([3]),
+    )
+    fmt = _fmt(config.max_depth)
+    prompts, plens = jnp.asarray([[10, 11]]), jnp.asarray([2])
+    width = experience_width(fmt, 2, config)
+    for gamma, lam in ((1.0, 0.0), (1.0, 0.5), (0.9, 0.0), (0.99, 0.95)):
+        exps = tree_to_experiences(tree, prompts, plens, fmt, config, gamma, lam, width, True)
+        np.testing.assert_allclose(np.asarray(exps.value_target[:2]), [1.0, 1.0], atol=1e-6)
+
+
 def _reference_advantages(t, b, terminal_only):
-    """Per-node mean GAE advantage [used - 1] over root-to-leaf paths, and path counts."""
+    """Per-node mean GAE advantage [used - 1] over root-to-leaf paths, path counts, and the
+    mean target of the value after each thought: the reward of a terminal thought, else the
+    return of the next step on the path, else (a frontier leaf) its own rating; in [0, 1]."""
     n, used = t.parent.shape[1], int(t.num_nodes[b])
-    sums, counts = np.zeros(n), np.zeros(n)
+    sums, counts, target_sums = np.zeros(n), np.zeros(n), np.zeros(n)
     root_value = t.value_sum[b, 0] / t.visits[b, 0]
     for leaf in range(1, used):
         if t.first_child[b, leaf] != -1 or (terminal_only and not t.terminal[b, leaf]):
@@ -142,11 +180,16 @@ def _reference_advantages(t, b, terminal_only):
         path = path[::-1]
         rewards = [t.reward[b, p] if t.terminal[b, p] else 0.0 for p in path]
         after = [0.0 if t.terminal[b, p] else t.rating[b, p] for p in path]
-        adv, _ = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
-        for p, a in zip(path, adv, strict=True):
+        adv, ret = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
+        for i, (p, a) in enumerate(zip(path, adv, strict=True)):
             sums[p] += a
             counts[p] += 1
-    return sums[1:used] / np.maximum(counts[1:used], 1), counts[1:used]
+            if t.terminal[b, p]:
+                target_sums[p] += rewards[i]
+            else:
+                target_sums[p] += ret[i + 1] if i + 1 < len(path) else t.rating[b, p]
+    mean = lambda x: x[1:used] / np.maximum(counts[1:used], 1)
+    return mean(sums), counts[1:used], np.clip(mean(target_sums), 0.0, 1.0)
 
 
 def test_outcome_values_give_the_change_in_success_rate_below_each_node():

@@ -7,7 +7,9 @@ An experience is one sequence that serves both heads of the model:
 
 The policy term reads the log-probs of the thought tokens; the value term reads the rating
 logits at the final <start_of_rating> position, the same position search reads its values
-from (`o1jax.search.mcts`).
+from (`o1jax.search.mcts`). That position holds the value *after* the thought, so its target is
+the reward of a terminal thought, else the GAE return of the next step on the path (the target
+of the value before that step), else, at a frontier leaf, the value itself.
 
 Advantages come from GAE along every root-to-leaf path (the MDP of a path: action t is thought
 t, the value before it is the rating of thought t - 1, the reward is the answer check of a
@@ -53,7 +55,7 @@ class Experience:
     action_length: jax.Array  # [M] int32, thought tokens
     behaviour_logprobs: jax.Array  # [M, L] float32, sampler's log-probs of the thought tokens
     advantage: jax.Array  # [M] float32
-    value_target: jax.Array  # [M] float32 in [0, 1], GAE return
+    value_target: jax.Array  # [M] float32 in [0, 1], target of the value after the thought
     reward: jax.Array  # [M] float32
     valid: jax.Array  # [M] bool
 
@@ -73,6 +75,20 @@ def path_values(tree: Tree, path: jax.Array, root_value: jax.Array, node_values=
     rating = jnp.where(mask & ~terminal, node_values[rows, safe], 0.0)  # value after thought t
     values = jnp.concatenate([root_value[:, None], rating], axis=1)  # [B, D + 1]
     return rewards, values, mask.astype(jnp.float32)
+
+
+def rating_targets(path: jax.Array, tree: Tree, rewards, values, returns, mask) -> jax.Array:
+    """Targets [B, D] of the value after each thought of a path (what its <start_of_rating>
+    reads): the reward of a terminal thought, else the return of the next step (GAE's target for
+    the value before that step, which is this one's), else (a frontier leaf) the value itself.
+
+    path, rewards, returns, mask: [B, D] (`path_values` and `gae`); values: [B, D + 1].
+    """
+    rows = jnp.arange(tree.batch_size)[:, None]
+    terminal = tree.terminal[rows, jnp.maximum(path, 0)] & (path != NO_NODE)
+    next_return = jnp.pad(returns[:, 1:], ((0, 0), (0, 1)))
+    next_real = jnp.pad(mask[:, 1:], ((0, 0), (0, 1))) > 0
+    return jnp.where(terminal, rewards, jnp.where(next_real, next_return, values[:, 1:]))
 
 
 VALUE_SOURCES = ("rating", "outcome")  # what GAE's values come from (see the module doc)
@@ -134,13 +150,14 @@ def tree_to_experiences(
     # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
     def path_gae(path):  # path: [B, D]
         rewards, path_vals, mask = path_values(tree, path, root_value, node_values)
-        return gae(rewards, path_vals, mask, gamma, lam)
+        advantages, returns = gae(rewards, path_vals, mask, gamma, lam)
+        return advantages, rating_targets(path, tree, rewards, path_vals, returns, mask)
 
-    advs, rets = jax.vmap(path_gae, in_axes=1, out_axes=1)(paths)  # [B, N - 1, D] each
+    advs, targets = jax.vmap(path_gae, in_axes=1, out_axes=1)(paths)  # [B, N - 1, D] each
     adv_sum = jnp.zeros((b, n)).at[rows, target].add(weight * advs, mode="drop")
-    ret_sum = jnp.zeros((b, n)).at[rows, target].add(weight * rets, mode="drop")
+    target_sum = jnp.zeros((b, n)).at[rows, target].add(weight * targets, mode="drop")
     advantage = (adv_sum / jnp.maximum(count, 1.0))[:, 1:]  # [B, N - 1]
-    value_target = jnp.clip(ret_sum / jnp.maximum(count, 1.0), 0.0, 1.0)[:, 1:]
+    value_target = jnp.clip(target_sum / jnp.maximum(count, 1.0), 0.0, 1.0)[:, 1:]
 
     # Sequences: the parent's prefix (with this node's header), the thought, <start_of_rating>.
     parents = tree.parent[:, 1:]  # [B, N - 1]
