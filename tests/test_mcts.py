@@ -119,21 +119,72 @@ def test_backup_matches_a_hand_computed_tree():
 
     tree = mcts.run(expand, 1, config, jax.random.key(0))
     t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
-    # sim 1: root -> children 1 (0.2), 2 (0.6); root gets max = 0.6.
-    # sim 2: equal priors, Q 0.2 vs 0.6 -> node 2; children 3 (0.9), 4 (0.1); leaf value 0.9:
-    #        node 2: 0.6 + 0.9, root: 0.6 + 0.5 * 0.9.
-    # sim 3: root N=2: node 1 score 0.2 + 0.5*sqrt2/2 = 0.554; node 2: 0.75 + 0.5*sqrt2/3 = 0.986
-    #        -> node 2 (N=2): node 3 Q 0.9 + 0.5*sqrt2/2 beats node 4 -> expand node 3 with
-    #        children 5 (0.3), 6 (0.4): value 0.4 -> node 3: 0.9 + 0.4, node 2: 1.5 + 0.5*0.4,
-    #        root: 1.05 + 0.25*0.4.
+    # A value reaches the node k levels above the node it was measured at as 0.5^k of it.
+    # sim 1: root -> children 1 (0.2), 2 (0.6); root gets 0.5 * max = 0.3.
+    # sim 2: equal priors, Q 0.2 vs 0.6 -> node 2; children 3 (0.9), 4 (0.1); node 2 gets
+    #        0.5 * 0.9 = 0.45 (Q 1.05 / 2), root 0.25 * 0.9 = 0.225.
+    # sim 3: root N=2: node 1 score 0.2 + 0.5*sqrt2/2 = 0.554; node 2: 0.525 + 0.5*sqrt2/3 =
+    #        0.761 -> node 2 (N=2): node 3 Q 0.9 + 0.5*sqrt2/2 beats node 4 -> expand node 3
+    #        with children 5 (0.3), 6 (0.4): node 3 gets 0.5 * 0.4, node 2 0.25 * 0.4, root
+    #        0.125 * 0.4.
     np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 3, 3])
     np.testing.assert_array_equal(t.visits[:7], [3, 1, 3, 2, 1, 1, 1])
     np.testing.assert_allclose(
         t.value_sum[:7],
-        [0.6 + 0.45 + 0.1, 0.2, 0.6 + 0.9 + 0.2, 0.9 + 0.4, 0.1, 0.3, 0.4],
+        [0.3 + 0.225 + 0.05, 0.2, 0.6 + 0.45 + 0.1, 0.9 + 0.2, 0.1, 0.3, 0.4],
         rtol=1e-6,
     )
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
+
+
+def _answer_below(tree, leaf, key):
+    """Expansion stand-in: one child; below the root a right conclusion, at the root a thought."""
+    at_root = (tree.depth[jnp.arange(tree.batch_size), leaf] == 0)[:, None]  # [B, 1]
+    tokens = jnp.full((tree.batch_size, 1, L), 7).at[:, :, 1].set(EOT)
+    tokens = tokens.at[:, :, 0].set(jnp.where(at_root, 7, CONCLUSION))
+    return Expansion(
+        tokens=tokens,
+        lengths=jnp.full((tree.batch_size, 1), 2),
+        logprobs=jnp.zeros((tree.batch_size, 1, L)),
+        stopped=jnp.ones((tree.batch_size, 1), bool),
+        is_answer=~at_root,
+        rating=jnp.full((tree.batch_size, 1), 0.5),
+        reward=jnp.where(at_root, 0.0, 1.0),
+    )
+
+
+def test_a_value_is_discounted_by_its_distance_however_it_is_backed_up():
+    """root -> a -> a right answer c: c's reward reaches a as 0.9 when a expands and each time
+    c is selected again, and the root as 0.81."""
+    config = MCTSConfig(num_simulations=4, num_children=1, max_depth=4, thought_length=L)
+    tree = init_tree(1, config.capacity, L)
+    for _ in range(4):
+        leaf = mcts.select(tree, jax.random.key(0), config)
+        tree = mcts.insert_and_backup(tree, leaf, _answer_below(tree, leaf, None), config, True)
+    t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    np.testing.assert_array_equal(t.visits[:3], [4, 4, 3])
+    np.testing.assert_allclose(t.value_sum[2], 3.0)  # c: its reward, then itself twice
+    np.testing.assert_allclose(t.value_sum[1], 0.5 + 3 * 0.9, rtol=1e-6)  # a: rated 0.5
+    np.testing.assert_allclose(t.value_sum[0], 0.9 * 0.5 + 3 * 0.81, rtol=1e-6)
+
+
+def test_a_full_arena_adds_no_children_and_backs_the_leaf_up():
+    """A tree sized by hand with room for fewer nodes than the simulations ask for: it stops
+    growing at its capacity, and every index stays inside it."""
+    config = MCTSConfig(num_simulations=4, num_children=2, max_depth=6, thought_length=L)
+    expand = synthetic_expand_fn(config, answer_depth=99)
+    tree = init_tree(2, 4, L)  # the root and one expansion; a second does not fit
+    leaves = []
+    for step in range(4):
+        leaf = mcts.select(tree, jax.random.key(step), config)
+        leaves.append(np.asarray(leaf))
+        tree = mcts.insert_and_backup(
+            tree, leaf, expand(tree, leaf, jax.random.key(9)), config, False
+        )
+        assert np.all(np.asarray(leaf) < tree.capacity)
+        assert np.all(np.asarray(tree.num_nodes) == 3)
+        _check_invariants(tree, leaves, config)
+    assert np.all(np.asarray(tree.first_child)[:, 1:] == NO_NODE)
 
 
 def test_search_finds_the_one_planted_correct_branch():

@@ -7,9 +7,9 @@ One simulation, for all B trees at once:
    leaf's prefix prefilled once), each valued by the model's own rating tokens.
 3. host: terminal thoughts that state a final answer are checked against the ground truth (only
    when rewards are wanted: self-play). This is the only host step of a simulation.
-4. `insert_and_backup`: children written into the arena; the leaf's value (the best or mean of
-   its children's values, or its own value for a terminal leaf) is backed up to the root with a
-   discount per level.
+4. `insert_and_backup`: children written into the arena; a value is backed up to the root
+   with a discount per level above the node it was measured at: the best (or mean) of the new
+   children's values, one level above them, or a terminal leaf's own value, from the leaf.
 
 Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expand.
 """
@@ -125,8 +125,9 @@ def insert_and_backup(
 ) -> Tree:
     """Adds the K children of every expandable leaf and backs the values up to the roots.
 
-    A tree whose leaf is terminal gets no children; the leaf's own value is backed up again.
-    Trees that are `done` are left untouched.
+    A tree whose leaf is terminal, or whose arena has no room for K more nodes, gets no children;
+    the leaf's own value is backed up again. Trees that are `done` are left untouched. Either
+    way an ancestor k levels above the node whose value is backed up gets discount^k of it.
     """
     b, k = tree.batch_size, config.num_children
     chex.assert_shape(leaf, (b,))
@@ -134,7 +135,7 @@ def insert_and_backup(
     rows = jnp.arange(b)
     leaf_depth = tree.depth[rows, leaf]
     leaf_terminal = tree.terminal[rows, leaf]
-    expand = ~tree.done & ~leaf_terminal
+    expand = ~tree.done & ~leaf_terminal & (tree.num_nodes + k <= tree.capacity)
     terminal, value = child_values(expansion, leaf_depth, config, use_rewards)
 
     # Children go to slots [num_nodes, num_nodes + K); non-expanding trees write out of bounds.
@@ -163,10 +164,11 @@ def insert_and_backup(
         num_nodes=tree.num_nodes + jnp.where(expand, k, 0),
     )
 
-    # The value the leaf passes up: from its new children, or its own for a terminal leaf.
+    # The value the leaf passes up: its new children's, one level below it (so discounted once,
+    # as when a terminal child is selected again later), or its own for a terminal leaf.
     new_children_value = jnp.max(value, 1) if config.backup == "max" else jnp.mean(value, 1)
     own_value = tree.q_values()[rows, leaf]
-    leaf_value = jnp.where(expand, new_children_value, own_value)
+    leaf_value = jnp.where(expand, config.discount * new_children_value, own_value)
     chain = ancestors(tree, leaf, config.max_depth)  # [B, D + 1], chain[:, 0] = leaf
     discounts = config.discount ** jnp.arange(config.max_depth + 1, dtype=jnp.float32)
     live = (chain != NO_NODE) & ~tree.done[:, None]
