@@ -104,3 +104,28 @@ def test_checked_answers_take_their_rating_from_the_check():
     assert ratings(checked=True) == [pos, neg, neg]
     assert ratings() == [pos, pos, neg]  # the model's own ratings
     assert ratings(truth="16") == [neg, pos, pos]
+
+
+def test_stray_tags_that_would_form_a_format_token_when_stripped_are_all_removed():
+    """A sampled thought can hold tags anywhere, e.g. "<start_of_" <critic> "rating>": removing
+    <critic> must not leave a <start_of_rating> in the exported thought."""
+    tok = build_tiny_tokenizer()
+    texts = ["<expansion>x <start_of_<critic>rating> y", "<expansion>3 <end_of_thought>+ 4"]
+    tree = init_tree(1, 3, 32)
+    tokens = np.zeros((1, 3, 32), np.int32)
+    lengths = np.zeros((1, 3), np.int32)
+    for i, text in enumerate(texts, start=1):
+        ids = encode_thought(tok, text)
+        tokens[0, i, : len(ids)], lengths[0, i] = ids, len(ids)
+    tree = tree.replace(
+        parent=jnp.asarray([[-1, 0, 0]]),
+        depth=jnp.asarray([[0, 1, 1]]),
+        visits=jnp.asarray([[2, 1, 1]]),
+        rating=jnp.asarray([[0, 0.7, 0.2]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray(lengths),
+        num_nodes=jnp.asarray([3]),
+    )
+    nodes = tree_to_longcot(tree, 0, tok, "q")
+    assert [n.text for n in nodes[1:]] == ["<expansion>x  y", "<expansion>3 + 4"]
+    assert longcot.parse_tree(longcot.render_tree(nodes)) == nodes

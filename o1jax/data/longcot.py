@@ -79,6 +79,14 @@ def _first_special(text: str) -> tuple[int, str] | None:
     return min(hits) if hits else None
 
 
+def strip_format_tokens(text: str) -> str:
+    """`text` without any long-CoT token, including those that removing one would form
+    ("<start_of_<critic>rating>" -> "", not "<start_of_rating>")."""
+    while (hit := _first_special(text)) is not None:
+        text = text.replace(hit[1], "")
+    return text
+
+
 def split_action(text: str) -> tuple[str | None, str]:
     """Splits a thought's text into its leading meta-action tag (or None) and the rest."""
     for action in ACTIONS:

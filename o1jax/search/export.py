@@ -95,8 +95,7 @@ def tree_to_longcot(
             good = t["rating"][i] >= 0.5
         rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
         action, body = longcot.split_action(text)
-        for special in longcot.SPECIAL_TOKENS:  # a sampled thought may contain stray tags
-            body = body.replace(special, "")
+        body = longcot.strip_format_tokens(body)  # a sampled thought may contain stray tags
         nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
     return nodes
 
