@@ -196,7 +196,8 @@ def test_critique_and_rewrite_prompts_write_the_journey_format(tok):
     rest = "9 * 2 = 18<end_of_thought>" + rated + longcot.step_header(4, 5)
     rest += "<conclusion>\\boxed{18}<end_of_thought>" + rated + "<eos>"
     rewrite = _sample(tok, [rest], S, [True])
-    child, child_len = refine.child_solutions(prefix2, plen2, plens, rewrite, fmt)
+    child, child_len, cut = refine.child_solutions(prefix2, plen2, plens, rewrite, fmt)
+    assert not bool(cut[0])
     child_text = text(child[0], int(child_len[0]))
     prompt_text = longcot.render_prompt(QUESTION)
     assert child_text == text(prefix2[0], int(plen2[0]))[len("<bos>" + prompt_text) :] + rest
@@ -221,6 +222,9 @@ def _check_invariants(result, config):
         np.testing.assert_array_equal(tree.visits[b], 1 + below)
         has = np.asarray(tree.has_answer[b])
         assert [a is not None for a in result.answers[b]] == has.tolist()
+        cut = np.asarray(tree.truncated[b])
+        assert not cut[0] and not (cut & has).any()  # a cut child has no answer
+        assert result.truncated_children[b] == cut.sum()
 
 
 @pytest.mark.parametrize("value", ["self_reward", "pprm"])
@@ -237,6 +241,9 @@ def test_a_run_keeps_the_tree_invariants_and_compiles_once(tok, model, value):
     )
     result = run(0)
     _check_invariants(result, config)
+    w = refine.make_refine_format(tok, config).node_length  # S + the journey margin
+    assert w > config.solution_length and result.tree.tokens.shape == (2, config.capacity, w)
+    assert int(np.max(result.tree.lengths)) <= w
     jitted = (refine.select, refine.add_children, refine.backup, refine.step_statistics)
     sizes = [f._cache_size() for f in jitted]
     again = run(1)
@@ -323,3 +330,196 @@ def test_the_pprm_reads_solutions_as_it_was_trained_to(tok, model, rated, monkey
         pprm.solution_text(effective, verdicts[0]),
         pprm.solution_text(effective[:1], verdicts[1]),
     ]
+
+
+# ----------------------------------------------------------------------------- review 9b fixes
+def _rewrite_case(tok, rest: str, config):
+    """A one-node tree whose root (a 6-step solution) is refined at its weakest step (step 3),
+    with `rest` as the rewrite: (fmt, tree, child [1, W], its length, truncated, the journey's
+    full length, the root's step statistics)."""
+    question = "Start with 4, add 5, multiply by 2, add 1."
+    parent_steps = [
+        "<expansion>4 + 5 = 9",
+        "<expansion>9 * 2 = 18",
+        "<expansion>18 + 1 = 20",
+        "<expansion>so the result is 20",
+        "<expansion>check: 20 is an integer",
+        "<conclusion>\\boxed{20}",
+    ]
+    s = config.solution_length
+    fmt = refine.make_refine_format(tok, config)
+    ids, _ = encode_chain(tok, question, parent_steps)
+    plen = int(encode_prompts(tok, [question])[1][0])
+    prompt, sol = ids[:plen], ids[plen:]
+    assert len(sol) <= s
+    sor = np.nonzero(sol == fmt.step.start_of_rating)[0]
+    positive = np.full((fmt.node_length,), 0.9, np.float32)
+    positive[sor] = [0.9, 0.9, 0.1, 0.9, 0.9, 0.9]  # step 3 is the weakest
+    w = fmt.node_length
+    stats = refine._step_stats_one(
+        jnp.asarray(_padded(sol, w)), len(sol), jnp.asarray(positive), fmt, config
+    )
+    tree = refine.init_tree(1, 3, w)
+    tree = refine.add_children(
+        tree,
+        jnp.asarray([-1]),
+        jnp.asarray(_padded(sol, w)[None]),
+        jnp.asarray([len(sol)]),
+        jax.tree.map(lambda x: x[None], stats),
+    )
+    prompts, plens = jnp.asarray(prompt[None]), jnp.asarray([plen], jnp.int32)
+    node = jnp.asarray([0])
+    prefix, l1 = refine.critique_prefixes(tree, node, prompts, plens, fmt)
+    critique = _sample(tok, ["18 + 1 is not 20<end_of_thought>"], config.critique_length, [True])
+    prefix2, l2 = refine.rewrite_prefixes(prefix, l1, tree, node, critique, fmt)
+    rewrite = _sample(tok, [rest], s, [True])  # stopped on EOS within its S-token budget
+    assert int(rewrite.lengths[0]) < s
+    child, child_len, cut = refine.child_solutions(prefix2, l2, plens, rewrite, fmt)
+    journey = int(l2[0]) - plen + int(rewrite.lengths[0])
+    return fmt, tree, child, child_len, cut, journey, stats
+
+
+_RATED = "<start_of_rating><positive_rating><end_of_rating>\n"
+
+
+def test_a_rewrite_about_as_long_as_what_it_replaces_fits_its_node_slot(tok):
+    """Review 9b #1: a finished rewrite kept whole, though the journey is longer than S."""
+    config = refine.RefineConfig(rollouts=1, solution_length=S)  # C = 24
+    rest = (
+        "18 + 1 = 19<end_of_thought>" + _RATED + longcot.step_header(5, 6)
+        + "<expansion>so the result is 19<end_of_thought>" + _RATED + longcot.step_header(6, 7)
+        + "<expansion>check: 19 is an integer<end_of_thought>" + _RATED + longcot.step_header(7, 8)
+        + "<conclusion>\\boxed{19}<end_of_thought>" + _RATED + "<eos>"
+    )  # fmt: skip
+    fmt, _, child, child_len, cut, journey, _ = _rewrite_case(tok, rest, config)
+    h, w = fmt.step.headers.shape[1], fmt.step.suffixes.shape[1]
+    assert fmt.node_length == S + config.critique_length + 2 * (h + w) + 2
+    assert fmt.max_steps >= fmt.node_length // 8 + 2
+    assert S < journey <= fmt.node_length and child.shape == (1, fmt.node_length)
+    assert not bool(cut[0]) and int(child_len[0]) == journey
+    text = tok.decode(np.asarray(child[0])[: int(child_len[0])].tolist(), skip_special_tokens=False)
+    assert text.endswith("<conclusion>\\boxed{19}<end_of_thought>" + _RATED + "<eos>")
+    assert refine.solution_answer(refine.solution_steps(text)) == "19"
+
+
+def test_a_cut_child_is_flagged_answerless_never_selected_and_counted(tok):
+    """Review 9b #1: a journey longer than the node slot is reported, recorded in the tree,
+    has no answer, is never refined, and is counted in the search result."""
+    config = refine.RefineConfig(rollouts=2, solution_length=S, max_children=1)
+    steps = "".join(
+        f"<expansion>18 + 1 = 19 and 19 = 19 once more, step {k}<end_of_thought>"
+        + _RATED
+        + longcot.step_header(4 + k, 5 + k)
+        for k in range(2)
+    )
+    rest = "18 + 1 = 19<end_of_thought>" + _RATED + longcot.step_header(4, 5) + steps
+    rest += "<conclusion>\\boxed{19}<end_of_thought>" + _RATED + "<eos>"
+    fmt, tree, child, child_len, cut, journey, stats = _rewrite_case(tok, rest, config)
+    assert journey > fmt.node_length  # the rewrite fits its budget S, the journey its slot not
+    assert bool(cut[0]) and int(child_len[0]) == fmt.node_length
+    # Even were the step statistics to claim an answer, the cut child has none.
+    claim = jax.tree.map(lambda x: x[None], stats.replace(has_answer=jnp.asarray(True)))
+    tree = refine.add_children(tree, jnp.asarray([0]), child, child_len, claim, cut)
+    assert tree.truncated.tolist() == [[False, True, False]]
+    assert tree.has_answer.tolist() == [[True, False, False]]
+    # Valued well above its parent, it would be the only candidate (its parent is fully
+    # expanded and beaten); a cut child is never refined, so the root is.
+    tree = refine.backup(tree, jnp.asarray([[0.0, 0.9, 0.0]]))
+    assert int(refine.select(tree, config)[0]) == 0
+    wide = refine.RefineConfig(rollouts=2, solution_length=S, max_children=2)
+    assert int(refine.select(tree, wide)[0]) == 0
+    result = refine.SearchResult(tree, [[[], []]], [["20", None]], None, None)
+    assert result.truncated_children.tolist() == [1]
+
+
+def test_a_step_without_a_real_rating_breaks_the_chain(tok):
+    """Review 9b #3: <start_of_rating>/<end_of_rating> are not ratings, on host and device."""
+    question = "Start with 4, add 5."
+    ok = longcot.step_header(0, 1) + "<expansion>4 + 5 = 9" + longcot.step_suffix()
+    bad = (
+        longcot.step_header(1, 2) + "<conclusion>\\boxed{9}<end_of_thought>"
+        "<start_of_rating><end_of_rating><end_of_rating>\n<eos>"
+    )  # no rating token sampled
+    steps = refine.solution_steps(ok + bad)
+    assert steps == [("<expansion>4 + 5 = 9", longcot.POSITIVE_RATING)]
+    assert refine.solution_answer(steps) is None
+    tree = refine.init_tree(1, 1, 4).replace(num_nodes=jnp.asarray([1]))
+    result = refine.SearchResult(tree, [[steps]], [[None]], None, None)
+    nodes = refine.tree_to_longcot(result, 0, question, "9")
+    assert [n.text for n in nodes] == ["<problem>" + question, "<expansion>4 + 5 = 9"]
+    # The device's step statistics agree: the conclusion is no complete step, so no answer.
+    config = refine.RefineConfig(solution_length=S)
+    fmt = refine.make_refine_format(tok, config)
+    w = fmt.node_length
+    sol = np.asarray(tok.encode(ok + bad, add_special_tokens=False), np.int32)
+    stats = refine._step_stats_one(
+        jnp.asarray(_padded(sol, w)), len(sol), jnp.full((w,), 0.9, jnp.float32), fmt, config
+    )
+    assert not bool(stats.has_answer) and float(stats.self_reward) == -1.0
+    assert np.isnan(np.asarray(stats.positive)[1])
+    # Each real rating token still makes a complete step.
+    for rating in longcot.RATINGS:
+        text = ok + longcot.step_header(1, 2) + "<conclusion>\\boxed{9}"
+        text += longcot.step_suffix(rating)
+        assert refine.solution_steps(text)[1] == ("<conclusion>\\boxed{9}", rating)
+
+
+def test_solution_steps_read_steps_back_to_back_and_stop_at_the_first_malformed_one():
+    """Review 9b #4: a malformed step (or text between steps) ends the chain; it is not skipped."""
+    header = longcot.step_header
+    step = lambda k, thought: header(k - 1, k) + thought + longcot.step_suffix()
+    no_start = header(0, 1)[: -len(longcot.START_OF_THOUGHT)] + "<expansion>4 + 5 = 10"
+    no_start += longcot.step_suffix()
+    conclusion = step(2, "<conclusion>\\boxed{10}")
+    steps = refine.solution_steps(no_start + conclusion + "<eos>")
+    assert steps == [] and refine.solution_answer(steps) is None
+    first = step(1, "<expansion>4 + 5 = 9")
+    assert len(refine.solution_steps(first + "junk" + conclusion)) == 1
+    assert len(refine.solution_steps("junk" + first + conclusion)) == 0
+    # What the renderers write parses whole: steps joined by "\n", with or without a last one,
+    # and whatever follows the last step (EOS, a cut step) is not read.
+    whole = first + conclusion
+    assert [t for t, _ in refine.solution_steps(whole + "<eos>")] == [
+        "<expansion>4 + 5 = 9",
+        "<conclusion>\\boxed{10}",
+    ]
+    assert len(refine.solution_steps(whole[:-1])) == 2
+    assert len(refine.solution_steps(whole + header(2, 3) + "<expansion>cut")) == 2
+    nodes = longcot.chain(QUESTION, WRONG)
+    assert len(refine.solution_steps(longcot.render_tree(nodes))) == 1 + len(WRONG)
+    assert len(refine.solution_steps(longcot.render_chain(QUESTION, WRONG))) == 1 + len(WRONG)
+
+
+def test_export_keeps_a_criticised_conclusion_negative_and_the_right_root_path():
+    """Review 9b #2: with `truth`, a conclusion the next step criticises is not re-rated, so the
+    child's copy does not merge with the parent's right answer."""
+    body = lambda text: text[len(longcot.render_prompt(QUESTION)) :]
+    root = body(longcot.render_chain(QUESTION, ["<conclusion>\\boxed{18}"]))  # right
+    child = body(
+        longcot.render_chain(
+            QUESTION,
+            [
+                "<conclusion>\\boxed{18}",
+                "<critic>the answer is not justified",
+                "<refine>4 + 5 = 9, 9 * 2 = 19",
+                "<conclusion>\\boxed{19}",
+            ],
+            ["<negative_rating>"] + ["<positive_rating>"] * 3,
+        )
+    )
+    steps = [refine.solution_steps(root), refine.solution_steps(child)]
+    tree = refine.init_tree(1, 2, 4).replace(num_nodes=jnp.asarray([2]))
+    result = refine.SearchResult(tree, [steps], [["18", "19"]], None, None)
+    nodes = refine.tree_to_longcot(result, 0, QUESTION, truth="18")
+    paths = longcot.tree_to_paths(nodes)
+    assert len(paths) == 2
+    by_length = sorted(paths, key=len)
+    assert [n.rating for n in by_length[0][1:]] == ["<positive_rating>"]
+    assert [n.rating for n in by_length[1][1:]] == [
+        "<negative_rating>",  # the criticised copy keeps the search's rating
+        "<positive_rating>",
+        "<positive_rating>",
+        "<negative_rating>",  # 19 is wrong
+    ]
+    right = longcot.right_paths(nodes)
+    assert [[n.text for n in p[1:]] for p in right] == [["<conclusion>\\boxed{18}"]]

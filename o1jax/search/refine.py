@@ -23,8 +23,14 @@ B trees at once:
 The answer is the solution valued best (SR-MCTS: ranked first by EBC). Steps 1-3 and 5 run
 jitted on device; the host decodes solutions for the PPRM's prompts and extracts answers.
 
-Shapes: B trees, N = 1 + rollouts node slots, S tokens per solution, P prompt tokens,
-C critique tokens, M = S // 8 + 2 step slots per solution.
+Shapes: B trees, N = 1 + rollouts node slots, S tokens per solution (the budget of the first
+answer and of every rewrite), P prompt tokens, C critique tokens, W = `RefineFormat.node_length`
+tokens per node slot (S + C + the journey's format tokens: a rewrite as long as the part it
+replaces fits), M = `RefineFormat.max_steps` (W // 8 + 2) step slots per solution.
+
+A child whose journey (the parent's prefix up to the flaw + critic + refine + rewrite) still does
+not fit its W-token slot is stored cut and marked `truncated`: it counts as a solution without an
+answer, is never selected for refinement, and `SearchResult.truncated_children` counts it.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class RefineConfig:
 
     @property
     def max_steps(self) -> int:
+        """Step slots of an S-token solution; `RefineFormat.max_steps` covers a W-token node."""
         return self.solution_length // 8 + 2
 
 
@@ -97,19 +104,41 @@ class RefineFormat:
     refine: int = struct.field(pytree_node=False, default=0)
     start_of_thought: int = struct.field(pytree_node=False, default=0)
     end_of_rating: int = struct.field(pytree_node=False, default=0)
+    unknown_rating: int = struct.field(pytree_node=False, default=-1)
     eos: int = struct.field(pytree_node=False, default=0)
+    node_length: int = struct.field(pytree_node=False, default=0)  # W: tokens per node slot
+    max_steps: int = struct.field(pytree_node=False, default=0)  # M: step slots of a node
+
+
+def journey_margin(step: StepFormat, config: RefineConfig) -> int:
+    """Tokens a journey adds to the solution it refines, beyond the rewrite's S: the flaw's
+    negative rating, the critic's header, tag, C tokens and rating, the refine's header and tag."""
+    h, w = step.headers.shape[1], step.suffixes.shape[1]
+    return config.critique_length + 2 * (h + w) + 2
 
 
 def make_refine_format(tokenizer, config: RefineConfig) -> RefineFormat:
     if tokenizer.eos_token_id is None:
         raise ValueError("refine: the tokenizer has no EOS token to end a whole solution")
+    # W = S + the journey margin; M = W // 8 + 2 step slots, whose header rows (up to M + 3)
+    # may in turn be longer (more digits): grow M until it covers W.
+    m = config.max_steps
+    while True:
+        step = make_step_format(tokenizer, m + 2)
+        width = config.solution_length + journey_margin(step, config)
+        if width // 8 + 2 <= m:
+            break
+        m = width // 8 + 2
     return RefineFormat(
-        step=make_step_format(tokenizer, config.max_steps + 2),
+        step=step,
         critic=special_id(tokenizer, longcot.CRITIC),
         refine=special_id(tokenizer, longcot.REFINE),
         start_of_thought=special_id(tokenizer, longcot.START_OF_THOUGHT),
         end_of_rating=special_id(tokenizer, longcot.END_OF_RATING),
+        unknown_rating=special_id(tokenizer, longcot.UNKNOWN_RATING),
         eos=int(tokenizer.eos_token_id),
+        node_length=width,
+        max_steps=m,
     )
 
 
@@ -117,8 +146,8 @@ def make_refine_format(tokenizer, config: RefineConfig) -> RefineFormat:
 class SolutionTree:
     """B trees of whole solutions; node 0 is the first answer, children are its refinements."""
 
-    tokens: jax.Array  # [B, N, S] int32, the solution after the prompt (EOS included)
-    lengths: jax.Array  # [B, N] int32
+    tokens: jax.Array  # [B, N, W] int32, the solution after the prompt (EOS included)
+    lengths: jax.Array  # [B, N] int32, <= W
     parent: jax.Array  # [B, N] int32, NO_NODE for the root and unused slots
     num_children: jax.Array  # [B, N] int32
     visits: jax.Array  # [B, N] int32
@@ -127,6 +156,7 @@ class SolutionTree:
     has_answer: jax.Array  # [B, N] bool, ends in a complete <conclusion>
     flaw_cut: jax.Array  # [B, N] int32, token where the weakest step's rating starts
     flaw_header: jax.Array  # [B, N] int32, header row (step number) of the critic after it
+    truncated: jax.Array  # [B, N] bool, a child whose journey did not fit its W tokens (cut)
     num_nodes: jax.Array  # [B] int32
 
     @property
@@ -142,8 +172,9 @@ class SolutionTree:
         return jnp.arange(self.capacity)[None, :] < self.num_nodes[:, None]
 
 
-def init_tree(batch_size: int, capacity: int, solution_length: int) -> SolutionTree:
-    b, n, s = batch_size, capacity, solution_length
+def init_tree(batch_size: int, capacity: int, node_length: int) -> SolutionTree:
+    """An empty tree of `capacity` node slots of `node_length` (W) tokens."""
+    b, n, s = batch_size, capacity, node_length
     zeros = lambda dtype: jnp.zeros((b, n), dtype)
     return SolutionTree(
         tokens=jnp.zeros((b, n, s), jnp.int32),
@@ -156,6 +187,7 @@ def init_tree(batch_size: int, capacity: int, solution_length: int) -> SolutionT
         has_answer=zeros(bool),
         flaw_cut=zeros(jnp.int32),
         flaw_header=jnp.ones((b, n), jnp.int32),
+        truncated=zeros(bool),
         num_nodes=jnp.zeros((b,), jnp.int32),
     )
 
@@ -190,20 +222,27 @@ class StepStats:
 
 
 def _step_stats_one(tokens, length, positive_at, fmt: RefineFormat, config: RefineConfig):
-    """Step statistics of one solution [S] given P(positive) at each position [S]."""
-    s, m = tokens.shape[0], config.max_steps
+    """Step statistics of one solution [W] given P(positive) at each position [W]."""
+    s, m = tokens.shape[0], fmt.max_steps
     f = fmt.step
     t = jnp.arange(s)
     live = t < length
     is_sor = live & (tokens == f.start_of_rating) & (t + 1 < length)  # its rating token follows
     is_eor = live & (tokens == fmt.end_of_rating)
-    step_id = jnp.cumsum(is_eor) - is_eor  # [S], a step's tokens up to its <end_of_rating>
+    step_id = jnp.cumsum(is_eor) - is_eor  # [W], a step's tokens up to its <end_of_rating>
     seg = lambda x: jax.ops.segment_max(x, step_id, num_segments=m)
     sor_pos = seg(jnp.where(is_sor, t, -1))  # [M]
     opened = jnp.concatenate([jnp.zeros((1,), bool), tokens[:-1] == fmt.start_of_thought]) & live
     first = seg(jnp.where(opened, tokens, -1))  # [M] first token of each step's thought
-    valid = sor_pos >= 0
     rating_token = tokens[jnp.clip(sor_pos + 1, 0, s - 1)]
+    # A step is complete when a real rating follows its <start_of_rating> (the host's parse,
+    # `solution_steps`, reads the same three tokens).
+    rated = (
+        (rating_token == f.positive_rating)
+        | (rating_token == f.negative_rating)
+        | (rating_token == fmt.unknown_rating)
+    )
+    valid = (sor_pos >= 0) & rated
     is_critic = valid & (first == fmt.critic)
     criticised = valid & jnp.concatenate([is_critic[1:], jnp.zeros((1,), bool)])
     effective = valid & ~is_critic & ~criticised & (rating_token != f.negative_rating)
@@ -241,7 +280,7 @@ def step_statistics(
 ) -> StepStats:
     """Reads the model's rating of every step of R solutions in one forward pass.
 
-    prompts: [R, P]; prompt_lengths: [R]; solutions: [R, S]; lengths: [R].
+    prompts: [R, P]; prompt_lengths: [R]; solutions: [R, W]; lengths: [R].
     """
     r, s = solutions.shape
     chex.assert_shape(prompts, (r, None))
@@ -251,16 +290,16 @@ def step_statistics(
     def join(prompt, plen, sol, slen):
         return _concat([(prompt, plen), (sol, slen)], width, pad)
 
-    seq, total = jax.vmap(join)(prompts, prompt_lengths, solutions, lengths)  # [R, P + S]
+    seq, total = jax.vmap(join)(prompts, prompt_lengths, solutions, lengths)  # [R, P + W]
     mask = jnp.arange(width)[None, :] < total[:, None]
     logits = forward(params, cfg, seq, attention_mask=mask, lora=lora)  # [R, P + S, V]
     # Logits at the solution's position t (sequence position plen + t) predict token t + 1.
-    at = prompt_lengths[:, None] + jnp.arange(s)[None, :]  # [R, S]
+    at = prompt_lengths[:, None] + jnp.arange(s)[None, :]  # [R, W]
     picked = jnp.take_along_axis(logits, jnp.minimum(at, width - 1)[:, :, None], axis=1)
     f = fmt.step
     positive_at = jax.nn.sigmoid(
         picked[..., f.positive_rating] - picked[..., f.negative_rating]
-    )  # [R, S] float32
+    )  # [R, W] float32
     fn = functools.partial(_step_stats_one, fmt=fmt, config=config)
     return jax.vmap(fn)(solutions, lengths, positive_at)
 
@@ -270,7 +309,9 @@ def step_statistics(
 def select(tree: SolutionTree, config: RefineConfig) -> jax.Array:
     """The node [B] each tree refines next: UCT over MCTSr's candidates.
 
-    A candidate is not fully expanded and has no child whose Q exceeds its own.
+    A candidate is not fully expanded, has no child whose Q exceeds its own, and is not a
+    truncated child. Should no node qualify (every open node truncated), any node that is not
+    truncated may be refined (the root always is one), past `max_children` if need be.
     """
     b, n = tree.batch_size, tree.capacity
     valid = tree.valid()
@@ -278,7 +319,9 @@ def select(tree: SolutionTree, config: RefineConfig) -> jax.Array:
     parent_safe = jnp.maximum(tree.parent, 0)
     up = jnp.where(valid & (tree.parent >= 0), tree.parent, n)
     child_q = jnp.full((b, n), -jnp.inf).at[rows, up].max(tree.q, mode="drop")  # [B, N]
-    candidate = valid & (tree.num_children < config.max_children) & (child_q <= tree.q)
+    whole = valid & ~tree.truncated
+    candidate = whole & (tree.num_children < config.max_children) & (child_q <= tree.q)
+    candidate = jnp.where(jnp.any(candidate, axis=1, keepdims=True), candidate, whole)
     parent_visits = jnp.where(
         tree.parent >= 0, jnp.take_along_axis(tree.visits, parent_safe, axis=1), tree.visits
     )
@@ -365,13 +408,16 @@ def rewrite_prefixes(prefix, prefix_lengths, tree: SolutionTree, node, critique,
 
 @jax.jit
 def child_solutions(rewrite_prefix, rewrite_lengths, prompt_lengths, rewrite, fmt):
-    """The children [B, S]: the rewrite prefix without its prompt, then the rewrite."""
-    s = rewrite.tokens.shape[1]
+    """(children [B, W], lengths [B], truncated [B]): the rewrite prefix without its prompt,
+    then the rewrite, in W = `fmt.node_length` tokens. truncated: the journey was longer than
+    W and is cut (its end, EOS included, is lost)."""
+    w = fmt.node_length
     pad = fmt.step.pad
 
     def one(pre, plen, total, tok, length):
         shifted = jnp.roll(pre, -plen)  # the part after the prompt first
-        return _concat([(shifted, total - plen), (tok, length)], s, pad)
+        child, child_len = _concat([(shifted, total - plen), (tok, length)], w, pad)
+        return child, child_len, (total - plen) + length > w
 
     return jax.vmap(one)(
         rewrite_prefix, prompt_lengths, rewrite_lengths, rewrite.tokens, rewrite.lengths
@@ -379,12 +425,19 @@ def child_solutions(rewrite_prefix, rewrite_lengths, prompt_lengths, rewrite, fm
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def add_children(tree: SolutionTree, node, tokens, lengths, stats: StepStats) -> SolutionTree:
-    """Writes one child per tree under `node` [B] and counts the visit along its path."""
+def add_children(
+    tree: SolutionTree, node, tokens, lengths, stats: StepStats, truncated=None
+) -> SolutionTree:
+    """Writes one child per tree under `node` [B] and counts the visit along its path.
+
+    tokens: [B, W]; truncated: [B] bool or None, a cut journey (`child_solutions`): recorded,
+    and the child has no answer.
+    """
     b, n = tree.batch_size, tree.capacity
     rows = jnp.arange(b)
     slot = tree.num_nodes  # [B]
     chex.assert_shape(tokens, (b, tree.tokens.shape[2]))
+    truncated = jnp.zeros((b,), bool) if truncated is None else truncated
     visits = tree.visits
     cur = node
     for _ in range(n):  # the path from `node` to the root (at most N nodes)
@@ -396,9 +449,10 @@ def add_children(tree: SolutionTree, node, tokens, lengths, stats: StepStats) ->
         parent=tree.parent.at[rows, slot].set(node, mode="drop"),
         num_children=tree.num_children.at[rows, jnp.where(node >= 0, node, n)].add(1, mode="drop"),
         visits=visits.at[rows, slot].set(1, mode="drop"),
-        has_answer=tree.has_answer.at[rows, slot].set(stats.has_answer, mode="drop"),
+        has_answer=tree.has_answer.at[rows, slot].set(stats.has_answer & ~truncated, mode="drop"),
         flaw_cut=tree.flaw_cut.at[rows, slot].set(stats.flaw_cut, mode="drop"),
         flaw_header=tree.flaw_header.at[rows, slot].set(stats.flaw_header, mode="drop"),
+        truncated=tree.truncated.at[rows, slot].set(truncated, mode="drop"),
         num_nodes=tree.num_nodes + 1,
     )
 
@@ -430,26 +484,40 @@ def backup(tree: SolutionTree, value: jax.Array) -> SolutionTree:
 
 
 # ----------------------------------------------------------------------------- host side
+# One whole step as `longcot.render_chain` writes it: step_header(father, local) + thought +
+# step_suffix(rating), whose "\n" may be missing at the end (`render_tree` has none there).
 _STEP_RE = re.compile(
-    re.escape(longcot.START_OF_THOUGHT)
-    + r"(.*?)"
+    re.escape(longcot.START_OF_FATHER_ID)
+    + r"-?[0-9]+"
+    + re.escape(longcot.END_OF_FATHER_ID + longcot.START_OF_LOCAL_ID)
+    + r"-?[0-9]+"
+    + re.escape(longcot.END_OF_LOCAL_ID + longcot.START_OF_THOUGHT)
+    + r"((?:(?!"
+    + re.escape(longcot.END_OF_THOUGHT)
+    + r").)*)"
     + re.escape(longcot.END_OF_THOUGHT + longcot.START_OF_RATING)
-    + r"(<\w+_rating>)"
-    + re.escape(longcot.END_OF_RATING),
+    + "("
+    + "|".join(map(re.escape, longcot.RATINGS))
+    + ")"
+    + re.escape(longcot.END_OF_RATING)
+    + r"\n?",
     re.S,
 )
 
 
 def solution_steps(text: str) -> list[tuple[str, str]]:
     """(thought text with its action tag, rating) of the complete steps of a decoded solution,
-    up to the first malformed one (a thought holding a format token: the chain breaks there)."""
-    steps = []
-    for m in _STEP_RE.finditer(text):
+    read back to back from its start up to the first malformed one (text that is not a whole
+    step, a rating that is not one of `longcot.RATINGS`, a thought holding a format token): the
+    chain breaks there, and whatever follows (EOS, a cut step) is not read."""
+    steps, pos = [], 0
+    while (m := _STEP_RE.match(text, pos)) is not None:
         try:
             longcot.check_thought(m.group(1))
         except ValueError:
             break
         steps.append((m.group(1), m.group(2)))
+        pos = m.end()
     return steps
 
 
@@ -509,6 +577,11 @@ class SearchResult:
     answers: list[list[str | None]]  # [B][node] final answers (None: no conclusion)
     preferences: np.ndarray | None  # [B, N, N] symmetrised P(i better than j) (SR-MCTS)
     global_value: np.ndarray | None  # [B, N] EBC value (SR-MCTS)
+
+    @property
+    def truncated_children(self) -> np.ndarray:
+        """[B] int: children per tree whose journey did not fit a node slot and was cut."""
+        return np.asarray(self.tree.truncated).sum(axis=1)
 
     def best_node(self, b: int) -> int:
         """The chosen solution of tree b: best global value (SR-MCTS) or own value (MCTSr)."""
@@ -602,7 +675,7 @@ def run(
     if config.value == "pprm" and judge is None:
         raise ValueError("refine.run: value 'pprm' (SR-MCTS) needs a PPRMJudge")
     fmt = make_refine_format(tokenizer, config)
-    n, s = config.capacity, config.solution_length
+    n, s, w = config.capacity, config.solution_length, fmt.node_length
     sample = functools.partial(
         generate, params, cfg, lora=lora, top_k=config.top_k, top_p=config.top_p
     )
@@ -617,10 +690,13 @@ def run(
         temperature=config.root_temperature,
         stop_tokens=(fmt.eos,),
     )
-    tree = init_tree(b, n, s)
+    tree = init_tree(b, n, w)
     root_node = jnp.full((b,), NO_NODE, jnp.int32)
-    stats = stats_fn(prompts, prompt_lengths, root.tokens, root.lengths)
-    tree = add_children(tree, root_node, root.tokens, root.lengths, stats)
+    root_tokens = jnp.pad(
+        root.tokens, ((0, 0), (0, w - root.tokens.shape[1])), constant_values=fmt.step.pad
+    )  # [B, W]
+    stats = stats_fn(prompts, prompt_lengths, root_tokens, root.lengths)
+    tree = add_children(tree, root_node, root_tokens, root.lengths, stats)
 
     steps: list[list[list[tuple[str, str]]]] = [[] for _ in range(b)]
     texts: list[list[str]] = [[] for _ in range(b)]  # what the PPRM reads
@@ -632,9 +708,10 @@ def run(
     def evaluate_new(tree, stats, new: int):
         nonlocal global_value
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
+        cut = np.asarray(tree.truncated[:, new])
         for t in range(b):
             steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
-            found[t].append(solution_answer(steps[t][-1]))
+            found[t].append(None if cut[t] else solution_answer(steps[t][-1]))  # cut: no answer
         if pref is not None:
             new_texts = pprm_texts(judge, questions, [steps[t][-1] for t in range(b)])
             for t in range(b):
@@ -676,9 +753,9 @@ def run(
             temperature=config.temperature,
             stop_tokens=(fmt.eos,),
         )
-        child, child_len = child_solutions(prefix2, prefix2_len, prompt_lengths, rewrite, fmt)
+        child, child_len, cut = child_solutions(prefix2, prefix2_len, prompt_lengths, rewrite, fmt)
         stats = stats_fn(prompts, prompt_lengths, child, child_len)
-        tree = add_children(tree, node, child, child_len, stats)
+        tree = add_children(tree, node, child, child_len, stats, cut)
         tree = evaluate_new(tree, stats, rollout + 1)
     return SearchResult(tree, steps, found, pref, global_value)
 
@@ -698,14 +775,17 @@ def pprm_texts(judge: PPRMJudge, questions: list[str], solutions: list[list[tupl
 def tree_to_longcot(result: SearchResult, b: int, question: str, truth: str | None = None):
     """Tree b as OpenLongCoT nodes: every solution (a journey after refinement) is a path from
     the problem; shared prefixes merge, so a child branches off its parent at the step it
-    criticised. With `truth`, each conclusion is rated by the answer check."""
+    criticised. With `truth`, each conclusion is rated by the answer check, bar one that the
+    next step criticises: it keeps the search's (negative) rating, so the journey's copy of a
+    parent's conclusion stays apart from the parent's own."""
     paths = []
     for raw in result.steps[b]:
         if not raw:
             continue
         thoughts, ratings = [], []
-        for thought, rating in raw:
-            if truth is not None and thought.startswith(longcot.CONCLUSION):
+        for k, (thought, rating) in enumerate(raw):
+            criticised = k + 1 < len(raw) and raw[k + 1][0].startswith(longcot.CRITIC)
+            if truth is not None and thought.startswith(longcot.CONCLUSION) and not criticised:
                 got = answers.extract_answer(thought)
                 good = got is not None and answers.is_equivalent(got, truth)
                 rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING

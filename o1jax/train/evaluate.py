@@ -265,7 +265,8 @@ def refine_evaluate(
     """MCTSr (self-reward) or SR-MCTS (PPRM + EBC) accuracy, without the ground truth.
 
     Records also say whether any solution of the tree was right (`any_correct`: what a perfect
-    judge would have picked) and whether the first answer (the root) was. tree_dir: also write
+    judge would have picked), whether the first answer (the root) was, and how many refinements
+    were cut for want of room (`truncated_children`, counted as answerless). tree_dir: also write
     each tree in the OpenLongCoT format as `tree_dir/<id>.txt` (conclusions rated by the answer
     check, so the file is SFT data), the first `max_trees` of them (None: all).
     """
@@ -302,6 +303,7 @@ def refine_evaluate(
                     "any_correct": any(check(a) for a in result.answers[b]),
                     "answers": result.answers[b],
                     "chosen": result.best_node(b),
+                    "truncated_children": int(result.truncated_children[b]),
                 }
             )
         bar.update(len(chunk))
