@@ -1,4 +1,10 @@
-"""MetricsWriter: the JSONL log, truncation on resume, and the PNG's panels."""
+"""MetricsWriter: the JSONL log, truncation on resume, TensorBoard events, and the PNG's panels."""
+
+import collections
+import glob
+import struct
+
+import pytest
 
 from o1jax.train.metrics import MetricsWriter, panels
 
@@ -37,4 +43,51 @@ def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert writer.history() == {"sft/loss": [(1, 1.0), (2, 2.0)]}
     writer.scalars(3, {"sft/loss": 3.0})
     assert writer.history()["sft/loss"][-1] == (3, 3.0)
+    writer.close()
+
+
+def _tensorboard_steps(workdir) -> collections.Counter:
+    """(tag, step) -> number of scalar events in the workdir's TensorBoard event files."""
+    from tensorboardX.proto import event_pb2
+
+    counts = collections.Counter()
+    for path in sorted(glob.glob(f"{workdir}/tensorboard/events.*")):
+        with open(path, "rb") as f:
+            while len(head := f.read(8)) == 8:
+                (size,) = struct.unpack("<Q", head)
+                f.read(4)
+                event = event_pb2.Event.FromString(f.read(size))
+                f.read(4)
+                for value in event.summary.value:
+                    counts[(value.tag, event.step)] += 1
+    return counts
+
+
+def test_tensorboard_holds_each_kept_row_once_after_a_kill_and_a_resume(tmp_path):
+    killed = MetricsWriter(str(tmp_path), enabled=True)
+    for step in range(1, 5):
+        killed.scalars(step, {"sft/loss": 1.0 / step})
+    # SIGKILL: the writer is never closed. The resumed run keeps the 2 rows its checkpoint
+    # covers and logs step 3 again.
+    resumed = MetricsWriter(str(tmp_path), enabled=True)
+    resumed.keep_rows(2)
+    resumed.scalars(3, {"sft/loss": 0.3})
+    resumed.close()
+    assert _tensorboard_steps(tmp_path) == {("sft/loss", s): 1 for s in (1, 2, 3)}
+    assert resumed.history()["sft/loss"] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+
+
+def test_a_kill_while_the_log_is_cut_back_leaves_the_old_log_whole(tmp_path, monkeypatch):
+    writer = MetricsWriter(str(tmp_path), enabled=True)
+    for step in range(1, 6):
+        writer.scalars(step, {"sft/loss": float(step)})
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for a SIGKILL before the new log takes the old's place
+
+    monkeypatch.setattr("o1jax.train.metrics.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.keep_rows(3)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
     writer.close()

@@ -72,6 +72,16 @@ def test_first_update_has_ratio_one_and_kl_zero_exactly(base):
     assert float(metrics["first/kl"]) > 0.0  # the adapter has moved away from the base
 
 
+def test_the_callers_adapter_survives_the_donated_update(base):
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    before = jax.tree.map(jnp.copy, adapter)  # (a NumPy view would pin the buffers)
+    one = make_mesh(devices=jax.devices()[:1])  # where a put would not copy the adapter
+    trainer = PPOTrainer(CFG, base, adapter, PPOConfig(), one, rating_tokens=(POS, NEG))
+    trainer.update(_batch(), jnp.ones(M))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, adapter))
+
+
 def test_updates_touch_no_base_parameter(base):
     trainer = _trainer(base, make_mesh())
     before = jax.tree.map(np.asarray, base)

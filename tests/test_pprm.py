@@ -88,10 +88,19 @@ def test_training_on_task_pairs_learns_them(model):
     assert len(pairs.lengths) == 16 and pairs.first_better.tolist() == [1, 0] * 8
     adapter = lora.init(cfg, jax.random.key(1), lora.LoRAConfig(rank=8, alpha=16.0))
     trainer = train_pprm.PPRMTrainer(
-        cfg, params, adapter, train_pprm.PPRMConfig(learning_rate=1e-2), make_mesh(), tok
+        cfg,
+        params,
+        adapter,
+        train_pprm.PPRMConfig(learning_rate=1e-2),
+        make_mesh(devices=jax.devices()[:1]),  # where a put would not copy the adapter
+        tok,
     )
     before = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
+    kept = jax.tree.map(jnp.copy, adapter)  # (a NumPy view would pin the buffers)
     losses = [float(trainer.train_step(pairs.batch(s, 16, 0))["loss"]) for s in range(40)]
+    # The step donates its state; the caller's adapter is a different buffer and survives.
+    assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
+    jax.tree.map(np.testing.assert_array_equal, kept, jax.tree.map(np.asarray, adapter))
     after = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
     assert losses[-1] < 0.5 * losses[0]
     assert after == 1.0 and before < 1.0

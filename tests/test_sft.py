@@ -108,6 +108,22 @@ def test_lora_sft_trains_only_the_adapter():
     )
 
 
+def test_the_callers_params_and_adapter_survive_the_donated_steps():
+    """The step donates its state; what the caller handed in (the params of a full fine-tune,
+    or an adapter) must stay usable, e.g. to evaluate the base model afterwards."""
+    params = init_params(CFG, jax.random.key(1))
+    adapter = lora.init(CFG, jax.random.key(2), lora.LoRAConfig(rank=4, alpha=8))
+    kept = jax.tree.map(jnp.copy, (params, adapter))  # (a NumPy view would pin the buffers)
+    packed = pack(_examples(16), seq_len=32)
+    one = make_mesh(devices=jax.devices()[:1])  # params already there are not copied by a put
+    for lora_ in (None, adapter):
+        trainer = SFTTrainer(CFG, params, SFTConfig(batch_size=8, seq_len=32), one, lora=lora_)
+        for step in range(2):
+            trainer.train_step(packed.batch(step, 8, 0))
+    assert not any(x.is_deleted() for x in jax.tree.leaves((params, adapter)))
+    jax.tree.map(np.testing.assert_array_equal, kept, jax.tree.map(np.asarray, (params, adapter)))
+
+
 def test_nonfinite_loss_skips_the_update_and_is_counted():
     params = init_params(CFG, jax.random.key(1))
     with pytest.raises(ValueError, match="multiple of the mesh's data x fsdp size 8"):

@@ -40,6 +40,39 @@ def _train(workdir, *overrides, devices=8, config=SMOKE, wait=True):
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def _train_killed_before_save(workdir, step):
+    """train.py on the smoke config, SIGKILLed as it starts to write checkpoint `step` (after
+    everything that checkpoint covers has been logged)."""
+    code = (
+        "import os, runpy, signal, sys\n"
+        "from o1jax.train import checkpoint\n"
+        "save = checkpoint.Checkpointer.save\n"
+        "def killed(self, step, state, meta):\n"
+        f"    if step == {step}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(self, step, state, meta)\n"
+        "checkpoint.Checkpointer.save = killed\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    if os.environ.get(TRAIN_CACHE_ENV):
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ[TRAIN_CACHE_ENV]
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    train = os.path.join(ROOT, "train.py")
+    cmd = [sys.executable, "-c", code, train, "--config", SMOKE, "--workdir", str(workdir)]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+def _metrics_rows(workdir):
+    """metrics.jsonl without the wall-clock rates, which differ between runs."""
+    timing = ("tokens_per_s", "seconds", "per_s")
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rows]
+
+
 def _checkpoint_steps(workdir):
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
@@ -126,16 +159,18 @@ def test_smoke_run_writes_report_curves_and_tensorboard(uninterrupted):
 
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
-    # Killed mid-SFT, then again during RL, then run to the end.
+    # Killed mid-SFT; then as the post-SFT evaluation's checkpoint is written, its scalars
+    # logged; then during RL; then run to the end. S=24: eval 25, RL 26..
     _kill_when(workdir, _train(workdir, wait=False), step=8)
-    _kill_when(workdir, _train(workdir, wait=False), step=26)  # S=24: eval 25, RL 26..
+    _train_killed_before_save(workdir, step=25)
+    _kill_when(workdir, _train(workdir, wait=False), step=26)
     result = _train(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _report(workdir) == _report(uninterrupted)
     jax.tree.map(
         np.testing.assert_array_equal, _final_params(workdir), _final_params(uninterrupted)
     )
-    assert _sft_losses(workdir) == _sft_losses(uninterrupted)
+    assert _metrics_rows(workdir) == _metrics_rows(uninterrupted)  # each row once, in order
 
 
 def test_first_sft_losses_match_on_1_and_8_devices(uninterrupted, tmp_path):

@@ -206,7 +206,8 @@ class PPOTrainer:
         self.optimizer = make_optimizer(config)
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh))
-            lora = jax.device_put(lora, param_shardings(lora, mesh))
+            # A copy: the update donates the state, and the caller keeps its adapter.
+            lora = jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
             self.state = TrainState(lora, jax.jit(self.optimizer.init)(lora), step)
 

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from o1jax.data import longcot
-from o1jax.data.answers import extract_answer, is_equivalent
+from o1jax.data.answers import extract_answer, is_equivalent, vote_key
 from o1jax.model.sampler import generate
 from o1jax.search import mcts, refine
 from o1jax.search.export import choose_answer, tree_to_json, tree_to_longcot
@@ -114,6 +114,20 @@ def generate_texts(
     return outputs
 
 
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The most common answer, equal answers written differently counted together
+    (`answers.vote_key`: "14", "14.0" and "x = 14" are one vote each for 14); the first
+    spelling seen stands for its group, and the earliest group wins a tie. None: no answers."""
+    votes: Counter = Counter()
+    spelling: dict[str, str] = {}
+    for answer in answers:
+        if answer is not None:
+            key = vote_key(answer)
+            spelling.setdefault(key, answer)
+            votes[key] += 1
+    return spelling[votes.most_common(1)[0][0]] if votes else None
+
+
 def evaluate(
     params,
     cfg,
@@ -172,8 +186,7 @@ def evaluate(
         if sampled is not None:
             answers = [extract_answer(t) for t in sampled[i]]
             verdicts = [a is not None and is_equivalent(a, problem.answer) for a in answers]
-            votes = Counter(a for a in answers if a is not None)
-            majority = votes.most_common(1)[0][0] if votes else None
+            majority = majority_answer(answers)
             maj_ok = majority is not None and is_equivalent(majority, problem.answer)
             n_pass += any(verdicts)
             n_maj += maj_ok

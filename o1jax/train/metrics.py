@@ -5,7 +5,11 @@
     writer.plot()          # workdir/learning_curves.png
     writer.close()
 
-Only process 0 writes (multi-host runs log once).
+Only process 0 writes (multi-host runs log once). The JSONL log is the record, written row by
+row; TensorBoard's events are queued by tensorboardX and may be lost by a kill. So a resumed run
+cuts the log back to what its checkpoint covers (`keep_rows`) and rebuilds the TensorBoard
+events from it: a killed and resumed run ends with the same scalars, each once, as an
+uninterrupted one, in both.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections import defaultdict
 
 import jax
@@ -34,11 +39,15 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         self._log_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb_dir = os.path.join(workdir, "tensorboard")
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = self._open_tensorboard()
+
+    def _open_tensorboard(self, suffix: str = ""):
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(self._tb_dir, filename_suffix=suffix)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -49,13 +58,40 @@ class MetricsWriter:
         with open(self._log_path, "a") as f:
             f.write(json.dumps({"step": int(step), **clean}) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drops logged rows past `step` (a resumed run logs those steps again)."""
+    def num_rows(self) -> int:
+        """Readable rows in the log (what a checkpoint records it covers)."""
         if not self.enabled or not os.path.exists(self._log_path):
-            return
-        rows = [line for line, row in self._rows() if row["step"] <= step]
-        with open(self._log_path, "w") as f:
-            f.writelines(rows)
+            return 0
+        return len(self._rows())
+
+    def keep_rows(self, count: int) -> None:
+        """Keeps the first `count` rows (a resumed run logs the rest again)."""
+        if self.enabled and os.path.exists(self._log_path):
+            self._rewrite(self._rows()[:count])
+
+    def truncate_after(self, step: int) -> None:
+        """Drops logged rows past `step` (for checkpoints that did not record `num_rows`)."""
+        if self.enabled and os.path.exists(self._log_path):
+            self._rewrite([(line, row) for line, row in self._rows() if row["step"] <= step])
+
+    def _rewrite(self, rows: list[tuple[str, dict]]) -> None:
+        """Replaces the log with `rows` atomically, then TensorBoard's events with theirs (in
+        a file of their own, closed so that every event is on disk before the run goes on)."""
+        tmp = self._log_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(line for line, _ in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._log_path)
+        self._tb.close()
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
+        rebuilt = self._open_tensorboard(suffix=".resumed")
+        for _, row in rows:
+            for name, value in row.items():
+                if name != "step":
+                    rebuilt.add_scalar(name, value, row["step"])
+        rebuilt.close()
+        self._tb = self._open_tensorboard()
 
     def history(self) -> dict[str, list[tuple[int, float]]]:
         """Every logged scalar as (step, value) pairs, from the JSONL log (survives resumes)."""

@@ -49,6 +49,7 @@ from o1jax.train.run_context import (
     build_context,
     check_workdir,
     lora_config,
+    save_checkpoint,
 )
 from o1jax.train.sft import SFTConfig, SFTTrainer
 from o1jax.train.sft_stage import policy_params, run_sft
@@ -98,7 +99,10 @@ def _run_stages(ctx: RunContext) -> dict:
     rl_step = eval_step + p_steps
     latest = ctx.checkpointer.latest_step()
     meta = ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
-    ctx.metrics.truncate_after(_logged_step(meta, s_steps, p_steps))
+    if "metrics_rows" in meta:  # the rows logged when that checkpoint was written
+        ctx.metrics.keep_rows(meta["metrics_rows"])
+    else:  # a checkpoint from before the count was kept, or none
+        ctx.metrics.truncate_after(_logged_step(meta, s_steps, p_steps))
     pprm_pending = p_steps > 0 and (
         meta["stage"] in ("new", "sft", "eval")
         or (meta["stage"] == "pprm" and meta["step"] < p_steps)
@@ -131,7 +135,7 @@ def _run_stages(ctx: RunContext) -> dict:
                 "eval/search_accuracy": results["search_accuracy"],
             },
         )
-        ctx.checkpointer.save(eval_step, {"sft": sft_state}, {"stage": "eval", "results": results})
+        save_checkpoint(ctx, eval_step, {"sft": sft_state}, {"stage": "eval", "results": results})
         meta = {"stage": "eval", "results": results}
         latest = eval_step
 
@@ -159,7 +163,8 @@ def _run_stages(ctx: RunContext) -> dict:
 
     # RL, resumed with its state and buffer when the latest checkpoint is mid-RL.
     def save_iteration(done_iters, trainer, per_state):
-        ctx.checkpointer.save(
+        save_checkpoint(
+            ctx,
             rl_step + done_iters,
             {"sft": sft_state, **kept, "rl": trainer.state, "per": per_state},
             {"stage": "rl", "iteration": done_iters, "results": results},
@@ -189,7 +194,8 @@ def _run_stages(ctx: RunContext) -> dict:
             "eval/rl_search_accuracy": report["rl_search_accuracy"],
         },
     )
-    ctx.checkpointer.save(
+    save_checkpoint(
+        ctx,
         rl_step + iters + 1,
         {"sft": sft_state, **kept, "rl": trainer.state},
         {"stage": "done", "report": report},

@@ -26,7 +26,14 @@ from o1jax.train.pprm import (
     pairwise_accuracy,
     task_pairs,
 )
-from o1jax.train.run_context import STAGE_PPRM, NonFiniteLoss, Preempted, RunContext, lora_config
+from o1jax.train.run_context import (
+    STAGE_PPRM,
+    NonFiniteLoss,
+    Preempted,
+    RunContext,
+    lora_config,
+    save_checkpoint,
+)
 
 
 def step_rater(ctx: RunContext, base_params):
@@ -153,7 +160,8 @@ def run_pprm(
             )
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
         if save:
-            ctx.checkpointer.save(
+            save_checkpoint(
+                ctx,
                 eval_step + done,
                 {"sft": sft_state, "pprm": trainer.state},
                 {"stage": "pprm", "step": done, "results": results},
@@ -166,7 +174,8 @@ def run_pprm(
     )
     results = {**results, "pprm_accuracy": accuracy, "pprm_eval_pairs": held_out.num_pairs}
     ctx.metrics.scalars(s_steps + p.steps, {"eval/pprm_accuracy": accuracy})
-    ctx.checkpointer.save(
+    save_checkpoint(
+        ctx,
         eval_step + p.steps,
         {"sft": sft_state, "pprm": trainer.state},
         {"stage": "pprm", "step": p.steps, "results": results},

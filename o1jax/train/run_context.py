@@ -63,6 +63,12 @@ class RunContext:
     key: jax.Array
 
 
+def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
+    """Saves `state` at checkpoint `step` with `meta` and the number of metrics rows logged so
+    far, which a resume keeps (later rows are logged again by the resumed stage)."""
+    ctx.checkpointer.save(step, state, {**meta, "metrics_rows": ctx.metrics.num_rows()})
+
+
 def check_workdir(config: RunConfig, workdir: str) -> None:
     """A workdir belongs to one config: refuse (before writing anything) to mix two."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -155,9 +155,15 @@ class SFTTrainer:
         require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
         self.optimizer = make_optimizer(config)
         with jax.set_mesh(mesh):
-            params = jax.device_put(params, param_shardings(params, mesh))
+            # What is trained is a copy: the step donates the state, and the caller keeps its
+            # params (full fine-tuning) or its adapter. The frozen base may alias the caller's.
+            params = jax.device_put(
+                params, param_shardings(params, mesh), may_alias=lora is not None
+            )
             trainable = (
-                params if lora is None else jax.device_put(lora, param_shardings(lora, mesh))
+                params
+                if lora is None
+                else jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
             )
             self.frozen = None if lora is None else params
             opt_state = jax.jit(self.optimizer.init)(trainable)

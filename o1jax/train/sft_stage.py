@@ -17,7 +17,14 @@ from o1jax.train.config import (
     ConfigError,
     RunConfig,
 )
-from o1jax.train.run_context import STAGE_SFT, NonFiniteLoss, Preempted, RunContext, lora_config
+from o1jax.train.run_context import (
+    STAGE_SFT,
+    NonFiniteLoss,
+    Preempted,
+    RunContext,
+    lora_config,
+    save_checkpoint,
+)
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack
 
 
@@ -126,7 +133,7 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
         if done % config.checkpoint.every == 0 or done == s.steps or ctx.preemption.requested:
             settle(*pending)
             pending = None
-            ctx.checkpointer.save(done, {"sft": trainer.state}, {"stage": "sft", "step": done})
+            save_checkpoint(ctx, done, {"sft": trainer.state}, {"stage": "sft", "step": done})
             if ctx.preemption.requested:
                 raise Preempted(f"SIGTERM: saved SFT step {done}")
     bar.close()
