@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"{name} any solution right"] = sum(r["any_correct"] for r in found.records) / max(
             len(found.records), 1
         )
+        cut = sum(r["truncated_children"] for r in found.records)
+        rows[f"{name} refinements cut for room"] = cut / max(len(found.records) * args.rollouts, 1)
         ev.write_records(os.path.join(out_dir, f"{name}_outputs.jsonl"), found.records)
     print(ev.summary_table(rows))
     with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:

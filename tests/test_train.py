@@ -251,6 +251,7 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
     assert summary["maj@2"] <= summary["pass@2"] and "mcts accuracy (3 sims)" in summary
     refined = summary["mctsr accuracy (2 rollouts)"]
     assert 0 <= refined <= summary["mctsr any solution right"] <= 1
+    assert 0 <= summary["mctsr refinements cut for room"] <= 1
     assert len(open(tmp_path / "eval_outputs.jsonl").readlines()) == 4
     records = [json.loads(line) for line in open(tmp_path / "mctsr_outputs.jsonl")]
     assert [len(r["answers"]) for r in records] == [3] * 4  # the first answer + 2 refinements
