@@ -325,6 +325,11 @@ def forward(
       an overflowing write would overwrite earlier slots.
     segment_ids: [B, T] document ids of packed rows (no cache): a token attends only to its own
       document. Give per-document `positions` with it.
+
+    With `cfg.attention_impl == "pallas"` (no cache, no segments) the kernel measures the
+    sliding window in slots, not in `positions`: each row's real tokens must be contiguous (left
+    or right padding, no holes) with consecutive positions, as every caller in o1jax gives them.
+    Rows with holes in `attention_mask` need the "xla" path.
     """
     if cache is not None:
         t, slots = tokens.shape[-1], cache["positions"].shape[-1]
