@@ -103,6 +103,7 @@ TEXTS = [
     ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
     ("So the final answer is 3.5.", "3.5"),
     ("Final answer: 12", "12"),
+    ("the answer is 7 at first.\nAfter fixing it, the answer is: 24", "24"),
     ("I think it is 42", None),  # a number is not an answer
     ("", None),
     ("<start_of_thought><conclusion>\\boxed{86}<end_of_thought><start_of_rating>", "86"),
@@ -158,6 +159,68 @@ def test_safe_from_other_threads():
     assert results["hang"][0] is False and results["set"][0] is True and results["expr"][0] is False
     # Calls are serialised: the slowest waits for the others, within a generous bound.
     assert max(r[1] for r in results.values()) < 5 * (LIMIT_S + 1.0)
+
+
+PERCENT_PAIRS = [("1\\%", "100\\%"), ("0.5%", "50%"), ("100%", "1\\%"), ("0.25\\%", "25%")]
+
+
+@pytest.mark.parametrize("pred, truth", PERCENT_PAIRS)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_two_percents_compare_as_written(pred, truth, timeout_s):
+    # n% reads as n or n/100 only against a plain number; two percents compare n with m.
+    assert not is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert not is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert not is_correct(f"so \\boxed{{{pred}}}", truth, timeout_s=timeout_s)
+    assert is_equivalent("12.5%", "\\frac{25}{2}\\%", timeout_s=timeout_s)
+    assert is_equivalent("50%", "0.5", timeout_s=timeout_s)
+
+
+HEDGED = [
+    ("3 or more", "3"),
+    ("7 or fewer", "7"),
+    ("5\\text{ or more}", "5"),
+    ("10 at least", "10"),
+    ("5 or less", "5"),
+]
+
+
+@pytest.mark.parametrize("pred, truth", HEDGED)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_hedged_answer_is_not_its_number(pred, truth, timeout_s):
+    # Trailing words with a logical / comparative word are a qualification, not a unit.
+    assert not is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert not is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert is_equivalent(pred, pred, timeout_s=timeout_s)
+    assert is_equivalent("12 square feet", "12", timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is \\boxed{3}. Wait, let me redo this: \\boxed{4",
+        "#### 3\nso \\boxed{3} or rather \\boxed{4",
+        "<conclusion>The answer is \\boxed{3}, no: \\boxed{4",
+    ],
+)
+def test_truncated_last_box_is_no_answer(text):
+    # The last box is never closed: no other marker stands in for it.
+    assert extract_answer(text) is None
+    assert not is_correct(text, "3", timeout_s=LIMIT_S)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The result is 12 before doubling, so the answer is 24.",
+        "The answer is 24. The result is consistent with the check.",
+        "<conclusion>The result is 12, so the final answer is 24<end_of_thought>",
+    ],
+)
+def test_last_answer_marker_wins(text):
+    # One marker's answer never runs over a later marker on the same line.
+    assert extract_answer(text) == "24"
+    assert answers.vote_key(extract_answer(text)) == answers.vote_key("24")
+    assert is_correct(text, "24", timeout_s=0)
 
 
 def test_bad_types():

@@ -6,8 +6,10 @@ text the last `\\boxed{}` / `\\fbox{}`, GSM8K's `#### N`, or "the answer is X".
 
 `is_equivalent` decides in three stages:
 1. normalised strings (LaTeX spacing, `\\dfrac`, `$`, units, degrees, a leading `x =` dropped);
+   a value qualified by trailing words ("3 or more") is not a unit and equals only itself;
 2. exact rationals (fractions.Fraction from integers, decimals, `a/b`, `\\frac{a}{b}`, thousands
-   commas, percent read as either n or n/100); when both sides are exact numbers this decides;
+   commas, a percent against a plain number read as either n or n/100, two percents compared
+   as written); when both sides are exact numbers this decides;
 3. math-verify (sets, intervals, expressions, 1/3 vs 0.333333) in a worker process, under a
    wall-clock limit. math-verify's own timeouts use SIGALRM, which works only in the main thread
    and cannot stop a computation stuck in C (`10^{10^{10^{10}}}` is one); the worker is killed
@@ -45,7 +47,7 @@ WORKER_START_TIMEOUT_S = 60.0  # a fresh worker's import of math-verify (not cou
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{$])")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
-    r"(?:\bthe\s+)?(?:final\s+)?(?:answer|result)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE
+    r"(?:\bthe\s+)?(?:final\s+)?(answer|result)\s*(?:is|:)\s*:?\s*", re.IGNORECASE
 )
 _PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _LONGCOT_MARKERS = (*ACTIONS, START_OF_THOUGHT, END_OF_THOUGHT)
@@ -87,16 +89,34 @@ def _trim(answer: str) -> str:
     return answer
 
 
+def _answer_is(text: str) -> str | None:
+    """The rest of the line after the last "answer is" marker ("result is" only when no
+    "answer" marker is present), up to the next marker: one marker's answer never swallows a
+    later one ("the result is 12, so the answer is 24" gives 24)."""
+    marks = list(_ANSWER_IS_RE.finditer(text))
+    if not marks:
+        return None
+    answers = [i for i, m in enumerate(marks) if m.group(1).lower() == "answer"]
+    i = answers[-1] if answers else len(marks) - 1
+    end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+    return _trim(text[marks[i].end() : end].split("\n", 1)[0]) or None
+
+
 def _marked_answer(text: str) -> str | None:
-    """The answer of a final-answer marker in `text`: boxed, then `####`, then "answer is"."""
+    """The answer of a final-answer marker in `text`: boxed, then `####`, then "answer is".
+
+    A box that is present but whose last one is never closed (a truncated generation) gives
+    None: the other markers are not consulted, since they would credit an earlier, abandoned box.
+    """
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed or None
-    for pattern in (_GSM8K_RE, _ANSWER_IS_RE):
-        found = pattern.findall(text)
-        if found:
-            return _trim(found[-1]) or None
-    return None
+    if _BOX_RE.search(text):
+        return None
+    found = _GSM8K_RE.findall(text)
+    if found:
+        return _trim(found[-1]) or None
+    return _answer_is(text)
 
 
 def extract_answer(text: str) -> str | None:
@@ -116,7 +136,7 @@ def extract_answer(text: str) -> str | None:
         ends = [i for t in SPECIAL_TOKENS if (i := thought.find(t)) >= 0]
         thought = thought[: min(ends)] if ends else thought
         answer = _marked_answer(thought)
-        if answer is not None:
+        if answer is not None or _BOX_RE.search(thought):
             return answer
         bare = _trim(thought)
         if bare and len(bare) <= 64 and not _PROSE_RE.search(bare):
@@ -128,17 +148,39 @@ def extract_answer(text: str) -> str | None:
 # ----------------------------------------------------------------------------- normalisation
 _DELIMS = ((r"\(", r"\)"), (r"\[", r"\]"), ("$$", "$$"), ("$", "$"))
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mbox|mathrm)\s*\{([^{}]*)\}")
-_UNIT_SUFFIX_RE = re.compile(r"^(.*?\S)\s*\\(?:text|mbox|mathrm)\s*\{[^{}]*\}$")
+_UNIT_SUFFIX_RE = re.compile(r"^(.*?\S)\s*\\(?:text|mbox|mathrm)\s*\{([^{}]*)\}$")
 _WORD_UNIT_RE = re.compile(
-    r"^([+-]?[\d.,]*\d)\s+[A-Za-z]{2,}(?:[\sA-Za-z./]*[A-Za-z.])?(?:\^\{?[23]\}?)?$"
+    r"^([+-]?[\d.,]*\d)\s+([A-Za-z]{2,}(?:[\sA-Za-z./]*[A-Za-z.])?(?:\^\{?[23]\}?)?)$"
+)
+# Words that make a trailing phrase a qualification ("3 or more", "5 at least"), not a unit.
+_HEDGE_WORDS = frozenset(
+    "or and nor to not than more less fewer greater least most at between plus minus "
+    "above below over under about approximately".split()
 )
 _ASSIGN_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
 _SPACING = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~")
 _DEGREES = (r"^{\circ}", r"^\circ", "°", r"\degree")
 
 
+def _is_hedge(words: str) -> bool:
+    return any(w in _HEDGE_WORDS for w in re.findall(r"[a-z]+", words.lower()))
+
+
+def _hedged(cleaned: str) -> bool:
+    """Whether a cleaned answer is a value qualified by trailing words ("3 or more",
+    "5\\text{ or more}"), which `_clean` keeps: not one exact value."""
+    for pattern in (_UNIT_SUFFIX_RE, _WORD_UNIT_RE):
+        m = pattern.match(cleaned)
+        if m and _is_hedge(m.group(2)):
+            return True
+    return False
+
+
 def _clean(answer: str) -> str:
-    """Light clean-up that keeps spaces: delimiters, box, dollars, units, `x =`."""
+    """Light clean-up that keeps spaces: delimiters, box, dollars, units, `x =`.
+
+    Trailing words are dropped as a unit only when none of them is a logical or comparative
+    word (`_HEDGE_WORDS`): "5 cm" becomes "5", "3 or more" stays."""
     s = answer.strip()
     for _ in range(3):  # nested wrappers such as $\boxed{...}$
         before = s
@@ -155,10 +197,10 @@ def _clean(answer: str) -> str:
             break
     s = s.replace(r"\$", "").replace("$", "").strip()
     unit = _UNIT_SUFFIX_RE.match(s)
-    if unit:
+    if unit and not _is_hedge(unit.group(2)):
         s = unit.group(1)
     word_unit = _WORD_UNIT_RE.match(s)
-    if word_unit:
+    if word_unit and not _is_hedge(word_unit.group(2)):
         s = word_unit.group(1)
     s = _ASSIGN_RE.sub("", s)
     for deg in _DEGREES:
@@ -183,9 +225,9 @@ _SLASH_RE = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
 _FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{([+-]?\d+)\}|(\d))$")
 
 
-def _numbers(cleaned: str) -> tuple[set[Fraction], bool] | None:
-    """Exact values an answer may denote (percent: n and n/100), and whether a decimal point
-    was written; None when it is not a plain number."""
+def _numbers(cleaned: str) -> tuple[Fraction, bool, bool] | None:
+    """The exact value written (without its percent sign), whether it is a percent, and whether
+    a decimal point was written; None when it is not a plain number."""
     s = cleaned.strip()
     if _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
@@ -204,7 +246,12 @@ def _numbers(cleaned: str) -> tuple[set[Fraction], bool] | None:
             value = Fraction(num, den) * (-1 if m.group(1) == "-" else 1)
     if value is None:
         return None
-    return ({value, value / 100} if percent else {value}), "." in s
+    return value, percent, "." in s
+
+
+def _readings(value: Fraction, percent: bool) -> set[Fraction]:
+    """Values a number may denote: a percent "n%" is read as n or n/100."""
+    return {value, value / 100} if percent else {value}
 
 
 def vote_key(answer: str) -> str:
@@ -212,8 +259,8 @@ def vote_key(answer: str) -> str:
     ("14", "14.0", "x = 14" and "\\boxed{14}" share one), else the compacted text."""
     cleaned = _clean(answer)
     numbers = _numbers(cleaned)
-    if numbers is not None and len(numbers[0]) == 1:
-        return str(next(iter(numbers[0])))
+    if numbers is not None and len(readings := _readings(*numbers[:2])) == 1:
+        return str(next(iter(readings)))
     return _compact(cleaned)
 
 
@@ -230,7 +277,11 @@ def _rational_verdict(pred: str, truth: str) -> bool | None:
     a, b = _numbers(pred), _numbers(truth)
     if a is None or b is None:
         return None
-    (va, dec_a), (vb, dec_b) = a, b
+    (xa, pct_a, dec_a), (xb, pct_b, dec_b) = a, b
+    if pct_a and pct_b:  # both percents: compare as written ("1%" is not "100%")
+        va, vb = {xa}, {xb}
+    else:  # a percent against a plain number: either reading ("50%" is 50 or 0.5)
+        va, vb = _readings(xa, pct_a), _readings(xb, pct_b)
     if va & vb:
         return True
     if (dec_a and not all(map(_terminates, vb))) or (dec_b and not all(map(_terminates, va))):
@@ -382,6 +433,8 @@ def is_equivalent(pred: str | None, truth: str, timeout_s: float = 1.0) -> bool:
         return False
     if _compact(p) == _compact(t):
         return True
+    if _hedged(p) or _hedged(t):  # math-verify would read "3 or more" as 3
+        return False
     if max(len(p), len(t)) > MAX_ANSWER_CHARS:
         return False
     verdict = _rational_verdict(p, t)
