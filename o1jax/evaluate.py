@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulations", type=int, default=16, help="for --search mcts")
     parser.add_argument("--rollouts", type=int, default=8, help="for --search mctsr | sr-mcts")
     parser.add_argument(
-        "--trees", default="", help="with --search: write each tree as DIR/<id>.json (show_tree)"
+        "--trees",
+        default="",
+        help="with --search: write each tree to DIR (DIR/<search>/ for several searches); mcts "
+        "trees as <id>.json (for show_tree) and OpenLongCoT <id>.txt, mctsr and sr-mcts (refine) "
+        "trees as OpenLongCoT <id>.txt only",
     )
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
     parser.add_argument("--max-new-tokens", type=int, default=0)

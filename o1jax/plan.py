@@ -3,50 +3,89 @@
     python -m o1jax.plan --config configs/gemma2-9b.yaml --mesh data=1,fsdp=8,tensor=1
     python -m o1jax.plan --config configs/gemma2-2b.yaml model_dir=/data/gemma-2-2b
 
-Estimates the resident arrays: the frozen base, the LoRA adapter and its Adam moments (or the
-full params' moments with sft.full_finetune), the sampler's KV cache during self-play, and the
+Estimates the resident arrays, placed by the partition rules of o1jax.parallel.mesh: the frozen
+base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained copy of the
+params and its moments, in the params' dtype), the sampler's KV cache during self-play, and the
 replay buffer. Activations and XLA temporaries come on top; leave headroom.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+import types
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f} GiB"
 
 
-def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float]:
-    """Bytes per device of each resident array group."""
-    from o1jax.model.lora import ALL_TARGETS, target_shapes
+def per_device_bytes(tree, mesh: dict[str, int]) -> float:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) placed by the partition
+    rules (`o1jax.parallel.mesh.spec_for`: a dimension the axis does not divide is replicated)."""
+    import jax
+    import numpy as np
 
-    data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
-    param_bytes = 2 if config.model.dtype == "bfloat16" else 4
-    d, v = cfg.d_model, cfg.vocab_size
-    per_layer = sum(a * b for a, b in (target_shapes(cfg, t) for t in ALL_TARGETS)) + 4 * d
-    n_params = cfg.num_layers * per_layer + v * d + d
-    lora_params = cfg.num_layers * sum(
-        config.lora.rank * sum(target_shapes(cfg, t)) for t in config.lora.targets
-    )
+    from o1jax.parallel.mesh import _path_str, spec_for
+
+    sizes = types.SimpleNamespace(shape=mesh)  # spec_for reads only `mesh.shape`
+    total = 0.0
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = tuple(np.shape(x))
+        spec = spec_for(_path_str(path), shape, sizes)  # one axis name or None per dimension
+        shards = math.prod(mesh[axis] for axis in spec if axis is not None)
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize / shards
+    return total
+
+
+def _dtype_name(tree) -> str:
+    import jax
+    import numpy as np
+
+    kinds = {np.dtype(x.dtype) for x in jax.tree.leaves(tree) if np.ndim(x) >= 1}
+    short = {np.dtype("float32"): "f32", np.dtype("bfloat16"): "bf16"}
+    return "/".join(sorted(short.get(k, k.name) for k in kinds))
+
+
+def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float]:
+    """Bytes per device of each resident array group.
+
+    Shapes come from `jax.eval_shape` of the real initialisers and optimizer (nothing is
+    allocated), placements from the partition rules. A full fine-tune (`sft.full_finetune`)
+    trains a copy of the params (the base stays resident) with Adam moments in the params'
+    dtype; otherwise the LoRA adapter (f32) and its f32 moments train.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from o1jax.model import init_params, lora
+    from o1jax.train.sft import SFTConfig, make_optimizer
+
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    key = jax.random.key(0)
+    params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
+    lcfg = lora.LoRAConfig(rank=config.lora.rank, targets=tuple(config.lora.targets))
+    adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lcfg), key)
+    trained = params if config.sft.full_finetune else adapter
+    opt_state = jax.eval_shape(make_optimizer(SFTConfig()).init, trained)
+    param_bytes = jnp.dtype(dtype).itemsize
     s = config.search
     prompt = 512 if config.model_dir else 64
     context = prompt + s.max_depth * (s.thought_length + 16) + s.thought_length + 1
     rows = config.rl.problems_per_iteration * s.num_children
     kv = 2 * cfg.num_layers * rows * context * cfg.num_kv_heads * cfg.head_dim * param_bytes
     experience = 4 * (context + 8) + 4 * s.thought_length
-    trained = n_params if config.sft.full_finetune else lora_params
-    return {
-        "base params": n_params * param_bytes / (fsdp * tensor),
-        "LoRA adapter (f32)": lora_params * 4 / tensor,
-        "optimizer (Adam, f32)": 2
-        * trained
-        * 4
-        / ((fsdp * tensor) if trained == n_params else tensor),
-        "KV cache (self-play)": kv / (data * fsdp * tensor),
-        "replay buffer (one device)": config.rl.buffer_capacity * experience,
-    }
+    data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
+    out = {"base params": per_device_bytes(params, mesh)}
+    if config.sft.full_finetune:
+        out["trained copy of the params"] = per_device_bytes(params, mesh)
+    out[f"LoRA adapter ({_dtype_name(adapter)})"] = per_device_bytes(adapter, mesh)
+    out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh)
+    out["KV cache (self-play)"] = kv / (data * fsdp * tensor)
+    out["replay buffer (one device)"] = config.rl.buffer_capacity * experience
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}
         for item in filter(None, args.mesh.split(",")):
             axis, _, size = item.partition("=")
-            if axis not in mesh or not size.lstrip("-").isdigit():
+            if axis not in mesh or not re.fullmatch(r"-?[0-9]+", size):
                 raise ConfigError(f"--mesh {args.mesh}: expected axis=size with axes {list(mesh)}")
             mesh[axis] = int(size)
         if -1 in mesh.values() and not args.devices:

@@ -15,11 +15,13 @@ import argparse
 import html
 import json
 import math
+import re
 import sys
 
 BOX_W, BOX_H = 190, 66  # px
 GAP_X, GAP_Y = 16, 40  # px between boxes
 LINE_CHARS = 30
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TreeFileError(ValueError):
@@ -34,12 +36,17 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_count(x) -> bool:
+    # Bounded: a JSON integer can be arbitrarily large, and the drawing takes its log as a float.
+    return _is_int(x) and 0 <= x < 2**63
+
+
 # field: (check, what it must be); "rating" is optional (tree_to_json always writes it)
 NODE_FIELDS = {
     "id": (_is_int, "an integer"),
     "parent": (_is_int, "an integer"),
     "text": (lambda x: isinstance(x, str), "a string"),
-    "visits": (_is_int, "an integer"),
+    "visits": (_is_count, "an integer in [0, 2**63)"),
     "value": (_is_number, "a finite number"),
     "rating": (_is_number, "a finite number"),
 }
@@ -136,7 +143,7 @@ def render_html(data: dict, title: str = "search tree") -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
     for n in nodes[1:]:
         (px, py), (cx, cy) = corner[n["parent"]], corner[n["id"]]
-        stroke = 1 + 1.5 * math.log1p(max(int(n["visits"]), 0))
+        stroke = 1 + 1.5 * math.log1p(n["visits"])
         parts.append(
             f'<line x1="{px + BOX_W / 2}" y1="{py + BOX_H}" x2="{cx + BOX_W / 2}" y2="{cy}" '
             f'stroke="#888" stroke-width="{stroke:.1f}"/>'
@@ -187,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         page = render_html(load_tree(args.tree), title=args.tree)
+        # Encoded before the file is opened, so that no failure leaves an empty page behind. A
+        # lone surrogate (valid JSON: "\ud83d") has no UTF-8 form: it becomes U+FFFD.
+        data = _LONE_SURROGATE.sub("\ufffd", page).encode("utf-8")
         try:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(page)
+            with open(args.out, "wb") as f:
+                f.write(data)
         except OSError as e:
             raise TreeFileError(f"{args.out}: cannot write ({e.strerror or e})") from e
     except TreeFileError as e:

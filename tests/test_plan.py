@@ -6,6 +6,7 @@ import pytest
 
 from o1jax import plan
 from o1jax.model import Gemma2Config
+from o1jax.model.lora import target_shapes
 from o1jax.train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,8 @@ def test_gemma2_2b_base_params_split_over_fsdp():
     rows = plan.estimate(config, Gemma2Config.gemma2_2b(), {"data": 1, "fsdp": 4, "tensor": 1}, 4)
     # Gemma2-2B has 2.61e9 parameters (with its 256000 x 2304 embedding), bf16, 4 shards.
     assert abs(rows["base params"] - 2.614e9 * 2 / 4) / (2.614e9 * 2 / 4) < 0.01
-    assert rows["optimizer (Adam, f32)"] == 2 * rows["LoRA adapter (f32)"]
+    # Two f32 moments per adapter weight (and a few scalar counters).
+    assert rows["optimizer (Adam, f32)"] == pytest.approx(2 * rows["LoRA adapter (f32)"], rel=1e-6)
 
 
 def test_cli_prints_a_table_and_rejects_a_bad_mesh(capsys):
@@ -39,6 +41,9 @@ def test_cli_prints_a_table_and_rejects_a_bad_mesh(capsys):
         (["--mesh", "data=1,fsdp=8,tensor=1", "--devices", "-4"], "--devices -4: must be >= 1"),
         (["model.preset=foo"], "model.preset"),
         (["lora.targets=[nope]"], "lora.targets"),
+        (["--mesh", "data=--2"], "--mesh data=--2: expected axis=size"),
+        (["--mesh", "fsdp=\u00b2"], "expected axis=size"),  # superscript two: isdigit() is True
+        (["--mesh", "fsdp=\u0668"], "expected axis=size"),  # Arabic-Indic eight: int() takes it
     ],
 )
 def test_cli_rejects_bad_meshes_devices_and_overrides(capsys, args, message):
@@ -62,3 +67,52 @@ def test_cli_reports_a_model_config_error_in_one_line(capsys, monkeypatch):
     cfg = os.path.join(ROOT, "configs", "gemma2-9b.yaml")
     assert plan.main(["--config", cfg, "--mesh", "data=1,fsdp=8,tensor=1"]) == 2
     assert capsys.readouterr().err == f"error: {cfg}: model: unknown Gemma2 preset 'gemma2_9b'\n"
+
+
+def test_lora_rows_follow_the_fsdp_partition_rules():
+    # The rules shard LoRA A [D, r] of q/k/v/gate/up and B [r, D] of o/down over fsdp; the other
+    # factor is split over tensor (here 1). Gemma2-9B: D = 3584 divides by 8.
+    config = load_config(os.path.join(ROOT, "configs", "gemma2-9b.yaml"))
+    cfg = Gemma2Config.gemma2_9b()
+    rows = plan.estimate(config, cfg, {"data": 1, "fsdp": 8, "tensor": 1}, 8)
+    r = config.lora.rank
+    per_layer = 0.0
+    for t in config.lora.targets:
+        d_in, d_out = target_shapes(cfg, t)
+        a_shards, b_shards = (1, 8) if t in ("o_proj", "down_proj") else (8, 1)
+        per_layer += 4 * r * (d_in / a_shards + d_out / b_shards)
+    assert rows["LoRA adapter (f32)"] == pytest.approx(cfg.num_layers * per_layer)
+    assert rows["optimizer (Adam, f32)"] == pytest.approx(2 * rows["LoRA adapter (f32)"], rel=1e-6)
+    assert "trained copy of the params" not in rows  # LoRA: the base is only read
+
+
+def test_an_axis_that_divides_no_dimension_leaves_the_params_replicated():
+    # d_model 2304 does not divide by 7: every kernel and the embedding stay whole on each device.
+    config = load_config(os.path.join(ROOT, "configs", "gemma2-2b.yaml"))
+    cfg = Gemma2Config.gemma2_2b()
+    one = plan.estimate(config, cfg, {"data": 1, "fsdp": 1, "tensor": 1}, 1)
+    seven = plan.estimate(config, cfg, {"data": 1, "fsdp": 7, "tensor": 1}, 7)
+    assert seven["base params"] == one["base params"]
+
+
+@pytest.mark.parametrize("dtype, moments", [("bfloat16", "bf16"), ("float32", "f32")])
+def test_full_finetune_counts_the_trained_copy_and_moments_in_the_params_dtype(dtype, moments):
+    # SFTTrainer trains a copy of the params (the run keeps the base) and optax keeps Adam's
+    # two moments in the params' dtype.
+    config = load_config(
+        os.path.join(ROOT, "configs", "gemma2-9b.yaml"),
+        ["sft.full_finetune=true", f"model.dtype={dtype}"],
+    )
+    rows = plan.estimate(config, Gemma2Config.gemma2_9b(), {"data": 1, "fsdp": 8, "tensor": 1}, 8)
+    base = rows["base params"]
+    assert base == pytest.approx(9.2417e9 * (2 if dtype == "bfloat16" else 4) / 8, rel=0.01)
+    assert rows["trained copy of the params"] == base
+    assert rows[f"optimizer (Adam, {moments})"] == pytest.approx(2 * base, rel=1e-6)
+
+
+def test_cli_shows_the_full_finetune_rows(capsys):
+    cfg = os.path.join(ROOT, "configs", "gemma2-9b.yaml")
+    argv = ["--config", cfg, "--mesh", "data=1,fsdp=8,tensor=1", "sft.full_finetune=true"]
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained copy of the params" in out and "optimizer (Adam, bf16)" in out

@@ -83,6 +83,12 @@ def _child(**fields) -> str:
         (_child(value=math.nan), "node 1 field 'value' is nan, expected a finite number"),
         (_child(value=True), "node 1 field 'value' is True, expected a finite number"),
         (_child(visits="x"), "node 1 field 'visits' is 'x', expected an integer"),
+        (
+            _child(visits=10**400),
+            "node 1 field 'visits' is 1000000000000000000000000000000000000...",
+        ),
+        (_child(visits=2**63), "expected an integer in [0, 2**63)"),
+        (_child(visits=-1), "node 1 field 'visits' is -1, expected an integer in [0, 2**63)"),
         (_child(text=5), "node 1 field 'text' is 5, expected a string"),
         (_child(rating="pos"), "node 1 field 'rating' is 'pos', expected a finite number"),
     ],
@@ -110,3 +116,22 @@ def test_unreadable_inputs_and_outputs_exit_2(tmp_path, tree_file, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.html").exists()
+
+
+def test_a_lone_surrogate_in_a_text_is_drawn_as_a_replacement_character(tmp_path, capsys):
+    # Valid JSON ("\ud83d", half an emoji), which json.dumps writes for any str holding one.
+    path = tmp_path / "half.json"
+    path.write_text(_child(text="half an emoji \ud83d", answer="\udc00"))
+    out = tmp_path / "half.html"
+    assert show_tree.main([str(path), "-o", str(out)]) == 0
+    page = out.read_bytes().decode("utf-8")  # strict: the page is valid UTF-8
+    assert "half an emoji \ufffd" in page and "answer: \ufffd" in page
+    assert capsys.readouterr().err == ""
+
+
+def test_the_largest_visit_count_still_draws(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(_child(visits=2**63 - 1))
+    out = tmp_path / "big.html"
+    assert show_tree.main([str(path), "-o", str(out)]) == 0
+    assert f"N={2**63 - 1}" in out.read_text()
