@@ -69,7 +69,7 @@ def test_a_bad_value_in_a_saved_config_is_one_error_line(tmp_path, capsys):
 
 
 def test_maj_at_k_counts_equal_answers_written_differently_together():
-    from o1jax.train.evaluate import majority_answer
+    from o1jax.data.answers import vote as majority_answer
 
     assert majority_answer(["14", "15", "14.0", "x = 14", "15", None]) == "14"
     assert majority_answer(["15", "14", "15.0", "14"]) == "15"  # a tie: the earliest group

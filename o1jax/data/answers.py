@@ -264,6 +264,21 @@ def vote_key(answer: str) -> str:
     return _compact(cleaned)
 
 
+def vote(answers, weights=None) -> str | None:
+    """The answer with the largest total weight (default: one per answer), equal answers written
+    differently counted together (`vote_key`: "14", "14.0" and "x = 14" are one group). The
+    first spelling seen stands for its group; the earliest group wins a tie. None answers are
+    skipped; None when there is none."""
+    scores: dict[str, float] = {}
+    spelling: dict[str, str] = {}
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            key = vote_key(answer)
+            spelling.setdefault(key, answer)
+            scores[key] = scores.get(key, 0.0) + (1.0 if weights is None else float(weights[i]))
+    return spelling[max(scores, key=scores.get)] if scores else None
+
+
 def _terminates(x: Fraction, places: int = 6) -> bool:
     return (10**places) % x.denominator == 0
 

@@ -5,12 +5,10 @@ All of this runs on the host after a search; nothing here is in a hot path.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from o1jax.data import longcot
-from o1jax.data.answers import extract_answer, is_equivalent, vote_key
+from o1jax.data.answers import extract_answer, is_equivalent, vote
 from o1jax.search.tree import Tree
 
 
@@ -43,28 +41,24 @@ def choose_answer(tree: Tree, b: int, tokenizer, method: str = "vote") -> str | 
     """The final answer of tree `b`, from its answer nodes, without looking at the truth.
 
     "vote": the answer with the largest total value (backed-up Q) over the answer nodes that
-    state it, equal answers counted together ("14" and "14.0"; `answers.vote_key`): self-
+    state it, equal answers counted together ("14" and "14.0"; `answers.vote`): self-
     consistency weighted by the model's own values. "value": the answer node with the best Q.
     """
     if method not in ("vote", "value"):
         raise ValueError(f"choose_answer: method must be 'vote' or 'value', got {method!r}")
     t = _host(tree, b)
     q = t["value_sum"] / np.maximum(t["visits"], 1)
-    scores: dict[str, float] = defaultdict(float)
-    spelling: dict[str, str] = {}  # each key's answer as its first node wrote it
+    nodes = np.flatnonzero(t["is_answer"])
+    found = [
+        extract_answer(thought_text(tokenizer, t["tokens"][n], t["lengths"][n])) for n in nodes
+    ]
+    if method == "vote":
+        return vote(found, q[nodes])
     best: tuple[float, str | None] = (-np.inf, None)
-    for node in np.flatnonzero(t["is_answer"]):
-        answer = extract_answer(thought_text(tokenizer, t["tokens"][node], t["lengths"][node]))
-        if answer is None:
-            continue
-        key = vote_key(answer)
-        scores[key] += float(q[node])
-        spelling.setdefault(key, answer)
-        if q[node] > best[0]:
+    for node, answer in zip(nodes, found, strict=True):
+        if answer is not None and q[node] > best[0]:
             best = (float(q[node]), answer)
-    if method == "value":
-        return best[1]
-    return spelling[max(scores, key=scores.get)] if scores else None
+    return best[1]
 
 
 def tree_to_longcot(

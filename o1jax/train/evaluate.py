@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from o1jax.data import longcot
-from o1jax.data.answers import extract_answer, is_equivalent, vote_key
+from o1jax.data.answers import extract_answer, is_equivalent, vote
 from o1jax.model.sampler import generate
 from o1jax.search import mcts, refine
 from o1jax.search.export import choose_answer, tree_to_json, tree_to_longcot
@@ -114,20 +113,6 @@ def generate_texts(
     return outputs
 
 
-def majority_answer(answers: list[str | None]) -> str | None:
-    """The most common answer, equal answers written differently counted together
-    (`answers.vote_key`: "14", "14.0" and "x = 14" are one vote each for 14); the first
-    spelling seen stands for its group, and the earliest group wins a tie. None: no answers."""
-    votes: Counter = Counter()
-    spelling: dict[str, str] = {}
-    for answer in answers:
-        if answer is not None:
-            key = vote_key(answer)
-            spelling.setdefault(key, answer)
-            votes[key] += 1
-    return spelling[votes.most_common(1)[0][0]] if votes else None
-
-
 def evaluate(
     params,
     cfg,
@@ -186,7 +171,7 @@ def evaluate(
         if sampled is not None:
             answers = [extract_answer(t) for t in sampled[i]]
             verdicts = [a is not None and is_equivalent(a, problem.answer) for a in answers]
-            majority = majority_answer(answers)
+            majority = vote(answers)
             maj_ok = majority is not None and is_equivalent(majority, problem.answer)
             n_pass += any(verdicts)
             n_maj += maj_ok
