@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from o1jax.model import CheckpointError
     from o1jax.train.config import ConfigError, load_config
     from o1jax.train.pipeline import run
-    from o1jax.train.run_context import NonFiniteLoss, Preempted
+    from o1jax.train.run_context import NonFiniteLoss, Preempted, require_weights
 
     try:
         config = load_config(args.config, args.overrides)
         if config.model_dir and not os.path.isdir(config.model_dir):
             raise ConfigError(f"model_dir {config.model_dir}: no such directory")
+        require_weights(config)
         report = run(config, args.workdir)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -196,6 +196,7 @@ def test_first_sft_losses_match_on_1_and_8_devices(uninterrupted, tmp_path):
         (["sft.stepz=3"], "unknown key sft.stepz"),
         (["sft.steps=many"], "sft.steps: expected an integer, got 'many'"),
         (["model_dir=/no/such/dir"], "model_dir /no/such/dir: no such directory"),
+        (["model.preset=gemma2_2b"], "model_dir: model.preset gemma2_2b needs its weights"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):

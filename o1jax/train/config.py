@@ -40,7 +40,7 @@ def require_batch_fits_mesh(key: str, batch_size: int, mesh) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"  # used when model_dir is empty
+    preset: str = "tiny"  # no model_dir: "tiny" trains the built-in model; others only plan
     dtype: str = "float32"  # params dtype of the (frozen) base: float32 or bfloat16
     attention_impl: str = "xla"  # "xla" or "pallas" (kernels/)
     num_layers: int = 4
@@ -103,8 +103,9 @@ class DataConfig:
     path: str = ""  # JSONL problem file; empty: the built-in task
     test_path: str = ""  # held-out JSONL; empty: a held-out split of `path` or of the task
     test_fraction: float = 0.1
-    # OpenLongCoT trees (a .txt file, or a directory of them, as `evaluate --trees` writes) whose
-    # right paths (ending in a positive <conclusion>) are added to the SFT data.
+    # OpenLongCoT trees (a .txt file, or a directory of them and of subdirectories of them, as
+    # `evaluate --trees` writes) whose right paths (ending in a positive <conclusion>) are added
+    # to the SFT data.
     sft_trees: str = ""
     task: TaskConfig = TaskConfig()
 
@@ -167,11 +168,12 @@ class SearchSection:
     num_children: int = 2
     max_depth: int = 6
     thought_length: int = 24
-    selection: str = "puct"
+    selection: str = "puct"  # "puct" (priors from length-normalised log-probs) or "uct"
     c_puct: float = 1.4
-    discount: float = 0.9
-    backup: str = "max"
-    patience: int = 0
+    discount: float = 0.9  # a value k levels below a node reaches it as discount**k of it
+    backup: str = "max"  # a leaf's value from its new children: "max" or "mean"
+    patience: int = 0  # self-play: stop a tree after this many right answers (0: never)
+    # The thoughts' sampling, in self-play and in the held-out search evaluation alike.
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

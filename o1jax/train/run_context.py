@@ -168,12 +168,22 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
             params = resize_embeddings(params, vocab)
             cfg = cfg.replace(vocab_size=vocab)
         return cfg.replace(attention_impl=config.model.attention_impl), params
-    m = config.model
-    if m.preset != "tiny":  # a full-size preset with random weights (for planning and tests)
-        cfg = Gemma2Config.preset(m.preset, vocab_size=vocab, attention_impl=m.attention_impl)
-        return cfg, init_params(cfg, key, dtype)
+    require_weights(config)
     cfg = tiny_model_config(config, vocab)
     return cfg, init_params(cfg, key, dtype)
+
+
+def require_weights(config: RunConfig) -> None:
+    """A full-size preset trains only from its weights: raises ConfigError without `model_dir`.
+
+    (Training a random 2B-27B model on the built-in task is never what was meant; `o1jax.plan`
+    sizes a preset without weights.)
+    """
+    if not config.model_dir and config.model.preset != "tiny":
+        raise ConfigError(
+            f"model_dir: model.preset {config.model.preset} needs its weights; give "
+            "model_dir=DIR, an HF Gemma2 directory"
+        )
 
 
 def tiny_model_config(config: RunConfig, vocab_size: int) -> Gemma2Config:
