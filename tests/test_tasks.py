@@ -237,3 +237,17 @@ def test_load_hf_disk(tmp_path):
     assert [p.answer for p in got] == ["3", "4"]
     with pytest.raises(DataError, match="pass split="):
         tasks.load_hf_disk(tmp_path / "gsm8k")
+
+
+def test_load_trees_reads_the_per_search_subdirectories_evaluate_writes(tmp_path):
+    # `evaluate --search mcts,mctsr --trees DIR` writes DIR/mcts/*.txt and DIR/mctsr/*.txt.
+    problem = tasks.generate_problems(ArithmeticTask(), 1, seed=0)[0]
+    tree = tasks.journey_tree(problem, 0)
+    for search in ("mcts", "mctsr"):
+        (tmp_path / search).mkdir()
+        (tmp_path / search / "0000.txt").write_text(longcot.render_tree(tree), encoding="utf-8")
+    trees = tasks.load_trees(tmp_path)
+    assert trees == [tree, tree]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \*.txt long-CoT tree files"):
+        tasks.load_trees(tmp_path / "empty")

@@ -430,12 +430,13 @@ def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:
 
 
 def load_trees(path: str | Path) -> list[list[Node]]:
-    """OpenLongCoT trees from a text file (one tree) or a directory (every `*.txt` in it, sorted),
-    such as `python -m o1jax.evaluate --search ... --trees DIR` writes. Errors (`DataError`) name
-    the file and the character offset."""
+    """OpenLongCoT trees from a text file (one tree) or a directory (every `*.txt` in it or in its
+    subdirectories, sorted by path), such as `python -m o1jax.evaluate --search ... --trees DIR`
+    writes (`DIR/<search>/` for several searches). Errors (`DataError`) name the file and the
+    character offset."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = sorted(path.rglob("*.txt"))
         if not files:
             raise DataError(f"{path}: no *.txt long-CoT tree files in this directory")
     elif path.is_file():
