@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         "trees as OpenLongCoT <id>.txt only",
     )
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
-    parser.add_argument("--max-new-tokens", type=int, default=0)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        help="greedy and sampling budget per problem; 0: the config's eval.max_new_tokens (160 "
+        "in tiny.yaml, 1024 in the gemma2 configs; real solutions need the larger one)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="directory for the per-problem JSONL")

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import context, load_params
+from common import add_policy_source, context, policy_params
 
 from o1jax.model import lora
 from o1jax.search import pprm as search_pprm
@@ -41,7 +41,7 @@ def encode_interleaved(tokenizer, question: str, first: str, second: str) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="an HF directory from sft_curve.py")
+    add_policy_source(parser)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16)
@@ -55,7 +55,7 @@ def main() -> None:
     if args.layout == "interleaved":
         search_pprm.encode_pair = encode_interleaved
     ctx = context("/tmp/o1jax_probe_pprm", [])
-    _, params = load_params(args.params)
+    params = policy_params(args)
     rater = None
     if args.rated:
         rater = functools.partial(ratings.thought_ratings, params, ctx.cfg, ctx.tokenizer)

@@ -1,6 +1,6 @@
 """RL iterations from saved SFT params, then held-out greedy before and after.
 
-    python bench/probes/rl_from_sft.py --params /tmp/sft/step_450 --out /tmp/rl_a \
+    python bench/probes/rl_from_sft.py --params /tmp/sft/step_450 --out /tmp/rl_a \\
         rl.learning_rate=1e-4 rl.updates_per_iteration=8 rl.value_coef=0.0
     python bench/probes/rl_from_sft.py --workdir /tmp/sft_tiny --out /tmp/rl_b   # a train.py run
 
@@ -22,12 +22,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import context, load_params
+from common import add_policy_source, context, policy_params
 
 from o1jax.data import tasks
 from o1jax.search.export import thought_text
 from o1jax.train import evaluate as ev
-from o1jax.train import pipeline, rl_loop, run_context
+from o1jax.train import rl_loop
 
 KEYS = ("rl/selfplay_success", "rl/answer_reward_mean", "rl/nodes_per_tree", "rl/experiences",
         "ppo/kl", "ppo/value_loss", "ppo/policy_loss")  # fmt: skip
@@ -54,19 +54,14 @@ def strict_experiences(tokenizer, make_experiences):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--params", help="an HF directory from sft_curve.py")
-    source.add_argument("--workdir", help="a train.py workdir: its SFT'd policy")
+    add_policy_source(parser)
     parser.add_argument("--out", required=True)
     parser.add_argument("--strict-steps", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     ctx = context(args.out, args.overrides, metrics=True)
-    if args.params:
-        _, params = load_params(args.params)
-    else:
-        params, _ = pipeline.restore_policy(run_context.open_run(args.workdir))
+    params = policy_params(args)
     if args.strict_steps:
         rl_loop.tree_to_experiences = strict_experiences(ctx.tokenizer, rl_loop.tree_to_experiences)
     trainer, _ = rl_loop.run_rl(ctx, params, 0)

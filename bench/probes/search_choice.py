@@ -1,6 +1,6 @@
 """How well can a search tree's answer be chosen without the truth? Rules side by side.
 
-    python bench/probes/search_choice.py --params /tmp/sft/step_600 --problems 96 \
+    python bench/probes/search_choice.py --params /tmp/sft/step_600 --problems 96 \\
         --specs "0.7,2,16;1.0,2,16;1.0,3,16"
 
 Each spec is temperature,K,simulations. Prints greedy pass@1, then per spec the accuracy of
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import context, load_params
+from common import add_policy_source, context, policy_params
 
 from o1jax.data.answers import extract_answer, is_equivalent
 from o1jax.search import mcts
@@ -49,13 +49,13 @@ def candidates(tree, b, tokenizer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="an HF directory from sft_curve.py")
+    add_policy_source(parser)
     parser.add_argument("--problems", type=int, default=96)
     parser.add_argument("--specs", default="0.7,2,16")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     ctx = context("/tmp/o1jax_probe_search", args.overrides)
-    _, params = load_params(args.params)
+    params = policy_params(args)
     problems = ctx.test[: args.problems]
     greedy = ev.evaluate(params, ctx.cfg, ctx.tokenizer, problems, key=jax.random.key(0),
                          max_new_tokens=160, batch_size=32, progress=None)  # fmt: skip

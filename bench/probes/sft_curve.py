@@ -1,6 +1,6 @@
 """SFT learning curve with the pipeline's own data: greedy pass@1 at chosen steps.
 
-    python bench/probes/sft_curve.py --steps 750 --evals 300,450,600,750 --out /tmp/sft \
+    python bench/probes/sft_curve.py --steps 750 --evals 300,450,600,750 --out /tmp/sft \\
         [key=value ...]
 
 Saves the params at each evaluated step as `OUT/step_N` (HF safetensors) for the other probes.

@@ -1,6 +1,10 @@
 """Seconds per SFT step of the default model's shape (16 x 256 packed tokens, 4 segments a row).
 
+The attention soft-cap is on (50) unless `--softcap 0`; configs/tiny.yaml turns it off, so
+`--softcap 0` times the default run's step.
+
 python bench/probes/sft_step_time.py                      # as configured (YNN dot on CPU)
+python bench/probes/sft_step_time.py --softcap 0          # the default run's step
 O1JAX_CPU_YNN_DOT=0 python bench/probes/sft_step_time.py  # XLA's default dot emitter
 """
 
