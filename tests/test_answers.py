@@ -3,6 +3,7 @@
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from o1jax.data import answers
@@ -228,3 +229,25 @@ def test_bad_types():
         is_equivalent(5, "5")
     with pytest.raises(TypeError):
         extract_answer(None)
+
+
+def test_vote_weights_and_groups():
+    assert answers.vote(["14", "x = 14", "3"], [0.3, 0.3, 0.5]) == "14"
+    assert answers.vote(["3", None, "4"], np.asarray([1.0, 9.0, 2.0])) == "4"
+    assert answers.vote([None]) is None
+
+
+def test_vote_counts_a_non_finite_weight_as_zero():
+    """A NaN weight first must not win (max over NaN scores keeps the first key)."""
+    assert answers.vote(["1", "2"], [float("nan"), 1.0]) == "2"
+    assert answers.vote(["1", "1", "2"], [float("inf"), 0.5, 0.7]) == "2"
+    assert answers.vote(["1", "2"], [float("-inf"), -1.0]) == "1"  # 0 beats -1
+
+
+def test_vote_rejects_a_str_and_mismatched_weights():
+    with pytest.raises(TypeError, match="answers must be a sequence, not a str"):
+        answers.vote("12")
+    with pytest.raises(ValueError, match="2 weights for 1 answers"):
+        answers.vote(["1"], [1.0, 9.0])
+    with pytest.raises(ValueError, match="1 weights for 2 answers"):
+        answers.vote(["1", "2"], [1.0])

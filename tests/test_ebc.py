@@ -94,3 +94,16 @@ def test_mismatched_shapes_are_named():
         ebc.enhanced_borda_count(jnp.zeros((1, 3, 2)), jnp.ones((1, 3), bool))
     with pytest.raises(ValueError, match="got \\(1, 3, 3\\) and \\(1, 2\\)"):
         ebc.enhanced_borda_count(jnp.zeros((1, 3, 3)), jnp.ones((1, 2), bool))
+
+
+def test_valid_is_read_as_bool_whatever_its_dtype():
+    """valid = 2 (int) or 1.0 (float) means valid: no bitwise & with the preference matrix."""
+    p = _p({(0, 1): 0.9, (1, 2): 0.8}, 3)
+    expected = _run(p)
+    for valid in (np.full(3, 2, np.int32), np.ones(3, np.float32)):
+        wins, values = _run(p, valid=valid)
+        assert wins == expected[0] == [2, 1, 0]
+        np.testing.assert_allclose(values, expected[1], atol=1e-6)
+    wins, values = _run(p, valid=np.array([2, 0, 3], np.int32))  # 0 stays invalid
+    assert wins == [0, 0, 0]
+    np.testing.assert_allclose(values, [1.0, 0.0, 1.0], atol=1e-6)

@@ -293,3 +293,47 @@ def test_ppo_scores_exactly_the_tokens_the_search_sampled():
     np.testing.assert_allclose(
         np.asarray(logp)[act], np.asarray(e.behaviour_logprobs)[act], atol=1e-4
     )
+
+
+def _empty_tree_inputs(config, batch=2):
+    from o1jax.search.tree import init_tree
+
+    tree = init_tree(batch, config.capacity, config.thought_length)
+    prompts, plens = jnp.zeros((batch, 4), jnp.int32), jnp.full((batch,), 3)
+    return tree, prompts, plens
+
+
+def test_a_step_format_built_for_a_shallower_search_is_rejected():
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=4, thought_length=L)
+    tree, prompts, plens = _empty_tree_inputs(config)
+    fmt = _fmt(1)
+    width = experience_width(_fmt(4), 4, config)
+    with pytest.raises(ValueError, match=r"headers for max_depth 1, but max_depth is 4"):
+        tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width)
+
+
+def test_a_width_below_experience_width_is_rejected():
+    """Rows longer than `width` would be cut, their <start_of_rating> lost."""
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=3, thought_length=L)
+    tree, prompts, plens = _empty_tree_inputs(config)
+    fmt = _fmt(config.max_depth)
+    width = experience_width(fmt, 4, config)
+    with pytest.raises(ValueError, match=rf"width {width - 1} < experience_width\(.*\) = {width}"):
+        tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width - 1)
+    exps = tree_to_experiences(tree, prompts, plens, fmt, config, GAMMA, LAM, width)
+    assert exps.tokens.shape == (2 * (config.capacity - 1), width)
+
+
+def test_prompts_and_trees_must_agree():
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=3, thought_length=L)
+    tree, prompts, plens = _empty_tree_inputs(config, batch=1)
+    fmt = _fmt(config.max_depth)
+    width = experience_width(fmt, 4, config)
+    two, two_lens = jnp.concatenate([prompts, prompts]), jnp.concatenate([plens, plens])
+    with pytest.raises(ValueError, match=r"B = 1 trees, got \(2, 4\) and \(2,\)"):
+        tree_to_experiences(tree, two, two_lens, fmt, config, GAMMA, LAM, width)
+    longer = MCTSConfig(num_simulations=2, num_children=2, max_depth=3, thought_length=L + 4)
+    with pytest.raises(ValueError, match=rf"thoughts of {L} tokens, .*thought_length is {L + 4}"):
+        tree_to_experiences(
+            tree, prompts, plens, fmt, longer, GAMMA, LAM, experience_width(fmt, 4, longer)
+        )

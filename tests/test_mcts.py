@@ -298,3 +298,73 @@ def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
     assert 1 <= compiled <= -(-width // mcts.PREFIX_BUCKET)
     run(0)  # the same shapes again: nothing new to compile
     assert sampler._generate._cache_size() == compiled
+
+
+def _step_format(max_depth):
+    """A StepFormat whose header table has rows for depths 0..max_depth + 1."""
+    headers = np.zeros((max_depth + 2, 2), np.int32)
+    headers[1:] = [[50, d] for d in range(1, max_depth + 2)]
+    return StepFormat(
+        headers=jnp.asarray(headers),
+        header_lengths=jnp.asarray([0] + [2] * (max_depth + 1)),
+        suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]),
+        suffix_lengths=jnp.asarray([3, 3]),
+        end_of_thought=EOT,
+        start_of_rating=60,
+        positive_rating=63,
+        negative_rating=61,
+        conclusion=CONCLUSION,
+    )
+
+
+def test_a_step_format_built_for_a_shallower_search_is_rejected():
+    """A header table too short for max_depth would be gathered clamped (wrong step ids)."""
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=4, thought_length=L)
+    tree = init_tree(1, config.capacity, L)
+    prompt, plen = jnp.asarray([[10, 11, 12, 0]]), jnp.asarray([3])
+    shallow = _step_format(1)
+    width = shallow.max_prefix_length(4, config.max_depth, L)
+    match = r"headers for max_depth 1, but max_depth is 4"
+    with pytest.raises(ValueError, match="build_prefixes: .*" + match):
+        mcts.build_prefixes(tree, jnp.asarray([0]), prompt, plen, shallow, 4, width)
+    with pytest.raises(ValueError, match="make_lm_expand_fn: .*" + match):
+        mcts.make_lm_expand_fn(None, None, prompt, plen, shallow, config)
+    for fmt in (_step_format(4), _step_format(6)):  # as deep, or deeper: fine
+        mcts.build_prefixes(tree, jnp.asarray([0]), prompt, plen, fmt, 4, width)
+
+
+def test_prefixes_need_one_prompt_per_tree():
+    tree = init_tree(2, 5, L)
+    fmt = _step_format(2)
+    with pytest.raises(ValueError, match=r"B = 2 trees, got \(1, 4\) and \(1,\)"):
+        mcts.build_prefixes(
+            tree, jnp.asarray([0, 0]), jnp.zeros((1, 4), jnp.int32), jnp.asarray([3]), fmt, 2, 32
+        )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("thought_length", 0, r"thought_length must be >= 1, got 0"),
+        ("num_simulations", 2.5, r"num_simulations must be an int, got 2.5"),
+        ("discount", 0.0, r"discount must be in \(0, 1\], got 0.0"),
+        ("discount", 2.0, r"discount must be in \(0, 1\], got 2.0"),
+        ("discount", float("nan"), r"discount must be in \(0, 1\], got nan"),
+        ("temperature", -1.0, r"temperature must be >= 0, got -1.0"),
+        ("noise", -1.0, r"noise must be >= 0, got -1.0"),
+        ("c_puct", -0.5, r"c_puct must be >= 0, got -0.5"),
+        ("c_puct", float("inf"), r"c_puct must be a finite number, got inf"),
+        ("patience", -1, r"patience must be >= 0, got -1"),
+        ("top_k", -1, r"top_k must be >= 0, got -1"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_config_fields_out_of_range_are_named(field, value, message):
+    with pytest.raises(ValueError, match=r"MCTSConfig\." + message):
+        MCTSConfig(**{field: value})
+
+
+def test_config_accepts_the_edges_of_its_ranges():
+    MCTSConfig()
+    MCTSConfig(thought_length=1, discount=1.0, temperature=0.0, noise=0.0, c_puct=0.0, top_k=0)
+    MCTSConfig(num_simulations=np.int64(3), discount=np.float32(0.5))  # NumPy scalars are fine

@@ -523,3 +523,30 @@ def test_export_keeps_a_criticised_conclusion_negative_and_the_right_root_path()
     ]
     right = longcot.right_paths(nodes)
     assert [[n.text for n in p[1:]] for p in right] == [["<conclusion>\\boxed{18}"]]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("c_uct", -1.0, r"c_uct must be >= 0, got -1.0"),
+        ("temperature", -1.0, r"temperature must be >= 0, got -1.0"),
+        ("root_temperature", -0.5, r"root_temperature must be >= 0, got -0.5"),
+        ("top_k", -1, r"top_k must be >= 0, got -1"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
+        ("eps", 0.0, r"eps must be a finite number > 0, got 0.0"),
+        ("score_cap", -100.0, r"score_cap must be > -100, got -100.0"),
+        ("ebc_weight", 1.5, r"ebc_weight must be in \[0, 1\], got 1.5"),
+        ("rollouts", 0, r"rollouts must be >= 1, got 0"),
+        ("solution_length", 7, r"solution_length must be >= 8, got 7"),
+        ("critique_length", 0, r"critique_length must be >= 1, got 0"),
+        ("c_uct", float("nan"), r"c_uct must be a finite number, got nan"),
+    ],
+)
+def test_config_fields_out_of_range_are_named(field, value, message):
+    with pytest.raises(ValueError, match=r"RefineConfig\." + message):
+        refine.RefineConfig(**{field: value})
+
+
+def test_config_accepts_the_edges_of_its_ranges():
+    refine.RefineConfig()
+    refine.RefineConfig(c_uct=0.0, temperature=0.0, ebc_weight=1.0, score_cap=float("inf"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -268,14 +269,29 @@ def vote(answers, weights=None) -> str | None:
     """The answer with the largest total weight (default: one per answer), equal answers written
     differently counted together (`vote_key`: "14", "14.0" and "x = 14" are one group). The
     first spelling seen stands for its group; the earliest group wins a tie. None answers are
-    skipped; None when there is none."""
+    skipped; None when there is none.
+
+    answers: a sequence of str / None (a single str is a TypeError); weights: one number per
+    answer (another length is a ValueError). A non-finite weight (NaN, +-inf, e.g. the value of
+    a diverged model) counts as 0: it neither wins nor vetoes its group."""
+    if isinstance(answers, str | bytes):
+        raise TypeError(f"vote: answers must be a sequence, not a {type(answers).__name__}")
+    answers = list(answers)
+    if weights is None:
+        weights = [1.0] * len(answers)
+    else:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(answers):
+            raise ValueError(
+                f"vote: {len(weights)} weights for {len(answers)} answers (one per answer)"
+            )
     scores: dict[str, float] = {}
     spelling: dict[str, str] = {}
-    for i, answer in enumerate(answers):
+    for answer, weight in zip(answers, weights, strict=True):
         if answer is not None:
             key = vote_key(answer)
             spelling.setdefault(key, answer)
-            scores[key] = scores.get(key, 0.0) + (1.0 if weights is None else float(weights[i]))
+            scores[key] = scores.get(key, 0.0) + (weight if math.isfinite(weight) else 0.0)
     return spelling[max(scores, key=scores.get)] if scores else None
 
 

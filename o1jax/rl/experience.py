@@ -41,7 +41,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from o1jax.rl.gae import gae
-from o1jax.search.mcts import MCTSConfig, StepFormat, _prefix_one
+from o1jax.search.mcts import (
+    MCTSConfig,
+    StepFormat,
+    _prefix_one,
+    check_prompts,
+    check_step_format,
+)
 from o1jax.search.tree import NO_NODE, ROOT, Tree, path_from_root
 
 
@@ -111,6 +117,8 @@ def tree_to_experiences(
 ) -> Experience:
     """Every non-root node of B trees as an experience. prompts: [B, P]; prompt_lengths: [B].
 
+    fmt: headers for `config.max_depth`; width: at least `experience_width(fmt, P, config)`;
+      the trees' thought length is `config.thought_length` (each a ValueError otherwise).
     terminal_only: average GAE over the paths to terminal leaves only; nodes without one are
       marked invalid.
     values: "rating" (the model's ratings) or "outcome" (mean terminal reward below each node;
@@ -122,6 +130,19 @@ def tree_to_experiences(
         )
     if values == "outcome" and not terminal_only:
         raise ValueError("tree_to_experiences: values='outcome' needs terminal_only=True")
+    check_step_format(fmt, config.max_depth, "tree_to_experiences")
+    check_prompts(tree, prompts, prompt_lengths, "tree_to_experiences")
+    if tree.thought_length != config.thought_length:
+        raise ValueError(
+            f"tree_to_experiences: the trees hold thoughts of {tree.thought_length} tokens, "
+            f"MCTSConfig.thought_length is {config.thought_length}"
+        )
+    needed = experience_width(fmt, prompts.shape[1], config)
+    if width < needed:
+        raise ValueError(
+            f"tree_to_experiences: width {width} < experience_width(fmt, {prompts.shape[1]}, "
+            f"config) = {needed}: longer sequences would be cut"
+        )
     b, n, max_len = tree.batch_size, tree.capacity, tree.thought_length
     d = config.max_depth
     nodes = jnp.arange(1, n)  # [N - 1]

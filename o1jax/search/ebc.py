@@ -59,8 +59,10 @@ def global_values(wins: jax.Array, valid: jax.Array) -> jax.Array:
 def enhanced_borda_count(p_better: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(Borda counts [B, n], global values [B, n]) of the solutions of B trees.
 
-    p_better: [B, n, n] float; valid: [B, n] bool (shapes checked: a mismatch is a ValueError).
+    p_better: [B, n, n] float; valid: [B, n] bool, or numbers read as bool (nonzero: valid);
+    shapes checked: a mismatch is a ValueError.
     """
+    valid = jnp.asarray(valid).astype(bool)  # an int 2 must not go through bitwise &
     b, n = jnp.shape(valid) if jnp.ndim(valid) == 2 else (None, None)
     if n is None or jnp.shape(p_better) != (b, n, n):
         raise ValueError(

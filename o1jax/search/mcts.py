@@ -29,6 +29,27 @@ from flax import struct
 from o1jax.search.tree import NO_NODE, ROOT, Tree, ancestors, init_tree, path_from_root
 
 
+def check_fields(config, **ranges) -> None:
+    """Raises a ValueError naming the first field of `config` out of its range.
+
+    ranges: field -> (kind, lo, hi): an int field must be an integer (bool excluded), a float
+    field a finite real number; both within [lo, hi] (None: unbounded).
+    """
+    name = type(config).__name__
+    for field, (kind, lo, hi) in ranges.items():
+        value = getattr(config, field)
+        if kind is int:
+            ok, what = isinstance(value, (int, np.integer)), "an int"
+        else:
+            real = isinstance(value, (int, float, np.integer, np.floating))
+            ok, what = real and bool(np.isfinite(value)), "a finite number"
+        if not ok or isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name}.{field} must be {what}, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+            raise ValueError(f"{name}.{field} must be {bound}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MCTSConfig:
     """Search hyper-parameters (LLaMA-O1's defaults where it had them)."""
@@ -54,8 +75,22 @@ class MCTSConfig:
             )
         if self.backup not in ("max", "mean"):
             raise ValueError(f"MCTSConfig.backup must be 'max' or 'mean', got {self.backup!r}")
-        if self.num_children < 1 or self.num_simulations < 1 or self.max_depth < 1:
-            raise ValueError("MCTSConfig: num_children, num_simulations, max_depth must be >= 1")
+        check_fields(
+            self,
+            num_simulations=(int, 1, None),
+            num_children=(int, 1, None),
+            max_depth=(int, 1, None),
+            thought_length=(int, 1, None),
+            patience=(int, 0, None),
+            top_k=(int, 0, None),
+            c_puct=(float, 0.0, None),
+            temperature=(float, 0.0, None),
+            noise=(float, 0.0, None),
+        )
+        if not 0.0 < self.discount <= 1.0:  # NaN fails too
+            raise ValueError(f"MCTSConfig.discount must be in (0, 1], got {self.discount}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"MCTSConfig.top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def capacity(self) -> int:
@@ -210,6 +245,32 @@ class StepFormat:
         return prompt_width + max_depth * (h + thought_length + s) + h
 
 
+def check_step_format(fmt: StepFormat, max_depth: int, where: str) -> None:
+    """Raises a ValueError when `fmt`'s header table (static shape [D + 2, H]) has no row for
+    some depth up to `max_depth + 1`: JAX would clamp the gather and render wrong step ids."""
+    rows = fmt.headers.shape[0]
+    if fmt.header_lengths.shape != (rows,):
+        raise ValueError(
+            f"{where}: StepFormat.header_lengths has shape {fmt.header_lengths.shape}, "
+            f"expected ({rows},) like the headers {fmt.headers.shape}"
+        )
+    if rows < max_depth + 2:
+        raise ValueError(
+            f"{where}: the StepFormat has headers for max_depth {rows - 2}, but max_depth is "
+            f"{max_depth}; build it with make_step_format(tokenizer, {max_depth})"
+        )
+
+
+def check_prompts(tree: Tree, prompts, prompt_lengths, where: str) -> None:
+    """Raises a ValueError unless prompts are [B, P] and prompt_lengths [B], B the trees'."""
+    b = tree.batch_size
+    if jnp.ndim(prompts) != 2 or jnp.shape(prompts)[0] != b or jnp.shape(prompt_lengths) != (b,):
+        raise ValueError(
+            f"{where}: prompts must be [B, P] and prompt_lengths [B] with B = {b} trees, got "
+            f"{jnp.shape(prompts)} and {jnp.shape(prompt_lengths)}"
+        )
+
+
 def _prefix_one(tree: Tree, path, leaf_depth, prompt, prompt_length, fmt: StepFormat, width: int):
     """Right-padded prefix [width] and its length for one tree (no batch axis)."""
     h, s = fmt.headers.shape[1], fmt.suffixes.shape[1]
@@ -251,7 +312,13 @@ def _prefix_one(tree: Tree, path, leaf_depth, prompt, prompt_length, fmt: StepFo
 def build_prefixes(
     tree: Tree, leaf, prompts, prompt_lengths, fmt: StepFormat, max_depth: int, width: int
 ):
-    """Token prefixes [B, width] (right-padded) and lengths [B] that continue each leaf's path."""
+    """Token prefixes [B, width] (right-padded) and lengths [B] that continue each leaf's path.
+
+    fmt must have headers for `max_depth` (a ValueError otherwise), prompts [B, P] and
+    prompt_lengths [B] match the B trees.
+    """
+    check_step_format(fmt, max_depth, "build_prefixes")
+    check_prompts(tree, prompts, prompt_lengths, "build_prefixes")
     path = path_from_root(tree, leaf, max_depth)  # [B, D]
     leaf_depth = tree.depth[jnp.arange(tree.batch_size), leaf]
     fn = functools.partial(_prefix_one, fmt=fmt, width=width)
@@ -347,8 +414,11 @@ def make_lm_expand_fn(
     """An `expand_fn` that samples K thoughts per leaf with the policy and rates them.
 
     prompts: [B, P] right-padded problem prompts (the rendered root); prompt_lengths: [B].
+    fmt: from `make_step_format(tokenizer, config.max_depth)` (or deeper; a ValueError otherwise).
     """
     from o1jax.model.sampler import generate
+
+    check_step_format(fmt, config.max_depth, "make_lm_expand_fn")
 
     width = fmt.max_prefix_length(prompts.shape[1], config.max_depth, config.thought_length)
     b, k = prompts.shape[0], config.num_children

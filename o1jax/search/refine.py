@@ -50,7 +50,7 @@ from o1jax.model.gemma2 import forward
 from o1jax.model.sampler import generate
 from o1jax.search import ebc, pprm
 from o1jax.search.format import make_step_format, special_id
-from o1jax.search.mcts import StepFormat, trim_to_bucket
+from o1jax.search.mcts import StepFormat, check_fields, trim_to_bucket
 from o1jax.search.ratings import thought_ratings
 
 NO_NODE = -1
@@ -78,12 +78,24 @@ class RefineConfig:
     def __post_init__(self):
         if self.value not in VALUES:
             raise ValueError(f"RefineConfig.value must be one of {VALUES}, got {self.value!r}")
-        if self.rollouts < 1 or self.max_children < 1:
-            raise ValueError("RefineConfig: rollouts and max_children must be >= 1")
-        if self.solution_length < 8 or self.critique_length < 1:
-            raise ValueError("RefineConfig: solution_length >= 8 and critique_length >= 1")
-        if not 0.0 <= self.ebc_weight <= 1.0:
-            raise ValueError(f"RefineConfig.ebc_weight must be in [0, 1], got {self.ebc_weight}")
+        check_fields(
+            self,
+            rollouts=(int, 1, None),
+            max_children=(int, 1, None),
+            solution_length=(int, 8, None),
+            critique_length=(int, 1, None),
+            top_k=(int, 0, None),
+            c_uct=(float, 0.0, None),
+            ebc_weight=(float, 0.0, 1.0),
+            root_temperature=(float, 0.0, None),
+            temperature=(float, 0.0, None),
+        )
+        if not self.eps > 0.0 or not np.isfinite(self.eps):  # NaN fails too
+            raise ValueError(f"RefineConfig.eps must be a finite number > 0, got {self.eps!r}")
+        if not self.score_cap > -100.0:  # step scores are in [-100, 100]; inf: no cap
+            raise ValueError(f"RefineConfig.score_cap must be > -100, got {self.score_cap!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RefineConfig.top_p must be in (0, 1], got {self.top_p!r}")
 
     @property
     def capacity(self) -> int:
