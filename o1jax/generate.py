@@ -30,7 +30,10 @@ def _parse(argv):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=1, help="continuations per prompt")
     parser.add_argument(
-        "--stop", action="append", default=[], help="a stop token (text); default: EOS"
+        "--stop",
+        action="append",
+        default=[],
+        help="a stop token (text); default: EOS, and every eos_token_id of the model directory",
     )
     parser.add_argument("--longcot", action="store_true", help="render the prompt as a tree root")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -40,7 +43,11 @@ def _parse(argv):
 
 
 def _load(args):
-    """(params, cfg, tokenizer, lora) from --model or --workdir."""
+    """(params, cfg, tokenizer, lora, eos ids) from --model or --workdir.
+
+    With --model and --longcot, the long-CoT tokens are added to the tokenizer (and the
+    embedding grown to match) as `train.py` does, unless the directory's tokenizer has them.
+    """
     import jax.numpy as jnp
 
     if args.workdir:
@@ -49,24 +56,31 @@ def _load(args):
 
         ctx = open_run(args.workdir)
         params, adapter = restore_policy(ctx)
-        return params, ctx.cfg, ctx.tokenizer, adapter
+        return params, ctx.cfg, ctx.tokenizer, adapter, ()
 
-    from o1jax.data.tokenizer import load_tokenizer
-    from o1jax.model.hf_io import load_hf
+    from o1jax.data.tokenizer import add_longcot_tokens, load_tokenizer, resize_embeddings
+    from o1jax.model.hf_io import eos_token_ids, load_hf
 
     cfg, params = load_hf(args.model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)
+    if args.longcot:
+        add_longcot_tokens(tokenizer)
+        if len(tokenizer) > cfg.vocab_size:  # new rows: the mean embedding (untrained)
+            params = resize_embeddings(params, len(tokenizer))
+            cfg = cfg.replace(vocab_size=len(tokenizer))
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(
             f"{args.model}: the tokenizer has {len(tokenizer)} tokens but the embedding has "
             f"{cfg.vocab_size} rows"
         )
-    return params, cfg, tokenizer, None
+    return params, cfg, tokenizer, None, eos_token_ids(args.model)
 
 
-def _stop_ids(tokenizer, stops: list[str]) -> tuple[int, ...]:
+def _stop_ids(tokenizer, stops: list[str], model_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The --stop tokens, else the tokenizer's EOS and every EOS id the model directory names."""
     if not stops:
-        return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+        eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+        return tuple(dict.fromkeys((*eos, *model_eos)))
     ids = []
     for text in stops:
         tokens = tokenizer.encode(text, add_special_tokens=False)
@@ -101,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     from o1jax.train.config import ConfigError
 
     try:
-        params, cfg, tokenizer, adapter = _load(args)
-        stop_tokens = _stop_ids(tokenizer, args.stop)
+        params, cfg, tokenizer, adapter, model_eos = _load(args)
+        stop_tokens = _stop_ids(tokenizer, args.stop, model_eos)
         prompts, lengths = _encode(tokenizer, args.prompt, args.longcot)
         out = generate(
             params,

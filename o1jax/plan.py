@@ -1,7 +1,7 @@
 """Memory per device of a run, from its config alone (no weights are read).
 
     python -m o1jax.plan --config configs/gemma2-9b.yaml --mesh data=1,fsdp=8,tensor=1
-    python -m o1jax.plan --config configs/gemma2-2b.yaml model_dir=/data/gemma-2-2b
+    python -m o1jax.plan --config configs/gemma2-2b.yaml --devices 8 model_dir=/data/gemma-2-2b
 
 Estimates the resident arrays, placed by the partition rules of o1jax.parallel.mesh: the frozen
 base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained copy of the

@@ -86,3 +86,38 @@ def test_a_tokenizer_larger_than_the_embedding_is_rejected(model_dir, tmp_path, 
     build_tiny_tokenizer(tmp_path)
     assert cli.main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "embedding has 100 rows" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def plain_model_dir(tmp_path_factory):
+    """A model directory whose tokenizer lacks the long-CoT tokens and whose generation config
+    names two EOS ids, as Gemma2-it's does (`<eos>` and `<end_of_turn>`)."""
+    from test_tokenizer import _foreign_tokenizer
+
+    path = tmp_path_factory.mktemp("hf_plain")
+    tokenizer = _foreign_tokenizer()
+    tokenizer.save_pretrained(str(path))
+    cfg, params = random_tiny_model(len(tokenizer), seed=2)
+    save_hf(str(path), cfg, params)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5, 1]}))
+    return path, len(tokenizer)
+
+
+def test_longcot_adds_the_format_tokens_to_a_plain_tokenizer(plain_model_dir, capsys):
+    path, vocab = plain_model_dir
+    args = cli._parse(["--model", str(path), "--prompt", "abc", "--longcot"])
+    _, cfg, tokenizer, _, _ = cli._load(args)
+    # Each tag is one token (it was spelled out character by character), the embedding grew.
+    assert len(tokenizer.encode("<start_of_thought>", add_special_tokens=False)) == 1
+    assert cfg.vocab_size == len(tokenizer) > vocab
+    argv = ["--model", str(path), "--prompt", "abc", "--longcot", "--json", "--max-new-tokens", "3"]
+    assert cli.main(argv) == 0 and len(_records(capsys)) == 1
+
+
+def test_default_stops_are_every_eos_id_the_model_directory_names(plain_model_dir):
+    path, _ = plain_model_dir
+    args = cli._parse(["--model", str(path), "--prompt", "abc"])
+    _, _, tokenizer, _, model_eos = cli._load(args)
+    assert model_eos == (1, 5)
+    assert cli._stop_ids(tokenizer, [], model_eos) == (1, 5)  # the tokenizer's <eos> is 1
+    assert cli._stop_ids(tokenizer, ["a"], model_eos) == (tokenizer.convert_tokens_to_ids("a"),)

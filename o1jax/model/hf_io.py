@@ -89,6 +89,30 @@ def read_config(path: str) -> Gemma2Config:
         raise CheckpointError(str(e)) from None
 
 
+def eos_token_ids(path: str) -> tuple[int, ...]:
+    """Every end-of-sequence id a model directory names, as transformers' `generate` stops on
+    them: `eos_token_id` (an int or a list; Gemma2-it lists `<eos>` and `<end_of_turn>`) of
+    generation_config.json, else of config.json. () when neither names one; a file that is not
+    valid JSON is a CheckpointError."""
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file) as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        ids = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        if ids is None:
+            continue
+        ids = ids if isinstance(ids, list) else [ids]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise CheckpointError(f"{file}: eos_token_id must be token ids, got {ids!r}")
+        return tuple(dict.fromkeys(ids))
+    return ()
+
+
 def _weight_map(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file, from the index or the single-file layout."""
     index_file = os.path.join(path, "model.safetensors.index.json")
