@@ -4,8 +4,8 @@
     python -m o1jax.plan --config configs/gemma2-2b.yaml --devices 8 model_dir=/data/gemma-2-2b
 
 Estimates the resident arrays, placed by the partition rules of o1jax.parallel.mesh: the frozen
-base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained copy of the
-params and its moments, in the params' dtype), the sampler's KV cache during self-play, and the
+base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained float32 copy
+of the params and its moments), the sampler's KV cache during self-play, and the
 replay buffer. Activations and XLA temporaries come on top; leave headroom.
 """
 
@@ -54,8 +54,8 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
 
     Shapes come from `jax.eval_shape` of the real initialisers and optimizer (nothing is
     allocated), placements from the partition rules. A full fine-tune (`sft.full_finetune`)
-    trains a copy of the params (the base stays resident) with Adam moments in the params'
-    dtype; otherwise the LoRA adapter (f32) and its f32 moments train.
+    trains a float32 copy of the params (the base stays resident) with float32 Adam moments;
+    otherwise the LoRA adapter (f32) and its f32 moments train.
     """
     import jax
     import jax.numpy as jnp
@@ -68,7 +68,9 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
     lcfg = lora.LoRAConfig(rank=config.lora.rank, targets=tuple(config.lora.targets))
     adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lcfg), key)
-    trained = params if config.sft.full_finetune else adapter
+    # A full fine-tune trains a float32 master copy of the params (`SFTTrainer`).
+    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+    trained = master if config.sft.full_finetune else adapter
     opt_state = jax.eval_shape(make_optimizer(SFTConfig()).init, trained)
     param_bytes = jnp.dtype(dtype).itemsize
     s = config.search
@@ -80,7 +82,7 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
     out = {"base params": per_device_bytes(params, mesh)}
     if config.sft.full_finetune:
-        out["trained copy of the params"] = per_device_bytes(params, mesh)
+        out[f"trained copy of the params ({_dtype_name(master)})"] = per_device_bytes(master, mesh)
     out[f"LoRA adapter ({_dtype_name(adapter)})"] = per_device_bytes(adapter, mesh)
     out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh)
     out["KV cache (self-play)"] = kv / (data * fsdp * tensor)

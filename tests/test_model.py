@@ -169,6 +169,23 @@ def test_cache_default_positions_follow_each_row_and_overflow_is_refused():
         jax.jit(lambda c: forward(params, cfg, tokens, cache=c))(init_cache(cfg, 2, 4))
 
 
+def test_token_ids_outside_the_vocabulary_are_refused():
+    """The embedding gather would clamp them: id V + 3 and id -1 would both read row V - 1."""
+    cfg = Gemma2Config.tiny(
+        vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+        ffn_dim=64, sliding_window=3,
+    )  # fmt: skip
+    params = _random_params(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 5)))
+    for bad in (64, 67, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside \[0, 64\)"):
+            forward(params, cfg, tokens.at[1, 2].set(bad))
+    with pytest.raises(ValueError, match="token id 64"):  # a cached decode step too
+        forward(params, cfg, np.full((2, 1), 64), cache=init_cache(cfg, 2, 4))
+    forward(params, cfg, np.asarray(tokens))  # in range: numpy input is fine
+    jax.jit(lambda t: forward(params, cfg, t))(tokens)  # traced tokens are not checked
+
+
 # ----------------------------------------------------------------------------- 3. LoRA
 def _random_lora(cfg, seed=0):
     lcfg = lora.LoRAConfig(rank=4, alpha=8.0)
@@ -236,6 +253,41 @@ def test_gradients_reach_only_the_lora_pytree(hf_dir):
     n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
     assert n_opt <= 2 * lora.num_params(adapter) + 8
     jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, params))
+
+
+def test_an_adapter_that_does_not_fit_the_params_is_refused_by_forward_and_merge():
+    """forward used to drop adapter paths the model lacks (and evaluate the bare base) while
+    merge raised a KeyError: both now list the paths that do not fit."""
+    cfg = Gemma2Config.tiny(
+        vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
+        ffn_dim=64, sliding_window=3,
+    )  # fmt: skip
+    params = _random_params(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 5)))
+    good = _random_lora(cfg)
+    q = good.weights["layer_0"]["attn"]["q_proj"]
+    w = lambda weights: lora.LoRAParams(weights, good.scale)
+    up = good.weights["layer_1"]["mlp"]["up_proj"]
+    cases = [
+        (_random_lora(cfg.replace(num_layers=3)), r"layer_2/attn/k_proj \(no such kernel"),
+        (w({"layer_0": {"q_proj": q}}), r"layer_0/q_proj/a \(not layer_i/group/target/a\|b\)"),
+        (w({"layer_0": {"mlp": {"q_proj": q}}}), r"layer_0/mlp/q_proj \(no such kernel"),
+        (w({"layer_0": {"attn": {"q_proj": {"a": q["b"], "b": q["a"]}}}}), r"a \[4, 32\]"),
+        (
+            w({"layer_1": {"mlp": {"up_proj": {"a": up["a"], "b": up["b"][:, :10]}}}}),
+            r"layer_1/mlp/up_proj \(a \[32, 4\], b \[4, 10\] against kernel \[32, 64\]\)",
+        ),
+        (w({"layer_0": {"attn": {"q_proj": {"a": q["a"]}}}}), r"layer_0/attn/q_proj \(a \[32, 4\]"),
+    ]
+    for adapter, match in cases:
+        with pytest.raises(ValueError, match="forward: the LoRA adapter does not fit.*" + match):
+            forward(params, cfg, tokens, lora=adapter)
+        with pytest.raises(ValueError, match="merge: the LoRA adapter does not fit.*" + match):
+            lora.merge(params, adapter)
+    with pytest.raises(ValueError, match="no such kernel"):  # checked when traced, too
+        jax.jit(lambda a: forward(params, cfg, tokens, lora=a))(cases[0][0])
+    base = np.asarray(forward(params, cfg, tokens))
+    assert np.abs(np.asarray(forward(params, cfg, tokens, lora=good)) - base).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- 4. mesh
@@ -339,3 +391,10 @@ def test_sharded_index_layout_loads(good_dir, tmp_path):
     with pytest.raises(CheckpointError, match=f"lists {shard}, which is missing"):
         load_hf(str(out))
     shutil.rmtree(out)
+
+
+def test_tiny_scales_queries_by_its_head_dim_unless_told_otherwise():
+    # The README builds Gemma2Config.tiny(head_dim=32, ...): its queries are scaled by 32**-0.5.
+    assert Gemma2Config.tiny(head_dim=32).query_pre_attn_scalar == 32.0
+    assert Gemma2Config.tiny().query_pre_attn_scalar == 64.0
+    assert Gemma2Config.tiny(head_dim=32, query_pre_attn_scalar=24).query_pre_attn_scalar == 24

@@ -239,6 +239,35 @@ def test_bad_lengths_and_token_ids_are_rejected(model, lengths, kwargs, match):
         )
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_on_real_positions(model):
+    cfg, params = model
+    tokens, lengths = _prompts([3, 5])
+    run = lambda t: generate(params, cfg, t, lengths, key=jax.random.key(0), max_new_tokens=2)
+    run(tokens.at[0, 4].set(VOCAB + 2))  # past row 0's length: padding, never read
+    for bad in (VOCAB, VOCAB + 3, -1):
+        with pytest.raises(ValueError, match=rf"generate: prompt: token id {bad} is outside"):
+            run(tokens.at[1, 4].set(bad))
+
+
+def test_counts_must_be_ints_and_lengths_may_be_a_list(model):
+    cfg, params = model
+    tokens, lengths = _prompts([3, 5])
+    run = lambda lengths, **kw: generate(params, cfg, tokens, lengths, key=jax.random.key(0), **kw)
+    for kwargs, name in (
+        (dict(max_new_tokens=2.7), "max_new_tokens"),
+        (dict(max_new_tokens=2, num_samples=2.5), "num_samples"),
+        (dict(max_new_tokens=2, top_k=2.9), "top_k"),
+    ):
+        with pytest.raises(TypeError, match=f"generate: {name} must be an int"):
+            run(lengths, **kwargs)
+    with pytest.raises(ValueError, match="prompt_lengths must be integers, got float"):
+        run(np.asarray([3.0, 5.7]), max_new_tokens=2)
+    expected = run(lengths, max_new_tokens=2, num_samples=2)
+    for lengths_ in ([3, 5], (3, 5), np.asarray([3, 5], np.int64)):
+        out = run(lengths_, max_new_tokens=np.int64(2), num_samples=np.int32(2))
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_tiny_temperature_filters_to_the_max_without_overflow(top_p):
     logits = jnp.asarray([[29.0, 30.0, -5.0]])  # / 2e-38 would overflow to [inf, inf, -inf]

@@ -85,7 +85,11 @@ class Gemma2Config:
     # ------------------------------------------------------------------ presets
     @classmethod
     def tiny(cls, vocab_size: int = 512, **overrides) -> Gemma2Config:
-        """The embedded default: small enough to train on a 2-core CPU in minutes."""
+        """A small Gemma2 for tests and benchmarks (d_model 256, 4 layers; the benchmarks' model).
+
+        `configs/tiny.yaml` builds the default run's model (d_model 128) from it. Queries are
+        scaled by head_dim**-0.5 unless `query_pre_attn_scalar` is given.
+        """
         base = dict(
             vocab_size=vocab_size,
             num_layers=4,
@@ -94,11 +98,11 @@ class Gemma2Config:
             num_kv_heads=1,
             head_dim=64,
             ffn_dim=1024,
-            query_pre_attn_scalar=64.0,
             sliding_window=128,
             max_position_embeddings=1024,
         )
         base.update(overrides)
+        base.setdefault("query_pre_attn_scalar", float(base["head_dim"]))
         return cls(**base)
 
     @classmethod

@@ -34,7 +34,9 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from o1jax.model import lora as lora_lib
 from o1jax.model.config import Gemma2Config
 
 Params = Any  # nested dict of arrays (see module docstring)
@@ -330,7 +332,14 @@ def forward(
     sliding window in slots, not in `positions`: each row's real tokens must be contiguous (left
     or right padding, no holes) with consecutive positions, as every caller in o1jax gives them.
     Rows with holes in `attention_mask` need the "xla" path.
+
+    Concrete `tokens` outside [0, vocab_size) and a `lora` that does not fit `params` raise a
+    ValueError (traced tokens are not checked: the embedding gather would clamp them).
     """
+    if not isinstance(tokens, jax.core.Tracer):
+        check_token_ids(tokens, cfg.vocab_size, "forward: tokens")
+    if lora is not None:
+        lora_lib.check_fits(params, lora, "forward")
     if cache is not None:
         t, slots = tokens.shape[-1], cache["positions"].shape[-1]
         index = None if isinstance(cache["index"], jax.core.Tracer) else int(cache["index"])
@@ -349,6 +358,19 @@ def forward(
         cache=cache,
         segment_ids=segment_ids,
     )
+
+
+def check_token_ids(tokens, vocab_size: int, what: str) -> None:
+    """Raises a ValueError naming the smallest or largest id of concrete `tokens` (any shape)
+    if it is outside [0, vocab_size)."""
+    ids = np.asarray(tokens)
+    if ids.size == 0:
+        return
+    lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"{what}: token id {lo if lo < 0 else hi} is outside [0, {vocab_size}) (cfg.vocab_size)"
+        )
 
 
 # Jitted so that a call outside any other `jax.jit` (a notebook, a test) compiles one program per

@@ -16,9 +16,11 @@ the first step of an epoch for no reason; we keep the adapter deterministic.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from o1jax.model.config import Gemma2Config
@@ -85,8 +87,42 @@ def init(cfg: Gemma2Config, key: jax.Array, lcfg: LoRAConfig, dtype=jnp.float32)
     return LoRAParams(weights=weights, scale=lcfg.scale)
 
 
+def check_fits(params: dict, lora: LoRAParams, what: str = "lora") -> None:
+    """Raises a ValueError listing the adapter paths that have no kernel `[in, out]` in `params`,
+    or whose factors are not `a: [in, r], b: [r, out]`. Static shapes only: free under jit."""
+    bad, factors = [], {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(lora.weights)[0]:
+        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        if len(names) != 4 or names[-1] not in ("a", "b"):
+            bad.append(f"{'/'.join(names)} (not layer_i/group/target/a|b)")
+        else:
+            factors.setdefault(names[:3], {})[names[3]] = tuple(np.shape(leaf))
+    for path, shapes in factors.items():
+        kernel = params
+        for name in (*path, "kernel"):
+            kernel = kernel.get(name) if isinstance(kernel, Mapping) else None
+        if kernel is None:
+            bad.append(f"{'/'.join(path)} (no such kernel in the params)")
+            continue
+        d_in, d_out = np.shape(kernel)
+        a, b = shapes.get("a", ()), shapes.get("b", ())
+        if len(a) != 2 or len(b) != 2 or (a[0], b[1], a[1]) != (d_in, d_out, b[0]):
+            got = ", ".join(f"{k} {list(v)}" for k, v in sorted(shapes.items()))
+            bad.append(f"{'/'.join(path)} ({got} against kernel [{d_in}, {d_out}])")
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise ValueError(
+            f"{what}: the LoRA adapter does not fit the params (expected "
+            f"layer_i/{{attn|mlp}}/target/{{a: [in, r], b: [r, out]}}): "
+            f"{'; '.join(bad[:8])}{more}"
+        )
+
+
 def merge(params: dict, lora: LoRAParams) -> dict:
-    """Base params with `scale * A @ B` added to every adapted kernel (a new pytree)."""
+    """Base params with `scale * A @ B` added to every adapted kernel (a new pytree).
+
+    An adapter that does not fit `params` raises a ValueError (see `check_fits`)."""
+    check_fits(params, lora, "merge")
     merged = jax.tree.map(lambda x: x, params)  # shallow structural copy; arrays are immutable
     for layer_name, groups in lora.weights.items():
         for group, targets in groups.items():

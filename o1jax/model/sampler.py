@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import chex
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from o1jax.model.config import Gemma2Config
-from o1jax.model.gemma2 import forward, init_cache
+from o1jax.model.gemma2 import check_token_ids, forward, init_cache
 
 
 @struct.dataclass
@@ -114,15 +115,29 @@ def generate(
     """Samples `num_samples` continuations of each right-padded prompt.
 
     prompt_tokens: [B, P] int, right-padded; prompt_lengths: [B] int in [1, P] (checked when
-      concrete; traced lengths outside it give garbage rows).
+      concrete; traced lengths outside it give garbage rows). Concrete prompt ids outside
+      [0, vocab_size) raise a ValueError.
+    max_new_tokens, num_samples, top_k: ints (a float raises a TypeError).
     temperature 0 (or one below float32's smallest normal number) is greedy; top_k 0 and top_p 1
       disable those filters.
     score_suffix / score_tokens: after sampling, feed `score_suffix` behind each row's tokens and
       return the log-probs of `score_tokens` at its last position (from the same KV cache).
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
+    # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
+    as_array = lambda x: x if isinstance(x, jax.Array) else np.asarray(x)
+    prompt_tokens, prompt_lengths = as_array(prompt_tokens), as_array(prompt_lengths)
     chex.assert_rank(prompt_tokens, 2)
     chex.assert_shape(prompt_lengths, (prompt_tokens.shape[0],))
+    if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+        raise ValueError(f"generate: prompt_lengths must be integers, got {prompt_lengths.dtype}")
+    counts = {"max_new_tokens": max_new_tokens, "num_samples": num_samples, "top_k": top_k}
+    for name, value in counts.items():
+        try:
+            counts[name] = operator.index(value)
+        except TypeError:
+            raise TypeError(f"generate: {name} must be an int, got {value!r}") from None
+    max_new_tokens, num_samples, top_k = counts.values()
     width = prompt_tokens.shape[1]
     if not isinstance(prompt_lengths, jax.core.Tracer):
         lengths = np.asarray(prompt_lengths)
@@ -132,6 +147,9 @@ def generate(
                 f"generate: prompt_lengths[{bad[0]}] = {lengths[bad[0]]} is outside [1, {width}] "
                 f"(the prompts' width)"
             )
+        if not isinstance(prompt_tokens, jax.core.Tracer):  # only the real tokens, not the pad
+            real = np.arange(width)[None, :] < lengths[:, None]
+            check_token_ids(np.asarray(prompt_tokens)[real], cfg.vocab_size, "generate: prompt")
     if (
         not math.isfinite(temperature)
         or temperature < 0

@@ -77,11 +77,20 @@ class Packed:
 
 
 def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> Packed:
-    """First-fit packing in order (deterministic). Longer examples are an error."""
+    """First-fit packing in order (deterministic). Longer examples, non-integer tokens and a
+    loss_mask of another shape than the tokens' are an error."""
     rows: list[list[Example]] = []
     used: list[int] = []
     for n, ex in enumerate(examples):
-        size = len(ex.tokens)
+        tokens, mask = np.asarray(ex.tokens), np.asarray(ex.loss_mask)
+        if tokens.ndim != 1 or mask.shape != tokens.shape:
+            raise ValueError(
+                f"pack: example {n} has tokens of shape {tokens.shape} and a loss_mask of shape "
+                f"{mask.shape}; both must be [n]"
+            )
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"pack: example {n} has {tokens.dtype} tokens; token ids are integers")
+        size = len(tokens)
         if size > seq_len:
             raise ValueError(f"pack: example {n} has {size} tokens, more than seq_len={seq_len}")
         if rows and used[-1] + size <= seq_len:
@@ -146,38 +155,72 @@ def nonfinite_count(opt_state) -> int:
     return int(opt_state.total_notfinite)
 
 
+def trained_params(trainable, params):
+    """A full fine-tune's `trainable` in the dtypes of `params` (arrays or shape structs): the
+    float32 master copy of bfloat16 params rounded back to bfloat16. Float32 passes through."""
+    return jax.tree.map(
+        lambda t, p: t if t.dtype == p.dtype else t.astype(p.dtype), trainable, params
+    )
+
+
 class SFTTrainer:
-    """Holds the compiled step and the sharded state of one SFT run."""
+    """Holds the compiled step and the sharded state of one SFT run.
+
+    Full fine-tuning of params that are not all float32 (bfloat16) trains a float32 master copy
+    (`state.trainable`, and so Adam's moments, are float32): Adam's first steps, about the
+    learning rate in size, would round away when added to bfloat16 weights. The loss casts the
+    copy to the params' dtypes before `forward`; `params` gives it back in those dtypes.
+    """
 
     def __init__(self, cfg, params, config: SFTConfig, mesh, lora=None):
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.use_lora = lora is not None
         require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
         self.optimizer = make_optimizer(config)
+        # The params' dtypes, when a full fine-tune trains a float32 master copy of them.
+        self._master_of = None
+        if lora is None and any(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
+            self._master_of = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         with jax.set_mesh(mesh):
             # What is trained is a copy: the step donates the state, and the caller keeps its
             # params (full fine-tuning) or its adapter. The frozen base may alias the caller's.
+            shardings = param_shardings(params, mesh)
             params = jax.device_put(
-                params, param_shardings(params, mesh), may_alias=lora is not None
+                params, shardings, may_alias=lora is not None or self._master_of is not None
             )
-            trainable = (
-                params
-                if lora is None
-                else jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
-            )
+            if lora is not None:
+                trainable = jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
+            elif self._master_of is not None:  # a new float32 copy (the aliased input stays)
+                to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+                trainable = jax.jit(to_f32, out_shardings=shardings)(params)
+            else:
+                trainable = params
             self.frozen = None if lora is None else params
             opt_state = jax.jit(self.optimizer.init)(trainable)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
         self.state = SFTState(trainable, opt_state, step)
+        self._cast_back = jax.jit(functools.partial(trained_params, params=self._master_of))
         self._step = jax.jit(
-            functools.partial(_sft_step, cfg=cfg, optimizer=self.optimizer, use_lora=self.use_lora),
+            functools.partial(
+                _sft_step,
+                cfg=cfg,
+                optimizer=self.optimizer,
+                use_lora=self.use_lora,
+                master_of=self._master_of,
+            ),
             donate_argnums=(0,),
         )
 
     @property
     def params(self):
-        """The model params to sample with (full params, or the frozen base with LoRA)."""
-        return self.state.trainable if not self.use_lora else self.frozen
+        """The model params to sample with: the frozen base with LoRA; else the trained params,
+        in the dtypes of the params given (a new cast of a float32 master copy)."""
+        if self.use_lora:
+            return self.frozen
+        if self._master_of is None:
+            return self.state.trainable
+        with jax.set_mesh(self.mesh):
+            return self._cast_back(self.state.trainable)
 
     @property
     def lora(self):
@@ -189,11 +232,15 @@ class SFTTrainer:
         return metrics
 
 
-def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool):
+def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool, master_of):
     chex.assert_rank(batch["tokens"], 2)
 
     def loss_fn(trainable):
-        params, lora = (frozen, trainable) if use_lora else (trainable, None)
+        if use_lora:
+            params, lora = frozen, trainable
+        else:  # a float32 master copy is cast to the params' dtypes (grads come back float32)
+            params = trainable if master_of is None else trained_params(trainable, master_of)
+            lora = None
         logits = forward(
             params,
             cfg,

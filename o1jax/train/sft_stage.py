@@ -25,7 +25,7 @@ from o1jax.train.run_context import (
     lora_config,
     save_checkpoint,
 )
-from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack
+from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack, trained_params
 
 
 def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
@@ -142,6 +142,6 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
 
 def policy_params(ctx: RunContext, sft_state):
     """The SFT'd model as a plain params pytree (an SFT adapter is merged into the base)."""
-    if ctx.config.sft.full_finetune:
-        return sft_state.trainable
+    if ctx.config.sft.full_finetune:  # a float32 master copy goes back to the base's dtype
+        return trained_params(sft_state.trainable, ctx.params)
     return lora.merge(ctx.params, sft_state.trainable)
