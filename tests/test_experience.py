@@ -62,6 +62,24 @@ def test_gae_equals_a_numpy_loop_on_ragged_masks():
         assert np.all(np.asarray(adv[i, n:]) == 0)
 
 
+def test_gae_reads_the_mask_as_a_flag_and_checks_gamma_and_lam():
+    """A mask of 2 once doubled each advantage, compounding down the path; gamma 1.5, lam
+    -0.1 and NaN were accepted."""
+    rewards = jnp.asarray([[0.0, 0.0, 1.0]])
+    values = jnp.asarray([[0.5, 0.5, 0.5, 0.0]])
+    mask = jnp.asarray([[1.0, 1.0, 0.0]])
+    ref = gae(rewards, values, mask, 0.99, 0.95)
+    for flags in (2 * mask, mask > 0, (3 * mask).astype(jnp.int32)):
+        for got, want in zip(gae(rewards, values, flags, 0.99, 0.95), ref, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for gamma, lam in ((1.5, 0.95), (0.99, -0.1), (float("nan"), 0.95), (0.99, 1.01)):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+            gae(rewards, values, mask, gamma, lam)
+    traced = jax.jit(lambda gamma, lam: gae(rewards, values, mask, gamma, lam))(0.99, 0.95)
+    for got, want in zip(traced, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
 def test_experiences_match_prefixes_and_path_gae():
     config = MCTSConfig(
         num_simulations=7, num_children=2, max_depth=4, thought_length=L, noise=0.05

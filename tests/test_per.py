@@ -232,3 +232,45 @@ def test_a_round_in_one_program_writes_the_tree_in_place():
     tree_shape = f"f32[{state.tree.shape[0]}]"
     copies = [line for line in hlo.splitlines() if f"{tree_shape}{{0}} copy(" in line]
     assert not copies, copies
+
+
+def test_add_refuses_items_of_the_wrong_shape_or_dtype_naming_the_leaf():
+    """A leaf missing its item axis, or with an extra one, was broadcast into every slot; float
+    values were truncated into an int buffer."""
+    example = {"tok": np.zeros((4,), np.int32), "adv": np.zeros((), np.float32)}
+    ones = np.ones(4, np.float32)
+    tok = np.arange(16, dtype=np.int32).reshape(4, 4)
+    for bad, shape in (
+        ({"tok": tok[0], "adv": ones}, "(4,)"),
+        ({"tok": tok, "adv": ones[:, None]}, "(4, 1)"),
+    ):
+        with pytest.raises(ValueError, match=r"per.add: item \['(tok|adv)'\] has shape") as e:
+            per.add(per.init(8, example), bad, ones)
+        assert shape in str(e.value) and "expected (M, *item_shape)" in str(e.value)
+    with pytest.raises(ValueError, match=r"\['tok'\] has shape \(4,\), .* = \(4, 4\)"):
+        per.add(per.init(8, example), {"tok": tok[0], "adv": ones}, ones)
+    with pytest.raises(TypeError, match=r"per.add: item \['tok'\] has dtype float32"):
+        per.add(per.init(8, example), {"tok": np.full((4, 4), 2.7, np.float32), "adv": ones}, ones)
+    # Same-kind casts still go through: int64 ids, int values into a float buffer.
+    state = per.add(per.init(8, example), {"tok": tok.astype(np.int64), "adv": np.arange(4)}, ones)
+    np.testing.assert_array_equal(np.asarray(state.items["tok"][:4]), tok)
+    np.testing.assert_array_equal(np.asarray(state.items["adv"][:4]), np.arange(4.0))
+
+
+def test_out_of_range_alpha_beta_and_batch_size_are_refused():
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        per.init(8, ITEM, alpha=-1.0)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        per.init(8, ITEM, alpha=float("nan"))
+    state = per.add(
+        per.init(8, ITEM, alpha=1.0), _items(np.arange(3)), jnp.asarray([1.0, 2.0, 3.0])
+    )
+    for beta in (-1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="beta must be in"):
+            per.sample(state, jax.random.key(0), 4, beta)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        per.sample(state, jax.random.key(0), 0, 0.4)
+    # Traced values are not checked, and work.
+    state = jax.jit(lambda a: per.init(8, ITEM, alpha=a))(0.5)
+    _, _, w = jax.jit(lambda b: per.sample(state, jax.random.key(0), 4, b))(0.5)
+    assert w.shape == (4,)

@@ -167,3 +167,101 @@ def test_equal_advantages_normalise_to_no_signal(base):
         adapter, base, CFG, batch, jnp.ones(M), None, PPOConfig(), (POS, NEG)
     )
     assert float(aux["policy_loss"]) == 0.0
+
+
+def _moved_adapter(seed=1):
+    """An adapter whose B is not 0: the policy differs from the base, so the KL is not 0."""
+    adapter = lora.init(CFG, jax.random.key(seed), lora.LoRAConfig(rank=4, alpha=8))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype), adapter
+    )
+
+
+def test_invalid_rows_count_for_nothing(base):
+    """Rows with valid False (unused slots, non-terminal nodes) weigh 0 in every term and stay
+    out of the advantage statistics and the value mean: the loss, its metrics and its gradient
+    are those of the valid rows alone, whatever the invalid rows hold."""
+    from o1jax.rl import ppo
+
+    config = PPOConfig(entropy_coef=0.01, kl_coef=0.05)
+    adapter = _moved_adapter()
+    valid = np.ones(M, bool)
+    valid[[3, 7, 12]] = False
+    batch = _batch().replace(
+        advantage=jnp.where(valid, jnp.linspace(-1.0, 2.0, M), 1e3),  # garbage where invalid
+        value_target=jnp.where(valid, _batch().value_target, jnp.nan),
+        valid=jnp.asarray(valid),
+    )
+    weights = jnp.linspace(0.5, 1.0, M)
+
+    @jax.jit
+    def loss_and_grad(adapter, batch, weights, old):
+        f = lambda a: ppo.ppo_loss(a, base, CFG, batch, weights, old, config, (POS, NEG))
+        return jax.value_and_grad(f, has_aux=True)(adapter)
+
+    (_, (_, logp, _)), _ = loss_and_grad(adapter, batch, weights, jnp.zeros((M, L)))
+    old = logp + 0.05 * jnp.asarray(np.random.default_rng(2).normal(size=(M, L)), jnp.float32)
+    (loss, (aux, _, prio)), grad = loss_and_grad(adapter, batch, weights, old)
+    keep = np.flatnonzero(valid)
+    sub = jax.tree.map(lambda x: x[keep], batch)
+    (ref, (ref_aux, _, ref_prio)), ref_grad = loss_and_grad(adapter, sub, weights[keep], old[keep])
+    assert float(aux["kl"]) > 0 and float(aux["entropy"]) > 0 and float(aux["ratio_mean"]) != 1
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+    for k in ref_aux:
+        np.testing.assert_allclose(float(aux[k]), float(ref_aux[k]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(prio)[keep], np.asarray(ref_prio), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(prio)[~valid], np.float32(1e-6))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+        grad,
+        ref_grad,
+    )
+    # A batch with no valid row moves nothing.
+    none = batch.replace(valid=jnp.zeros(M, bool))
+    (loss, _), grad = loss_and_grad(adapter, none, weights, old)
+    assert float(loss) == 0.0
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad))
+
+
+def test_mis_shaped_weights_and_fields_are_refused_naming_them(base):
+    """Weights [M, 1] once broadcast every term to [M, M, ...] and scaled the loss by M."""
+    from o1jax.rl import ppo
+
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    batch, config = _batch(), PPOConfig(epochs=1)
+    kw = dict(optimizer=ppo.make_optimizer(config), rating_tokens=(POS, NEG))
+    bad_batches = {
+        "advantage": batch.replace(advantage=batch.advantage[:, None]),
+        "length": batch.replace(length=batch.length[:-1]),
+        "behaviour_logprobs": batch.replace(behaviour_logprobs=jnp.zeros(M)),
+        "valid": batch.replace(valid=jnp.ones(M + 1, bool)),
+    }
+    cases = [(batch, jnp.ones((M, 1)), "weights"), (batch, jnp.ones(1), "weights")]
+    cases += [(b, jnp.ones(M), name) for name, b in bad_batches.items()]
+    # Eight devices: a field of 15 rows would otherwise fail in the sharding, not by name.
+    trainer = PPOTrainer(CFG, base, adapter, config, make_mesh({"data": 2, "fsdp": 4}), (POS, NEG))
+    for b, w, name in cases:
+        with pytest.raises(ValueError, match=f"ppo: {name} must be"):
+            ppo.ppo_loss(adapter, base, CFG, b, w, None, config, (POS, NEG))
+        with pytest.raises(ValueError, match=f"ppo: {name} must be"):
+            state = ppo.init_train_state(adapter, kw["optimizer"])
+            ppo.ppo_epochs(state, base, b, w, cfg=CFG, config=config, **kw)
+        with pytest.raises(ValueError, match=f"ppo: {name} must be"):
+            trainer.update(b, np.asarray(w))
+
+
+def test_init_train_state_keeps_the_callers_adapter(base):
+    """`ppo_epochs` donates its state; the adapter handed to `init_train_state` must survive."""
+    from o1jax.rl import ppo
+
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    before = jax.tree.map(np.array, adapter)
+    config = PPOConfig(epochs=1)
+    optimizer = ppo.make_optimizer(config)
+    state = ppo.init_train_state(adapter, optimizer)
+    kw = dict(cfg=CFG, config=config, optimizer=optimizer, rating_tokens=(POS, NEG))
+    state, _, _ = ppo.ppo_epochs(state, base, _batch(), jnp.ones(M), **kw)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, adapter))
+    assert int(state.step) == 1

@@ -3,8 +3,9 @@
     advantages, returns = gae(rewards, values, mask, gamma=0.99, lam=0.95)
 
 rewards, mask: [B, T]; values: [B, T + 1] (the last column bootstraps the step after T; 0 after
-a terminal step). `mask` is 1 on real steps and 0 on the padding after a path's end: padded
-steps get zero advantage and pass nothing back to the real steps before them.
+a terminal step). `mask` is true (nonzero) on real steps and false (0) on the padding after a
+path's end: padded steps get zero advantage and pass nothing back to the real steps before them.
+gamma and lam lie in [0, 1] (checked unless traced).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import jax.numpy as jnp
 
 def gae(rewards, values, mask, gamma: float, lam: float):
     """(advantages [B, T], returns [B, T]) with delta_t = r_t + gamma V_{t+1} - V_t."""
+    for name, x in (("gamma", gamma), ("lam", lam)):
+        if not isinstance(x, jax.core.Tracer) and not 0.0 <= float(x) <= 1.0:  # NaN too
+            raise ValueError(f"gae: {name} must be in [0, 1], got {x}")
     chex.assert_rank([rewards, values, mask], [2, 2, 2])
     b, t = rewards.shape
     chex.assert_shape(values, (b, t + 1))
     chex.assert_shape(mask, (b, t))
     rewards = rewards.astype(jnp.float32)
     values = values.astype(jnp.float32)
-    mask = mask.astype(jnp.float32)
+    mask = (mask != 0).astype(jnp.float32)  # a weight of 0 or 1, whatever the dtype
     deltas = rewards + gamma * values[:, 1:] - values[:, :-1]  # [B, T]
 
     def step(carry, xs):

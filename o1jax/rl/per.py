@@ -5,6 +5,9 @@
     items, indices, weights = sample(state, key, batch_size, beta)
     state = update(state, indices, new_priorities)
 
+`add` and `update` donate `state`: its arrays are deleted, and only the returned state may be
+used afterwards.
+
 Priorities p^alpha live in a wide sum tree of branching factor F = `BRANCHING` and depth D, the
 fewest levels below the root that hold the capacity (F^D >= capacity). A wide, shallow tree turns
 the log2(N) dependent steps of a binary tree into D steps of F-wide vector work, which is what
@@ -115,9 +118,12 @@ def _level(tree: jax.Array, level: int) -> jax.Array:
 
 
 def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
-    """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis)."""
+    """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis).
+    alpha >= 0: the priority exponent."""
     if capacity < 1:
         raise ValueError(f"per.init: capacity must be >= 1, got {capacity}")
+    if not isinstance(alpha, jax.core.Tracer) and not float(alpha) >= 0.0:  # NaN too
+        raise ValueError(f"per.init: alpha must be >= 0, got {alpha}")
     items = jax.tree.map(
         lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_item
     )
@@ -189,18 +195,44 @@ def _set_leaves(
     return tree
 
 
+def _check_items(items, buffers) -> None:
+    """Raises unless every leaf of `items` is [M, *item_shape] (M that of the first leaf) and
+    casts same-kind to its buffer's dtype; names the leaf."""
+    first = jax.tree.leaves(items)[0]
+    m = first.shape[0] if first.ndim else "M"
+    for (path, buf), x in zip(
+        jax.tree_util.tree_leaves_with_path(buffers), jax.tree.leaves(items), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        want = (m, *buf.shape[1:])
+        if x.shape != want:
+            want = "(" + ", ".join(map(str, want)) + ("," if len(want) == 1 else "") + ")"
+            raise ValueError(
+                f"per.add: item {name} has shape {x.shape}, expected (M, *item_shape) = {want}"
+            )
+        if not jnp.can_cast(x.dtype, buf.dtype, casting="same_kind"):
+            raise TypeError(
+                f"per.add: item {name} has dtype {x.dtype}, which does not cast same-kind to "
+                f"the buffer's {buf.dtype}"
+            )
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def add(state: PERState, items, priorities=None, count=None) -> PERState:
-    """Appends M items (overwriting the oldest when full). priorities: [M] raw |td| values, or
-    None for the largest priority seen so far. Stored as p^alpha.
+    """Appends M items (overwriting the oldest when full). items: the buffer's pytree, each leaf
+    [M, *item_shape] of a dtype that casts same-kind to the buffer's. priorities: [M] raw |td|
+    values, or None for the largest priority seen so far. Stored as p^alpha.
 
     count: optional [] int in [0, M]: only the first `count` items are added (the rest of the
     batch is padding and takes no slot), so one compiled `add` serves any number of items.
+
+    Donates `state`: use only the returned one.
     """
+    chex.assert_trees_all_equal_structs(items, state.items)
+    _check_items(items, state.items)
     m = jax.tree.leaves(items)[0].shape[0]
     if m > state.capacity:
         raise ValueError(f"per.add: {m} items exceed the capacity {state.capacity}")
-    chex.assert_trees_all_equal_structs(items, state.items)
     if m == 0:
         return state
     if priorities is None:
@@ -284,14 +316,24 @@ def _descend(tree: jax.Array, depth: int, u):
     return node, jnp.take_along_axis(mass, child[:, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
 def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
-    """(items [B, ...], indices [B], importance weights [B]) by stratified proportional sampling.
+    """(items [B, ...], indices [B], importance weights [B]) by stratified proportional sampling,
+    B = batch_size >= 1, beta in [0, 1] (checked unless traced).
 
     weights = (N * P(i))^-beta / max over the batch, N the number of stored items. A buffer
     with no item of positive priority (empty, or only zeros) gives arbitrary in-range indices
     and weights 0, which leave a weighted loss unmoved; check `state.total > 0` to tell.
     """
+    if batch_size < 1:
+        raise ValueError(f"per.sample: batch_size must be >= 1, got {batch_size}")
+    if not isinstance(beta, jax.core.Tracer) and not 0.0 <= float(beta) <= 1.0:  # NaN too
+        raise ValueError(f"per.sample: beta must be in [0, 1], got {beta}")
+    return _sample(state, key, batch_size, beta)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _sample(state: PERState, key: jax.Array, batch_size: int, beta):
+    """`sample` without its checks."""
     total = state.total
     offsets = jax.random.uniform(key, (batch_size,))
     u = (jnp.arange(batch_size) + offsets) / batch_size * total  # one draw per stratum
@@ -310,7 +352,7 @@ def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
 @functools.partial(jax.jit, donate_argnums=(0,))
 def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERState:
     """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins;
-    indices outside [0, capacity) are ignored)."""
+    indices outside [0, capacity) are ignored). Donates `state`: use only the returned one."""
     chex.assert_equal_shape([indices, priorities])
     if indices.shape[0] == 0:
         return state

@@ -5,7 +5,8 @@ tokens, a value loss (cross-entropy of the two rating tokens' renormalised proba
 the value target, read at the final <start_of_rating> position), a k3 KL estimate to the base
 (the same forward with LoRA switched off: no second model in memory), and an entropy bonus.
 Token terms are normalised by the number of thought tokens in the batch; every term is weighted
-by the replay buffer's importance weights.
+by the replay buffer's importance weights. Rows with `valid` False weigh nothing in any term, nor
+in the advantage normalisation.
 
 `ppo_epochs` runs E updates on one batch. The behaviour log-probs of the epoch are those of the
 policy at its start, computed inside the first update by the very same program, so the ratio is
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -55,7 +55,26 @@ def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
 
 
 def init_train_state(lora, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state on a copy of `lora`: `ppo_epochs` donates the state, and the caller keeps
+    its adapter."""
+    lora = jax.tree.map(jnp.copy, lora)
     return TrainState(lora=lora, opt_state=optimizer.init(lora), step=jnp.zeros((), jnp.int32))
+
+
+def check_batch(batch: Experience, weights) -> None:
+    """Raises a ValueError naming the first field of `batch` (or `weights`) that is not [M] (or
+    [M, W] tokens, [M, L] behaviour_logprobs), M = the rows of `batch.tokens`."""
+    if len(jnp.shape(batch.tokens)) != 2:
+        raise ValueError(f"ppo: tokens must be [M, W], got shape {jnp.shape(batch.tokens)}")
+    m = jnp.shape(batch.tokens)[0]
+    for f in dataclasses.fields(batch):
+        shape = jnp.shape(getattr(batch, f.name))
+        rank = 2 if f.name in ("tokens", "behaviour_logprobs") else 1
+        if len(shape) != rank or shape[0] != m:
+            want = {"tokens": "[M, W]", "behaviour_logprobs": "[M, L]"}.get(f.name, "[M]")
+            raise ValueError(f"ppo: {f.name} must be {want} with M = {m}, got shape {shape}")
+    if jnp.shape(weights) != (m,):
+        raise ValueError(f"ppo: weights must be [M] with M = {m}, got shape {jnp.shape(weights)}")
 
 
 def sequence_logprobs(logits, tokens, action_start, max_len: int):
@@ -87,8 +106,10 @@ def ppo_loss(
     config: PPOConfig,
     rating_tokens: tuple[int, int],
 ):
-    """Scalar loss and aux. old_logp None: use this policy's own (stopped) log-probs."""
-    m, max_len = batch.behaviour_logprobs.shape
+    """Scalar loss and aux. weights: [M] importance weights. old_logp None: use this policy's
+    own (stopped) log-probs. Rows with `batch.valid` False get weight 0 everywhere."""
+    check_batch(batch, weights)
+    max_len = batch.behaviour_logprobs.shape[1]
     mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
     logits = forward(params, cfg, batch.tokens, attention_mask=mask, lora=lora)
     logp, rows = sequence_logprobs(logits, batch.tokens, batch.action_start, max_len)
@@ -98,16 +119,22 @@ def ppo_loss(
     )
     if old_logp is None:
         old_logp = jax.lax.stop_gradient(logp)
+    # Invalid rows weigh 0 in every term and count in no mean. (Multiplying by 1.0 and keeping
+    # the token masks as they were leave an all-valid batch's numbers bit for bit the same.)
+    ok = batch.valid.astype(bool)  # [M]
+    valid = ok.astype(jnp.float32)
+    n_valid = jnp.maximum(valid.sum(), 1.0)
+    weights = weights * valid
     act = (jnp.arange(max_len)[None, :] < batch.action_length[:, None]).astype(jnp.float32)
-    w_tok = act * weights[:, None]
-    n_tok = jnp.maximum(act.sum(), 1.0)
+    w_tok = act * weights[:, None]  # [M, L], 0 on invalid rows
+    act_v = act * valid[:, None]  # thought tokens of valid rows [M, L]
+    n_tok = jnp.maximum(act_v.sum(), 1.0)
 
-    adv = batch.advantage
+    adv = jnp.where(ok, batch.advantage, 0.0)  # whatever an invalid row holds
     if config.normalize_advantages:
-        n = jnp.maximum(m, 1)
-        mean = adv.mean()
+        mean = jnp.sum(adv) / n_valid
         centred = adv - mean
-        std = jnp.sqrt(jnp.sum(centred**2) / n)
+        std = jnp.sqrt(jnp.sum(centred**2 * valid) / n_valid)
         # A batch of equal advantages carries no signal: its float32 residue around the mean,
         # divided by a near-zero std, would not be 0.
         spread = std > 1e-6 * (1.0 + jnp.abs(mean))
@@ -124,26 +151,27 @@ def ppo_loss(
     entropy_tok = jnp.where(on, -jnp.sum(jnp.exp(rows) * rows, axis=-1), 0.0)  # [M, L]
 
     pos_lp, neg_lp = rating_logprob(logits, batch.length, *rating_tokens)
-    value_item = -(batch.value_target * pos_lp + (1.0 - batch.value_target) * neg_lp)  # [M]
+    target = jnp.where(ok, batch.value_target, 0.0)
+    value_item = jnp.where(ok, -(target * pos_lp + (1.0 - target) * neg_lp), 0.0)  # [M]
 
     pg = jnp.sum(pg_tok * w_tok) / n_tok
     kl = jnp.sum(kl_tok * w_tok) / n_tok
     entropy = jnp.sum(entropy_tok * w_tok) / n_tok
-    value = jnp.sum(value_item * weights) / jnp.maximum(m, 1)
+    value = jnp.sum(value_item * weights) / n_valid
     loss = pg + config.value_coef * value + config.kl_coef * kl - config.entropy_coef * entropy
 
     # Per-item loss for the replay priorities (LLaMA-O1: |loss| + 1e-6).
     item_tokens = jnp.maximum(act.sum(1), 1.0)
-    item_loss = (pg_tok * act).sum(1) / item_tokens + config.value_coef * value_item
+    item_loss = (pg_tok * act_v).sum(1) / item_tokens + config.value_coef * value_item
     aux = {
         "loss": loss,
         "policy_loss": pg,
         "value_loss": value,
         "kl": kl,
         "entropy": entropy,
-        "ratio_mean": jnp.sum(ratio * act) / n_tok,
-        "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > config.clip_eps) * act) / n_tok,
-        "value_pred": jnp.mean(jnp.exp(pos_lp)),
+        "ratio_mean": jnp.sum(ratio * act_v) / n_tok,
+        "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > config.clip_eps) * act_v) / n_tok,
+        "value_pred": jnp.sum(jnp.exp(pos_lp) * valid) / n_valid,
     }
     return loss, (aux, logp, jnp.abs(item_loss) + 1e-6)
 
@@ -164,9 +192,11 @@ def ppo_epochs(
     optimizer,
     rating_tokens: tuple[int, int],
 ):
-    """`config.epochs` PPO updates on one batch. Returns (state, metrics of the first and last
-    update, new priorities [M])."""
-    chex.assert_rank(batch.tokens, 2)
+    """`config.epochs` PPO updates on one batch, weighted by `weights` [M]. Returns (state,
+    metrics of the first and last update, new priorities [M]).
+
+    Donates `state`: its arrays are deleted, use only the returned one."""
+    check_batch(batch, weights)
     grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
 
     def update(state, old_logp):
@@ -216,9 +246,11 @@ class PPOTrainer:
         return self.state.lora
 
     def update(self, batch: Experience, weights) -> tuple[dict, jax.Array]:
-        """`config.epochs` updates on `batch` (M items, M a multiple of data x fsdp)."""
+        """`config.epochs` updates on `batch` (M items, M a multiple of data x fsdp), weighted
+        by `weights` [M]."""
         from o1jax.parallel.mesh import shard_batch
 
+        check_batch(batch, weights)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         m = batch.tokens.shape[0]
         if m % shards:
