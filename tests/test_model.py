@@ -22,6 +22,7 @@ from o1jax.model import (
     load_hf,
     lora,
     save_hf,
+    unembed,
 )
 from o1jax.model.hf_io import expected_shape, hf_tensor_names
 from o1jax.parallel.mesh import make_mesh
@@ -398,3 +399,25 @@ def test_tiny_scales_queries_by_its_head_dim_unless_told_otherwise():
     assert Gemma2Config.tiny(head_dim=32).query_pre_attn_scalar == 32.0
     assert Gemma2Config.tiny().query_pre_attn_scalar == 64.0
     assert Gemma2Config.tiny(head_dim=32, query_pre_attn_scalar=24).query_pre_attn_scalar == 24
+
+
+def test_hidden_states_unembed_to_the_logits_and_remat_changes_no_number():
+    cfg = Gemma2Config.tiny(vocab_size=97, num_layers=2, d_model=64, head_dim=16, ffn_dim=128)
+    params = gemma2.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 97)
+    logits = forward(params, cfg, tokens)  # [B, T, V]
+    hidden = forward(params, cfg, tokens, return_hidden=True)
+    assert hidden.shape == (2, 12, 64)
+    np.testing.assert_allclose(unembed(params, cfg, hidden), logits, atol=1e-6)
+    some = unembed(params, cfg, hidden[:, -1], (3, 90))  # [B, 2]: two tokens' logits only
+    np.testing.assert_allclose(some, logits[:, -1, [3, 90]], atol=1e-6)
+
+    def loss(p, c):
+        return jnp.sum(jax.nn.log_softmax(forward(p, c, tokens))[..., 5])
+
+    remat = cfg.replace(remat=True)
+    np.testing.assert_array_equal(forward(params, remat, tokens), logits)
+    grads = jax.grad(loss)(params, cfg)
+    remat_grads = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads), strict=True):
+        np.testing.assert_allclose(r, g, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 from o1jax.model import Gemma2Config, forward, init_params, lora
 from o1jax.parallel.mesh import make_mesh
 from o1jax.rl.experience import Experience
-from o1jax.rl.ppo import PPOConfig, PPOTrainer, sequence_logprobs
+from o1jax.rl.ppo import PPOConfig, PPOTrainer, sequence_logprobs, thought_logprobs
 
 CFG = Gemma2Config.tiny(
     vocab_size=40,
@@ -139,13 +139,14 @@ def test_log_probs_outside_the_thoughts_cannot_make_the_loss_nan(base, monkeypat
         s, n = int(batch.action_start[i]), int(batch.action_length[i])
         pred[i, s - 1 : s - 1 + n] = True
 
-    def stub_forward(params, cfg, tokens, attention_mask=None, lora=None):
-        logits = jnp.zeros((M, W, CFG.vocab_size))
+    def stub_forward(params, cfg, tokens, attention_mask=None, lora=None, return_hidden=False):
+        logits = jnp.zeros((M, W, CFG.vocab_size))  # stands for the hidden states as well
         if lora is None:  # the reference
             return logits
         return jnp.where(pred[..., None], logits, logits.at[..., 0].set(-lora))
 
     monkeypatch.setattr(ppo, "forward", stub_forward)
+    monkeypatch.setattr(ppo, "unembed", lambda params, cfg, hidden: hidden)
     old = jnp.where(jnp.arange(L)[None] < batch.action_length[:, None], 0.0, -100.0)
     for old_logp in (None, old - jnp.log(CFG.vocab_size)):
         f = lambda shift, o=old_logp: ppo.ppo_loss(
@@ -265,3 +266,15 @@ def test_init_train_state_keeps_the_callers_adapter(base):
     assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, adapter))
     assert int(state.step) == 1
+
+
+def test_thought_logprobs_from_hidden_states_equal_those_of_the_full_logits(base):
+    # PPO unembeds only the thought positions; the full [M, W, V] logits give the same numbers.
+    batch = _batch()
+    mask = jnp.arange(W)[None, :] < batch.length[:, None]
+    logits = forward(base, CFG, batch.tokens, attention_mask=mask)
+    hidden = forward(base, CFG, batch.tokens, attention_mask=mask, return_hidden=True)
+    want_logp, want_rows = sequence_logprobs(logits, batch.tokens, batch.action_start, L)
+    logp, rows = thought_logprobs(base, CFG, hidden, batch.tokens, batch.action_start, L)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(want_logp), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(want_rows), atol=1e-6)

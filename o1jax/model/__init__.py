@@ -2,7 +2,7 @@
 
 from o1jax.model import lora
 from o1jax.model.config import Gemma2Config
-from o1jax.model.gemma2 import forward, init_cache, init_params
+from o1jax.model.gemma2 import forward, init_cache, init_params, unembed
 from o1jax.model.hf_io import CheckpointError, load_hf, save_hf
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "load_hf",
     "lora",
     "save_hf",
+    "unembed",
 ]

@@ -64,6 +64,9 @@ class Gemma2Config:
     bos_token_id: int = 2
     # Which attention implementation the no-cache path uses: "xla" or "pallas" (see kernels/).
     attention_impl: str = "xla"
+    # Recompute each decoder layer in the backward pass instead of keeping its activations
+    # (`jax.checkpoint`): a training step then holds one layer's activations, not all of them.
+    remat: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -246,7 +246,16 @@ class Gemma2(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens, positions, key_positions, lora, lora_scale, cache, token_mask, segments=None
+        self,
+        tokens,
+        positions,
+        key_positions,
+        lora,
+        lora_scale,
+        cache,
+        token_mask,
+        segments=None,
+        return_hidden=False,
     ):
         cfg = self.cfg
         embedding = self.param(
@@ -259,10 +268,11 @@ class Gemma2(nn.Module):
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)  # normaliser rounded to dtype first
         lora = lora or {}
         new_layers = {}
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         for i in range(cfg.num_layers):
             name = f"layer_{i}"
             layer_cache = None if cache is None else {**cache[name], "index": cache["index"]}
-            x, new_layers[name] = DecoderLayer(cfg, i, name=name)(
+            x, new_layers[name] = layer_cls(cfg, i, name=name)(
                 x,
                 positions,
                 key_positions,
@@ -273,11 +283,33 @@ class Gemma2(nn.Module):
                 segments,
             )
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
-        logits = jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
-        if cfg.final_logit_softcapping is not None:
-            cap = cfg.final_logit_softcapping
-            logits = cap * jnp.tanh(logits / cap)
-        return logits, new_layers
+        if return_hidden:
+            return x, new_layers
+        return unembed_with(embedding, cfg, x), new_layers
+
+
+def unembed_with(embedding, cfg: Gemma2Config, hidden):
+    """Float32 logits [..., V] of final hidden states [..., D] (tied embedding [V, D], soft-cap);
+    `embedding` may be some rows [K, V] of it, giving those tokens' logits [..., K]."""
+    logits = jnp.einsum("...d,vd->...v", hidden, embedding, preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcapping is not None:
+        cap = cfg.final_logit_softcapping
+        logits = cap * jnp.tanh(logits / cap)
+    return logits
+
+
+def unembed(params: Params, cfg: Gemma2Config, hidden, token_ids=None):
+    """`forward`'s logits from its `return_hidden=True` states: hidden [..., D] -> [..., V] f32,
+    or only the logits [..., K] of `token_ids` (K ids, static or an int array).
+
+    Unembedding only the positions and tokens a caller reads (a prompt's last token; the two
+    rating tokens; a chunk of a sequence in a loss) keeps [B, T, V] logits from ever existing:
+    at Gemma2's 256k vocabulary those are the largest array of a step.
+    """
+    embedding = params["embedder"]["embedding"]
+    if token_ids is not None:
+        embedding = embedding[jnp.asarray(token_ids, jnp.int32)]  # [K, D]
+    return unembed_with(embedding, cfg, hidden)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -313,6 +345,7 @@ def forward(
     lora=None,
     cache: Cache | None = None,
     segment_ids: jax.Array | None = None,
+    return_hidden: bool = False,
 ):
     """Runs Gemma2 on `tokens` [B, T] and returns float32 logits [B, T, V].
 
@@ -327,6 +360,8 @@ def forward(
       an overflowing write would overwrite earlier slots.
     segment_ids: [B, T] document ids of packed rows (no cache): a token attends only to its own
       document. Give per-document `positions` with it.
+    return_hidden: return the final (normed) hidden states [B, T, D], in the params' dtype,
+      instead of the logits; `unembed(params, cfg, hidden)` gives the logits of any of them.
 
     With `cfg.attention_impl == "pallas"` (no cache, no segments) the kernel measures the
     sliding window in slots, not in `positions`: each row's real tokens must be contiguous (left
@@ -357,6 +392,7 @@ def forward(
         lora=lora,
         cache=cache,
         segment_ids=segment_ids,
+        return_hidden=return_hidden,
     )
 
 
@@ -375,8 +411,10 @@ def check_token_ids(tokens, vocab_size: int, what: str) -> None:
 
 # Jitted so that a call outside any other `jax.jit` (a notebook, a test) compiles one program per
 # shape instead of dispatching its few hundred ops one by one; inside a jitted caller it inlines.
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(params, cfg, tokens, *, positions, attention_mask, lora, cache, segment_ids):
+@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden"))
+def _forward(
+    params, cfg, tokens, *, positions, attention_mask, lora, cache, segment_ids, return_hidden
+):
     chex.assert_rank(tokens, 2)
     b, t = tokens.shape
     if segment_ids is not None:
@@ -419,6 +457,7 @@ def _forward(params, cfg, tokens, *, positions, attention_mask, lora, cache, seg
         cache,
         token_mask,
         segment_ids,
+        return_hidden,
     )
     if cache is None:
         return logits

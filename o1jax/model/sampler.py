@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from o1jax.model.config import Gemma2Config
-from o1jax.model.gemma2 import check_token_ids, forward, init_cache
+from o1jax.model.gemma2 import check_token_ids, forward, init_cache, unembed
 
 
 @struct.dataclass
@@ -239,7 +239,7 @@ def _generate(
     prompt_mask = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     cache = init_cache(cfg, b, p + max_new_tokens + len(score_suffix), dtype)
-    logits, cache = forward(
+    hidden, cache = forward(
         params,
         cfg,
         prompt_tokens,
@@ -247,8 +247,10 @@ def _generate(
         attention_mask=prompt_mask,
         lora=lora,
         cache=cache,
-    )
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        return_hidden=True,
+    )  # [B, P, D]: only each prompt's last position is unembedded, never [B, P, V] logits
+    last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+    last = unembed(params, cfg, last_hidden[:, 0])  # [B, V]
     if num_samples > 1:
         repeat = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim and x.shape[0] == b else x
         cache = jax.tree.map(repeat, cache)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from o1jax.model.gemma2 import forward
+from o1jax.model.gemma2 import forward, unembed
 from o1jax.rl.experience import Experience
 
 
@@ -88,9 +88,22 @@ def sequence_logprobs(logits, tokens, action_start, max_len: int):
     return token_logp, rows
 
 
-def rating_logprob(logits, length, positive: int, negative: int):
-    """log P(positive) and log P(negative) [M] renormalised over the two rating tokens."""
-    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]  # [M, V]
+def thought_logprobs(params, cfg, hidden, tokens, action_start, max_len: int):
+    """`sequence_logprobs` from `forward(..., return_hidden=True)` states [M, W, D]: only the L
+    positions that predict thought tokens are unembedded ([M, L, V], not [M, W, V] logits)."""
+    pos = action_start[:, None] - 1 + jnp.arange(max_len)[None, :]  # predicting positions
+    pos = jnp.clip(pos, 0, tokens.shape[1] - 1)  # [M, L]
+    h = jnp.take_along_axis(hidden, pos[:, :, None], axis=1)  # [M, L, D]
+    rows = jax.nn.log_softmax(unembed(params, cfg, h))  # [M, L, V]
+    targets = jnp.take_along_axis(tokens, jnp.clip(pos + 1, 0, tokens.shape[1] - 1), axis=1)
+    token_logp = jnp.take_along_axis(rows, targets[:, :, None], axis=-1)[..., 0]  # [M, L]
+    return token_logp, rows
+
+
+def rating_logprob(last_logits, positive: int, negative: int):
+    """log P(positive) and log P(negative) [M] renormalised over the two rating tokens, from the
+    logits [M, V] of each sequence's last position (its `<start_of_rating>`)."""
+    last = last_logits
     pair = jnp.stack([last[:, positive], last[:, negative]], axis=-1)
     pair = jax.nn.log_softmax(pair, axis=-1)
     return pair[:, 0], pair[:, 1]
@@ -111,11 +124,13 @@ def ppo_loss(
     check_batch(batch, weights)
     max_len = batch.behaviour_logprobs.shape[1]
     mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
-    logits = forward(params, cfg, batch.tokens, attention_mask=mask, lora=lora)
-    logp, rows = sequence_logprobs(logits, batch.tokens, batch.action_start, max_len)
-    ref_logits = forward(params, cfg, batch.tokens, attention_mask=mask)  # LoRA off
-    ref_logp, _ = sequence_logprobs(
-        jax.lax.stop_gradient(ref_logits), batch.tokens, batch.action_start, max_len
+    # Hidden states [M, W, D]; only the thought and rating positions are unembedded, so no
+    # [M, W, V] logits exist (at Gemma2's 256k vocabulary they would dwarf the model).
+    hidden = forward(params, cfg, batch.tokens, attention_mask=mask, lora=lora, return_hidden=True)
+    logp, rows = thought_logprobs(params, cfg, hidden, batch.tokens, batch.action_start, max_len)
+    ref_hidden = forward(params, cfg, batch.tokens, attention_mask=mask, return_hidden=True)
+    ref_logp, _ = thought_logprobs(  # LoRA off: the frozen reference
+        params, cfg, jax.lax.stop_gradient(ref_hidden), batch.tokens, batch.action_start, max_len
     )
     if old_logp is None:
         old_logp = jax.lax.stop_gradient(logp)
@@ -150,7 +165,8 @@ def ppo_loss(
     kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref)
     entropy_tok = jnp.where(on, -jnp.sum(jnp.exp(rows) * rows, axis=-1), 0.0)  # [M, L]
 
-    pos_lp, neg_lp = rating_logprob(logits, batch.length, *rating_tokens)
+    last = jnp.take_along_axis(hidden, (batch.length - 1)[:, None, None], axis=1)[:, 0]  # [M, D]
+    pos_lp, neg_lp = rating_logprob(unembed(params, cfg, last), *rating_tokens)
     target = jnp.where(ok, batch.value_target, 0.0)
     value_item = jnp.where(ok, -(target * pos_lp + (1.0 - target) * neg_lp), 0.0)  # [M]
 

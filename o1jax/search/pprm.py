@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from o1jax.data.longcot import NEGATIVE_RATING, POSITIVE_RATING
-from o1jax.model.gemma2 import forward
+from o1jax.model.gemma2 import forward, unembed
 
 # The answer tokens: " A" / " B" where the tokenizer has them as single tokens (SentencePiece
 # vocabularies such as Gemma's), else "A" / "B" after a space that ends the prompt.
@@ -75,9 +75,10 @@ def first_better_logit(params, cfg, tokens, lengths, lora, answer_tokens: tuple[
     tokens: [M, W] int32; lengths: [M] int32 in [1, W].
     """
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    logits = forward(params, cfg, tokens, attention_mask=mask, lora=lora)  # [M, W, V]
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [M, V]
-    return last[:, answer_tokens[0]] - last[:, answer_tokens[1]]
+    hidden = forward(params, cfg, tokens, attention_mask=mask, lora=lora, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [M, D]
+    pair = unembed(params, cfg, last, answer_tokens)  # [M, 2]: no [M, W, V] logits
+    return pair[:, 0] - pair[:, 1]
 
 
 def preferences(params, cfg, tokenizer, question: str, solutions: list[str], lora=None):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from o1jax.data import longcot
-from o1jax.model.gemma2 import forward
+from o1jax.model.gemma2 import forward, unembed
 from o1jax.search.format import encode_chain, encode_prompt, special_id
 
 WIDTH_BUCKET = 64  # rows are padded to a multiple of this: one compiled program per bucket
@@ -29,8 +29,9 @@ def _positive_probability(params, cfg, tokens, lengths, lora, rating_ids: tuple[
     """P(positive) against P(negative) as the next token [M, W] of right-padded `tokens`
     [M, W] (lengths [M])."""
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    logits = forward(params, cfg, tokens, attention_mask=mask, lora=lora)  # [M, W, V]
-    return jax.nn.sigmoid(logits[..., rating_ids[0]] - logits[..., rating_ids[1]])
+    hidden = forward(params, cfg, tokens, attention_mask=mask, lora=lora, return_hidden=True)
+    pair = unembed(params, cfg, hidden, rating_ids)  # [M, W, 2]: no [M, W, V] logits
+    return jax.nn.sigmoid(pair[..., 0] - pair[..., 1])
 
 
 def thought_ratings(

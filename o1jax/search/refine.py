@@ -46,7 +46,7 @@ import numpy as np
 from flax import struct
 
 from o1jax.data import answers, longcot
-from o1jax.model.gemma2 import forward
+from o1jax.model.gemma2 import forward, unembed
 from o1jax.model.sampler import generate
 from o1jax.search import ebc, pprm
 from o1jax.search.format import make_step_format, special_id
@@ -304,14 +304,13 @@ def step_statistics(
 
     seq, total = jax.vmap(join)(prompts, prompt_lengths, solutions, lengths)  # [R, P + W]
     mask = jnp.arange(width)[None, :] < total[:, None]
-    logits = forward(params, cfg, seq, attention_mask=mask, lora=lora)  # [R, P + S, V]
-    # Logits at the solution's position t (sequence position plen + t) predict token t + 1.
+    hidden = forward(params, cfg, seq, attention_mask=mask, lora=lora, return_hidden=True)
+    # The state at the solution's position t (sequence position plen + t) predicts token t + 1.
     at = prompt_lengths[:, None] + jnp.arange(s)[None, :]  # [R, W]
-    picked = jnp.take_along_axis(logits, jnp.minimum(at, width - 1)[:, :, None], axis=1)
+    picked = jnp.take_along_axis(hidden, jnp.minimum(at, width - 1)[:, :, None], axis=1)
     f = fmt.step
-    positive_at = jax.nn.sigmoid(
-        picked[..., f.positive_rating] - picked[..., f.negative_rating]
-    )  # [R, W] float32
+    pair = unembed(params, cfg, picked, (f.positive_rating, f.negative_rating))  # [R, W, 2]
+    positive_at = jax.nn.sigmoid(pair[..., 0] - pair[..., 1])  # [R, W] float32
     fn = functools.partial(_step_stats_one, fmt=fmt, config=config)
     return jax.vmap(fn)(solutions, lengths, positive_at)
 
