@@ -1,10 +1,12 @@
 """PPO update throughput and memory: LoRA adapters (o1jax's path) against full fine-tuning.
 
-Both run the same loss (`o1jax.rl.ppo.ppo_loss`: clipped surrogate, rating-token value loss,
-k3 KL to the LoRA-off reference) on the same batch of experiences and the same model. Full
-fine-tuning differentiates the base params directly (with the KL reference held as a frozen
-copy), as a LoRA-less PPO would. Reports tokens/s and XLA's compiled memory (arguments, outputs
-and temporaries) of one update.
+The LoRA path runs o1jax's loss (`o1jax.rl.ppo.ppo_loss`: clipped surrogate, rating-token value
+loss, entropy, k3 KL to the LoRA-off reference). `ppo_loss` has no full fine-tuning mode (its
+reference is the base with LoRA off), so the full path runs the core of it: the same thought
+log-probs (`thought_logprobs`, from hidden states), the clipped surrogate and the k3 KL to a
+frozen copy of the params, without the value and entropy terms. Same batch of experiences,
+same model. Reports tokens/s and XLA's compiled memory (arguments, outputs and temporaries) of
+one update.
 
     python bench/ppo.py [--batch 32] [--width 256] [--reps 5]
 """
@@ -22,7 +24,7 @@ import optax
 
 from o1jax.model import Gemma2Config, forward, init_params, lora
 from o1jax.rl.experience import Experience
-from o1jax.rl.ppo import PPOConfig, ppo_loss, sequence_logprobs
+from o1jax.rl.ppo import PPOConfig, ppo_loss, thought_logprobs
 
 POS, NEG = 4, 5
 
@@ -61,14 +63,18 @@ def full_step(cfg, config, optimizer):
     def loss(params, reference, batch):
         max_len = batch.behaviour_logprobs.shape[1]
         mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
-        logp, _ = sequence_logprobs(
-            forward(params, cfg, batch.tokens, attention_mask=mask),
+        logp, _ = thought_logprobs(
+            params,
+            cfg,
+            forward(params, cfg, batch.tokens, attention_mask=mask, return_hidden=True),
             batch.tokens,
             batch.action_start,
             max_len,
         )
-        ref, _ = sequence_logprobs(
-            forward(reference, cfg, batch.tokens, attention_mask=mask),
+        ref, _ = thought_logprobs(
+            reference,
+            cfg,
+            forward(reference, cfg, batch.tokens, attention_mask=mask, return_hidden=True),
             batch.tokens,
             batch.action_start,
             max_len,
