@@ -224,11 +224,15 @@ def test_patience_stops_a_tree_after_enough_successes():
     assert np.asarray(tree.num_nodes).tolist() == [3, 3]  # stopped after the first expansion
 
 
-def test_prefixes_render_the_path_with_headers_and_ratings():
-    headers = np.array([[0, 0, 0], [50, 1, 0], [50, 2, 0], [50, 3, 0]], np.int32)
-    fmt = StepFormat(
+def _step_format(max_depth):
+    """A StepFormat whose header table has rows for depths 0..max_depth + 1: depth d's header is
+    [50, d] (a padded column of 0 beside it); suffixes: negative [60, 61, 62], positive [60, 63,
+    62]."""
+    headers = np.zeros((max_depth + 2, 3), np.int32)
+    headers[1:, :2] = [[50, d] for d in range(1, max_depth + 2)]
+    return StepFormat(
         headers=jnp.asarray(headers),
-        header_lengths=jnp.asarray([0, 2, 2, 2]),
+        header_lengths=jnp.asarray([0] + [2] * (max_depth + 1)),
         suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]),
         suffix_lengths=jnp.asarray([3, 3]),
         end_of_thought=EOT,
@@ -237,6 +241,10 @@ def test_prefixes_render_the_path_with_headers_and_ratings():
         negative_rating=61,
         conclusion=CONCLUSION,
     )
+
+
+def test_prefixes_render_the_path_with_headers_and_ratings():
+    fmt = _step_format(2)
     tree = init_tree(1, 7, L)
     tree = tree.replace(
         parent=jnp.asarray([[-1, 0, 0, 2, 2, -1, -1]]),
@@ -298,23 +306,6 @@ def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
     assert 1 <= compiled <= -(-width // mcts.PREFIX_BUCKET)
     run(0)  # the same shapes again: nothing new to compile
     assert sampler._generate._cache_size() == compiled
-
-
-def _step_format(max_depth):
-    """A StepFormat whose header table has rows for depths 0..max_depth + 1."""
-    headers = np.zeros((max_depth + 2, 2), np.int32)
-    headers[1:] = [[50, d] for d in range(1, max_depth + 2)]
-    return StepFormat(
-        headers=jnp.asarray(headers),
-        header_lengths=jnp.asarray([0] + [2] * (max_depth + 1)),
-        suffixes=jnp.asarray([[60, 61, 62], [60, 63, 62]]),
-        suffix_lengths=jnp.asarray([3, 3]),
-        end_of_thought=EOT,
-        start_of_rating=60,
-        positive_rating=63,
-        negative_rating=61,
-        conclusion=CONCLUSION,
-    )
 
 
 def test_a_step_format_built_for_a_shallower_search_is_rejected():

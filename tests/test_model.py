@@ -143,12 +143,17 @@ def _random_params(cfg, seed=0):
     return params
 
 
-def test_cache_default_positions_follow_each_row_and_overflow_is_refused():
+def _small_model():
+    """(cfg, params) of a 2-layer model with a window of 3, random norms included."""
     cfg = Gemma2Config.tiny(
         vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
         ffn_dim=64, sliding_window=3,
     )  # fmt: skip
-    params = _random_params(cfg)
+    return cfg, _random_params(cfg)
+
+
+def test_cache_default_positions_follow_each_row_and_overflow_is_refused():
+    cfg, params = _small_model()
     tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 8)))
     mask = jnp.asarray([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])  # row 1 left-padded
     full = forward(params, cfg, tokens, attention_mask=mask)
@@ -172,11 +177,7 @@ def test_cache_default_positions_follow_each_row_and_overflow_is_refused():
 
 def test_token_ids_outside_the_vocabulary_are_refused():
     """The embedding gather would clamp them: id V + 3 and id -1 would both read row V - 1."""
-    cfg = Gemma2Config.tiny(
-        vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
-        ffn_dim=64, sliding_window=3,
-    )  # fmt: skip
-    params = _random_params(cfg)
+    cfg, params = _small_model()
     tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 5)))
     for bad in (64, 67, -1):
         with pytest.raises(ValueError, match=rf"token id {bad} is outside \[0, 64\)"):
@@ -259,11 +260,7 @@ def test_gradients_reach_only_the_lora_pytree(hf_dir):
 def test_an_adapter_that_does_not_fit_the_params_is_refused_by_forward_and_merge():
     """forward used to drop adapter paths the model lacks (and evaluate the bare base) while
     merge raised a KeyError: both now list the paths that do not fit."""
-    cfg = Gemma2Config.tiny(
-        vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
-        ffn_dim=64, sliding_window=3,
-    )  # fmt: skip
-    params = _random_params(cfg)
+    cfg, params = _small_model()
     tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 5)))
     good = _random_lora(cfg)
     q = good.weights["layer_0"]["attn"]["q_proj"]

@@ -70,17 +70,22 @@ def expected_shape(cfg: Gemma2Config, path: tuple[str, ...]) -> tuple[int, ...]:
     }.get(leaf_parent, (d,))
 
 
+def _read_json(file: str):
+    """The JSON value of `file`; a file that is not valid JSON is a CheckpointError naming it."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
 def read_config(path: str) -> Gemma2Config:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: model directory does not exist")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{config_file}: missing (an HF model directory needs config.json)")
-    try:
-        with open(config_file) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    raw = _read_json(config_file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: not a JSON object ({type(raw).__name__})")
     try:
@@ -98,11 +103,7 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             continue
-        try:
-            with open(file) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        raw = _read_json(file)
         ids = raw.get("eos_token_id") if isinstance(raw, dict) else None
         if ids is None:
             continue
@@ -118,11 +119,7 @@ def _weight_map(path: str) -> dict[str, str]:
     index_file = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index_file):
-        try:
-            with open(index_file) as f:
-                index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
+        index = _read_json(index_file)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: no 'weight_map' object")
