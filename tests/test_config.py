@@ -4,10 +4,11 @@ import os
 import re
 
 import pytest
+import yaml
 
 from o1jax.data.tasks import DataError
 from o1jax.train import pipeline, run_context
-from o1jax.train.config import ConfigError, load_config
+from o1jax.train.config import ConfigError, load_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -23,6 +24,10 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
         ("mesh.data=0", "mesh.data: must be >= 1, or -1"),
         ("mesh.fsdp=-1", "mesh: may have at most one axis of -1"),
         ("sft.batch_size=0", "sft.batch_size: must be >= 1"),
+        ("sft.loss_chunk=-1", "sft.loss_chunk: must be >= 0"),
+        ("sft.micro_batch_size=-4", "sft.micro_batch_size: must be >= 0"),
+        ("sft.micro_batch_size=3", "sft.micro_batch_size: must divide sft.batch_size (8)"),
+        ("model.remat=2", "model.remat: expected true or false"),
         ("checkpoint.every=0", "checkpoint.every: must be >= 1"),
         ("checkpoint.keep=0", "checkpoint.keep: must be >= 1"),
         ("eval.num_problems=0", "eval.num_problems: must be >= 1"),
@@ -107,3 +112,21 @@ def test_a_batch_that_does_not_split_over_the_mesh_stops_the_run_before_training
     with pytest.raises(ConfigError, match=re.escape("pprm.batch_size: must be a multiple")):
         pipeline.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "config.yaml").exists()
+
+
+def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(tmp_path):
+    """`model.remat` builds a remat Gemma2Config; `sft.loss_chunk` and `sft.micro_batch_size`
+    load. A workdir whose config.yaml predates these keys is still the same run's."""
+    config = load_config(SMOKE, ["model.remat=true", "sft.loss_chunk=32", "sft.micro_batch_size=8"])
+    assert run_context.tiny_model_config(config, 64).remat
+    assert not run_context.tiny_model_config(load_config(SMOKE), 64).remat
+    assert (config.sft.loss_chunk, config.sft.micro_batch_size) == (32, 8)
+
+    default = load_config(SMOKE)
+    old = to_dict(default)
+    del old["model"]["remat"], old["sft"]["loss_chunk"], old["sft"]["micro_batch_size"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    run_context.check_workdir(default, str(tmp_path))  # no error: the same config
+    changed = load_config(SMOKE, ["sft.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match=re.escape("sft.micro_batch_size: 0 in the workdir, 8")):
+        run_context.check_workdir(changed, str(tmp_path))

@@ -1,4 +1,7 @@
-"""SFT: packing with document masks, loss masks, LoRA vs full, 1 vs 8 devices, NaN skipping."""
+"""SFT: packing with document masks, loss masks, LoRA vs full, 1 vs 8 devices, NaN skipping,
+chunked losses and micro-batches."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +9,9 @@ import numpy as np
 import pytest
 
 from o1jax.model import Gemma2Config, forward, init_params, lora
-from o1jax.parallel.mesh import make_mesh
+from o1jax.parallel.mesh import make_mesh, shard_batch
 from o1jax.train.checkpoint import Checkpointer
+from o1jax.train.config import ConfigError
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, lm_loss, nonfinite_count, pack
 
 CFG = Gemma2Config.tiny(
@@ -215,3 +219,145 @@ def test_bf16_full_finetune_trains_float32_master_weights_and_resumes(tmp_path):
     for a, b in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(resumed.state), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- memory knobs
+def _one_step(config, mesh, cfg=CFG, adapter=None, steps=2):
+    """Losses, grad norms and the trained state after `steps` steps of a batch of 16 rows."""
+    params = init_params(cfg, jax.random.key(1))
+    trainer = SFTTrainer(cfg, params, config, mesh, lora=adapter)
+    packed = pack(_examples(64), seq_len=32)
+    metrics = [trainer.train_step(packed.batch(s, config.batch_size, 0)) for s in range(steps)]
+    return (
+        [float(m["loss"]) for m in metrics],
+        [float(m["grad_norm"]) for m in metrics],
+        [float(m["target_tokens"]) for m in metrics],
+        jax.tree.map(np.asarray, trainer.state.trainable),
+    )
+
+
+def _assert_same_run(a, b, atol=1e-5):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=atol)  # losses
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=atol)  # grad norms
+    assert a[2] == b[2]  # target tokens
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol), a[3], b[3])
+
+
+def test_chunked_lm_loss_equals_the_full_one_values_and_grads():
+    from o1jax.train.sft import lm_nll_chunked
+
+    params = init_params(CFG, jax.random.key(1))
+    packed = pack(_examples(16), seq_len=32)
+    b = {k: jnp.asarray(v) for k, v in packed.batch(0, 4, 0).items()}
+    masks = (b["tokens"], b["loss_mask"], b["segment_ids"])
+    kw = dict(positions=b["positions"], segment_ids=b["segment_ids"])
+
+    def full(p):
+        return lm_loss(forward(p, CFG, b["tokens"], **kw), *masks)
+
+    def chunked(p, chunk):
+        hidden = forward(p, CFG, b["tokens"], return_hidden=True, **kw)
+        total, count = lm_nll_chunked(p, CFG, hidden, *masks, chunk=chunk)
+        return total / jnp.maximum(count, 1.0), count
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
+    (want, want_count), want_grads = grad(lambda p, _: full(p))(params, None)
+    for chunk in (8, 12):  # a divisor of T = 32, a non-divisor
+        (got, count), grads = grad(chunked)(params, chunk)
+        assert float(count) == float(want_count) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), grads, want_grads)
+
+
+_KNOBS_BASE = SFTConfig(steps=10, batch_size=16, seq_len=32, learning_rate=1e-2, warmup_steps=2)
+
+
+def test_micro_batches_and_loss_chunks_train_as_the_whole_batch_does():
+    """The memory knobs change what is kept, not what is computed: 4 micro-batches of 4 rows
+    with the loss in chunks of 12 positions (T = 32) give the whole batch's losses, gradient
+    norms and trained params, to float reassociation."""
+    one = make_mesh(devices=jax.devices()[:1])
+    knobs = dataclasses.replace(_KNOBS_BASE, micro_batch_size=4, loss_chunk=12)
+    _assert_same_run(_one_step(knobs, one), _one_step(_KNOBS_BASE, one))
+
+
+def test_micro_batches_on_8_devices_with_remat_and_lora_train_as_the_whole_batch_does():
+    """Micro-batches of one row per device (data 2 x fsdp 4), remat and a chunked loss, on a
+    LoRA adapter: the whole batch's run on one device, to float reassociation."""
+    adapter = lambda: lora.init(CFG, jax.random.key(2), lora.LoRAConfig(rank=4, alpha=8))
+    knobs = dataclasses.replace(_KNOBS_BASE, micro_batch_size=8, loss_chunk=8)
+    eight = make_mesh({"data": 2, "fsdp": 4})
+    _assert_same_run(
+        _one_step(knobs, eight, CFG.replace(remat=True), adapter=adapter()),
+        _one_step(_KNOBS_BASE, make_mesh(devices=jax.devices()[:1]), adapter=adapter()),
+    )
+
+
+def test_micro_batches_that_do_not_split_the_batch_or_the_mesh_are_refused():
+    params = init_params(CFG, jax.random.key(1))
+    for config, message in [
+        (SFTConfig(batch_size=16, micro_batch_size=6), r"sft.micro_batch_size: must divide "),
+        (SFTConfig(batch_size=16, micro_batch_size=4), r"sft.micro_batch_size: must be a mul"),
+        (SFTConfig(batch_size=16, micro_batch_size=-1), r"sft.micro_batch_size: must be >= 0"),
+        (SFTConfig(batch_size=16, loss_chunk=-2), r"sft.loss_chunk: must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            SFTTrainer(CFG, params, config, make_mesh())  # 8 devices on `data`
+
+
+def test_a_chunked_loss_never_holds_the_batchs_logits():
+    """XLA's memory analysis of the compiled step (nothing runs): with a 32k vocabulary the
+    [B, T, V] float32 logits are 128 MiB. Without chunks the step's temporaries exceed them
+    (logits, log-softmax and their gradients); with chunks of 64 positions they stay below."""
+    cfg = Gemma2Config.tiny(
+        vocab_size=32768, num_layers=1, d_model=64, num_heads=2, num_kv_heads=1, head_dim=32,
+        ffn_dim=128, sliding_window=64,
+    )  # fmt: skip
+    b, t = 2, 512
+    logits_bytes = b * t * cfg.vocab_size * 4
+    params = init_params(cfg, jax.random.key(0))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    batch = {
+        "tokens": np.ones((b, t), np.int32),
+        "loss_mask": np.ones((b, t), bool),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+    }
+
+    def temp_bytes(loss_chunk):
+        config = SFTConfig(batch_size=b, seq_len=t, loss_chunk=loss_chunk)
+        trainer = SFTTrainer(cfg, params, config, mesh)
+        with jax.set_mesh(mesh):
+            lowered = trainer._step.lower(trainer.state, trainer.frozen, shard_batch(batch, mesh))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(0) > logits_bytes
+    assert temp_bytes(64) < logits_bytes
+
+
+def test_under_fsdp_a_chunked_loss_keeps_each_devices_rows_on_it():
+    """fsdp splits the params' D over the devices that split the batch. Left to itself, XLA
+    contracted over the split D with one row per device: every device computed the whole
+    batch's MLP activations and logits and all-reduced them. The chunked loss pins the rows to
+    their devices (and the model's layers follow): no array of the whole batch is left."""
+    cfg = Gemma2Config.tiny(
+        vocab_size=4096, num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, head_dim=32,
+        ffn_dim=1024, sliding_window=64,
+    )  # fmt: skip
+    b, t, chunk = 8, 256, 64
+    mesh = make_mesh({"fsdp": 8})
+    adapter = lora.init(cfg, jax.random.key(2), lora.LoRAConfig(rank=4, alpha=8))
+    config = SFTConfig(batch_size=b, seq_len=t, loss_chunk=chunk)
+    trainer = SFTTrainer(cfg, init_params(cfg, jax.random.key(0)), config, mesh, lora=adapter)
+    batch = {
+        "tokens": np.ones((b, t), np.int32),
+        "loss_mask": np.ones((b, t), bool),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+    }
+    with jax.set_mesh(mesh):
+        lowered = trainer._step.lower(trainer.state, trainer.frozen, shard_batch(batch, mesh))
+    text = lowered.compile().as_text()
+    assert f"f32[1,{t},{cfg.ffn_dim}]" in text  # each device's own row of the MLP
+    assert f"f32[{b},{t},{cfg.ffn_dim}]" not in text
+    assert f"f32[{b},{chunk},{cfg.vocab_size}]" not in text

@@ -53,6 +53,9 @@ class ModelConfig:
     # Gemma2 caps attention logits at 50; null turns the cap off (the tiny default does: on a
     # CPU the tanh over [B, H, T, T] scores is a quarter of an SFT step). HF models keep theirs.
     attn_logit_softcapping: float | None = 50.0
+    # Recompute each decoder layer's activations in the backward pass (Gemma2Config.remat): a
+    # training step then keeps one layer's activations instead of every layer's.
+    remat: bool = False
 
     def __post_init__(self):
         _require(self.preset in PRESETS, "model.preset", self.preset, f"must be one of {PRESETS}")
@@ -153,10 +156,23 @@ class SFTSection:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     full_finetune: bool = True  # False: train a LoRA adapter on the frozen base
+    # Memory, not numbers (the same loss and gradient up to float rounding; o1jax.train.sft):
+    # positions whose logits the loss computes at a time (0: all T), and rows per micro-batch
+    # of gradient accumulation (0: the whole batch in one pass; a multiple of the mesh's
+    # data x fsdp size that divides batch_size). `python bench/memory.py` sizes them.
+    loss_chunk: int = 0
+    micro_batch_size: int = 0
 
     def __post_init__(self):
         _require(self.steps >= 0, "sft.steps", self.steps, "must be >= 0")
         _require(self.batch_size >= 1, "sft.batch_size", self.batch_size, "must be >= 1")
+        _require(self.loss_chunk >= 0, "sft.loss_chunk", self.loss_chunk,
+                 "must be >= 0 (0: all positions at once)")  # fmt: skip
+        _require(self.micro_batch_size >= 0, "sft.micro_batch_size", self.micro_batch_size,
+                 "must be >= 0 (0: the whole batch at once)")  # fmt: skip
+        _require(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
+                 "sft.micro_batch_size", self.micro_batch_size,
+                 f"must divide sft.batch_size ({self.batch_size})")  # fmt: skip
         _require(self.seq_len >= 2, "sft.seq_len", self.seq_len, "must be >= 2")
         _require(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "must be > 0")
         _require(self.warmup_steps >= 0, "sft.warmup_steps", self.warmup_steps, "must be >= 0")

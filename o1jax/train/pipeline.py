@@ -67,6 +67,8 @@ def run(config: RunConfig, workdir: str) -> dict:
         # after minutes of SFT.
         for key, size, used in (
             ("sft.batch_size", config.sft.batch_size, config.sft.steps > 0),
+            ("sft.micro_batch_size", config.sft.micro_batch_size,
+             config.sft.steps > 0 and config.sft.micro_batch_size > 0),  # fmt: skip
             ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
             ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
         ):

@@ -167,7 +167,8 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
         if vocab > cfg.vocab_size:
             params = resize_embeddings(params, vocab)
             cfg = cfg.replace(vocab_size=vocab)
-        return cfg.replace(attention_impl=config.model.attention_impl), params
+        cfg = cfg.replace(attention_impl=config.model.attention_impl, remat=config.model.remat)
+        return cfg, params
     require_weights(config)
     cfg = tiny_model_config(config, vocab)
     return cfg, init_params(cfg, key, dtype)
@@ -201,6 +202,7 @@ def tiny_model_config(config: RunConfig, vocab_size: int) -> Gemma2Config:
         attn_logit_softcapping=m.attn_logit_softcapping,
         query_pre_attn_scalar=float(m.head_dim),
         attention_impl=m.attention_impl,
+        remat=m.remat,
     )
 
 

@@ -10,6 +10,13 @@ problem), never across document boundaries of a packed row, averaged over those 
 LoRA adapter only the adapter trains (the base gets no gradient and no optimizer state);
 without one, every parameter trains. The batch of a step is a pure function of (step, seed), so a
 resumed run sees exactly the data of an uninterrupted one.
+
+Memory (a real Gemma2's 256k vocabulary makes the [B, T, V] float32 logits a step's largest
+arrays): `loss_chunk` > 0 unembeds `loss_chunk` positions at a time (o1jax.model.logprobs), and
+`micro_batch_size` > 0 runs the batch as micro-batches of that many rows in a `lax.scan`, summing
+their gradients, NLL sums and token counts, and dividing once: the loss and gradient of the
+whole batch (up to float reassociation), one optimizer update. `Gemma2Config.remat` recomputes
+each layer's activations in the backward pass. `bench/memory.py` measures a step's memory.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import optax
 from flax import struct
 
 from o1jax.model.gemma2 import forward
-from o1jax.parallel.mesh import param_shardings, replicated, shard_batch
-from o1jax.train.config import require_batch_fits_mesh
+from o1jax.model.logprobs import token_logprobs
+from o1jax.parallel.mesh import BATCH_AXES, param_shardings, replicated, shard_batch
+from o1jax.train.config import ConfigError, require_batch_fits_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,9 @@ class SFTConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     max_nonfinite: int = 3  # non-finite losses tolerated (updates skipped) before the run stops
+    # Memory knobs; the same loss and gradient up to float reassociation (see the docstring).
+    loss_chunk: int = 0  # positions unembedded at a time in the loss; 0: all at once
+    micro_batch_size: int = 0  # rows per gradient-accumulation pass; 0: the whole batch at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +127,38 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> Packed:
     return Packed(tokens, mask, segments, positions)
 
 
-def lm_loss(logits, tokens, loss_mask, segment_ids):
-    """Mean next-token NLL over target tokens inside their own document; and the token count."""
+def target_mask(loss_mask, segment_ids):
+    """[B, T-1] float32: 1 where token t+1 is a target of position t (its loss_mask is set, and it
+    is in position t's document, not padding)."""
+    mask = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return mask.astype(jnp.float32)
+
+
+def lm_nll(logits, tokens, loss_mask, segment_ids):
+    """(Sum of next-token NLL over the target tokens, their count) from logits [B, T, V]."""
     logp = jax.nn.log_softmax(logits[:, :-1])
     targets = tokens[:, 1:]
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    mask = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-    mask = mask.astype(jnp.float32)
+    mask = target_mask(loss_mask, segment_ids)
     count = mask.sum()
-    return jnp.sum(nll * mask) / jnp.maximum(count, 1.0), count
+    return jnp.sum(nll * mask), count
+
+
+def lm_nll_chunked(params, cfg, hidden, tokens, loss_mask, segment_ids, *, chunk: int):
+    """`lm_nll` from final hidden states [B, T, D] (`forward(..., return_hidden=True)`), with the
+    logits unembedded `chunk` positions at a time (o1jax.model.logprobs)."""
+    # Position t predicts token t+1; the last position predicts nothing (target 0, masked out).
+    # All T positions go in, so that a T divisible by `chunk` needs no padding.
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [B, T]
+    logp = token_logprobs(params, cfg, hidden, targets, chunk=chunk)[:, :-1]  # [B, T-1]
+    mask = target_mask(loss_mask, segment_ids)
+    return -jnp.sum(logp * mask), mask.sum()
+
+
+def lm_loss(logits, tokens, loss_mask, segment_ids):
+    """Mean next-token NLL over target tokens inside their own document; and the token count."""
+    total, count = lm_nll(logits, tokens, loss_mask, segment_ids)
+    return total / jnp.maximum(count, 1.0), count
 
 
 @struct.dataclass
@@ -176,6 +210,7 @@ class SFTTrainer:
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.use_lora = lora is not None
         require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
+        check_micro_batch(config, mesh)
         self.optimizer = make_optimizer(config)
         # The params' dtypes, when a full fine-tune trains a float32 master copy of them.
         self._master_of = None
@@ -207,6 +242,8 @@ class SFTTrainer:
                 optimizer=self.optimizer,
                 use_lora=self.use_lora,
                 master_of=self._master_of,
+                loss_chunk=config.loss_chunk,
+                micro_batch_size=config.micro_batch_size,
             ),
             donate_argnums=(0,),
         )
@@ -232,26 +269,100 @@ class SFTTrainer:
         return metrics
 
 
-def _sft_step(state: SFTState, frozen, batch, *, cfg, optimizer, use_lora: bool, master_of):
+def check_micro_batch(config: SFTConfig, mesh) -> None:
+    """Raises ConfigError unless `config.micro_batch_size` (when > 0) divides the batch into
+    micro-batches that each split over the mesh's data x fsdp devices."""
+    m = config.micro_batch_size
+    if m < 0 or config.loss_chunk < 0:
+        bad, value = ("micro_batch_size", m) if m < 0 else ("loss_chunk", config.loss_chunk)
+        raise ConfigError(f"sft.{bad}: must be >= 0, got {value!r}")
+    if m == 0:
+        return
+    if config.batch_size % m:
+        raise ConfigError(
+            f"sft.micro_batch_size: must divide sft.batch_size ({config.batch_size}), got {m!r}"
+        )
+    require_batch_fits_mesh("sft.micro_batch_size", m, mesh)
+
+
+def _micro_batches(x, n: int):
+    """[B, ...] -> [n, B/n, ...]: micro-batch i holds rows i, n+i, 2n+i, ... so that each device
+    keeps its own rows (a device's contiguous rows split evenly over the micro-batches)."""
+    b = x.shape[0]
+    x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+    spec = jax.sharding.PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _sft_step(
+    state: SFTState,
+    frozen,
+    batch,
+    *,
+    cfg,
+    optimizer,
+    use_lora: bool,
+    master_of,
+    loss_chunk: int = 0,
+    micro_batch_size: int = 0,
+):
     chex.assert_rank(batch["tokens"], 2)
 
-    def loss_fn(trainable):
+    def nll_sum(trainable, batch):
+        """(Sum of the NLL of `batch`'s target tokens, their count)."""
         if use_lora:
             params, lora = frozen, trainable
         else:  # a float32 master copy is cast to the params' dtypes (grads come back float32)
             params = trainable if master_of is None else trained_params(trainable, master_of)
             lora = None
-        logits = forward(
+        out = forward(
             params,
             cfg,
             batch["tokens"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             lora=lora,
-        )
-        return lm_loss(logits, batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+            return_hidden=loss_chunk > 0,
+        )  # [B, T, D] hidden states with loss_chunk, else [B, T, V] logits
+        masks = (batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+        if loss_chunk > 0:
+            return lm_nll_chunked(params, cfg, out, *masks, chunk=loss_chunk)
+        return lm_nll(out, *masks)
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    rows = batch["tokens"].shape[0]
+    n_micro = rows // micro_batch_size if micro_batch_size else 1
+    if n_micro <= 1:
+
+        def loss_fn(trainable):
+            total, count = nll_sum(trainable, batch)
+            return total / jnp.maximum(count, 1.0), count
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    else:
+        if rows % micro_batch_size:
+            raise ValueError(
+                f"sft: {rows} rows are no whole number of {micro_batch_size}-row batches"
+            )
+        micro = jax.tree.map(functools.partial(_micro_batches, n=n_micro), batch)
+        grad_sum = jax.value_and_grad(nll_sum, has_aux=True)
+        f32 = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
+
+        def accumulate(carry, mb):
+            grads, total, count = carry
+            (nll, n), g = grad_sum(state.trainable, mb)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, total + nll, count + n), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (grads, total, count), _ = jax.lax.scan(
+            accumulate, (f32(state.trainable), zero, zero), micro
+        )
+        denom = jnp.maximum(count, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g, t: (g / denom).astype(t.dtype), grads, state.trainable)
+
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new = SFTState(optax.apply_updates(state.trainable, updates), opt_state, state.step + 1)
     metrics = {

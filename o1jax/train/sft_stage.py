@@ -77,6 +77,8 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
         warmup_steps=s.warmup_steps,
         weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm,
+        loss_chunk=s.loss_chunk,
+        micro_batch_size=s.micro_batch_size,
     )
     adapter = None
     if not s.full_finetune:

@@ -1,0 +1,232 @@
+"""Per-device memory of one SFT step of a config, from XLA's analysis of the compiled step.
+
+    python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 [--layers 2,3,4] [key=value]
+
+Nothing is allocated and no weights are read: the step (`o1jax.train.sft._sft_step`) is lowered
+with abstract inputs and compiled, and `compiled.memory_analysis()` gives the bytes one device
+needs: its temporaries (activations, logits, gradients), its arguments (the frozen base, the
+trained params or adapter, Adam's moments, the batch) and its outputs, less the donated state.
+
+The model is the config's: its preset's geometry (or `model_dir`'s config.json) with the
+vocabulary grown by `--extra-vocab` long-CoT tokens, `model.dtype` for the base, a LoRA adapter
+(`lora`) or a full fine-tune (`sft.full_finetune`), `sft.batch_size` x `sft.seq_len` rows on the
+config's mesh laid over `--devices` devices (fake host devices on this CPU). Each of `--layers`
+is compiled twice: "before", without the memory knobs (no remat, `sft.loss_chunk` 0,
+`sft.micro_batch_size` 0), and "after", with the config's (`model.remat`, `sft.loss_chunk`,
+`sft.micro_batch_size`). From two layer counts or more the cost per layer (the largest step
+between consecutive counts) is extrapolated to the model's depth.
+
+The numbers are XLA CPU's buffer assignment for the partitioned program of one device (with
+remat's optimization barriers kept to the scheduler, see `main`); a GPU's compiler fuses and
+lays out differently, and its allocator fragments: leave headroom. The CPU also computes
+bfloat16 matmuls through float32 copies of their operands (2.2 GiB for Gemma2-2B's gathered
+embedding) that a GPU does not make, so bfloat16 models measure somewhat high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from itertools import pairwise
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a run config, e.g. configs/gemma2-2b.yaml")
+    parser.add_argument("--devices", type=int, default=1, help="devices the mesh spans (default 1)")
+    parser.add_argument(
+        "--layers",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[2, 3, 4],
+        help="decoder layer counts to compile, comma-separated (default 2,3,4)",
+    )
+    parser.add_argument(
+        "--extra-vocab", type=int, default=16, help="tokens added to the preset's vocabulary"
+    )
+    parser.add_argument(
+        "--only", choices=("before", "after"), default=None, help="compile one of the two"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. sft.micro_batch_size=16"
+    )
+    args = parser.parse_args(argv)
+    if args.devices < 1 or min(args.layers) < 1:
+        parser.error("--devices and --layers must be >= 1")
+    return args
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # Before JAX starts: the fake devices, on the CPU. XLA's CPU pipeline drops the optimization
+    # barriers of `jax.checkpoint` before it schedules (its cse_barrier_expander pass) and then
+    # computes every rematerialised layer during the forward pass, so a remat step would measure
+    # as much as one without; keeping the barriers, as a GPU compile does, measures remat.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        " --xla_disable_hlo_passes=cse_barrier_expander"
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from o1jax.model import Gemma2Config, init_params, lora
+    from o1jax.parallel.mesh import batch_sharding, make_mesh, param_shardings, replicated
+    from o1jax.train.config import ConfigError, load_config
+    from o1jax.train.run_context import tiny_model_config
+    from o1jax.train.sft import SFTConfig, SFTState, _sft_step, check_micro_batch, make_optimizer
+
+    try:
+        config = load_config(args.config, args.overrides)
+        m = config.mesh
+        mesh = make_mesh(
+            {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor},
+            devices=jax.devices()[: args.devices],
+        )
+        s = config.sft
+        knobs = SFTConfig(
+            steps=s.steps,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            loss_chunk=s.loss_chunk,
+            micro_batch_size=s.micro_batch_size,
+        )
+        check_micro_batch(knobs, mesh)
+        if config.model_dir:
+            from o1jax.model.hf_io import read_config
+
+            base = read_config(config.model_dir)
+        elif config.model.preset == "tiny":
+            base = tiny_model_config(config, 512)
+        else:
+            base = Gemma2Config.preset(config.model.preset)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = base.replace(
+        vocab_size=base.vocab_size + args.extra_vocab, attention_impl=config.model.attention_impl
+    )
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    use_lora = not s.full_finetune
+    b, t = s.batch_size, s.seq_len
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    print(
+        f"{args.config}: {base.num_layers} layers, d_model {base.d_model}, vocab "
+        f"{base.vocab_size}, {config.model.dtype} base, "
+        f"{'LoRA r' + str(config.lora.rank) if use_lora else 'full fine-tune'}; batch {b} x {t} "
+        f"on mesh {dict(mesh.shape)} ({args.devices} devices): {b // shards} rows per device",
+        flush=True,
+    )
+
+    def measure(layers: int, remat: bool, loss_chunk: int, micro: int):
+        cfg = base.replace(num_layers=layers, remat=remat)
+        key = jax.random.key(0)
+        params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
+        sft_config = SFTConfig(steps=s.steps, batch_size=b, seq_len=t)
+        optimizer = make_optimizer(sft_config)
+        on_mesh = lambda tree: jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            tree,
+            param_shardings(tree, mesh),
+        )
+        master_of = None
+        if use_lora:
+            lcfg = lora.LoRAConfig(
+                rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets
+            )
+            trainable = jax.eval_shape(lambda k: lora.init(cfg, k, lcfg), key)
+            frozen = on_mesh(params)
+        else:  # as SFTTrainer: a float32 master copy of params that are not all float32
+            if any(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
+                master_of = params
+            trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+            frozen = None
+        opt_state = jax.eval_shape(optimizer.init, trainable)
+        step_struct = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+        state = SFTState(on_mesh(trainable), on_mesh(opt_state), step_struct)
+        rows = batch_sharding(mesh, 2)
+        batch = {
+            k: jax.ShapeDtypeStruct((b, t), dt, sharding=rows)
+            for k, dt in (
+                ("tokens", jnp.int32),
+                ("loss_mask", jnp.bool_),
+                ("segment_ids", jnp.int32),
+                ("positions", jnp.int32),
+            )
+        }
+        step = jax.jit(
+            functools.partial(
+                _sft_step,
+                cfg=cfg,
+                optimizer=optimizer,
+                use_lora=use_lora,
+                master_of=master_of,
+                loss_chunk=loss_chunk,
+                micro_batch_size=micro,
+            ),
+            donate_argnums=(0,),
+        )
+        with jax.set_mesh(mesh):
+            compiled = step.lower(state, frozen, batch).compile()
+        a = compiled.memory_analysis()
+        total = (
+            a.temp_size_in_bytes
+            + a.argument_size_in_bytes
+            + a.output_size_in_bytes
+            - a.alias_size_in_bytes
+        )
+        return a.temp_size_in_bytes, a.argument_size_in_bytes, total
+
+    settings = {
+        "before": (False, 0, 0),
+        "after": (config.model.remat, s.loss_chunk, s.micro_batch_size),
+    }
+    for name, (remat, chunk, micro) in settings.items():
+        if args.only and name != args.only:
+            continue
+        print(
+            f"{name}: remat {str(remat).lower()}, loss_chunk {chunk}, micro_batch_size {micro}",
+            flush=True,
+        )
+        measured = {}
+        for layers in sorted(set(args.layers)):
+            measured[layers] = measure(layers, remat, chunk, micro)
+            temp, arg, total = measured[layers]
+            print(
+                f"  {layers:3d} layers:              temp {_gib(temp)}  args {_gib(arg)}  "
+                f"total {_gib(total)} per device",
+                flush=True,
+            )
+        if len(measured) >= 2 and base.num_layers not in measured:
+            # XLA's heap packing is not exactly linear in the depth (a layer more can even
+            # measure less): each column grows by its largest step per layer between
+            # consecutive counts, from the deepest one measured.
+            counts = sorted(measured)
+            deepest = measured[counts[-1]]
+            full = [
+                deepest[i]
+                + max(
+                    max((measured[b][i] - measured[a][i]) / (b - a) for a, b in pairwise(counts)),
+                    0.0,
+                )
+                * (base.num_layers - counts[-1])
+                for i in range(3)
+            ]
+            print(
+                f"  {base.num_layers:3d} layers (extrapolated): temp {_gib(full[0])}  args "
+                f"{_gib(full[1])}  total {_gib(full[2])} per device",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
