@@ -65,10 +65,10 @@ def run(config: RunConfig, workdir: str) -> dict:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
         # Every stage's batch is split over the mesh: refuse one that does not fit now, not
         # after minutes of SFT.
+        micro_batches = config.sft.steps > 0 and config.sft.micro_batch_size > 0
         for key, size, used in (
             ("sft.batch_size", config.sft.batch_size, config.sft.steps > 0),
-            ("sft.micro_batch_size", config.sft.micro_batch_size,
-             config.sft.steps > 0 and config.sft.micro_batch_size > 0),  # fmt: skip
+            ("sft.micro_batch_size", config.sft.micro_batch_size, micro_batches),
             ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
             ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
         ):
