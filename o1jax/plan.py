@@ -6,7 +6,8 @@
 Estimates the resident arrays, placed by the partition rules of o1jax.parallel.mesh: the frozen
 base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained float32 copy
 of the params and its moments), the sampler's KV cache during self-play, and the
-replay buffer. Activations and XLA temporaries come on top; leave headroom.
+replay buffer. Activations and XLA temporaries come on top: `bench/memory.py` measures a
+compiled SFT step's (the last line printed names the command).
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, size in rows.items():
         print(f"  {name:<28}{_gib(size)} per device")
     print(f"  {'total (before activations)':<28}{_gib(sum(rows.values()))} per device")
+    print(
+        "activations and temporaries of the SFT step (remat, sft.loss_chunk, "
+        f"sft.micro_batch_size): python bench/memory.py --config {args.config} "
+        f"--devices {total_devices}"
+    )
     return 0
 
 
