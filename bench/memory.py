@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from o1jax.parallel.mesh import batch_sharding, make_mesh, param_shardings, replicated
     from o1jax.train.config import ConfigError, load_config
     from o1jax.train.run_context import tiny_model_config
-    from o1jax.train.sft import SFTConfig, SFTState, _sft_step, check_micro_batch, make_optimizer
+    from o1jax.train.sft import SFTState, _sft_step, check_micro_batch, make_optimizer
+    from o1jax.train.sft_stage import trainer_config
 
     try:
         config = load_config(args.config, args.overrides)
@@ -92,14 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             devices=jax.devices()[: args.devices],
         )
         s = config.sft
-        knobs = SFTConfig(
-            steps=s.steps,
-            batch_size=s.batch_size,
-            seq_len=s.seq_len,
-            loss_chunk=s.loss_chunk,
-            micro_batch_size=s.micro_batch_size,
-        )
-        check_micro_batch(knobs, mesh)
+        check_micro_batch(trainer_config(config), mesh)
         if config.model_dir:
             from o1jax.model.hf_io import read_config
 
@@ -130,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = base.replace(num_layers=layers, remat=remat)
         key = jax.random.key(0)
         params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
-        sft_config = SFTConfig(steps=s.steps, batch_size=b, seq_len=t)
-        optimizer = make_optimizer(sft_config)
+        optimizer = make_optimizer(trainer_config(config))
         on_mesh = lambda tree: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
             tree,

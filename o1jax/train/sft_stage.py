@@ -63,13 +63,10 @@ def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
     return out
 
 
-def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
-    """SFT steps `start_step`..`sft.steps` from `start_state` (None: a fresh adapter, or the full
-    params with `sft.full_finetune`). Checkpoints every `checkpoint.every` steps, at the end and
-    on SIGTERM (then raises Preempted). Returns the trainer."""
-    config = ctx.config
+def trainer_config(config: RunConfig) -> SFTConfig:
+    """The `SFTTrainer` settings of the run's `sft` section."""
     s = config.sft
-    sft_config = SFTConfig(
+    return SFTConfig(
         steps=s.steps,
         batch_size=s.batch_size,
         seq_len=s.seq_len,
@@ -80,6 +77,15 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
         loss_chunk=s.loss_chunk,
         micro_batch_size=s.micro_batch_size,
     )
+
+
+def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
+    """SFT steps `start_step`..`sft.steps` from `start_state` (None: a fresh adapter, or the full
+    params with `sft.full_finetune`). Checkpoints every `checkpoint.every` steps, at the end and
+    on SIGTERM (then raises Preempted). Returns the trainer."""
+    config = ctx.config
+    s = config.sft
+    sft_config = trainer_config(config)
     adapter = None
     if not s.full_finetune:
         adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), lora_config(config))
