@@ -2,7 +2,7 @@
 
     python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 [--layers 2,3,4] [key=value]
 
-Nothing is allocated and no weights are read: the step (`o1jax.train.sft._sft_step`) is lowered
+Nothing is allocated and no weights are read: the step (`o1jax.train.sft.compile_step`) is lowered
 with abstract inputs and compiled, and `compiled.memory_analysis()` gives the bytes one device
 needs: its temporaries (activations, logits, gradients), its arguments (the frozen base, the
 trained params or adapter, Adam's moments, the batch) and its outputs, less the donated state.
@@ -26,6 +26,7 @@ embedding) that a GPU does not make, so bfloat16 models measure somewhat high.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from itertools import pairwise
@@ -73,16 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    import functools
-
     import jax
     import jax.numpy as jnp
 
     from o1jax.model import Gemma2Config, init_params, lora
     from o1jax.parallel.mesh import batch_sharding, make_mesh, param_shardings, replicated
     from o1jax.train.config import ConfigError, load_config
-    from o1jax.train.run_context import tiny_model_config
-    from o1jax.train.sft import SFTState, _sft_step, check_micro_batch, make_optimizer
+    from o1jax.train.run_context import lora_config, tiny_model_config
+    from o1jax.train.sft import (
+        SFTState,
+        check_micro_batch,
+        compile_step,
+        make_optimizer,
+        master_dtypes,
+    )
     from o1jax.train.sft_stage import trainer_config
 
     try:
@@ -124,22 +129,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = base.replace(num_layers=layers, remat=remat)
         key = jax.random.key(0)
         params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
-        optimizer = make_optimizer(trainer_config(config))
+        sft_config = dataclasses.replace(
+            trainer_config(config), loss_chunk=loss_chunk, micro_batch_size=micro
+        )
+        optimizer = make_optimizer(sft_config)
         on_mesh = lambda tree: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
             tree,
             param_shardings(tree, mesh),
         )
-        master_of = None
+        master_of = master_dtypes(params, use_lora)  # as SFTTrainer
         if use_lora:
-            lcfg = lora.LoRAConfig(
-                rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets
-            )
+            lcfg = lora_config(config)
             trainable = jax.eval_shape(lambda k: lora.init(cfg, k, lcfg), key)
             frozen = on_mesh(params)
-        else:  # as SFTTrainer: a float32 master copy of params that are not all float32
-            if any(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
-                master_of = params
+        else:  # a float32 master copy of params that are not all float32
             trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
             frozen = None
         opt_state = jax.eval_shape(optimizer.init, trainable)
@@ -155,18 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("positions", jnp.int32),
             )
         }
-        step = jax.jit(
-            functools.partial(
-                _sft_step,
-                cfg=cfg,
-                optimizer=optimizer,
-                use_lora=use_lora,
-                master_of=master_of,
-                loss_chunk=loss_chunk,
-                micro_batch_size=micro,
-            ),
-            donate_argnums=(0,),
-        )
+        step = compile_step(cfg, sft_config, optimizer, use_lora, master_of)
         with jax.set_mesh(mesh):
             compiled = step.lower(state, frozen, batch).compile()
         a = compiled.memory_analysis()

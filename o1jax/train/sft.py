@@ -213,9 +213,7 @@ class SFTTrainer:
         check_micro_batch(config, mesh)
         self.optimizer = make_optimizer(config)
         # The params' dtypes, when a full fine-tune trains a float32 master copy of them.
-        self._master_of = None
-        if lora is None and any(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
-            self._master_of = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        self._master_of = master_dtypes(params, use_lora=lora is not None)
         with jax.set_mesh(mesh):
             # What is trained is a copy: the step donates the state, and the caller keeps its
             # params (full fine-tuning) or its adapter. The frozen base may alias the caller's.
@@ -235,18 +233,7 @@ class SFTTrainer:
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
         self.state = SFTState(trainable, opt_state, step)
         self._cast_back = jax.jit(functools.partial(trained_params, params=self._master_of))
-        self._step = jax.jit(
-            functools.partial(
-                _sft_step,
-                cfg=cfg,
-                optimizer=self.optimizer,
-                use_lora=self.use_lora,
-                master_of=self._master_of,
-                loss_chunk=config.loss_chunk,
-                micro_batch_size=config.micro_batch_size,
-            ),
-            donate_argnums=(0,),
-        )
+        self._step = compile_step(cfg, config, self.optimizer, self.use_lora, self._master_of)
 
     @property
     def params(self):
@@ -267,6 +254,32 @@ class SFTTrainer:
         with jax.set_mesh(self.mesh):
             self.state, metrics = self._step(self.state, self.frozen, shard_batch(batch, self.mesh))
         return metrics
+
+
+def master_dtypes(params, use_lora: bool):
+    """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s) when a full fine-tune trains a
+    float32 master copy of them (some are not float32); None otherwise (LoRA, or all float32)."""
+    if use_lora or all(x.dtype == jnp.float32 for x in jax.tree.leaves(params)):
+        return None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
+def compile_step(cfg, config: SFTConfig, optimizer, use_lora: bool, master_of):
+    """The jitted SFT step `(state, frozen, batch) -> (state, metrics)`, `state` donated, with
+    the memory settings of `config` (`loss_chunk`, `micro_batch_size`); master_of from
+    `master_dtypes`."""
+    return jax.jit(
+        functools.partial(
+            _sft_step,
+            cfg=cfg,
+            optimizer=optimizer,
+            use_lora=use_lora,
+            master_of=master_of,
+            loss_chunk=config.loss_chunk,
+            micro_batch_size=config.micro_batch_size,
+        ),
+        donate_argnums=(0,),
+    )
 
 
 def check_micro_batch(config: SFTConfig, mesh) -> None:
