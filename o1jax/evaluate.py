@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
             problems = load_jsonl(args.data) if args.data else ctx.test
             out_dir = args.out or args.workdir
+            stop_tokens = None  # the run's own tokenizer: its EOS
         else:
+            from o1jax.model.hf_io import eos_token_ids
             from o1jax.train.config import ModelConfig
             from o1jax.train.run_context import build_model, build_tokenizer, search_config
 
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
             adapter = judge = None
             out_dir = args.out or "eval"
+            # Stop where transformers' generate would: the tokenizer's EOS and every
+            # eos_token_id of the directory (Gemma2-it also ends a turn on <end_of_turn>).
+            eos = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+            stop_tokens = tuple(dict.fromkeys((*eos, *eos_token_ids(args.model))))
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=args.samples,
         batch_size=args.batch_size,
         lora=adapter,
+        stop_tokens=stop_tokens,
     )
     rows = {"problems": len(problems), "greedy pass@1": result.pass1}
     if args.samples > 1:

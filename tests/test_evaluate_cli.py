@@ -1,5 +1,7 @@
 """`python -m o1jax.evaluate`: bad arguments, data and workdirs: one `error:` line, exit 2."""
 
+import json
+
 import pytest
 from tiny_models import random_tiny_model
 
@@ -74,3 +76,56 @@ def test_maj_at_k_counts_equal_answers_written_differently_together():
     assert majority_answer(["14", "15", "14.0", "x = 14", "15", None]) == "14"
     assert majority_answer(["15", "14", "15.0", "14"]) == "15"  # a tie: the earliest group
     assert majority_answer([None, None]) is None
+
+
+def _model_dir_naming_a_second_eos(tmp_path, second_eos: int):
+    model = tmp_path / "hf_tiny"
+    tokenizer = build_tiny_tokenizer(model)
+    cfg, params = random_tiny_model(len(tokenizer), seed=1, sliding_window=8)
+    save_hf(str(model), cfg, params)
+    eos = {"eos_token_id": [tokenizer.eos_token_id, second_eos]}
+    (model / "generation_config.json").write_text(json.dumps(eos))
+    return model, tokenizer, cfg, params
+
+
+def test_a_model_directory_stops_on_every_eos_id_it_names(tmp_path, monkeypatch):
+    from o1jax.train import evaluate as ev
+
+    model, tokenizer, _, _ = _model_dir_naming_a_second_eos(tmp_path, 7)
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"question": "Start with 3, add 4.", "answer": "7"}) + "\n")
+    seen = []
+    real = ev.generate_texts
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("stop_tokens"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_texts", recording)
+    argv = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out")]
+    assert cli.main([*argv, "--max-new-tokens", "4"]) == 0
+    assert seen == [(tokenizer.eos_token_id, 7)]
+
+
+def test_generate_texts_ends_each_completion_at_a_given_stop_token(tmp_path):
+    import jax
+
+    from o1jax.train import evaluate as ev
+
+    from o1jax.model.sampler import generate
+    from o1jax.search.format import encode_prompts
+
+    _, tokenizer, cfg, params = _model_dir_naming_a_second_eos(tmp_path, 7)
+    question = ["Start with 3, add 4."]
+    prompts, lengths = encode_prompts(tokenizer, question)
+    greedy = generate(
+        params, cfg, prompts, lengths, key=jax.random.key(0), max_new_tokens=6, temperature=0.0
+    )
+    ids = [int(t) for t in greedy.tokens[0]]
+    kwargs = dict(key=jax.random.key(0), max_new_tokens=6, batch_size=2)
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=False)
+    free = ev.generate_texts(params, cfg, tokenizer, question, stop_tokens=(), **kwargs)
+    assert free == [[decode(ids)]]  # no stop: the whole budget
+    stopped = ev.generate_texts(params, cfg, tokenizer, question, stop_tokens=(ids[1],), **kwargs)
+    # Greedy decoding is the same up to the stop token, which ends the completion.
+    assert stopped == [[decode(ids[: ids.index(ids[1]) + 1])]]

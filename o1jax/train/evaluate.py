@@ -73,15 +73,19 @@ def generate_texts(
     batch_size: int = 32,
     lora=None,
     progress: str | None = None,
+    stop_tokens: Sequence[int] | None = None,
 ) -> list[list[str]]:
     """`num_samples` free-running completions per question (decoded, special tokens kept).
 
     Every batch is padded to `batch_size` rows and a common prompt width, so one compiled
-    program serves the whole evaluation.
+    program serves the whole evaluation. stop_tokens: the ids that end a completion; None: the
+    tokenizer's EOS.
     """
     _, lengths = encode_prompts(tokenizer, questions)
     width = int(jnp.max(lengths))
-    eos = tokenizer.eos_token_id
+    if stop_tokens is None:
+        eos = tokenizer.eos_token_id
+        stop_tokens = (eos,) if eos is not None else ()
     outputs: list[list[str]] = []
     bar = tqdm(total=len(questions), desc=progress, disable=progress is None, leave=False)
     for start, chunk in _batches(list(questions), batch_size):
@@ -95,7 +99,7 @@ def generate_texts(
             key=jax.random.fold_in(key, start),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            stop_tokens=(eos,) if eos is not None else (),
+            stop_tokens=tuple(stop_tokens),
             num_samples=num_samples,
             lora=lora,
         )
@@ -125,8 +129,12 @@ def evaluate(
     batch_size: int = 32,
     lora=None,
     progress: str | None = "eval",
+    stop_tokens: Sequence[int] | None = None,
 ) -> EvalResult:
-    """Greedy pass@1, and with samples > 1 also pass@k and maj@k at temperature 1."""
+    """Greedy pass@1, and with samples > 1 also pass@k and maj@k at temperature 1.
+
+    stop_tokens: the ids that end a completion (`generate_texts`); None: the tokenizer's EOS.
+    """
     questions = [p.question for p in problems]
     greedy = generate_texts(
         params,
@@ -138,6 +146,7 @@ def evaluate(
         batch_size=batch_size,
         lora=lora,
         progress=progress,
+        stop_tokens=stop_tokens,
     )
     sampled = None
     if samples > 1:
@@ -153,6 +162,7 @@ def evaluate(
             batch_size=max(batch_size // samples, 1),
             lora=lora,
             progress=progress,
+            stop_tokens=stop_tokens,
         )
     records = []
     n_greedy = n_pass = n_maj = 0
