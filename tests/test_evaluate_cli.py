@@ -110,10 +110,9 @@ def test_a_model_directory_stops_on_every_eos_id_it_names(tmp_path, monkeypatch)
 def test_generate_texts_ends_each_completion_at_a_given_stop_token(tmp_path):
     import jax
 
-    from o1jax.train import evaluate as ev
-
     from o1jax.model.sampler import generate
     from o1jax.search.format import encode_prompts
+    from o1jax.train import evaluate as ev
 
     _, tokenizer, cfg, params = _model_dir_naming_a_second_eos(tmp_path, 7)
     question = ["Start with 3, add 4."]
