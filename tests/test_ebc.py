@@ -32,18 +32,45 @@ def test_a_chain_of_adjacent_pairs_is_completed_to_a_total_order():
 
 
 def test_a_cycle_ties_its_members_above_what_they_all_beat():
-    # a > b > c > a, and each of them beats d: the three tie for first.
+    # a > b > c > a, and each of them beats d: the three tie for first, and their summed
+    # preferences (0.8 + 0.2 + 0.9 each) tie too, so the soft re-ranking keeps the tie.
     p = _p({(0, 1): 0.8, (1, 2): 0.8, (2, 0): 0.8, (0, 3): 0.9, (1, 3): 0.9, (2, 3): 0.9}, 4)
     wins, values = _run(p)
     assert wins == [3, 3, 3, 0]
     np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 0.0], atol=1e-6)
 
 
+def test_a_cycle_is_re_ranked_by_summed_preference():
+    """LLaMA-Berry's soft comparison: equal Borda counts ordered by sum_j P(i > j)."""
+    # 0 > 1 at .51, 1 > 2 at .51, 2 > 0 at .99; all three beat 3. Summed preferences:
+    # 0: .51 + .01 + .9 = 1.42; 1: .49 + .51 + .9 = 1.90; 2: .49 + .99 + .9 = 2.38.
+    p = _p({(0, 1): 0.51, (1, 2): 0.51, (2, 0): 0.99, (0, 3): 0.9, (1, 3): 0.9, (2, 3): 0.9}, 4)
+    wins, values = _run(p)
+    assert wins == [3, 3, 3, 0]  # the Borda counts themselves are unchanged
+    np.testing.assert_allclose(values, [1 / 3, 2 / 3, 1.0, 0.0], atol=1e-6)
+    assert int(np.argmax(values)) == 2
+    soft = np.asarray(ebc.soft_scores(jnp.asarray(p)[None], jnp.ones((1, 4), bool)))[0]
+    np.testing.assert_allclose(soft, [1.42, 1.90, 2.38, 0.3], atol=1e-5)
+
+
+def test_soft_scores_never_reorder_different_borda_counts():
+    # 0 beats only 1, barely (.51), but reaches everything through 1, which wins its other
+    # pairs at .99: 1's summed preference (2.98) is larger than 0's (2.01), 0 still ranks first.
+    p = _p({(0, 1): 0.51, (1, 2): 0.51, (1, 3): 0.99, (2, 3): 0.99, (1, 4): 0.99, (3, 4): 0.6}, 5)
+    wins, values = _run(p)
+    assert wins == [4, 3, 2, 1, 0]
+    soft = np.asarray(ebc.soft_scores(jnp.asarray(p)[None], jnp.ones((1, 5), bool)))[0]
+    assert soft[1] > soft[0]  # 1 has the larger sum, but fewer wins
+    np.testing.assert_allclose(values, [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-6)
+
+
 def test_missing_pairs_and_disconnected_groups():
-    # a > b and c > d only: a and c tie first (1 win each); b and d tie behind them.
+    # a > b and c > d only: a and c tie on Borda count (1 win each), b and d behind them. The
+    # soft comparison (a pair not compared counts 1/2) orders the ties: a (1.75) above c (1.55),
+    # d (1.45) above b (1.25).
     wins, values = _run(_p({(0, 1): 0.75, (2, 3): 0.55}, 4))
     assert wins == [1, 0, 1, 0]
-    np.testing.assert_allclose(values, [1.0, 1 / 3, 1.0, 1 / 3], atol=1e-6)
+    np.testing.assert_allclose(values, [1.0, 0.0, 2 / 3, 1 / 3], atol=1e-6)
 
 
 def test_reversed_probability_and_an_exact_half_mean_no_preference():
@@ -55,9 +82,10 @@ def test_reversed_probability_and_an_exact_half_mean_no_preference():
 def test_invalid_slots_neither_win_nor_count():
     p = _p({(0, 1): 0.9, (1, 2): 0.9, (2, 3): 0.9}, 4)
     wins, values = _run(p, valid=np.array([True, False, True, True]))
-    # b is padding: a no longer reaches c through b.
+    # b is padding: a no longer reaches c through b. a and d tie on Borda count; d lost to c
+    # (soft 0.5 + 0.1) while a was never compared with c or d (0.5 + 0.5): a ranks above d.
     assert wins == [0, 0, 1, 0]
-    np.testing.assert_allclose(values, [0.5, 0.0, 1.0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(values, [0.5, 0.0, 1.0, 0.0], atol=1e-6)
 
 
 def _closure_loop(pref: np.ndarray) -> np.ndarray:

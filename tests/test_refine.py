@@ -59,12 +59,31 @@ def _stats(tok, thoughts, ratings, p_by_step):
 
 def test_self_reward_is_min_plus_mean_over_two_with_suppression(tok):
     stats, sor = _stats(tok, WRONG, None, [0.99, 0.2, 0.9])
-    scores = np.minimum(100 * (2 * np.asarray([0.99, 0.2, 0.9]) - 1), 95.0)  # 98 -> 95
+    scores = np.asarray([50.0, -60.0, 80.0])  # 98 >= 95 -> 50 (MCTSr's suppression)
     np.testing.assert_allclose(stats.self_reward, (scores.min() + scores.mean()) / 200, rtol=1e-5)
     assert bool(stats.has_answer)
     # The weakest reasoning step (step 2, 0-based 1) is critiqued: cut before its rating, and
     # the critic is step 3.
     assert int(stats.flaw_cut) == sor[1] and int(stats.flaw_header) == 3
+
+
+def test_full_scores_are_suppressed_to_50_not_clipped_to_95(tok):
+    """MCTSr's `if score >= 95: score = 50`: near-perfect steps count below ordinary good ones."""
+    stats, _ = _stats(tok, RIGHT_SOLUTION, None, [0.99, 0.98, 0.97])  # raw 98, 96, 94
+    scores = np.asarray([50.0, 50.0, 94.0])
+    expected = (scores.min() + scores.mean()) / 200  # (min + mean) / 2 in MCTSr units, / 100
+    np.testing.assert_allclose(stats.self_reward, expected, rtol=1e-5)
+    assert abs(float(stats.self_reward) - 0.5733) < 1e-3  # a clip at 95 gives 0.943
+    # Moved or switched off by the config.
+    config = refine.RefineConfig(solution_length=S, suppress_at=float("inf"))
+    fmt = refine.make_refine_format(tok, config)
+    _, sol = _solution(tok, RIGHT_SOLUTION)
+    positive = np.full((S,), 0.5, np.float32)
+    positive[np.nonzero(sol == fmt.step.start_of_rating)[0]] = [0.99, 0.98, 0.97]
+    off = refine._step_stats_one(
+        jnp.asarray(_padded(sol, S)), len(sol), jnp.asarray(positive), fmt, config
+    )
+    np.testing.assert_allclose(off.self_reward, (94 + 96) / 200, rtol=1e-5)
 
 
 def test_journey_steps_that_were_criticised_do_not_count(tok):
@@ -119,20 +138,59 @@ def test_backup_matches_a_hand_computed_tree():
     np.testing.assert_allclose(tree.q[0], [0.375, 0.55, -0.4, 0.5, 0.0], rtol=1e-6)
 
 
-def test_selection_follows_the_candidate_rule_and_uct():
-    config = refine.RefineConfig(max_children=2, c_uct=1.0)
-    # Node 1's child (3) is valued above node 1, so 1 is no candidate; node 0 is fully expanded.
-    tree = _tree([-1, 0, 0, 1], [0.0, -0.5, 0.1, 0.9], visits=[4, 2, 1, 1])
+def _uct(tree, c, scale=1.0, eps=1e-6):
+    """UCT by hand: scale * Q + c sqrt(ln(N(parent) + 1) / (N + eps)), the root without bonus."""
     q, visits = np.asarray(tree.q[0]), np.asarray(tree.visits[0])
-    assert q[3] > q[1]
-    parent_visits = np.asarray([4, 4, 4, 2])
-    uct = q + np.sqrt(np.log(parent_visits + 1) / (visits + config.eps))
-    expected = max((2, 3), key=lambda i: uct[i])
-    assert int(refine.select(tree, config)[0]) == expected
-    # With one more allowed child the root competes too.
-    wide = refine.RefineConfig(max_children=3, c_uct=1.0)
-    expected = max((0, 2, 3), key=lambda i: uct[i] if i else q[0] + np.sqrt(np.log(5) / 4))
-    assert int(refine.select(tree, wide)[0]) == expected
+    parent = np.asarray(tree.parent[0])
+    parent_visits = np.where(parent >= 0, visits[np.maximum(parent, 0)], 0)
+    return scale * q + c * np.sqrt(np.log(parent_visits + 1) / (visits + eps))
+
+
+def test_selection_follows_mctsr_candidate_rule_and_uct():
+    """MCTSr's `filter_mature_node`: fewer than max_children children OR no child above."""
+    config = refine.RefineConfig(value="pprm", max_children=2, c_uct=1.4)
+    # Node 1 has one child (3) valued above it, but room for another: still a candidate.
+    # The root has 2 children and one (1) above it: fully expanded.
+    tree = _tree([-1, 0, 0, 1], [0.0, 0.3, -0.9, 0.35], visits=[20, 2, 17, 1])
+    q = np.asarray(tree.q[0])
+    assert q[3] > q[1] and q[1] > q[0]
+    uct = _uct(tree, 1.4)
+    assert max((1, 2, 3), key=lambda i: uct[i]) == 1 and uct[3] > uct[2]  # 2.07 vs 1.82
+    assert int(refine.select(tree, config)[0]) == 1  # AND rule: candidates {2, 3}, picks 3
+    # A node that has reached max_children stays a candidate while no child beats it.
+    tree = _tree([-1, 0, 0, 1], [0.9, 0.3, -0.9, 0.35], visits=[2, 2, 17, 1])
+    assert np.asarray(tree.q[0])[0] > np.asarray(tree.q[0])[1]  # root 0.6125 > 0.325
+    greedy = refine.RefineConfig(value="pprm", max_children=2, c_uct=0.0)
+    assert int(refine.select(tree, greedy)[0]) == 0  # highest Q (AND rule: 3)
+
+
+def test_self_reward_uct_reads_q_in_mctsr_units():
+    """c_uct = 1.4 is MCTSr's constant for Q in [-100, 100]: self-reward mode scales Q by 100."""
+    # Root (fully expanded, beaten) with visits 8; A: Q 0.9, N 6; B: Q -0.2, N 1.
+    tree = _tree([-1, 0, 0], [0.0, 0.9, -0.2], visits=[8, 6, 1])
+    mctsr = refine.RefineConfig(value="self_reward", max_children=2, c_uct=1.4)
+    uct = _uct(tree, 1.4, scale=100.0)
+    assert uct[1] > uct[2]  # 90.8 against -17.9
+    assert int(refine.select(tree, mctsr)[0]) == 1  # Q unscaled: 1.75 against 1.88, B
+    # PPRM values in [0, 1] are read as they are: exploration wins here.
+    berry = refine.RefineConfig(value="pprm", max_children=2, c_uct=1.4)
+    assert int(refine.select(tree, berry)[0]) == 2
+    # Only the UCT score is scaled: values and Q stay in [-1, 1].
+    np.testing.assert_allclose(tree.q[0], [0.45, 0.9, -0.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value, c", [("pprm", 0.4), ("self_reward", 40.0)])
+def test_the_root_has_no_exploration_term(value, c):
+    """MCTSr's root has no parent: N(parent) = 0, ln(1) = 0, so its UCT is its Q alone."""
+    # Root Q 0.3 (V 0.5, child 0.1), visits 2; its child Q 0.1, visits 1. Both are candidates.
+    tree = _tree([-1, 0], [0.5, 0.1], visits=[2, 1])
+    config = refine.RefineConfig(value=value, max_children=3, c_uct=c)
+    scale = 100.0 if value == "self_reward" else 1.0
+    uct = _uct(tree, c, scale)
+    assert uct[0] == pytest.approx(scale * 0.3)
+    assert uct[1] > uct[0]  # 0.1 + c * 1.048 (in units of 1/scale)
+    assert scale * 0.3 + c * np.sqrt(np.log(3) / 2) > uct[1]  # a root bonus would pick the root
+    assert int(refine.select(tree, config)[0]) == 1
 
 
 def test_pprm_values_mix_the_borda_rank_with_preferences_over_parent_and_siblings():
@@ -143,9 +201,10 @@ def test_pprm_values_mix_the_borda_rank_with_preferences_over_parent_and_sibling
     for (i, j), p in upper.items():
         pref[0, i, j], pref[0, j, i] = p, 1 - p
     value, global_value = refine.pprm_values(parent, has, pref, weight=0.25)
-    # 1 beats 0, 2 and 3; 0 > 2 > 3 > 0 is a cycle whose members reach each other and tie:
-    # ranks 1, 0, 1, 1 of 4 -> global values 2/3, 1, 2/3, 2/3.
-    np.testing.assert_allclose(global_value[0, :4], [2 / 3, 1, 2 / 3, 2 / 3], rtol=1e-6)
+    # 1 beats 0, 2 and 3; 0 > 2 > 3 > 0 is a cycle whose members reach each other and tie on
+    # Borda count, re-ranked by summed preference: 3 (0.8 + 0.45 + 0.3 = 1.55), 2 (1.2), 0 (1.1).
+    # Ranks 3, 0, 2, 1 of 4 -> global values 0, 1, 1/3, 2/3.
+    np.testing.assert_allclose(global_value[0, :4], [0, 1, 1 / 3, 2 / 3], rtol=1e-6, atol=1e-6)
     local = [0.5, np.mean([0.7, 0.9]), np.mean([0.4, 0.1]), 0.45]  # root: nothing to compare
     expected = 0.25 * global_value[0, :4] + 0.75 * np.asarray(local)
     np.testing.assert_allclose(value[0, :4], expected, rtol=1e-6)
@@ -534,7 +593,8 @@ def test_export_keeps_a_criticised_conclusion_negative_and_the_right_root_path()
         ("top_k", -1, r"top_k must be >= 0, got -1"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
         ("eps", 0.0, r"eps must be a finite number > 0, got 0.0"),
-        ("score_cap", -100.0, r"score_cap must be > -100, got -100.0"),
+        ("suppress_at", -100.0, r"suppress_at must be > -100, got -100.0"),
+        ("suppressed_score", 101.0, r"suppressed_score must be in \[-100, 100\], got 101.0"),
         ("ebc_weight", 1.5, r"ebc_weight must be in \[0, 1\], got 1.5"),
         ("rollouts", 0, r"rollouts must be >= 1, got 0"),
         ("solution_length", 7, r"solution_length must be >= 8, got 7"),
@@ -549,4 +609,4 @@ def test_config_fields_out_of_range_are_named(field, value, message):
 
 def test_config_accepts_the_edges_of_its_ranges():
     refine.RefineConfig()
-    refine.RefineConfig(c_uct=0.0, temperature=0.0, ebc_weight=1.0, score_cap=float("inf"))
+    refine.RefineConfig(c_uct=0.0, temperature=0.0, ebc_weight=1.0, suppress_at=float("inf"))

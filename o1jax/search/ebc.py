@@ -3,15 +3,20 @@
     pref = preference_matrix(p_better, valid)        # [B, n, n] bool, i preferred to j
     reach = transitive_closure(pref)                 # Floyd-Warshall, jitted
     wins = borda_counts(reach, valid)                # [B, n] how many each solution beats
-    value = global_values(wins, valid)               # [B, n] in [0, 1], 1 = ranked first
+    soft = soft_scores(p_better, valid)              # [B, n] sum_j P(i > j), the tie-break
+    value = global_values(wins, valid, soft)         # [B, n] in [0, 1], 1 = ranked first
 
 `p_better[b, i, j]` is P(solution i is better than solution j) from a pairwise reward model
 (`o1jax.search.pprm`), NaN where the pair was not compared. The closure completes missing pairs
 through chains (a > b and b > c give a > c). Solutions on a preference cycle reach each other,
-so they beat the same solutions and tie. The global value is rank based: a solution's rank is
-the number of valid solutions with strictly more wins (ties share the better rank), and its
-value is `1 - rank / (n_valid - 1)`. `mix_values` blends it with a local value, as LLaMA-Berry
-does for node values; the final answer is the solution ranked first.
+so they beat the same solutions and tie on Borda count. LLaMA-Berry re-ranks such ties by a soft
+comparison: among equal Borda counts, the solution with the larger summed preference probability
+against the other valid solutions (`soft_scores`) ranks higher; different Borda counts keep
+their order. The global value is rank based: a solution's rank is the number of valid solutions
+ranked strictly above it (ties left, within `SOFT_TOL`, share the better rank), and its value is
+`1 - rank / (n_valid - 1)` (the paper's `1 - (rank - 1) / (|V| - 1)` with 1-based ranks).
+`mix_values` blends it with a local value, as LLaMA-Berry does for node values; the final answer
+is the solution ranked first.
 """
 
 from __future__ import annotations
@@ -47,9 +52,29 @@ def borda_counts(reach: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def global_values(wins: jax.Array, valid: jax.Array) -> jax.Array:
-    """[B, n] float32 in [0, 1] from Borda counts: 1 for the top rank, 0 for the last; invalid 0."""
-    better = (wins[:, None, :] > wins[:, :, None]) & valid[:, None, :]  # [B, i, j]: j beats i
+def soft_scores(p_better: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, n] float32: sum over the other valid j of P(i better than j), a pair not compared
+    (NaN) counting 1/2; 0 if invalid. In [0, n_valid - 1]: LLaMA-Berry's soft comparison."""
+    n = p_better.shape[-1]
+    others = valid[:, None, :] & ~jnp.eye(n, dtype=bool)[None]  # [B, i, j]
+    p = jnp.where(jnp.isnan(p_better), 0.5, p_better)
+    return jnp.where(valid, jnp.sum(jnp.where(others, p, 0.0), axis=-1), 0.0)
+
+
+SOFT_TOL = 1e-5  # soft scores closer than this tie (float sums of the same terms may differ)
+
+
+@jax.jit
+def global_values(wins: jax.Array, valid: jax.Array, soft: jax.Array | None = None) -> jax.Array:
+    """[B, n] float32 in [0, 1] from Borda counts: 1 for the top rank, 0 for the last; invalid 0.
+
+    soft: [B, n] `soft_scores` or None; orders equal Borda counts (LLaMA-Berry's re-ranking).
+    """
+    better = wins[:, None, :] > wins[:, :, None]  # [B, i, j]: j has more wins than i
+    if soft is not None:
+        tied = wins[:, None, :] == wins[:, :, None]
+        better |= tied & (soft[:, None, :] > soft[:, :, None] + SOFT_TOL)
+    better &= valid[:, None, :]
     rank = jnp.sum(better, axis=-1).astype(jnp.float32)
     n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
     value = 1.0 - rank / jnp.maximum(n_valid - 1.0, 1.0)
@@ -57,7 +82,8 @@ def global_values(wins: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def enhanced_borda_count(p_better: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(Borda counts [B, n], global values [B, n]) of the solutions of B trees.
+    """(Borda counts [B, n], global values [B, n]) of the solutions of B trees, equal Borda
+    counts re-ranked by their soft scores (LLaMA-Berry).
 
     p_better: [B, n, n] float; valid: [B, n] bool, or numbers read as bool (nonzero: valid);
     shapes checked: a mismatch is a ValueError.
@@ -71,7 +97,7 @@ def enhanced_borda_count(p_better: jax.Array, valid: jax.Array) -> tuple[jax.Arr
         )
     reach = transitive_closure(preference_matrix(p_better, valid))
     wins = borda_counts(reach, valid)
-    return wins, global_values(wins, valid)
+    return wins, global_values(wins, valid, soft_scores(p_better, valid))
 
 
 def mix_values(global_value: jax.Array, local_value: jax.Array, weight: float) -> jax.Array:

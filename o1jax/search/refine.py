@@ -4,16 +4,21 @@ A node is a whole solution in the long-CoT chain format (the steps after the pro
 up to EOS). The root is the policy's own first answer (greedy by default). One rollout, for all
 B trees at once:
 
-1. `select`: among each tree's candidates (not fully expanded, and no child valued above the
-   node itself: MCTSr's rule), the node of highest UCT, `Q + c sqrt(ln(N(parent) + 1) / (N + eps))`.
+1. `select`: among each tree's candidates (MCTSr's `filter_mature_node`: fewer than
+   `max_children` children, or no child valued above the node), the node of highest UCT,
+   `Q + c sqrt(ln(N(parent) + 1) / (N + eps))`, with Q in MCTSr's units ([-100, 100]) in
+   self-reward mode; the root has no parent, so no exploration term (MCTSr: N(parent) = 0).
 2. critique (one `generate` call, B rows): the node's solution is cut before its weakest step
    (lowest model rating), that step is rated negative and a `<critic>` thought is sampled.
 3. rewrite (one `generate` call, B rows): a `<refine>` thought and the rest of the solution.
    The child is that journey: the parent's steps up to the flaw, the critic, the refine, the rest,
    exactly the shape of the journey data SFT trains on (`o1jax.data.tasks.journey_solution`).
-4. value: `step_statistics` reads the model's rating of every step in one forward pass. MCTSr
-   self-reward scores each effective step `100 (2 P(positive) - 1)`, caps scores at `score_cap`
-   (full-score suppression) and takes `(min + mean) / 2`, rescaled to [-1, 1]. SR-MCTS instead
+4. value: `step_statistics` reads the model's rating of every step in one forward pass. The
+   MCTSr-style self-reward from step ratings scores each effective step of the one solution
+   `100 (2 P(<positive_rating>) - 1)`, replaces scores >= `suppress_at` (95) by
+   `suppressed_score` (50: MCTSr's full-score suppression) and takes `(min + mean) / 2`, rescaled
+   to [-1, 1]. Unlike MCTSr, whose scores R are repeated whole-answer ratings (one more per
+   visit), these R are per-step ratings of one pass: deterministic per node. SR-MCTS instead
    asks the PPRM (`o1jax.search.pprm`) to compare the new solution with every other one of its
    tree, turns the preference matrix into a global value by the Enhanced Borda Count
    (`o1jax.search.ebc`) and mixes it with the local value (preference against parent and siblings).
@@ -62,13 +67,17 @@ class RefineConfig:
     """MCTSr / SR-MCTS hyper-parameters (the papers' defaults where they had them)."""
 
     rollouts: int = 8
-    value: str = "self_reward"  # "self_reward" (MCTSr) or "pprm" (SR-MCTS, PPRM + EBC)
-    max_children: int = 2  # a node with this many children is fully expanded
+    # "self_reward" (MCTSr-style self-reward from step ratings) or "pprm" (SR-MCTS, PPRM + EBC)
+    value: str = "self_reward"
+    max_children: int = 2  # fully expanded: this many children and one valued above the node
     solution_length: int = 160  # S: token budget of one whole solution
     critique_length: int = 24  # C: token budget of the <critic> thought
+    # MCTSr's C, for Q in [-100, 100]: self-reward mode scales Q by 100 in the UCT score only
+    # (stored values stay in [-1, 1]); pprm mode uses its [0, 1] values as they are.
     c_uct: float = 1.4
     eps: float = 1e-6  # MCTSr's epsilon in the UCT denominator
-    score_cap: float = 95.0  # self-reward: step scores above this are suppressed to it
+    suppress_at: float = 95.0  # self-reward: a step score >= this (full marks; inf: never) ...
+    suppressed_score: float = 50.0  # ... is replaced by this (MCTSr: `if score >= 95: score = 50`)
     ebc_weight: float = 0.5  # SR-MCTS: weight of the global (EBC) value against the local one
     root_temperature: float = 0.0  # the first answer: greedy by default
     temperature: float = 1.0  # critiques and rewrites
@@ -86,14 +95,15 @@ class RefineConfig:
             critique_length=(int, 1, None),
             top_k=(int, 0, None),
             c_uct=(float, 0.0, None),
+            suppressed_score=(float, -100.0, 100.0),
             ebc_weight=(float, 0.0, 1.0),
             root_temperature=(float, 0.0, None),
             temperature=(float, 0.0, None),
         )
         if not self.eps > 0.0 or not np.isfinite(self.eps):  # NaN fails too
             raise ValueError(f"RefineConfig.eps must be a finite number > 0, got {self.eps!r}")
-        if not self.score_cap > -100.0:  # step scores are in [-100, 100]; inf: no cap
-            raise ValueError(f"RefineConfig.score_cap must be > -100, got {self.score_cap!r}")
+        if not self.suppress_at > -100.0:  # step scores are in [-100, 100]; inf: no suppression
+            raise ValueError(f"RefineConfig.suppress_at must be > -100, got {self.suppress_at!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"RefineConfig.top_p must be in (0, 1], got {self.top_p!r}")
 
@@ -226,7 +236,7 @@ def _one(token: int):
 class StepStats:
     """What one forward pass over (prompt, solution) says about the solution's steps."""
 
-    self_reward: jax.Array  # [R] float32 in [-1, 1], MCTSr's (min + mean) / 2 of step scores
+    self_reward: jax.Array  # [R] float32 in [-1, 1], (min + mean) / 2 of step scores / 100
     has_answer: jax.Array  # [R] bool, the last effective step is a complete <conclusion>
     flaw_cut: jax.Array  # [R] int32, where the weakest effective step's rating starts (0: none)
     flaw_header: jax.Array  # [R] int32, header row of the critic that follows it
@@ -261,7 +271,8 @@ def _step_stats_one(tokens, length, positive_at, fmt: RefineFormat, config: Refi
     conclusion = effective & (first == f.conclusion)
     p_pos = positive_at[jnp.clip(sor_pos, 0, s - 1)]  # [M]
 
-    score = jnp.minimum(100.0 * (2.0 * p_pos - 1.0), config.score_cap)
+    raw = 100.0 * (2.0 * p_pos - 1.0)  # [M] step scores in [-100, 100]
+    score = jnp.where(raw >= config.suppress_at, config.suppressed_score, raw)  # MCTSr suppression
     n_eff = jnp.sum(effective)
     lowest = jnp.min(jnp.where(effective, score, jnp.inf))
     mean = jnp.sum(jnp.where(effective, score, 0.0)) / jnp.maximum(n_eff, 1)
@@ -320,9 +331,12 @@ def step_statistics(
 def select(tree: SolutionTree, config: RefineConfig) -> jax.Array:
     """The node [B] each tree refines next: UCT over MCTSr's candidates.
 
-    A candidate is not fully expanded, has no child whose Q exceeds its own, and is not a
+    MCTSr's `filter_mature_node`: a node is fully expanded when it has `max_children` children
+    *and* one of them has a Q above its own; a candidate is any other node that is not a
     truncated child. Should no node qualify (every open node truncated), any node that is not
     truncated may be refined (the root always is one), past `max_children` if need be.
+    UCT = Q + c sqrt(ln(N(parent) + 1) / (N + eps)), Q times 100 in self-reward mode (MCTSr's
+    units, for which c = 1.4 is set); the root's exploration term is 0 (MCTSr: N(parent) = 0).
     """
     b, n = tree.batch_size, tree.capacity
     valid = tree.valid()
@@ -331,13 +345,13 @@ def select(tree: SolutionTree, config: RefineConfig) -> jax.Array:
     up = jnp.where(valid & (tree.parent >= 0), tree.parent, n)
     child_q = jnp.full((b, n), -jnp.inf).at[rows, up].max(tree.q, mode="drop")  # [B, N]
     whole = valid & ~tree.truncated
-    candidate = whole & (tree.num_children < config.max_children) & (child_q <= tree.q)
+    candidate = whole & ((tree.num_children < config.max_children) | (child_q <= tree.q))
     candidate = jnp.where(jnp.any(candidate, axis=1, keepdims=True), candidate, whole)
-    parent_visits = jnp.where(
-        tree.parent >= 0, jnp.take_along_axis(tree.visits, parent_safe, axis=1), tree.visits
-    )
+    parent_visits = jnp.take_along_axis(tree.visits, parent_safe, axis=1)  # [B, N]
     explore = jnp.sqrt(jnp.log(parent_visits + 1.0) / (tree.visits + config.eps))
-    uct = tree.q + config.c_uct * explore
+    explore = jnp.where(tree.parent >= 0, explore, 0.0)  # the root: ln(0 + 1) = 0
+    scale = 100.0 if config.value == "self_reward" else 1.0  # Q in MCTSr's [-100, 100]
+    uct = scale * tree.q + config.c_uct * explore  # [B, N]
     return jnp.argmax(jnp.where(candidate, uct, -jnp.inf), axis=1).astype(jnp.int32)
 
 
