@@ -123,8 +123,9 @@ def test_backup_matches_a_hand_computed_tree():
     # sim 1: root -> children 1 (0.2), 2 (0.6); root gets 0.5 * max = 0.3.
     # sim 2: equal priors, Q 0.2 vs 0.6 -> node 2; children 3 (0.9), 4 (0.1); node 2 gets
     #        0.5 * 0.9 = 0.45 (Q 1.05 / 2), root 0.25 * 0.9 = 0.225.
-    # sim 3: root N=2: node 1 score 0.2 + 0.5*sqrt2/2 = 0.554; node 2: 0.525 + 0.5*sqrt2/3 =
-    #        0.761 -> node 2 (N=2): node 3 Q 0.9 + 0.5*sqrt2/2 beats node 4 -> expand node 3
+    # sim 3: the root's children have 3 visits: node 1 score 0.2 + 0.5*sqrt3/2 = 0.633; node 2:
+    #        0.525 + 0.5*sqrt3/3 = 0.814 -> node 2, whose children have 2 visits: node 3 Q
+    #        0.9 + 0.5*sqrt2/2 beats node 4 -> expand node 3
     #        with children 5 (0.3), 6 (0.4): node 3 gets 0.5 * 0.4, node 2 0.25 * 0.4, root
     #        0.125 * 0.4.
     np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 3, 3])
@@ -135,6 +136,32 @@ def test_backup_matches_a_hand_computed_tree():
         rtol=1e-6,
     )
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
+
+
+def test_puct_is_llama_o1s_softmax_of_priors_over_summed_child_visits():
+    """LLaMA-O1: prior = exp(length-normalised log-prob); score = Q + c softmax(priors)[child]
+    sqrt(sum of the children's visits) / (1 + visits). Two children with mean log-probs log 0.9
+    and log 0.1, valued 0.30 and 0.75: softmax(0.9, 0.1) = (0.69, 0.31) and sqrt(2) give 0.983
+    and 1.057, so the second. (The softmax of the log-priors, (0.9, 0.1), would pick the first.)"""
+    config = MCTSConfig(num_simulations=2, num_children=2, thought_length=L, noise=0.0)
+    mean_logp = jnp.log(jnp.asarray([0.9, 0.1]))
+    logprobs = jnp.zeros((1, 2, L)).at[0, :, :2].set(jnp.stack([mean_logp, mean_logp], -1))
+    expansion = Expansion(
+        tokens=jnp.full((1, 2, L), 7),
+        lengths=jnp.full((1, 2), 2),
+        logprobs=logprobs,
+        stopped=jnp.ones((1, 2), bool),
+        is_answer=jnp.zeros((1, 2), bool),
+        rating=jnp.asarray([[0.30, 0.75]]),
+        reward=jnp.zeros((1, 2)),
+    )
+    tree = init_tree(1, config.capacity, L)
+    tree = mcts.insert_and_backup(tree, jnp.zeros(1, jnp.int32), expansion, config, False)
+    np.testing.assert_allclose(tree.prior_logit[0, 1:3], mean_logp, rtol=1e-6)
+    prior = np.exp([0.9, 0.1]) / np.exp([0.9, 0.1]).sum()
+    score = np.asarray([0.30, 0.75]) + config.c_puct * prior * np.sqrt(2) / 2
+    assert score[1] > score[0]
+    assert int(mcts.select(tree, jax.random.key(0), config)[0]) == 2
 
 
 def _answer_below(tree, leaf, key):

@@ -2,7 +2,9 @@
 
 One simulation, for all B trees at once:
 
-1. `select`: descend from the root by PUCT (or UCT) to a leaf, a vmapped `while_loop`.
+1. `select`: descend from the root by PUCT (or UCT) to a leaf, a vmapped `while_loop`. PUCT is
+   LLaMA-O1's: `Q + c softmax(priors)[child] sqrt(sum of the children's visits) / (1 + visits)`,
+   a child's prior being exp(its length-normalised log-prob).
 2. `expand_fn`: K candidate thoughts for all B leaves in ONE sampler call (B * K rows, each
    leaf's prefix prefilled once), each valued by the model's own rating tokens.
 3. host: terminal thoughts that state a final answer are checked against the ground truth (only
@@ -11,7 +13,13 @@ One simulation, for all B trees at once:
    with a discount per level above the node it was measured at: the best (or mean) of the new
    children's values, one level above them, or a terminal leaf's own value, from the leaf.
 
-Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expand.
+Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expand; they end a
+path with the answer check's reward in self-play (0 for a truncated thought or a thought at max
+depth that states no answer) and with their rating otherwise.
+
+Two differences from LLaMA-O1's trainer: a node is expanded once, with its K children (LLaMA-O1
+expands a node again, up to 5 children, while all its children are valued below it), and
+selection has no varentropy bonus (a small uniform noise, `MCTSConfig.noise`, breaks ties).
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class MCTSConfig:
     discount: float = 0.9  # per level of backup
     backup: str = "max"  # leaf value from its new children: "max" or "mean"
     patience: int = 0  # stop a tree after this many correct answers (0: never)
-    temperature: float = 1.0
+    temperature: float = 1.5  # of the thoughts' sampling
     top_k: int = 0
     top_p: float = 1.0
     noise: float = 1e-3  # scale of the random tie-breaking term in selection
@@ -122,12 +130,14 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
     def body(node):
         kids = tree.first_child[node] + jnp.arange(k)  # [K]
         q = q_all[kids]
-        n = tree.visits[kids].astype(jnp.float32)
-        parent_n = tree.visits[node].astype(jnp.float32)
+        n = tree.visits[kids].astype(jnp.float32)  # [K]
         if config.selection == "puct":
-            prior = jax.nn.softmax(tree.prior_logit[kids])
-            score = q + config.c_puct * prior * jnp.sqrt(parent_n) / (1.0 + n)
+            # LLaMA-O1: a child's prior is exp(its length-normalised log-prob), the score takes
+            # the softmax of the K priors and the square root of the children's summed visits.
+            prior = jax.nn.softmax(jnp.exp(tree.prior_logit[kids]))  # [K]
+            score = q + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)
         else:
+            parent_n = tree.visits[node].astype(jnp.float32)
             score = q + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
         score = score + config.noise * jax.random.uniform(jax.random.fold_in(key, node), (k,))
         return kids[jnp.argmax(score)]
