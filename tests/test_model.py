@@ -91,6 +91,22 @@ def test_config_round_trips_through_transformers():
     assert (Gemma2Config.gemma2_2b().num_layers, Gemma2Config.gemma2_27b().ffn_dim) == (26, 36864)
 
 
+def test_a_config_json_without_optional_keys_reads_as_transformers_reads_it():
+    """Keys a config.json may leave out take transformers' Gemma2Config defaults (e.g.
+    query_pre_attn_scalar 256 whatever head_dim is), so the model is the one HF would build."""
+    d = {
+        "model_type": "gemma2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    }  # fmt: skip
+    ours, theirs = Gemma2Config.from_hf(d), transformers.Gemma2Config(**d)
+    assert ours.query_pre_attn_scalar == theirs.query_pre_attn_scalar == 256
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.attn_logit_softcapping == theirs.attn_logit_softcapping
+    assert ours.final_logit_softcapping == theirs.final_logit_softcapping
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+
+
 def test_bf16_base_runs_and_stays_close(hf_dir):
     path, _ = hf_dir
     cfg, p32 = load_hf(path)

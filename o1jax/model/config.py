@@ -219,7 +219,8 @@ class Gemma2Config:
             num_kv_heads=d["num_key_value_heads"],
             head_dim=d["head_dim"],
             ffn_dim=d["intermediate_size"],
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", d["head_dim"])),
+            # Absent from the file: transformers' Gemma2Config default, 256 (not head_dim).
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256.0)),
             sliding_window=d.get("sliding_window", 4096),
             attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0),
             final_logit_softcapping=d.get("final_logit_softcapping", 30.0),
