@@ -17,7 +17,7 @@ from o1jax.data import answers
 from o1jax.model import lora
 from o1jax.rl import per
 from o1jax.rl.experience import Experience, experience_width, tree_to_experiences
-from o1jax.rl.ppo import PPOConfig, PPOTrainer
+from o1jax.rl.ppo import PPOTrainer
 from o1jax.search import mcts
 from o1jax.search.format import encode_prompts, make_step_format
 from o1jax.train.eval_stage import evaluate_policy
@@ -27,6 +27,7 @@ from o1jax.train.run_context import (
     Preempted,
     RunContext,
     lora_config,
+    ppo_config,
     search_config,
 )
 from o1jax.train.sft import nonfinite_count
@@ -50,20 +51,11 @@ def run_rl(
     r = config.rl
     adapter = lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_RL), lora_config(config))
     setup = self_play_setup(ctx)
-    ppo_config = PPOConfig(
-        clip_eps=r.clip_eps,
-        value_coef=r.value_coef,
-        kl_coef=r.kl_coef,
-        entropy_coef=r.entropy_coef,
-        learning_rate=r.learning_rate,
-        max_grad_norm=r.max_grad_norm,
-        epochs=r.epochs,
-    )
     trainer = PPOTrainer(
         ctx.cfg,
         base_params,
         adapter,
-        ppo_config,
+        ppo_config(config),
         ctx.mesh,
         rating_tokens=(setup.fmt.positive_rating, setup.fmt.negative_rating),
     )
@@ -282,7 +274,7 @@ def rl_structures(ctx: RunContext, base):
         ctx.cfg,
         base,
         adapter,
-        PPOConfig(epochs=r.epochs),
+        ppo_config(config),
         ctx.mesh,
         rating_tokens=(fmt.positive_rating, fmt.negative_rating),
     )

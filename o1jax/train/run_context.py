@@ -213,6 +213,23 @@ def lora_config(config: RunConfig) -> lora.LoRAConfig:
     )
 
 
+def ppo_config(config: RunConfig):
+    """The `rl` section's PPO settings as a PPOConfig."""
+    from o1jax.rl.ppo import PPOConfig
+
+    r = config.rl
+    return PPOConfig(
+        clip_eps=r.clip_eps,
+        value_coef=r.value_coef,
+        kl_coef=r.kl_coef,
+        entropy_coef=r.entropy_coef,
+        learning_rate=r.learning_rate,
+        max_grad_norm=r.max_grad_norm,
+        epochs=r.epochs,
+        loss_chunk=r.loss_chunk,
+    )
+
+
 def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCTSConfig:
     """The `search` section as an MCTSConfig; `simulations` overrides its simulation count."""
     s = config.search
