@@ -63,7 +63,7 @@ def full_step(cfg, config, optimizer):
     def loss(params, reference, batch):
         max_len = batch.behaviour_logprobs.shape[1]
         mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
-        logp, _ = thought_logprobs(
+        logp = thought_logprobs(
             params,
             cfg,
             forward(params, cfg, batch.tokens, attention_mask=mask, return_hidden=True),
@@ -71,7 +71,7 @@ def full_step(cfg, config, optimizer):
             batch.action_start,
             max_len,
         )
-        ref, _ = thought_logprobs(
+        ref = thought_logprobs(
             reference,
             cfg,
             forward(reference, cfg, batch.tokens, attention_mask=mask, return_hidden=True),

@@ -52,9 +52,9 @@ def base():
     return init_params(CFG, jax.random.key(0))
 
 
-def _trainer(base, mesh, epochs=2, lr=3e-3, kl_coef=0.05):
+def _trainer(base, mesh, epochs=2, lr=3e-3, kl_coef=0.05, loss_chunk=0):
     adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
-    config = PPOConfig(epochs=epochs, learning_rate=lr, kl_coef=kl_coef)
+    config = PPOConfig(epochs=epochs, learning_rate=lr, kl_coef=kl_coef, loss_chunk=loss_chunk)
     return PPOTrainer(CFG, base, adapter, config, mesh, rating_tokens=(POS, NEG))
 
 
@@ -93,12 +93,15 @@ def test_updates_touch_no_base_parameter(base):
         assert x.ndim == 0 or x.shape in adapter_shapes
 
 
-def test_ppo_step_is_the_same_on_1_and_8_devices(base):
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_ppo_step_is_the_same_on_1_and_8_devices(base, loss_chunk):
+    """And the same with the thought logits unembedded 4 positions at a time (L = 6: the last
+    chunk padded) on 8 devices as all at once on one."""
     one = _trainer(base, make_mesh(devices=jax.devices()[:1]))
-    eight = _trainer(base, make_mesh({"data": 2, "fsdp": 4}))
+    eight = _trainer(base, make_mesh({"data": 2, "fsdp": 4}), loss_chunk=loss_chunk)
     m1, p1 = one.update(_batch(), jnp.linspace(0.5, 1.0, M))
     m8, p8 = eight.update(_batch(), jnp.linspace(0.5, 1.0, M))
-    for k in ("first/loss", "loss", "value_loss", "kl"):
+    for k in ("first/loss", "loss", "value_loss", "kl", "entropy"):
         np.testing.assert_allclose(float(m1[k]), float(m8[k]), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(p1), np.asarray(p8), atol=1e-5, rtol=1e-5)
     jax.tree.map(
@@ -145,12 +148,17 @@ def test_log_probs_outside_the_thoughts_cannot_make_the_loss_nan(base, monkeypat
             return logits
         return jnp.where(pred[..., None], logits, logits.at[..., 0].set(-lora))
 
+    from o1jax.model import logprobs
+
     monkeypatch.setattr(ppo, "forward", stub_forward)
     monkeypatch.setattr(ppo, "unembed", lambda params, cfg, hidden: hidden)
+    monkeypatch.setattr(logprobs, "unembed", lambda params, cfg, hidden: hidden)
+    # Only the embedding's shape is read: [V, D], D = V here (the "hidden states" are logits).
+    params = {"embedder": {"embedding": jnp.zeros((CFG.vocab_size, CFG.vocab_size))}}
     old = jnp.where(jnp.arange(L)[None] < batch.action_length[:, None], 0.0, -100.0)
     for old_logp in (None, old - jnp.log(CFG.vocab_size)):
         f = lambda shift, o=old_logp: ppo.ppo_loss(
-            shift, None, CFG, batch, jnp.ones(M), o, PPOConfig(), (POS, NEG)
+            shift, params, CFG, batch, jnp.ones(M), o, PPOConfig(), (POS, NEG)
         )
         (loss, (aux, _, priorities)), grad = jax.value_and_grad(f, has_aux=True)(100.0)
         assert np.isfinite(float(loss)) and float(grad) == 0.0
@@ -275,6 +283,60 @@ def test_thought_logprobs_from_hidden_states_equal_those_of_the_full_logits(base
     logits = forward(base, CFG, batch.tokens, attention_mask=mask)
     hidden = forward(base, CFG, batch.tokens, attention_mask=mask, return_hidden=True)
     want_logp, want_rows = sequence_logprobs(logits, batch.tokens, batch.action_start, L)
-    logp, rows = thought_logprobs(base, CFG, hidden, batch.tokens, batch.action_start, L)
+    logp, entropy = thought_logprobs(
+        base, CFG, hidden, batch.tokens, batch.action_start, L, entropy=True
+    )
+    want_entropy = -jnp.sum(jnp.exp(want_rows) * want_rows, axis=-1)
     np.testing.assert_allclose(np.asarray(logp), np.asarray(want_logp), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(rows), np.asarray(want_rows), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(entropy), np.asarray(want_entropy), atol=1e-5)
+    only_logp = thought_logprobs(base, CFG, hidden, batch.tokens, batch.action_start, L)
+    np.testing.assert_array_equal(np.asarray(only_logp), np.asarray(logp))
+
+
+def test_under_fsdp_each_device_unembeds_only_its_own_rows():
+    """fsdp splits the params' D over the devices that split the batch. Left to itself, with one
+    experience per device, XLA contracted over the split D: every device computed the MLP
+    activations and thought logits [M, L, V] of the whole batch (41 GiB per device for
+    Gemma2-2B's PPO step, bench/memory.py --step ppo). The model's residual stream and
+    `thought_logprobs` pin the rows to their devices."""
+    from o1jax.parallel.mesh import shard_batch
+    from o1jax.rl import ppo
+
+    cfg = Gemma2Config.tiny(
+        vocab_size=4096, num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, head_dim=32,
+        ffn_dim=1024, sliding_window=64,
+    )  # fmt: skip
+    m, w, thought = 8, 128, 16
+    mesh = make_mesh({"fsdp": 8})
+    adapter = lora.init(cfg, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    trainer = PPOTrainer(
+        cfg, init_params(cfg, jax.random.key(0)), adapter, PPOConfig(epochs=1), mesh, (4, 5)
+    )
+    batch = Experience(
+        tokens=jnp.ones((m, w), jnp.int32),
+        length=jnp.full((m,), w, jnp.int32),
+        action_start=jnp.full((m,), w - thought - 1, jnp.int32),
+        action_length=jnp.full((m,), thought, jnp.int32),
+        behaviour_logprobs=jnp.zeros((m, thought)),
+        advantage=jnp.ones(m),
+        value_target=jnp.ones(m),
+        reward=jnp.zeros(m),
+        valid=jnp.ones(m, bool),
+    )
+    with jax.set_mesh(mesh):
+        batch, weights = shard_batch((batch, jnp.ones(m)), mesh)
+        lowered = ppo.ppo_epochs.lower(
+            trainer.state,
+            trainer.params,
+            batch,
+            weights,
+            cfg=cfg,
+            config=trainer.config,
+            optimizer=trainer.optimizer,
+            rating_tokens=trainer.rating_tokens,
+        )
+    text = lowered.compile().as_text()
+    assert f"f32[1,{thought},{cfg.vocab_size}]" in text  # each device's own row of logits
+    assert f"f32[{m},{thought},{cfg.vocab_size}]" not in text
+    assert f"f32[1,{w},{cfg.ffn_dim}]" in text  # and of the MLP
+    assert f"f32[{m},{w},{cfg.ffn_dim}]" not in text

@@ -38,6 +38,7 @@ import numpy as np
 
 from o1jax.model import lora as lora_lib
 from o1jax.model.config import Gemma2Config
+from o1jax.parallel.mesh import constrain_rows
 
 Params = Any  # nested dict of arrays (see module docstring)
 Cache = dict  # see `init_cache`
@@ -266,6 +267,10 @@ class Gemma2(nn.Module):
         dtype = embedding.dtype
         x = embedding[tokens]  # [B, T, D]
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)  # normaliser rounded to dtype first
+        # Under a mesh, the residual stream's rows stay on their devices (see `constrain`); the
+        # cached (sampling) path is left to XLA.
+        pin = constrain_rows if cache is None else (lambda y: y)
+        x = pin(x)
         lora = lora or {}
         new_layers = {}
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
@@ -282,6 +287,7 @@ class Gemma2(nn.Module):
                 token_mask,
                 segments,
             )
+            x = pin(x)
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if return_hidden:
             return x, new_layers

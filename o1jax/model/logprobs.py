@@ -20,45 +20,18 @@ import jax.numpy as jnp
 
 from o1jax.model.config import Gemma2Config
 from o1jax.model.gemma2 import Params, unembed
-from o1jax.parallel.mesh import BATCH_AXES
+from o1jax.parallel.mesh import BATCH_AXES, constrain
 
 _TENSOR = "tensor"
 
 
-def _constrain(x, *spec):
-    """`x` laid out as `spec` (one mesh axis, a tuple of them, or None per dimension) on the
-    mesh of the enclosing `jax.set_mesh`; a dimension its axes do not divide, or an axis the mesh
-    lacks, stays as it is. No mesh: `x` unchanged.
-
-    fsdp splits the params' D over the same devices that split the batch. Left to itself, with
-    one or a few rows per device, XLA contracted over the split D instead of gathering the
-    params: every device computed the whole batch's logits (and, propagated back, the layers'
-    activations) from its slice of D, and all-reduced them. Pinning the rows of the hidden
-    states and logits to their devices, and gathering the embedding over fsdp, keeps FSDP's
-    layout: each device its own rows, the params all-gathered.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    dims = []
-    for dim, axes in zip(x.shape, spec, strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        if not names or not set(names) <= set(mesh.axis_names):
-            dims.append(None)
-            continue
-        size = 1
-        for name in names:
-            size *= mesh.shape[name]
-        dims.append(axes if size > 1 and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*dims))
-
-
 def _block(embedding, cfg: Gemma2Config, hidden, targets, with_entropy: bool):
     """hidden [B, C, D], targets [B, C] -> log p(target) [B, C] (and entropy [B, C]), float32."""
-    embedding = _constrain(embedding, _TENSOR, None)  # [V, D]: gathered over fsdp
-    hidden = _constrain(hidden, BATCH_AXES, None, None)  # rows stay on their devices
+    # Rows stay on their devices, the embedding [V, D] is gathered over fsdp (see `constrain`).
+    embedding = constrain(embedding, _TENSOR, None)
+    hidden = constrain(hidden, BATCH_AXES, None, None)
     logits = unembed({"embedder": {"embedding": embedding}}, cfg, hidden)  # [B, C, V] f32
-    logits = _constrain(logits, BATCH_AXES, None, _TENSOR)
+    logits = constrain(logits, BATCH_AXES, None, _TENSOR)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, C]
     if not with_entropy:

@@ -25,6 +25,7 @@ import optax
 from flax import struct
 
 from o1jax.model.gemma2 import forward, unembed
+from o1jax.model.logprobs import token_logprobs
 from o1jax.rl.experience import Experience
 
 
@@ -38,6 +39,11 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     epochs: int = 2  # updates per sampled batch
     normalize_advantages: bool = True
+    loss_chunk: int = 0  # thought positions unembedded at a time (0: all); changes no number
+
+    def __post_init__(self):
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"PPOConfig.loss_chunk must be an int >= 0, got {self.loss_chunk!r}")
 
 
 @struct.dataclass
@@ -88,16 +94,19 @@ def sequence_logprobs(logits, tokens, action_start, max_len: int):
     return token_logp, rows
 
 
-def thought_logprobs(params, cfg, hidden, tokens, action_start, max_len: int):
-    """`sequence_logprobs` from `forward(..., return_hidden=True)` states [M, W, D]: only the L
-    positions that predict thought tokens are unembedded ([M, L, V], not [M, W, V] logits)."""
+def thought_logprobs(
+    params, cfg, hidden, tokens, action_start, max_len: int, entropy=False, chunk: int = 0
+):
+    """Log-probs [M, L] of the thought tokens from `forward(..., return_hidden=True)` states
+    [M, W, D] (and with `entropy`, the entropy [M, L] of each position's distribution): only the
+    L positions that predict thought tokens are unembedded, `chunk` of them at a time (0: all),
+    through `token_logprobs`, which keeps each device on its own rows under fsdp. Equal to
+    `sequence_logprobs` of the full logits."""
     pos = action_start[:, None] - 1 + jnp.arange(max_len)[None, :]  # predicting positions
     pos = jnp.clip(pos, 0, tokens.shape[1] - 1)  # [M, L]
     h = jnp.take_along_axis(hidden, pos[:, :, None], axis=1)  # [M, L, D]
-    rows = jax.nn.log_softmax(unembed(params, cfg, h))  # [M, L, V]
     targets = jnp.take_along_axis(tokens, jnp.clip(pos + 1, 0, tokens.shape[1] - 1), axis=1)
-    token_logp = jnp.take_along_axis(rows, targets[:, :, None], axis=-1)[..., 0]  # [M, L]
-    return token_logp, rows
+    return token_logprobs(params, cfg, h, targets, chunk=chunk, with_entropy=entropy)
 
 
 def rating_logprob(last_logits, positive: int, negative: int):
@@ -127,10 +136,15 @@ def ppo_loss(
     # Hidden states [M, W, D]; only the thought and rating positions are unembedded, so no
     # [M, W, V] logits exist (at Gemma2's 256k vocabulary they would dwarf the model).
     hidden = forward(params, cfg, batch.tokens, attention_mask=mask, lora=lora, return_hidden=True)
-    logp, rows = thought_logprobs(params, cfg, hidden, batch.tokens, batch.action_start, max_len)
-    ref_hidden = forward(params, cfg, batch.tokens, attention_mask=mask, return_hidden=True)
-    ref_logp, _ = thought_logprobs(  # LoRA off: the frozen reference
-        params, cfg, jax.lax.stop_gradient(ref_hidden), batch.tokens, batch.action_start, max_len
+    chunk = config.loss_chunk
+    logp, entropy_tok = thought_logprobs(
+        params, cfg, hidden, batch.tokens, batch.action_start, max_len, True, chunk
+    )
+    ref_hidden = jax.lax.stop_gradient(  # LoRA off: the frozen reference
+        forward(params, cfg, batch.tokens, attention_mask=mask, return_hidden=True)
+    )
+    ref_logp = thought_logprobs(
+        params, cfg, ref_hidden, batch.tokens, batch.action_start, max_len, chunk=chunk
     )
     if old_logp is None:
         old_logp = jax.lax.stop_gradient(logp)
@@ -163,7 +177,7 @@ def ppo_loss(
     pg_tok = -jnp.minimum(ratio * adv[:, None], clipped * adv[:, None])  # [M, L]
     log_r = jnp.where(on, ref_logp - logp, 0.0)
     kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref)
-    entropy_tok = jnp.where(on, -jnp.sum(jnp.exp(rows) * rows, axis=-1), 0.0)  # [M, L]
+    entropy_tok = jnp.where(on, entropy_tok, 0.0)  # [M, L]
 
     last = jnp.take_along_axis(hidden, (batch.length - 1)[:, None, None], axis=1)[:, 0]  # [M, D]
     pos_lp, neg_lp = rating_logprob(unembed(params, cfg, last), *rating_tokens)
