@@ -35,6 +35,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
         ("lora.targets=[nope]", "lora.targets: must be a non-empty subset"),
         ("data.test_fraction=2", "data.test_fraction: must be in (0, 1)"),
         ("rl.buffer_capacity=0", "rl.buffer_capacity: must be >= 1"),
+        ("rl.loss_chunk=-1", "rl.loss_chunk: must be >= 0"),
     ],
 )
 def test_bad_values_are_caught_when_the_config_loads(override, message):

@@ -232,8 +232,13 @@ class RLSection:
     entropy_coef: float = 0.0
     learning_rate: float = 3e-4
     max_grad_norm: float = 1.0
+    # Thought positions unembedded at a time in the PPO loss (0: all at once); changes no number.
+    # At a 256k vocabulary the [batch, thought_length, V] float32 logits are the step's largest
+    # arrays (bench/memory.py --step ppo).
+    loss_chunk: int = 0
 
     def __post_init__(self):
+        _require(self.loss_chunk >= 0, "rl.loss_chunk", self.loss_chunk, "must be >= 0")
         for name in ("problems_per_iteration", "buffer_capacity", "batch_size", "epochs"):
             value = getattr(self, name)
             _require(value >= 1, f"rl.{name}", value, "must be >= 1")
