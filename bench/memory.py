@@ -1,6 +1,7 @@
-"""Per-device memory of one SFT step of a config, from XLA's analysis of the compiled step.
+"""Per-device memory of one SFT or PPO step of a config, from XLA's analysis of the compiled step.
 
     python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 [--layers 2,3,4] [key=value]
+    python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 --step ppo
 
 Nothing is allocated and no weights are read: the step (`o1jax.train.sft.compile_step`) is lowered
 with abstract inputs and compiled, and `compiled.memory_analysis()` gives the bytes one device
@@ -15,6 +16,14 @@ is compiled twice: "before", without the memory knobs (no remat, `sft.loss_chunk
 `sft.micro_batch_size` 0), and "after", with the config's (`model.remat`, `sft.loss_chunk`,
 `sft.micro_batch_size`). From two layer counts or more the cost per layer (the largest step
 between consecutive counts) is extrapolated to the model's depth.
+
+`--step ppo` compiles `o1jax.rl.ppo.ppo_epochs` instead: `rl.epochs` updates of the RL adapter
+on `rl.batch_size` experiences of the width self-play gives them (`experience_width`: the
+prompt, `search.max_depth` thoughts of `search.thought_length` tokens with their step headers
+and ratings, then one more thought; `--prompt-width` and `--step-tokens` stand in for what the
+tokenizer decides), with the PPO settings of the `rl` section. "before" is without remat and
+with the thought logits unembedded at once, "after" with `model.remat` and `rl.loss_chunk`
+(PPO unembeds only the thought and rating positions; it has no micro-batches).
 
 The numbers are XLA CPU's buffer assignment for the partitioned program of one device (with
 remat's optimization barriers kept to the scheduler, see `main`); a GPU's compiler fuses and
@@ -48,12 +57,24 @@ def _parse(argv):
     parser.add_argument(
         "--only", choices=("before", "after"), default=None, help="compile one of the two"
     )
+    parser.add_argument("--step", choices=("sft", "ppo"), default="sft", help="the step to compile")
+    parser.add_argument(
+        "--prompt-width", type=int, default=256, help="ppo: tokens of a self-play prompt"
+    )
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        default=12,
+        help="ppo: tokens a thought's header and rating add to it (the tokenizer's; default 12)",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. sft.micro_batch_size=16"
     )
     args = parser.parse_args(argv)
     if args.devices < 1 or min(args.layers) < 1:
         parser.error("--devices and --layers must be >= 1")
+    if args.prompt_width < 1 or args.step_tokens < 0:
+        parser.error("--prompt-width must be >= 1 and --step-tokens >= 0")
     return args
 
 
@@ -98,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             devices=jax.devices()[: args.devices],
         )
         s = config.sft
-        check_micro_batch(trainer_config(config), mesh)
+        if args.step == "sft":
+            check_micro_batch(trainer_config(config), mesh)
+        elif config.rl.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+            raise ValueError(
+                f"rl.batch_size {config.rl.batch_size} is not a multiple of data x fsdp = "
+                f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+            )
         if config.model_dir:
             from o1jax.model.hf_io import read_config
 
@@ -114,44 +141,50 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=base.vocab_size + args.extra_vocab, attention_impl=config.model.attention_impl
     )
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    use_lora = not s.full_finetune
-    b, t = s.batch_size, s.seq_len
+    use_lora = args.step == "ppo" or not s.full_finetune
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.step == "sft":
+        rows_total, width = s.batch_size, s.seq_len
+    else:
+        q = config.search
+        rows_total = config.rl.batch_size
+        per_thought = args.step_tokens + q.thought_length
+        width = args.prompt_width + q.max_depth * per_thought + per_thought + 1
     print(
-        f"{args.config}: {base.num_layers} layers, d_model {base.d_model}, vocab "
-        f"{base.vocab_size}, {config.model.dtype} base, "
-        f"{'LoRA r' + str(config.lora.rank) if use_lora else 'full fine-tune'}; batch {b} x {t} "
-        f"on mesh {dict(mesh.shape)} ({args.devices} devices): {b // shards} rows per device",
+        f"{args.config}: {args.step} step; {base.num_layers} layers, d_model {base.d_model}, "
+        f"vocab {base.vocab_size}, {config.model.dtype} base, "
+        f"{'LoRA r' + str(config.lora.rank) if use_lora else 'full fine-tune'}; batch "
+        f"{rows_total} x {width} on mesh {dict(mesh.shape)} ({args.devices} devices): "
+        f"{rows_total // shards} rows per device",
         flush=True,
     )
+    key = jax.random.key(0)
+    on_mesh = lambda tree: jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        tree,
+        param_shardings(tree, mesh),
+    )
+    row_struct = lambda shape, dt: jax.ShapeDtypeStruct(
+        shape, dt, sharding=batch_sharding(mesh, len(shape))
+    )
+    step_struct = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
 
-    def measure(layers: int, remat: bool, loss_chunk: int, micro: int):
-        cfg = base.replace(num_layers=layers, remat=remat)
-        key = jax.random.key(0)
-        params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
+    def sft_program(cfg, params, loss_chunk: int, micro: int):
         sft_config = dataclasses.replace(
             trainer_config(config), loss_chunk=loss_chunk, micro_batch_size=micro
         )
         optimizer = make_optimizer(sft_config)
-        on_mesh = lambda tree: jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-            tree,
-            param_shardings(tree, mesh),
-        )
         master_of = master_dtypes(params, use_lora)  # as SFTTrainer
         if use_lora:
-            lcfg = lora_config(config)
-            trainable = jax.eval_shape(lambda k: lora.init(cfg, k, lcfg), key)
+            trainable = jax.eval_shape(lambda k: lora.init(cfg, k, lora_config(config)), key)
             frozen = on_mesh(params)
         else:  # a float32 master copy of params that are not all float32
             trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
             frozen = None
         opt_state = jax.eval_shape(optimizer.init, trainable)
-        step_struct = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
         state = SFTState(on_mesh(trainable), on_mesh(opt_state), step_struct)
-        rows = batch_sharding(mesh, 2)
         batch = {
-            k: jax.ShapeDtypeStruct((b, t), dt, sharding=rows)
+            k: row_struct((rows_total, width), dt)
             for k, dt in (
                 ("tokens", jnp.int32),
                 ("loss_mask", jnp.bool_),
@@ -160,8 +193,52 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
         step = compile_step(cfg, sft_config, optimizer, use_lora, master_of)
+        return step.lower(state, frozen, batch)
+
+    def ppo_program(cfg, params, loss_chunk: int):
+        from o1jax.rl.experience import Experience
+        from o1jax.rl.ppo import TrainState, ppo_epochs
+        from o1jax.rl.ppo import make_optimizer as ppo_optimizer
+        from o1jax.train.run_context import ppo_config
+
+        ppo = dataclasses.replace(ppo_config(config), loss_chunk=loss_chunk)
+        optimizer = ppo_optimizer(ppo)
+        adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lora_config(config)), key)
+        opt_state = jax.eval_shape(optimizer.init, adapter)
+        state = TrainState(on_mesh(adapter), on_mesh(opt_state), step_struct)
+        m, thought = rows_total, config.search.thought_length
+        batch = Experience(
+            tokens=row_struct((m, width), jnp.int32),
+            length=row_struct((m,), jnp.int32),
+            action_start=row_struct((m,), jnp.int32),
+            action_length=row_struct((m,), jnp.int32),
+            behaviour_logprobs=row_struct((m, thought), jnp.float32),
+            advantage=row_struct((m,), jnp.float32),
+            value_target=row_struct((m,), jnp.float32),
+            reward=row_struct((m,), jnp.float32),
+            valid=row_struct((m,), jnp.bool_),
+        )
+        weights = row_struct((m,), jnp.float32)
+        return ppo_epochs.lower(
+            state,
+            on_mesh(params),
+            batch,
+            weights,
+            cfg=cfg,
+            config=ppo,
+            optimizer=optimizer,
+            rating_tokens=(1, 2),
+        )
+
+    def measure(layers: int, remat: bool, loss_chunk: int, micro: int):
+        cfg = base.replace(num_layers=layers, remat=remat)
+        params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
         with jax.set_mesh(mesh):
-            compiled = step.lower(state, frozen, batch).compile()
+            if args.step == "sft":
+                lowered = sft_program(cfg, params, loss_chunk, micro)
+            else:
+                lowered = ppo_program(cfg, params, loss_chunk)
+            compiled = lowered.compile()
         a = compiled.memory_analysis()
         total = (
             a.temp_size_in_bytes
@@ -175,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         "before": (False, 0, 0),
         "after": (config.model.remat, s.loss_chunk, s.micro_batch_size),
     }
+    if args.step == "ppo":
+        settings["after"] = (config.model.remat, config.rl.loss_chunk, 0)
     for name, (remat, chunk, micro) in settings.items():
         if args.only and name != args.only:
             continue
-        print(
-            f"{name}: remat {str(remat).lower()}, loss_chunk {chunk}, micro_batch_size {micro}",
-            flush=True,
-        )
+        knobs = f"remat {str(remat).lower()}, loss_chunk {chunk}"
+        if args.step == "sft":
+            knobs += f", micro_batch_size {micro}"
+        print(f"{name}: {knobs}", flush=True)
         measured = {}
         for layers in sorted(set(args.layers)):
             measured[layers] = measure(layers, remat, chunk, micro)

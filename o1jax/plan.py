@@ -7,7 +7,7 @@ Estimates the resident arrays, placed by the partition rules of o1jax.parallel.m
 base, the LoRA adapter and its Adam moments (with sft.full_finetune: the trained float32 copy
 of the params and its moments), the sampler's KV cache during self-play, and the
 replay buffer. Activations and XLA temporaries come on top: `bench/memory.py` measures a
-compiled SFT step's (the last line printed names the command).
+compiled SFT or PPO step's (the last lines printed name the commands).
 """
 
 from __future__ import annotations
@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         "activations and temporaries of the SFT step (remat, sft.loss_chunk, "
         f"sft.micro_batch_size): python bench/memory.py --config {args.config} "
         f"--devices {total_devices}"
+    )
+    print(
+        "... and of the PPO step (remat, rl.loss_chunk): python bench/memory.py --config "
+        f"{args.config} --devices {total_devices} --step ppo"
     )
     return 0
 
