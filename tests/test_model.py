@@ -64,6 +64,38 @@ def test_logits_match_transformers(hf_dir):
     assert np.abs(hf_logits(model, tokens[:1]) - ours0).max() <= 1e-4
 
 
+def test_logits_match_transformers_where_the_soft_caps_bite(tmp_path):
+    """The parity configs' small weights leave tanh nearly linear. Here the weights are large
+    and the caps small (attention 1.5, final 2.0): logits sit against the cap, and a cap in the
+    wrong place (after the mask, on the wrong tensor) would show. Left and right padding, a
+    sequence past the window."""
+    import torch
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.Gemma2Config(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=9,
+        sliding_window=4, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+        max_position_embeddings=64, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.Gemma2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if "norm" in name else 0.6)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_hf(str(tmp_path))
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (1.5, 2.0)
+    tokens = np.random.default_rng(0).integers(0, 61, (2, 13))
+    for padded in (np.s_[1, :3], np.s_[1, -4:]):  # left, then right padding
+        mask = np.ones((2, 13), np.int64)
+        mask[padded] = 0
+        ref = hf_logits(model, tokens, mask)
+        ours = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+        valid = mask.astype(bool)
+        assert np.abs(ref)[valid].max() > 1.9  # against the final cap of 2
+        assert np.abs(ref - np.asarray(ours))[valid].max() <= 1e-4
+
+
 def test_forward_outside_jit_compiles_once_per_shape(hf_dir):
     path, _ = hf_dir
     cfg, params = load_hf(path)
