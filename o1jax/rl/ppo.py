@@ -12,6 +12,13 @@ in the advantage normalisation.
 policy at its start, computed inside the first update by the very same program, so the ratio is
 exactly 1 there. Gradients are taken with respect to the LoRA pytree only: the base gets no
 gradient and no optimizer state.
+
+The sampler's own log-probs (`Experience.behaviour_logprobs`) are not the ratio's denominator:
+they are of the untempered distribution while self-play samples at `search.temperature`, and a
+replayed experience was sampled by an older adapter. So the ratio measures the move within an
+epoch, not the lag of replayed data (the replay's importance weights correct its sampling, not
+that lag), and the k3 term averages over the sampled thoughts rather than the current policy's:
+a penalty that is 0 exactly when policy and reference agree on them, not an exact KL.
 """
 
 from __future__ import annotations
@@ -176,7 +183,7 @@ def ppo_loss(
     clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
     pg_tok = -jnp.minimum(ratio * adv[:, None], clipped * adv[:, None])  # [M, L]
     log_r = jnp.where(on, ref_logp - logp, 0.0)
-    kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref)
+    kl_tok = jnp.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || ref), on the sampled tokens
     entropy_tok = jnp.where(on, entropy_tok, 0.0)  # [M, L]
 
     last = jnp.take_along_axis(hidden, (batch.length - 1)[:, None, None], axis=1)[:, 0]  # [M, D]
