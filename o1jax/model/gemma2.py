@@ -267,8 +267,8 @@ class Gemma2(nn.Module):
         dtype = embedding.dtype
         x = embedding[tokens]  # [B, T, D]
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)  # normaliser rounded to dtype first
-        # Under a mesh, the residual stream's rows stay on their devices (see `constrain`); the
-        # cached (sampling) path is left to XLA.
+        # Under a mesh, the residual stream's rows stay on their devices (see
+        # `o1jax.parallel.mesh.constrain`); the cached (sampling) path is left to XLA.
         pin = constrain_rows if cache is None else (lambda y: y)
         x = pin(x)
         lora = lora or {}
