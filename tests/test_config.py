@@ -36,6 +36,8 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
         ("data.test_fraction=2", "data.test_fraction: must be in (0, 1)"),
         ("rl.buffer_capacity=0", "rl.buffer_capacity: must be >= 1"),
         ("rl.loss_chunk=-1", "rl.loss_chunk: must be >= 0"),
+        ("rl.micro_batch_size=-2", "rl.micro_batch_size: must be >= 0"),
+        ("rl.micro_batch_size=5", "rl.micro_batch_size: must divide rl.batch_size (16)"),
     ],
 )
 def test_bad_values_are_caught_when_the_config_loads(override, message):

@@ -52,9 +52,15 @@ def base():
     return init_params(CFG, jax.random.key(0))
 
 
-def _trainer(base, mesh, epochs=2, lr=3e-3, kl_coef=0.05, loss_chunk=0):
+def _trainer(base, mesh, epochs=2, lr=3e-3, kl_coef=0.05, loss_chunk=0, micro_batch_size=0):
     adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
-    config = PPOConfig(epochs=epochs, learning_rate=lr, kl_coef=kl_coef, loss_chunk=loss_chunk)
+    config = PPOConfig(
+        epochs=epochs,
+        learning_rate=lr,
+        kl_coef=kl_coef,
+        loss_chunk=loss_chunk,
+        micro_batch_size=micro_batch_size,
+    )
     return PPOTrainer(CFG, base, adapter, config, mesh, rating_tokens=(POS, NEG))
 
 
@@ -109,6 +115,34 @@ def test_ppo_step_is_the_same_on_1_and_8_devices(base, loss_chunk):
         one.lora,
         eight.lora,
     )
+
+
+def test_micro_batches_give_the_whole_batchs_update(base):
+    """Gradient accumulation over micro-batches of 8 (on 8 devices, two passes), each normalised
+    by the whole batch: the metrics, priorities and new adapter of the whole batch at once (one
+    device), also with invalid rows and uneven importance weights."""
+    batch = _batch().replace(valid=jnp.arange(M) % 5 != 3)
+    weights = jnp.linspace(0.2, 1.0, M)
+    whole = _trainer(base, make_mesh(devices=jax.devices()[:1]))
+    micro = _trainer(base, make_mesh({"data": 2, "fsdp": 4}), micro_batch_size=8)
+    m1, p1 = whole.update(batch, weights)
+    m8, p8 = micro.update(batch, weights)
+    assert set(m1) == set(m8)
+    for k in m1:
+        np.testing.assert_allclose(float(m1[k]), float(m8[k]), atol=1e-5, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(np.asarray(p1), np.asarray(p8), atol=1e-5, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+        whole.lora,
+        micro.lora,
+    )
+
+
+@pytest.mark.parametrize("micro", [3, 4])  # 3 does not divide 16; 4 is no multiple of 8 devices
+def test_micro_batches_that_do_not_split_the_batch_or_the_mesh_are_refused(base, micro):
+    trainer = _trainer(base, make_mesh({"data": 2, "fsdp": 4}), micro_batch_size=micro)
+    with pytest.raises(ValueError, match=f"micro_batch_size {micro} must divide the batch of 16"):
+        trainer.update(_batch(), jnp.ones(M))
 
 
 def test_updates_raise_positive_and_lower_negative_advantage_thoughts(base):

@@ -173,3 +173,21 @@ def constrain(x, *spec):
 def constrain_rows(x):
     """`x` [B, ...] with its rows split over the batch axes ("data", "fsdp"), the rest whole."""
     return constrain(x, BATCH_AXES, *([None] * (x.ndim - 1)))
+
+
+def micro_batches(x, n: int):
+    """[B, ...] -> [n, B/n, ...] for gradient accumulation: micro-batch i holds rows i, n+i,
+    2n+i, ... so that each device keeps its own rows (a device's contiguous rows split evenly
+    over the micro-batches). `unmicro_batches` is its inverse."""
+    b = x.shape[0]
+    x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def unmicro_batches(x):
+    """[n, B/n, ...] from `micro_batches` -> [B, ...] in the original row order."""
+    n, rows = x.shape[:2]
+    return x.swapaxes(0, 1).reshape(n * rows, *x.shape[2:])

@@ -33,6 +33,7 @@ from flax import struct
 
 from o1jax.model.gemma2 import forward, unembed
 from o1jax.model.logprobs import token_logprobs
+from o1jax.parallel.mesh import micro_batches, unmicro_batches
 from o1jax.rl.experience import Experience
 
 
@@ -47,10 +48,14 @@ class PPOConfig:
     epochs: int = 2  # updates per sampled batch
     normalize_advantages: bool = True
     loss_chunk: int = 0  # thought positions unembedded at a time (0: all); changes no number
+    # Experiences per gradient-accumulation pass (0: the whole batch at once); changes no number.
+    micro_batch_size: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
-            raise ValueError(f"PPOConfig.loss_chunk must be an int >= 0, got {self.loss_chunk!r}")
+        for name in ("loss_chunk", "micro_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"PPOConfig.{name} must be an int >= 0, got {value!r}")
 
 
 @struct.dataclass
@@ -125,6 +130,28 @@ def rating_logprob(last_logits, positive: int, negative: int):
     return pair[:, 0], pair[:, 1]
 
 
+def batch_norms(batch: Experience, config: PPOConfig) -> dict:
+    """The whole batch's normalisers, so that micro-batches add up to its loss: valid rows
+    `n_valid` [], thought tokens of valid rows `n_tok` [], and the advantage normalisation
+    (`adv_mean`, `adv_std` over valid rows; `spread` False when they are all equal)."""
+    max_len = batch.behaviour_logprobs.shape[1]
+    ok = batch.valid.astype(bool)  # [M]
+    valid = ok.astype(jnp.float32)
+    act = (jnp.arange(max_len)[None, :] < batch.action_length[:, None]).astype(jnp.float32)
+    norms = {
+        "n_valid": jnp.maximum(valid.sum(), 1.0),
+        "n_tok": jnp.maximum((act * valid[:, None]).sum(), 1.0),
+    }
+    adv = jnp.where(ok, batch.advantage, 0.0)  # whatever an invalid row holds
+    if config.normalize_advantages:
+        mean = jnp.sum(adv) / norms["n_valid"]
+        std = jnp.sqrt(jnp.sum((adv - mean) ** 2 * valid) / norms["n_valid"])
+        # A batch of equal advantages carries no signal: its float32 residue around the mean,
+        # divided by a near-zero std, would not be 0.
+        norms |= {"adv_mean": mean, "adv_std": std, "spread": std > 1e-6 * (1.0 + jnp.abs(mean))}
+    return norms
+
+
 def ppo_loss(
     lora,
     params,
@@ -134,10 +161,15 @@ def ppo_loss(
     old_logp,
     config: PPOConfig,
     rating_tokens: tuple[int, int],
+    norms: dict | None = None,
 ):
     """Scalar loss and aux. weights: [M] importance weights. old_logp None: use this policy's
-    own (stopped) log-probs. Rows with `batch.valid` False get weight 0 everywhere."""
+    own (stopped) log-probs. Rows with `batch.valid` False get weight 0 everywhere. norms: from
+    `batch_norms` of the whole batch when `batch` is one micro-batch of it (None: this batch's);
+    the loss and every aux value are then this micro-batch's share of the whole batch's."""
     check_batch(batch, weights)
+    if norms is None:
+        norms = batch_norms(batch, config)
     max_len = batch.behaviour_logprobs.shape[1]
     mask = jnp.arange(batch.tokens.shape[1])[None, :] < batch.length[:, None]
     # Hidden states [M, W, D]; only the thought and rating positions are unembedded, so no
@@ -159,22 +191,16 @@ def ppo_loss(
     # the token masks as they were leave an all-valid batch's numbers bit for bit the same.)
     ok = batch.valid.astype(bool)  # [M]
     valid = ok.astype(jnp.float32)
-    n_valid = jnp.maximum(valid.sum(), 1.0)
+    n_valid, n_tok = norms["n_valid"], norms["n_tok"]
     weights = weights * valid
     act = (jnp.arange(max_len)[None, :] < batch.action_length[:, None]).astype(jnp.float32)
     w_tok = act * weights[:, None]  # [M, L], 0 on invalid rows
     act_v = act * valid[:, None]  # thought tokens of valid rows [M, L]
-    n_tok = jnp.maximum(act_v.sum(), 1.0)
 
     adv = jnp.where(ok, batch.advantage, 0.0)  # whatever an invalid row holds
     if config.normalize_advantages:
-        mean = jnp.sum(adv) / n_valid
-        centred = adv - mean
-        std = jnp.sqrt(jnp.sum(centred**2 * valid) / n_valid)
-        # A batch of equal advantages carries no signal: its float32 residue around the mean,
-        # divided by a near-zero std, would not be 0.
-        spread = std > 1e-6 * (1.0 + jnp.abs(mean))
-        adv = jnp.where(spread, centred / (std + 1e-6), 0.0)
+        centred = adv - norms["adv_mean"]
+        adv = jnp.where(norms["spread"], centred / (norms["adv_std"] + 1e-6), 0.0)
     # Positions past a thought's end (padding, the rating marker) are zeroed before any exp:
     # the policy may put any log-prob there, and inf * 0 would turn the sums into NaN.
     on = act > 0
@@ -230,16 +256,48 @@ def ppo_epochs(
     rating_tokens: tuple[int, int],
 ):
     """`config.epochs` PPO updates on one batch, weighted by `weights` [M]. Returns (state,
-    metrics of the first and last update, new priorities [M]).
+    metrics of the first and last update, new priorities [M]). With `config.micro_batch_size`,
+    each update accumulates the gradients of micro-batches of that many experiences in a
+    `lax.scan` (each normalised by the whole batch: the same loss, gradients and metrics).
 
     Donates `state`: its arrays are deleted, use only the returned one."""
     check_batch(batch, weights)
     grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+    m = batch.tokens.shape[0]
+    n_micro = m // config.micro_batch_size if config.micro_batch_size else 1
+    if n_micro > 1 and m % config.micro_batch_size:
+        raise ValueError(f"ppo: {m} experiences are no whole number of micro-batches of "
+                         f"{config.micro_batch_size}")  # fmt: skip
+
+    def gradients(lora, old_logp):
+        """(grads, aux, logp [M, L], priorities [M]) of the whole batch; with micro-batches,
+        accumulated in a `lax.scan`, every micro-batch normalised by the whole batch."""
+        if n_micro <= 1:
+            (_, (aux, logp, priority)), grads = grad_fn(
+                lora, params, cfg, batch, weights, old_logp, config, rating_tokens
+            )
+            return grads, aux, logp, priority
+        norms = batch_norms(batch, config)
+        split = functools.partial(micro_batches, n=n_micro)
+        xs = (jax.tree.map(split, batch), split(weights))
+        if old_logp is not None:
+            xs += (split(old_logp),)
+
+        def accumulate(grads, xs):
+            micro_batch, micro_weights, *old = xs
+            (_, (aux, logp, priority)), g = grad_fn(
+                lora, params, cfg, micro_batch, micro_weights, old[0] if old else None, config,
+                rating_tokens, norms,
+            )  # fmt: skip
+            return jax.tree.map(jnp.add, grads, g), (aux, logp, priority)
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        grads, (auxs, logp, priority) = jax.lax.scan(accumulate, zeros, xs)
+        aux = jax.tree.map(lambda x: jnp.sum(x, axis=0), auxs)  # shares of the whole batch's
+        return grads, aux, unmicro_batches(logp), unmicro_batches(priority)
 
     def update(state, old_logp):
-        (_, (aux, logp, priority)), grads = grad_fn(
-            state.lora, params, cfg, batch, weights, old_logp, config, rating_tokens
-        )
+        grads, aux, logp, priority = gradients(state.lora, old_logp)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         aux["grad_norm"] = optax.tree.norm(grads)
         new = TrainState(
@@ -292,6 +350,12 @@ class PPOTrainer:
         m = batch.tokens.shape[0]
         if m % shards:
             raise ValueError(f"ppo: batch of {m} is not a multiple of data x fsdp = {shards}")
+        micro = self.config.micro_batch_size
+        if micro and (m % micro or micro % shards):
+            raise ValueError(
+                f"ppo: micro_batch_size {micro} must divide the batch of {m} and be a multiple "
+                f"of data x fsdp = {shards}"
+            )
         with jax.set_mesh(self.mesh):
             batch, weights = shard_batch((batch, jnp.asarray(weights, jnp.float32)), self.mesh)
             self.state, metrics, priorities = ppo_epochs(

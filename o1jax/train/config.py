@@ -236,9 +236,18 @@ class RLSection:
     # At a 256k vocabulary the [batch, thought_length, V] float32 logits are the step's largest
     # arrays (bench/memory.py --step ppo).
     loss_chunk: int = 0
+    # Experiences per gradient-accumulation pass of a PPO update (0: the whole batch at once;
+    # a divisor of rl.batch_size and a multiple of the mesh's data x fsdp size); changes no
+    # number. One GPU and Gemma2-2B: bench/memory.py --step ppo.
+    micro_batch_size: int = 0
 
     def __post_init__(self):
         _require(self.loss_chunk >= 0, "rl.loss_chunk", self.loss_chunk, "must be >= 0")
+        _require(self.micro_batch_size >= 0, "rl.micro_batch_size", self.micro_batch_size,
+                 "must be >= 0")  # fmt: skip
+        _require(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
+                 "rl.micro_batch_size", self.micro_batch_size,
+                 f"must divide rl.batch_size ({self.batch_size})")  # fmt: skip
         for name in ("problems_per_iteration", "buffer_capacity", "batch_size", "epochs"):
             value = getattr(self, name)
             _require(value >= 1, f"rl.{name}", value, "must be >= 1")

@@ -71,7 +71,9 @@ def run(config: RunConfig, workdir: str) -> dict:
             ("sft.micro_batch_size", config.sft.micro_batch_size, micro_batches),
             ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
             ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
-        ):
+            ("rl.micro_batch_size", config.rl.micro_batch_size,
+             config.rl.iterations > 0 and config.rl.micro_batch_size > 0),
+        ):  # fmt: skip
             if used:
                 require_batch_fits_mesh(key, size, ctx.mesh)
         # Only a run that could start claims the workdir: a start that failed on its data or

@@ -227,6 +227,7 @@ def ppo_config(config: RunConfig):
         max_grad_norm=r.max_grad_norm,
         epochs=r.epochs,
         loss_chunk=r.loss_chunk,
+        micro_batch_size=r.micro_batch_size,
     )
 
 

@@ -35,7 +35,7 @@ from flax import struct
 
 from o1jax.model.gemma2 import forward
 from o1jax.model.logprobs import token_logprobs
-from o1jax.parallel.mesh import BATCH_AXES, param_shardings, replicated, shard_batch
+from o1jax.parallel.mesh import micro_batches, param_shardings, replicated, shard_batch
 from o1jax.train.config import ConfigError, require_batch_fits_mesh
 
 
@@ -298,17 +298,6 @@ def check_micro_batch(config: SFTConfig, mesh) -> None:
     require_batch_fits_mesh("sft.micro_batch_size", m, mesh)
 
 
-def _micro_batches(x, n: int):
-    """[B, ...] -> [n, B/n, ...]: micro-batch i holds rows i, n+i, 2n+i, ... so that each device
-    keeps its own rows (a device's contiguous rows split evenly over the micro-batches)."""
-    b = x.shape[0]
-    x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-    spec = jax.sharding.PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
 def _sft_step(
     state: SFTState,
     frozen,
@@ -358,7 +347,7 @@ def _sft_step(
             raise ValueError(
                 f"sft: {rows} rows are no whole number of {micro_batch_size}-row batches"
             )
-        micro = jax.tree.map(functools.partial(_micro_batches, n=n_micro), batch)
+        micro = jax.tree.map(functools.partial(micro_batches, n=n_micro), batch)
         grad_sum = jax.value_and_grad(nll_sum, has_aux=True)
         f32 = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
 
