@@ -21,9 +21,10 @@ between consecutive counts) is extrapolated to the model's depth.
 on `rl.batch_size` experiences of the width self-play gives them (`experience_width`: the
 prompt, `search.max_depth` thoughts of `search.thought_length` tokens with their step headers
 and ratings, then one more thought; `--prompt-width` and `--step-tokens` stand in for what the
-tokenizer decides), with the PPO settings of the `rl` section. "before" is without remat and
-with the thought logits unembedded at once, "after" with `model.remat` and `rl.loss_chunk`
-(PPO unembeds only the thought and rating positions; it has no micro-batches).
+tokenizer decides), with the PPO settings of the `rl` section. "before" is without remat,
+with the thought logits unembedded at once and without micro-batches, "after" with
+`model.remat`, `rl.loss_chunk` and `rl.micro_batch_size` (PPO unembeds only the thought and
+rating positions).
 
 The numbers are XLA CPU's buffer assignment for the partitioned program of one device (with
 remat's optimization barriers kept to the scheduler, see `main`); a GPU's compiler fuses and
@@ -121,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         s = config.sft
         if args.step == "sft":
             check_micro_batch(trainer_config(config), mesh)
-        elif config.rl.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-            raise ValueError(
-                f"rl.batch_size {config.rl.batch_size} is not a multiple of data x fsdp = "
-                f"{mesh.shape['data'] * mesh.shape['fsdp']}"
-            )
+        else:
+            for key in ("batch_size", "micro_batch_size"):
+                size = getattr(config.rl, key)
+                if size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+                    raise ValueError(
+                        f"rl.{key} {size} is not a multiple of data x fsdp = "
+                        f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+                    )
         if config.model_dir:
             from o1jax.model.hf_io import read_config
 
@@ -195,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         step = compile_step(cfg, sft_config, optimizer, use_lora, master_of)
         return step.lower(state, frozen, batch)
 
-    def ppo_program(cfg, params, loss_chunk: int):
+    def ppo_program(cfg, params, loss_chunk: int, micro: int):
         from o1jax.rl.experience import Experience
         from o1jax.rl.ppo import TrainState, ppo_epochs
         from o1jax.rl.ppo import make_optimizer as ppo_optimizer
         from o1jax.train.run_context import ppo_config
 
-        ppo = dataclasses.replace(ppo_config(config), loss_chunk=loss_chunk)
+        ppo = dataclasses.replace(ppo_config(config), loss_chunk=loss_chunk, micro_batch_size=micro)
         optimizer = ppo_optimizer(ppo)
         adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lora_config(config)), key)
         opt_state = jax.eval_shape(optimizer.init, adapter)
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.step == "sft":
                 lowered = sft_program(cfg, params, loss_chunk, micro)
             else:
-                lowered = ppo_program(cfg, params, loss_chunk)
+                lowered = ppo_program(cfg, params, loss_chunk, micro)
             compiled = lowered.compile()
         a = compiled.memory_analysis()
         total = (
@@ -253,13 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "after": (config.model.remat, s.loss_chunk, s.micro_batch_size),
     }
     if args.step == "ppo":
-        settings["after"] = (config.model.remat, config.rl.loss_chunk, 0)
+        settings["after"] = (config.model.remat, config.rl.loss_chunk, config.rl.micro_batch_size)
     for name, (remat, chunk, micro) in settings.items():
         if args.only and name != args.only:
             continue
-        knobs = f"remat {str(remat).lower()}, loss_chunk {chunk}"
-        if args.step == "sft":
-            knobs += f", micro_batch_size {micro}"
+        knobs = f"remat {str(remat).lower()}, loss_chunk {chunk}, micro_batch_size {micro}"
         print(f"{name}: {knobs}", flush=True)
         measured = {}
         for layers in sorted(set(args.layers)):

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"--devices {total_devices}"
     )
     print(
-        "... and of the PPO step (remat, rl.loss_chunk): python bench/memory.py --config "
+        "... and of the PPO step (remat, rl.loss_chunk, rl.micro_batch_size): python "
+        "bench/memory.py --config "
         f"{args.config} --devices {total_devices} --step ppo"
     )
     return 0
