@@ -313,3 +313,34 @@ def test_suffix_scores_equal_a_full_forward_over_the_row(model):
         )[None]
         logp = jax.nn.log_softmax(full_forward_logits(params, cfg, seq[0])[-1])
         np.testing.assert_allclose(out.scores[row], logp[jnp.asarray(scored)], atol=1e-5)
+
+
+def test_under_fsdp_each_device_prefills_and_decodes_only_its_own_rows():
+    """fsdp splits the params' D over the devices that split the prompts. Left to itself, XLA
+    contracted over the split D in the prefill: every device computed the whole batch's MLP
+    activations (Gemma2-2B's self-play expansion: 25 GiB per device at 2 layers, against 11 with
+    the rows pinned; bench/memory.py --step sample)."""
+    from o1jax.model import lora
+    from o1jax.parallel.mesh import batch_sharding, make_mesh, param_shardings
+
+    cfg = Gemma2Config.tiny(
+        vocab_size=512, num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, head_dim=32,
+        ffn_dim=1024, sliding_window=64,
+    )  # fmt: skip
+    b, p = 8, 64
+    mesh = make_mesh({"fsdp": 8})
+    params = init_params(cfg, jax.random.key(0))
+    adapter = lora.init(cfg, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, param_shardings(params, mesh))
+        adapter = jax.device_put(adapter, param_shardings(adapter, mesh))
+        prompts = jax.device_put(jnp.ones((b, p), jnp.int32), batch_sharding(mesh, 2))
+        lengths = jax.device_put(jnp.full((b,), p, jnp.int32), batch_sharding(mesh, 1))
+        lowered = _generate.lower(
+            params, prompts, lengths, jax.random.key(0), adapter, cfg=cfg, max_new_tokens=4,
+            temperature=1.0, top_k=0, top_p=1.0, stop_tokens=(), num_samples=2,
+            score_suffix=(3,), score_tokens=(4, 5),
+        )  # fmt: skip
+    text = lowered.compile().as_text()
+    assert f"f32[1,{p},{cfg.ffn_dim}]" in text  # each device's own prompt through the MLP
+    assert f"f32[{b},{p},{cfg.ffn_dim}]" not in text

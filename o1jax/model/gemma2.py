@@ -268,9 +268,8 @@ class Gemma2(nn.Module):
         x = embedding[tokens]  # [B, T, D]
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)  # normaliser rounded to dtype first
         # Under a mesh, the residual stream's rows stay on their devices (see
-        # `o1jax.parallel.mesh.constrain`); the cached (sampling) path is left to XLA.
-        pin = constrain_rows if cache is None else (lambda y: y)
-        x = pin(x)
+        # `o1jax.parallel.mesh.constrain`), in training and in the sampler's prefill and decode.
+        x = constrain_rows(x)
         lora = lora or {}
         new_layers = {}
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
@@ -287,7 +286,7 @@ class Gemma2(nn.Module):
                 token_mask,
                 segments,
             )
-            x = pin(x)
+            x = constrain_rows(x)
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if return_hidden:
             return x, new_layers
