@@ -2,6 +2,7 @@
 
     python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 [--layers 2,3,4] [key=value]
     python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 --step ppo
+    python bench/memory.py --config configs/gemma2-2b.yaml --devices 8 --step sample
 
 Nothing is allocated and no weights are read: the step (`o1jax.train.sft.compile_step`) is lowered
 with abstract inputs and compiled, and `compiled.memory_analysis()` gives the bytes one device
@@ -25,6 +26,13 @@ tokenizer decides), with the PPO settings of the `rl` section. "before" is witho
 with the thought logits unembedded at once and without micro-batches, "after" with
 `model.remat`, `rl.loss_chunk` and `rl.micro_batch_size` (PPO unembeds only the thought and
 rating positions).
+
+`--step sample` compiles the sampler call of one self-play expansion (`o1jax.model.sampler`'s
+jitted program, as `mcts.make_lm_expand_fn` calls it): `rl.problems_per_iteration` leaves'
+prefixes at their widest (the prompt and `search.max_depth` thoughts), each prefilled once and
+continued by `search.num_children` samples of `search.thought_length` tokens, then rated, with
+the RL adapter applied on the fly. Its KV cache holds every prefix and sample. Remat, chunks
+and micro-batches do not apply: one program is compiled.
 
 The numbers are XLA CPU's buffer assignment for the partitioned program of one device (with
 remat's optimization barriers kept to the scheduler, see `main`); a GPU's compiler fuses and
@@ -58,15 +66,18 @@ def _parse(argv):
     parser.add_argument(
         "--only", choices=("before", "after"), default=None, help="compile one of the two"
     )
-    parser.add_argument("--step", choices=("sft", "ppo"), default="sft", help="the step to compile")
     parser.add_argument(
-        "--prompt-width", type=int, default=256, help="ppo: tokens of a self-play prompt"
+        "--step", choices=("sft", "ppo", "sample"), default="sft", help="the step to compile"
+    )
+    parser.add_argument(
+        "--prompt-width", type=int, default=256, help="ppo, sample: tokens of a self-play prompt"
     )
     parser.add_argument(
         "--step-tokens",
         type=int,
         default=12,
-        help="ppo: tokens a thought's header and rating add to it (the tokenizer's; default 12)",
+        help="ppo, sample: tokens a thought's header and rating add to it (the tokenizer's; "
+        "default 12)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. sft.micro_batch_size=16"
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         s = config.sft
         if args.step == "sft":
             check_micro_batch(trainer_config(config), mesh)
-        else:
+        elif args.step == "ppo":
             for key in ("batch_size", "micro_batch_size"):
                 size = getattr(config.rl, key)
                 if size % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -145,15 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=base.vocab_size + args.extra_vocab, attention_impl=config.model.attention_impl
     )
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    use_lora = args.step == "ppo" or not s.full_finetune
+    use_lora = args.step != "sft" or not s.full_finetune
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    q = config.search
+    per_thought = args.step_tokens + q.thought_length
     if args.step == "sft":
         rows_total, width = s.batch_size, s.seq_len
-    else:
-        q = config.search
+    elif args.step == "ppo":
         rows_total = config.rl.batch_size
-        per_thought = args.step_tokens + q.thought_length
         width = args.prompt_width + q.max_depth * per_thought + per_thought + 1
+    else:  # the widest prefix a leaf can have (`StepFormat.max_prefix_length`)
+        rows_total = config.rl.problems_per_iteration
+        width = args.prompt_width + q.max_depth * per_thought + args.step_tokens
     print(
         f"{args.config}: {args.step} step; {base.num_layers} layers, d_model {base.d_model}, "
         f"vocab {base.vocab_size}, {config.model.dtype} base, "
@@ -234,14 +248,37 @@ def main(argv: list[str] | None = None) -> int:
             rating_tokens=(1, 2),
         )
 
+    def sample_program(cfg, params):
+        from o1jax.model.sampler import _generate
+
+        adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lora_config(config)), key)
+        return _generate.lower(
+            on_mesh(params),
+            row_struct((rows_total, width), jnp.int32),
+            row_struct((rows_total,), jnp.int32),
+            key,
+            on_mesh(adapter),
+            cfg=cfg,
+            max_new_tokens=q.thought_length,
+            temperature=q.temperature,
+            top_k=q.top_k,
+            top_p=q.top_p,
+            stop_tokens=(3,),
+            num_samples=q.num_children,
+            score_suffix=(4,),
+            score_tokens=(5, 6),
+        )
+
     def measure(layers: int, remat: bool, loss_chunk: int, micro: int):
         cfg = base.replace(num_layers=layers, remat=remat)
         params = jax.eval_shape(lambda k: init_params(cfg, k, dtype), key)
         with jax.set_mesh(mesh):
             if args.step == "sft":
                 lowered = sft_program(cfg, params, loss_chunk, micro)
-            else:
+            elif args.step == "ppo":
                 lowered = ppo_program(cfg, params, loss_chunk, micro)
+            else:
+                lowered = sample_program(cfg, params)
             compiled = lowered.compile()
         a = compiled.memory_analysis()
         total = (
@@ -258,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.step == "ppo":
         settings["after"] = (config.model.remat, config.rl.loss_chunk, config.rl.micro_batch_size)
+    elif args.step == "sample":
+        settings = {"sampler": (False, 0, 0)}  # one program: nothing to turn on
     for name, (remat, chunk, micro) in settings.items():
-        if args.only and name != args.only:
+        if args.only and name != args.only and args.step != "sample":
             continue
         knobs = f"remat {str(remat).lower()}, loss_chunk {chunk}, micro_batch_size {micro}"
+        if args.step == "sample":
+            knobs = f"{q.num_children} samples of {q.thought_length} tokens per prefix, rated"
         print(f"{name}: {knobs}", flush=True)
         measured = {}
         for layers in sorted(set(args.layers)):
