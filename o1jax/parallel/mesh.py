@@ -181,10 +181,7 @@ def micro_batches(x, n: int):
     over the micro-batches). `unmicro_batches` is its inverse."""
     b = x.shape[0]
     x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return constrain(x, None, BATCH_AXES, *([None] * (x.ndim - 2)))
 
 
 def unmicro_batches(x):
