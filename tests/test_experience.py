@@ -160,7 +160,7 @@ def test_a_rating_is_trained_toward_what_follows_its_thought_not_toward_itself()
     tokens[0, 1, :2], tokens[0, 2, :2] = [7, EOT], [CONCLUSION, EOT]
     tree = init_tree(1, 4, L).replace(
         parent=jnp.asarray([[-1, 0, 1, -1]]),
-        first_child=jnp.asarray([[1, 2, -1, -1]]),
+        num_children=jnp.asarray([[1, 1, 0, 0]]),
         depth=jnp.asarray([[0, 1, 2, 0]]),
         visits=jnp.asarray([[2, 2, 1, 0]]),
         value_sum=jnp.asarray([[1.3, 1.3, 1.0, 0.0]]),
@@ -188,7 +188,7 @@ def _reference_advantages(t, b, terminal_only):
     sums, counts, target_sums = np.zeros(n), np.zeros(n), np.zeros(n)
     root_value = t.value_sum[b, 0] / t.visits[b, 0]
     for leaf in range(1, used):
-        if t.first_child[b, leaf] != -1 or (terminal_only and not t.terminal[b, leaf]):
+        if t.num_children[b, leaf] > 0 or (terminal_only and not t.terminal[b, leaf]):
             continue
         path = []
         node = leaf
@@ -252,7 +252,7 @@ def _terminal_rewards_below(t, b, node):
     """Rewards of the terminal leaves in `node`'s subtree (node included), by walking up."""
     rewards = []
     for leaf in range(1, int(t.num_nodes[b])):
-        if t.first_child[b, leaf] != -1 or not t.terminal[b, leaf]:
+        if t.num_children[b, leaf] > 0 or not t.terminal[b, leaf]:
             continue
         x = leaf
         while x != node and x > 0:

@@ -54,18 +54,22 @@ def _check_invariants(tree, leaves, config):
     """Structure and visit-count identities of every tree (numpy)."""
     t = jax.tree.map(np.asarray, tree)
     k = config.num_children
+    most = max(1, -(-config.max_children // k)) * k  # the first multiple of K >= max_children
     for b in range(t.parent.shape[0]):
         n_used = t.num_nodes[b]
         assert (n_used - 1) % k == 0
         assert np.all(t.parent[b, n_used:] == NO_NODE)
+        assert np.all(t.num_children[b, n_used:] == 0)
         for node in range(1, n_used):
             p = t.parent[b, node]
             assert 0 <= p < node
             assert t.depth[b, node] == t.depth[b, p] + 1 <= config.max_depth
-            assert t.first_child[b, p] <= node < t.first_child[b, p] + k
+        for block in range(1, n_used, k):  # each expansion's K children are one block
+            assert len(set(t.parent[b, block : block + k])) == 1
         for node in range(n_used):
-            fc = t.first_child[b, node]
-            kids = [] if fc == NO_NODE else list(range(fc, fc + k))
+            kids = [c for c in range(1, n_used) if t.parent[b, c] == node]
+            assert t.num_children[b, node] == len(kids) <= most
+            assert len(kids) % k == 0
             assert not (t.terminal[b, node] and kids), "terminal nodes never expand"
             times_leaf = sum(1 for step in leaves if step[b] == node)
             base = 0 if node == 0 else 1
@@ -74,11 +78,13 @@ def _check_invariants(tree, leaves, config):
         assert t.visits[b, 0] == len(leaves)
 
 
+@pytest.mark.parametrize("max_children", [0, 5])
 @pytest.mark.parametrize("seed", range(4))
-def test_tree_invariants_hold_after_every_simulation(seed):
+def test_tree_invariants_hold_after_every_simulation(seed, max_children):
     config = MCTSConfig(
-        num_simulations=10, num_children=3, max_depth=4, thought_length=L, noise=0.05
-    )
+        num_simulations=10, num_children=3, max_children=max_children, max_depth=4,
+        thought_length=L, noise=0.05,
+    )  # fmt: skip
     expand = synthetic_expand_fn(config, answer_depth=3, seed=seed)
     tree = init_tree(5, config.capacity, L)
     key = jax.random.key(seed)
@@ -90,6 +96,8 @@ def test_tree_invariants_hold_after_every_simulation(seed):
         tree = mcts.insert_and_backup(tree, leaf, expand(tree, leaf, k2), config, False)
         _check_invariants(tree, leaves, config)
     assert np.asarray(tree.terminal).any()  # terminals were reached and re-selected
+    if max_children:  # some node was widened: it has two blocks of children
+        assert (np.asarray(tree.num_children) == 6).any()
 
 
 def test_backup_matches_a_hand_computed_tree():
@@ -136,6 +144,65 @@ def test_backup_matches_a_hand_computed_tree():
         rtol=1e-6,
     )
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
+
+
+def _rated_expand_fn(ratings):
+    """One tree's expansions: two children rated by the next pair of `ratings`."""
+    ratings = iter(ratings)
+
+    def expand(tree, leaf, key):
+        return Expansion(
+            tokens=jnp.full((1, 2, L), 7),
+            lengths=jnp.full((1, 2), 2),
+            logprobs=jnp.full((1, 2, L), -1.0),
+            stopped=jnp.ones((1, 2), bool),
+            is_answer=jnp.zeros((1, 2), bool),
+            rating=jnp.asarray([next(ratings)], jnp.float32),
+            reward=jnp.zeros((1, 2)),
+        )
+
+    return expand
+
+
+def test_a_node_whose_children_disappoint_widens_up_to_max_children():
+    """The hand-computed tree above with max_children 3: at sim 3 node 2 (Q 0.525) has children
+    that pass up at most 0.5 * 0.9 = 0.45 < 0.525, so it is expanded again (children 5 and 6)
+    instead of node 3. With 4 children it has reached max_children and widens no more."""
+    config = MCTSConfig(
+        num_simulations=3, num_children=2, max_children=3, max_depth=5, thought_length=L,
+        discount=0.5, noise=0.0, c_puct=1.0,
+    )  # fmt: skip
+    expand = _rated_expand_fn([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
+    tree = mcts.run(expand, 1, config, jax.random.key(0))
+    t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    # sim 3: node 2 gets 0.5 * max(0.3, 0.4) = 0.2 from its new children, the root 0.1.
+    np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 2, 2])
+    np.testing.assert_array_equal(t.num_children[:7], [2, 0, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(t.visits[:7], [3, 1, 3, 1, 1, 1, 1])
+    np.testing.assert_allclose(
+        t.value_sum[:7], [0.3 + 0.225 + 0.1, 0.2, 0.6 + 0.45 + 0.2, 0.9, 0.1, 0.3, 0.4], rtol=1e-6
+    )
+    # Node 2's children now pass up 0.45 < Q 1.25 / 3, but it has 4 >= 3: the descent goes on.
+    assert not bool(mcts.select(tree, jax.random.key(1), config)[0] == 2)
+
+
+def test_children_that_pass_up_as_much_as_their_parent_stop_the_widening():
+    """Discount 1: node 2's children (0.9, 0.1) pass up 0.9 > its Q (0.75), so sim 3 descends
+    past node 2 to node 3, as with max_children = K."""
+    config = MCTSConfig(
+        num_simulations=3, num_children=2, max_children=5, max_depth=5, thought_length=L,
+        discount=1.0, noise=0.0, c_puct=1.0,
+    )  # fmt: skip
+    tree = mcts.run(_rated_expand_fn([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]]), 1, config,
+                    jax.random.key(0))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(tree.parent)[0, :7], [-1, 0, 0, 2, 2, 3, 3])
+
+
+def test_max_children_below_num_children_is_refused():
+    with pytest.raises(ValueError, match="max_children must be 0 or >= num_children"):
+        MCTSConfig(num_children=3, max_children=2)
+    assert MCTSConfig(num_children=3).max_children == 0  # each node expanded once
 
 
 def test_puct_is_llama_o1s_softmax_of_priors_over_summed_child_visits():
@@ -211,7 +278,7 @@ def test_a_full_arena_adds_no_children_and_backs_the_leaf_up():
         assert np.all(np.asarray(leaf) < tree.capacity)
         assert np.all(np.asarray(tree.num_nodes) == 3)
         _check_invariants(tree, leaves, config)
-    assert np.all(np.asarray(tree.first_child)[:, 1:] == NO_NODE)
+    assert np.all(np.asarray(tree.num_children)[:, 1:] == 0)
 
 
 def test_search_finds_the_one_planted_correct_branch():

@@ -147,7 +147,7 @@ def tree_to_experiences(
     d = config.max_depth
     nodes = jnp.arange(1, n)  # [N - 1]
     in_use = nodes[None, :] < tree.num_nodes[:, None]  # [B, N - 1]
-    is_leaf = in_use & (tree.first_child[:, 1:] == NO_NODE)  # [B, N - 1]
+    is_leaf = in_use & (tree.num_children[:, 1:] == 0)  # [B, N - 1]
     if terminal_only:
         is_leaf &= tree.terminal[:, 1:]
     leaves = jnp.broadcast_to(nodes[None, :], (b, n - 1))

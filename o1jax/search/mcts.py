@@ -4,9 +4,10 @@ One simulation, for all B trees at once:
 
 1. `select`: descend from the root by PUCT (or UCT) to a leaf, a vmapped `while_loop`. PUCT is
    LLaMA-O1's: `Q + c softmax(priors)[child] sqrt(sum of the children's visits) / (1 + visits)`,
-   a child's prior being exp(its length-normalised log-prob).
-2. `expand_fn`: K candidate thoughts for all B leaves in ONE sampler call (B * K rows, each
-   leaf's prefix prefilled once), each valued by the model's own rating tokens.
+   a child's prior being exp(its length-normalised log-prob). The descent stops early at a
+   node that widens: one whose children disappoint and that has fewer than `max_children`.
+2. `expand_fn`: K candidate thoughts for all B selected nodes in ONE sampler call (B * K rows,
+   each node's prefix prefilled once), each valued by the model's own rating tokens.
 3. host: terminal thoughts that state a final answer are checked against the ground truth (only
    when rewards are wanted: self-play). This is the only host step of a simulation.
 4. `insert_and_backup`: children written into the arena; a value is backed up to the root
@@ -17,9 +18,10 @@ Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expan
 path with the answer check's reward in self-play (0 for a truncated thought or a thought at max
 depth that states no answer) and with their rating otherwise.
 
-Two differences from LLaMA-O1's trainer: a node is expanded once, with its K children (LLaMA-O1
-expands a node again, up to 5 children, while all its children are valued below it), and
-selection has no varentropy bonus (a small uniform noise, `MCTSConfig.noise`, breaks ties).
+Differences from LLaMA-O1's trainer: selection has no varentropy bonus (a small uniform noise,
+`MCTSConfig.noise`, breaks ties), and widening compares the value a node's best child passes up
+(discounted once) with the node's own, where LLaMA-O1 compares the child's undiscounted
+log-value (see `_select_one`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class MCTSConfig:
 
     num_simulations: int = 16
     num_children: int = 2  # K candidates sampled per expansion
+    # A node with children is expanded again (K more) while it has fewer than this many and its
+    # best child passes up less than the node's own value (LLaMA-O1's `should_expand`: 5).
+    # 0 (or num_children): every node is expanded once. On the default task at 16 simulations,
+    # 5 left 136 of 200 trees without a conclusion (bench/RESULTS.md).
+    max_children: int = 0
     max_depth: int = 8  # thoughts on a path below the root
     thought_length: int = 64  # token budget of one thought (L)
     selection: str = "puct"  # "puct" or "uct"
@@ -87,6 +94,7 @@ class MCTSConfig:
             self,
             num_simulations=(int, 1, None),
             num_children=(int, 1, None),
+            max_children=(int, 0, None),
             max_depth=(int, 1, None),
             thought_length=(int, 1, None),
             patience=(int, 0, None),
@@ -95,6 +103,11 @@ class MCTSConfig:
             temperature=(float, 0.0, None),
             noise=(float, 0.0, None),
         )
+        if 0 < self.max_children < self.num_children:
+            raise ValueError(
+                f"MCTSConfig.max_children must be 0 or >= num_children ({self.num_children}), "
+                f"got {self.max_children}"
+            )
         if not 0.0 < self.discount <= 1.0:  # NaN fails too
             raise ValueError(f"MCTSConfig.discount must be in (0, 1], got {self.discount}")
         if not 0.0 < self.top_p <= 1.0:
@@ -120,34 +133,58 @@ class Expansion:
 
 # ----------------------------------------------------------------------------- selection
 def _select_one(tree: Tree, key, config: MCTSConfig):
-    """Leaf reached from the root of one tree (arrays without the batch axis)."""
+    """The node one tree expands next (arrays without the batch axis): the descent from the root
+    follows the best-scoring child until it reaches a node with no children, a terminal node, or
+    a node that widens.
+
+    A node widens (LLaMA-O1's `should_expand`) while it has fewer than `max_children` children
+    and the best of them passes up less than the node's value: discount * max child Q < Q(node).
+    LLaMA-O1 compares the undiscounted child values in log-probability units, where the
+    discount raises a parent above its children, so its nodes widen on every visit until they
+    have 5 or more; here, in [0, 1] units, a node widens when its children disappoint.
+    """
+    q_all = tree.q_values()  # [N]
+    visits = tree.visits.astype(jnp.float32)  # [N]
     k = config.num_children
-    q_all = tree.q_values()
+    blocks = max(1, -(-config.max_children // k))  # expansions a node can have
+
+    def widens(node):
+        kids = tree.parent == node  # [N]
+        best = jnp.max(jnp.where(kids, q_all, -jnp.inf))
+        room = tree.num_children[node] < config.max_children
+        return room & (config.discount * best < q_all[node])
 
     def cond(node):
-        return (tree.first_child[node] != NO_NODE) & ~tree.terminal[node]
+        return (tree.num_children[node] > 0) & ~tree.terminal[node] & ~widens(node)
 
     def body(node):
-        kids = tree.first_child[node] + jnp.arange(k)  # [K]
-        q = q_all[kids]
-        n = tree.visits[kids].astype(jnp.float32)  # [K]
+        kids = tree.parent == node  # [N], this node's children
+        n = jnp.where(kids, visits, 0.0)  # [N]
         if config.selection == "puct":
             # LLaMA-O1: a child's prior is exp(its length-normalised log-prob), the score takes
-            # the softmax of the K priors and the square root of the children's summed visits.
-            prior = jax.nn.softmax(jnp.exp(tree.prior_logit[kids]))  # [K]
-            score = q + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)
+            # the softmax of the children's priors and the square root of their summed visits.
+            prior = jax.nn.softmax(jnp.where(kids, jnp.exp(tree.prior_logit), -jnp.inf))  # [N]
+            score = q_all + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)
         else:
-            parent_n = tree.visits[node].astype(jnp.float32)
-            score = q + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
-        score = score + config.noise * jax.random.uniform(jax.random.fold_in(key, node), (k,))
-        return kids[jnp.argmax(score)]
+            parent_n = visits[node]
+            score = q_all + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
+        # Tie-breaking noise by order among the siblings, K draws per expansion block (the
+        # first block's draws do not depend on max_children).
+        node_key = jax.random.fold_in(key, node)
+        noise = jnp.concatenate(
+            [jax.random.uniform(node_key, (k,))]
+            + [jax.random.uniform(jax.random.fold_in(node_key, j), (k,)) for j in range(1, blocks)]
+        )  # [blocks * K]
+        rank = jnp.clip(jnp.cumsum(kids) - 1, 0, blocks * k - 1)  # [N]
+        score = score + config.noise * noise[rank]
+        return jnp.argmax(jnp.where(kids, score, -jnp.inf)).astype(jnp.int32)
 
     return jax.lax.while_loop(cond, body, jnp.asarray(ROOT, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def select(tree: Tree, key: jax.Array, config: MCTSConfig) -> jax.Array:
-    """The leaf [B] each tree expands next."""
+    """The node [B] each tree expands next: a leaf, a terminal node, or a node that widens."""
     keys = jax.random.split(key, tree.batch_size)
     return jax.vmap(functools.partial(_select_one, config=config))(tree, keys)
 
@@ -203,8 +240,8 @@ def insert_and_backup(
         tokens=tree.tokens.at[r, slots].set(expansion.tokens, mode="drop"),
         lengths=set_(tree.lengths, expansion.lengths),
         logprobs=tree.logprobs.at[r, slots].set(expansion.logprobs, mode="drop"),
-        first_child=tree.first_child.at[rows, jnp.where(expand, leaf, tree.capacity)].set(
-            tree.num_nodes, mode="drop"
+        num_children=tree.num_children.at[rows, jnp.where(expand, leaf, tree.capacity)].add(
+            k, mode="drop"
         ),
         num_nodes=tree.num_nodes + jnp.where(expand, k, 0),
     )

@@ -1,8 +1,9 @@
 """A batch of search trees over reasoning steps, held as device arrays (one row per problem).
 
 Node 0 of every tree is the root: the problem itself, whose text is the prompt. Every other node
-is one generated thought. Nodes are appended in expansion order, `num_children` at a time, so
-the children of a node occupy consecutive slots starting at `first_child`.
+is one generated thought. Nodes are appended in expansion order, K at a time. A node's children
+are the slots whose `parent` is that node: one block of K per expansion, and a node that is
+widened (expanded again, `MCTSConfig.max_children`) has several blocks, not contiguous.
 
 Shapes: B trees, N node slots, K children per expansion, L tokens per thought.
 """
@@ -21,7 +22,7 @@ ROOT = 0
 @struct.dataclass
 class Tree:
     parent: jax.Array  # [B, N] int32, NO_NODE for the root and unused slots
-    first_child: jax.Array  # [B, N] int32, slot of the first of K children, NO_NODE if unexpanded
+    num_children: jax.Array  # [B, N] int32, children so far (0: unexpanded; K per expansion)
     depth: jax.Array  # [B, N] int32, root 0
     visits: jax.Array  # [B, N] int32
     value_sum: jax.Array  # [B, N] float32, sum of backed-up (discounted) values
@@ -58,7 +59,7 @@ def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
     b, n, length = batch_size, capacity, thought_length
     return Tree(
         parent=jnp.full((b, n), NO_NODE, jnp.int32),
-        first_child=jnp.full((b, n), NO_NODE, jnp.int32),
+        num_children=jnp.zeros((b, n), jnp.int32),
         depth=jnp.zeros((b, n), jnp.int32),
         visits=jnp.zeros((b, n), jnp.int32),
         value_sum=jnp.zeros((b, n), jnp.float32),
@@ -96,10 +97,3 @@ def path_from_root(tree: Tree, node: jax.Array, max_depth: int) -> jax.Array:
     k = depth - 1 - j
     valid = k >= 0
     return jnp.where(valid, jnp.take_along_axis(chain, jnp.clip(k, 0, max_depth), 1), NO_NODE)
-
-
-def children_of(tree: Tree, node: jax.Array, num_children: int) -> jax.Array:
-    """[B, K] child slots of `node` [B] (NO_NODE where unexpanded)."""
-    first = jnp.take_along_axis(tree.first_child, node[:, None], 1)  # [B, 1]
-    kids = first + jnp.arange(num_children)[None, :]
-    return jnp.where(first >= 0, kids, NO_NODE)

@@ -182,6 +182,9 @@ class SFTSection:
 class SearchSection:
     num_simulations: int = 16
     num_children: int = 2
+    # A node is expanded again, K more children, while it has fewer than this many and its best
+    # child passes up less than its own value (LLaMA-O1: 5). 0: every node is expanded once.
+    max_children: int = 0
     max_depth: int = 6
     thought_length: int = 24
     selection: str = "puct"  # "puct" (priors from length-normalised log-probs) or "uct"
@@ -198,6 +201,9 @@ class SearchSection:
         for name in ("num_simulations", "num_children", "max_depth", "thought_length"):
             value = getattr(self, name)
             _require(value >= 1, f"search.{name}", value, "must be >= 1")
+        least = f"must be 0 or >= search.num_children ({self.num_children})"
+        _require(self.max_children == 0 or self.max_children >= self.num_children,
+                 "search.max_children", self.max_children, least)  # fmt: skip
         _require(self.selection in ("puct", "uct"), "search.selection", self.selection,
                  "must be 'puct' or 'uct'")  # fmt: skip
         _require(self.backup in ("max", "mean"), "search.backup", self.backup,
