@@ -1,7 +1,8 @@
 """MCTS throughput: simulations per second for B = 1, 8, 32 trees on the tiny model, the share
-of time outside `generate`, and the tree operations against mctx.
+of time outside `generate`, node expansions per second of one tree with V leaves per simulation
+(virtual loss), and the tree operations against mctx.
 
-    python bench/search.py [--simulations 8] [--batches 1 8 32]
+    python bench/search.py [--simulations 8] [--batches 1 8 32] [--leaves 1 4 8]
 
 Part 1 runs the real search (the sampler expands K = 2 thoughts of up to 24 tokens per leaf) on
 a random tiny Gemma2 (4 layers, d_model 128) with the project's tokenizer, where B trees share
@@ -29,18 +30,19 @@ from o1jax.search.format import encode_prompts, make_step_format
 sys.path.insert(0, "tests")
 
 
-def lm_search(batch: int, simulations: int, params, cfg, tokenizer, problems):
+def lm_search(batch: int, simulations: int, params, cfg, tokenizer, problems, leaves: int = 1):
     search = mcts.MCTSConfig(
-        num_simulations=simulations, num_children=2, max_depth=6, thought_length=24
-    )
+        num_simulations=simulations, num_children=2, max_depth=6, thought_length=24,
+        leaves_per_tree=leaves,
+    )  # fmt: skip
     fmt = make_step_format(tokenizer, search.max_depth)
     prompts, lengths = encode_prompts(tokenizer, [p.question for p in problems[:batch]], 48)
     expand = mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, search)
     mcts.run(expand, batch, search, jax.random.key(0))  # compile
     stats = mcts.SearchStats()
     expand = mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, search, stats=stats)
-    mcts.run(expand, batch, search, jax.random.key(1), stats=stats)
-    return stats
+    tree = mcts.run(expand, batch, search, jax.random.key(1), stats=stats)
+    return stats, tree
 
 
 def our_tree_ops(batch: int, simulations: int, k: int, reps: int) -> float:
@@ -94,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulations", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--leaves", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
@@ -120,7 +123,7 @@ def main() -> None:
     )
     base = None
     for b in args.batches:
-        stats = lm_search(b, args.simulations, params, cfg, tokenizer, problems)
+        stats, _ = lm_search(b, args.simulations, params, cfg, tokenizer, problems)
         per_tree = stats.simulations / stats.total_seconds
         base = base or per_tree
         outside = 1 - stats.expand_seconds / stats.total_seconds
@@ -129,6 +132,20 @@ def main() -> None:
             f"{b:>3} {b * per_tree:>19.1f} {per_tree:>16.2f} {b * per_tree / base:>6.1f}x "
             f"{outside:>16.1%} {saved:>13.0%}"
         )
+    print(
+        f"\npart 1b: one tree, V nodes selected per simulation (virtual loss), all expanded in "
+        f"one sampler call of 2V rows; {args.simulations} simulations"
+    )
+    # Every selected node gets its K thoughts sampled, as every simulation of part 1 does (the
+    # random model's thoughts are mostly truncated, so its trees stay small and later
+    # selections land on terminal nodes, whose thoughts are dropped).
+    print(f"{'V':>3} {'nodes sampled/s':>16} {'vs V=1':>7}")
+    base = None
+    for v in args.leaves:
+        stats, _ = lm_search(1, args.simulations, params, cfg, tokenizer, problems, leaves=v)
+        rate = stats.simulations * v / stats.total_seconds
+        base = base or rate
+        print(f"{v:>3} {rate:>16.1f} {rate / base:>6.1f}x")
     print(
         f"\npart 2: tree operations only, {args.simulations * 4} simulations, 2 children, "
         "synthetic expansion (median seconds per search)"

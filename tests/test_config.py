@@ -33,6 +33,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
         ("eval.num_problems=0", "eval.num_problems: must be >= 1"),
         ("search.backup=foo", "search.backup: must be 'max' or 'mean'"),
         ("search.max_children=1", "search.max_children: must be 0 or >= search.num_children (2)"),
+        ("search.leaves_per_tree=0", "search.leaves_per_tree: must be >= 1"),
         ("lora.targets=[nope]", "lora.targets: must be a non-empty subset"),
         ("data.test_fraction=2", "data.test_fraction: must be in (0, 1)"),
         ("rl.buffer_capacity=0", "rl.buffer_capacity: must be >= 1"),

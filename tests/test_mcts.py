@@ -402,6 +402,114 @@ def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
     assert sampler._generate._cache_size() == compiled
 
 
+def _columns_expand_fn(expand):
+    """An expand_fn for V nodes per tree ([B, V] -> Expansion [B, V, K]) from one for [B]."""
+
+    def many(tree, nodes, key):
+        columns = [
+            expand(tree, nodes[:, j], jax.random.fold_in(key, j)) for j in range(nodes.shape[1])
+        ]
+        return jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *columns)
+
+    return many
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_invariants_hold_with_several_leaves_per_tree(seed):
+    config = MCTSConfig(
+        num_simulations=6, num_children=2, leaves_per_tree=3, max_depth=4, thought_length=L,
+        noise=0.05,
+    )  # fmt: skip
+    expand = _columns_expand_fn(synthetic_expand_fn(config, answer_depth=3, seed=seed))
+    tree = init_tree(4, config.capacity, L)
+    key = jax.random.key(seed)
+    leaves = []
+    for _ in range(config.num_simulations):
+        key, k1, k2 = jax.random.split(key, 3)
+        nodes, fresh = mcts.select_with_virtual_loss(tree, k1, config)
+        leaves.extend(np.asarray(nodes).T)  # every selection is backed up once
+        tree = mcts.insert_and_backup_many(tree, nodes, fresh, expand(tree, nodes, k2), config,
+                                           False)  # fmt: skip
+        _check_invariants(tree, leaves, config)
+    assert int(np.asarray(tree.num_nodes).max()) > 1 + config.num_simulations * 2  # V > 1 paid
+
+
+def test_virtual_loss_sends_the_second_leaf_of_a_simulation_elsewhere():
+    """root -> children 1 (rated 0.6) and 2 (0.5): one selection takes node 1; a second one,
+    after node 1's virtual loss (Q 0.6 -> 0.3), takes node 2. Both are fresh."""
+    config = MCTSConfig(
+        num_simulations=2, num_children=2, leaves_per_tree=2, max_depth=4, thought_length=L,
+        noise=0.0, c_puct=0.1,
+    )  # fmt: skip
+    expand = _rated_expand_fn([[0.6, 0.5]])
+    tree = mcts.insert_and_backup(
+        init_tree(1, config.capacity, L), jnp.asarray([0]), expand(None, None, None), config,
+        False,
+    )  # fmt: skip
+    assert int(mcts.select(tree, jax.random.key(0), config)[0]) == 1
+    nodes, fresh = mcts.select_with_virtual_loss(tree, jax.random.key(0), config)
+    np.testing.assert_array_equal(np.asarray(nodes), [[1, 2]])
+    np.testing.assert_array_equal(np.asarray(fresh), [[True, True]])
+    np.testing.assert_array_equal(np.asarray(tree.visits)[0, :3], [1, 1, 1])  # no lasting loss
+
+
+def test_a_node_picked_twice_in_one_simulation_is_expanded_once():
+    """A fresh tree holds only its root, so all V = 3 selections take it: the root gets K
+    children once, and each selection is backed up (3 visits)."""
+    config = MCTSConfig(
+        num_simulations=1, num_children=2, leaves_per_tree=3, max_depth=4, thought_length=L
+    )
+    tree = init_tree(2, config.capacity, L)
+    nodes, fresh = mcts.select_with_virtual_loss(tree, jax.random.key(0), config)
+    np.testing.assert_array_equal(np.asarray(nodes), [[0, 0, 0]] * 2)
+    np.testing.assert_array_equal(np.asarray(fresh), [[True, False, False]] * 2)
+    expand = _columns_expand_fn(synthetic_expand_fn(config, answer_depth=9))
+    tree = mcts.insert_and_backup_many(
+        tree, nodes, fresh, expand(tree, nodes, jax.random.key(1)), config, False
+    )
+    np.testing.assert_array_equal(np.asarray(tree.num_nodes), [3, 3])
+    np.testing.assert_array_equal(np.asarray(tree.num_children)[:, 0], [2, 2])
+    np.testing.assert_array_equal(np.asarray(tree.visits)[:, 0], [3, 3])
+
+
+def test_the_lm_expansion_of_several_leaves_per_tree_is_one_sampler_call_per_simulation(
+    monkeypatch,
+):
+    """V = 2 nodes per tree: one `generate` call of B * V * K rows, and (greedy) the same
+    children as expanding each column of nodes on its own."""
+    from tiny_models import random_tiny_model
+
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.model import sampler
+    from o1jax.search.format import encode_prompts, make_step_format
+
+    tok = build_tiny_tokenizer()
+    cfg, params = random_tiny_model(len(tok), seed=3)
+    config = MCTSConfig(
+        num_simulations=3, num_children=2, leaves_per_tree=2, max_depth=3, thought_length=12,
+        temperature=0.0,
+    )  # fmt: skip
+    fmt = make_step_format(tok, config.max_depth)
+    prompts, lengths = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    calls = []
+    original = sampler.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(args[2].shape[0] * kwargs["num_samples"])  # rows
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate", counting_generate)
+    expand = mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, config)
+    tree = mcts.run(expand, 2, config, jax.random.key(0))
+    assert calls == [2 * 2 * 2] * config.num_simulations
+    nodes = jnp.asarray([[1, 2], [2, 0]])
+    both = expand(tree, nodes, jax.random.key(5))
+    for j in range(2):
+        one = expand(tree, nodes[:, j], jax.random.key(5))
+        np.testing.assert_array_equal(np.asarray(both.tokens[:, j]), np.asarray(one.tokens))
+        np.testing.assert_allclose(np.asarray(both.rating[:, j]), np.asarray(one.rating), atol=1e-5)
+
+
 def test_a_step_format_built_for_a_shallower_search_is_rejected():
     """A header table too short for max_depth would be gathered clamped (wrong step ids)."""
     config = MCTSConfig(num_simulations=2, num_children=2, max_depth=4, thought_length=L)

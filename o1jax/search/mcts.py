@@ -71,6 +71,10 @@ class MCTSConfig:
     # 0 (or num_children): every node is expanded once. On the default task at 16 simulations,
     # 5 left 136 of 200 trees without a conclusion (bench/RESULTS.md).
     max_children: int = 0
+    # V nodes selected per tree and simulation, all expanded in the same sampler call (B * V * K
+    # rows). Each pending selection puts a virtual loss on its path, one visit of value 0, so the
+    # next one tends elsewhere. A node picked twice in one simulation is expanded once.
+    leaves_per_tree: int = 1
     max_depth: int = 8  # thoughts on a path below the root
     thought_length: int = 64  # token budget of one thought (L)
     selection: str = "puct"  # "puct" or "uct"
@@ -95,6 +99,7 @@ class MCTSConfig:
             num_simulations=(int, 1, None),
             num_children=(int, 1, None),
             max_children=(int, 0, None),
+            leaves_per_tree=(int, 1, None),
             max_depth=(int, 1, None),
             thought_length=(int, 1, None),
             patience=(int, 0, None),
@@ -115,7 +120,7 @@ class MCTSConfig:
 
     @property
     def capacity(self) -> int:
-        return 1 + self.num_simulations * self.num_children
+        return 1 + self.num_simulations * self.leaves_per_tree * self.num_children
 
 
 @struct.dataclass
@@ -189,6 +194,30 @@ def select(tree: Tree, key: jax.Array, config: MCTSConfig) -> jax.Array:
     return jax.vmap(functools.partial(_select_one, config=config))(tree, keys)
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def select_with_virtual_loss(tree: Tree, key: jax.Array, config: MCTSConfig):
+    """`config.leaves_per_tree` (V) nodes per tree, chosen one after another, each after a
+    virtual loss (one visit of value 0) on the paths of those before it.
+
+    Returns (nodes [B, V], fresh [B, V]): `fresh` is False for a node already chosen earlier in
+    the same call (it is expanded once). The first column is `select(tree, key, config)`.
+    """
+    b, v = tree.batch_size, config.leaves_per_tree
+    rows = jnp.arange(b)[:, None]
+    nodes = []
+    pending = tree
+    for j in range(v):  # V is a small static count
+        node = select(pending, key if j == 0 else jax.random.fold_in(key, j), config)  # [B]
+        nodes.append(node)
+        path = ancestors(pending, node, config.max_depth)  # [B, D + 1]
+        idx = jnp.where(path != NO_NODE, path, tree.capacity)
+        pending = pending.replace(visits=pending.visits.at[rows, idx].add(1, mode="drop"))
+    nodes = jnp.stack(nodes, axis=1)  # [B, V]
+    earlier = jnp.tril(jnp.ones((v, v), bool), k=-1)  # [V, V], u < j
+    repeats = (nodes[:, :, None] == nodes[:, None, :]) & earlier[None]  # [B, V, V]
+    return nodes, ~jnp.any(repeats, axis=2)
+
+
 # ----------------------------------------------------------------------------- insert + backup
 def child_values(expansion: Expansion, depth: jax.Array, config: MCTSConfig, use_rewards: bool):
     """Terminal flags [B, K] and values [B, K] of new children at `depth` [B]."""
@@ -203,14 +232,44 @@ def child_values(expansion: Expansion, depth: jax.Array, config: MCTSConfig, use
 
 @functools.partial(jax.jit, static_argnames=("config", "use_rewards"), donate_argnums=(0,))
 def insert_and_backup(
-    tree: Tree, leaf: jax.Array, expansion: Expansion, config: MCTSConfig, use_rewards: bool
+    tree: Tree,
+    leaf: jax.Array,
+    expansion: Expansion,
+    config: MCTSConfig,
+    use_rewards: bool,
+    fresh: jax.Array | None = None,
 ) -> Tree:
     """Adds the K children of every expandable leaf and backs the values up to the roots.
 
-    A tree whose leaf is terminal, or whose arena has no room for K more nodes, gets no children;
-    the leaf's own value is backed up again. Trees that are `done` are left untouched. Either
-    way an ancestor k levels above the node whose value is backed up gets discount^k of it.
+    A tree whose leaf is terminal, or not `fresh` [B] (default: all are), or whose arena has no
+    room for K more nodes, gets no children; the leaf's own value is backed up again. Trees that
+    are `done` are left untouched. Either way an ancestor k levels above the node whose value is
+    backed up gets discount^k of it.
     """
+    return _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_rewards"), donate_argnums=(0,))
+def insert_and_backup_many(
+    tree: Tree,
+    nodes: jax.Array,
+    fresh: jax.Array,
+    expansion: Expansion,
+    config: MCTSConfig,
+    use_rewards: bool,
+) -> Tree:
+    """`insert_and_backup` of V selected nodes per tree, one after another.
+
+    nodes, fresh: [B, V] from `select_with_virtual_loss`; expansion: [B, V, K, ...].
+    """
+    chex.assert_shape(nodes, (tree.batch_size, config.leaves_per_tree))
+    for j in range(nodes.shape[1]):
+        column = jax.tree.map(lambda x, j=j: x[:, j], expansion)
+        tree = _insert_and_backup(tree, nodes[:, j], column, config, use_rewards, fresh[:, j])
+    return tree
+
+
+def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
     b, k = tree.batch_size, config.num_children
     chex.assert_shape(leaf, (b,))
     chex.assert_shape(expansion.rating, (b, k))
@@ -218,6 +277,9 @@ def insert_and_backup(
     leaf_depth = tree.depth[rows, leaf]
     leaf_terminal = tree.terminal[rows, leaf]
     expand = ~tree.done & ~leaf_terminal & (tree.num_nodes + k <= tree.capacity)
+    if fresh is not None:
+        chex.assert_shape(fresh, (b,))
+        expand = expand & fresh
     terminal, value = child_values(expansion, leaf_depth, config, use_rewards)
 
     # Children go to slots [num_nodes, num_nodes + K); non-expanding trees write out of bounds.
@@ -372,6 +434,17 @@ def build_prefixes(
     return jax.vmap(fn)(tree, path, leaf_depth, prompts, prompt_lengths)
 
 
+@functools.partial(jax.jit, static_argnames=("max_depth", "width"))
+def build_prefixes_many(
+    tree: Tree, nodes, prompts, prompt_lengths, fmt: StepFormat, max_depth: int, width: int
+):
+    """`build_prefixes` of V nodes per tree, nodes [B, V]: prefixes [B * V, width] and lengths
+    [B * V], tree-major (row b * V + j continues node j of tree b)."""
+    fn = lambda column: build_prefixes(tree, column, prompts, prompt_lengths, fmt, max_depth, width)
+    prefix, lengths = jax.vmap(fn, in_axes=1, out_axes=1)(nodes)  # [B, V, width], [B, V]
+    return prefix.reshape(-1, width), lengths.reshape(-1)
+
+
 # ----------------------------------------------------------------------------- the search
 ExpandFn = Callable[[Tree, jax.Array, jax.Array], Expansion]
 PREFIX_BUCKET = 64  # prefix widths are multiples of this (one compiled sampler per bucket)
@@ -405,7 +478,9 @@ def run(
 ) -> Tree:
     """Grows `batch_size` trees for `config.num_simulations` simulations.
 
-    expand_fn(tree, leaf, key) -> Expansion: K candidates for each tree's leaf.
+    expand_fn(tree, leaf, key) -> Expansion: K candidates for each tree's leaf; leaf [B] gives
+      an Expansion [B, K, ...], and with `config.leaves_per_tree` V > 1, leaf [B, V] gives
+      [B, V, K, ...] (`make_lm_expand_fn`'s does both).
     reward_fn(tree_index [M], tokens [M, L], lengths [M]) -> rewards [M]: answer checks of the
       new answer thoughts (host). None: no ground truth (evaluation); terminal values are then
       the model's own ratings.
@@ -417,7 +492,10 @@ def run(
     start = time.perf_counter()
     for sim in range(config.num_simulations):
         key, k_select, k_expand = jax.random.split(key, 3)
-        leaf = select(tree, k_select, config)
+        if config.leaves_per_tree == 1:
+            leaf = select(tree, k_select, config)  # [B]
+        else:
+            leaf, fresh = select_with_virtual_loss(tree, k_select, config)  # [B, V]
         t0 = time.perf_counter()
         expansion = expand_fn(tree, leaf, k_expand)
         if use_rewards:
@@ -425,7 +503,10 @@ def run(
         if stats is not None:
             jax.block_until_ready(expansion.rating)
             stats.expand_seconds += time.perf_counter() - t0
-        tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
+        if config.leaves_per_tree == 1:
+            tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
+        else:
+            tree = insert_and_backup_many(tree, leaf, fresh, expansion, config, use_rewards)
         if stats is not None:
             stats.simulations += 1
         if config.patience > 0 and sim % 4 == 3 and bool(jnp.all(tree.done)):
@@ -437,14 +518,15 @@ def run(
 
 
 def _check_answers(expansion: Expansion, reward_fn: RewardFn) -> Expansion:
-    """Host step: rewards of the new answer thoughts, checked against the ground truth."""
+    """Host step: rewards of the new answer thoughts, checked against the ground truth.
+    expansion: [B, K, ...] or [B, V, K, ...]; the reward function gets each answer's tree."""
     is_answer = np.asarray(expansion.is_answer)
     rewards = np.zeros(is_answer.shape, np.float32)
     if is_answer.any():
-        b_idx, k_idx = np.nonzero(is_answer)
-        tokens = np.asarray(expansion.tokens)[b_idx, k_idx]
-        lengths = np.asarray(expansion.lengths)[b_idx, k_idx]
-        rewards[b_idx, k_idx] = reward_fn(b_idx, tokens, lengths)
+        where = np.nonzero(is_answer)  # (tree, [leaf,] child) indices
+        tokens = np.asarray(expansion.tokens)[where]
+        lengths = np.asarray(expansion.lengths)[where]
+        rewards[where] = reward_fn(where[0], tokens, lengths)
     return expansion.replace(reward=jnp.asarray(rewards))
 
 
@@ -471,9 +553,11 @@ def make_lm_expand_fn(
     b, k = prompts.shape[0], config.num_children
 
     def expand(tree: Tree, leaf: jax.Array, key: jax.Array) -> Expansion:
-        prefix, lengths = build_prefixes(
-            tree, leaf, prompts, prompt_lengths, fmt, config.max_depth, width
-        )
+        many = leaf.ndim == 2  # [B, V] nodes per tree: one sampler call for all B * V
+        v = leaf.shape[1] if many else 1
+        prefix, lengths = build_prefixes_many(
+            tree, leaf.reshape(b, v), prompts, prompt_lengths, fmt, config.max_depth, width
+        )  # [B * V, width], [B * V]
         prefix = trim_to_bucket(prefix, lengths)  # early simulations have short paths
         out = generate(
             params,
@@ -495,7 +579,10 @@ def make_lm_expand_fn(
             n = int(jnp.sum(lengths))
             stats.prefilled_tokens += n
             stats.prefilled_without_sharing += n * k
-        return expansion_from_samples(out, b, k, fmt)
+        expansion = expansion_from_samples(out, b * v, k, fmt)  # [B * V, K, ...]
+        if many:
+            expansion = jax.tree.map(lambda x: x.reshape((b, v, *x.shape[1:])), expansion)
+        return expansion
 
     return expand
 

@@ -185,6 +185,9 @@ class SearchSection:
     # A node is expanded again, K more children, while it has fewer than this many and its best
     # child passes up less than its own value (LLaMA-O1: 5). 0: every node is expanded once.
     max_children: int = 0
+    # Nodes selected per tree and simulation (virtual loss between them), all expanded in one
+    # sampler call: more rows per call when there are few problems (an accelerator's case).
+    leaves_per_tree: int = 1
     max_depth: int = 6
     thought_length: int = 24
     selection: str = "puct"  # "puct" (priors from length-normalised log-probs) or "uct"
@@ -198,7 +201,9 @@ class SearchSection:
     top_p: float = 1.0
 
     def __post_init__(self):
-        for name in ("num_simulations", "num_children", "max_depth", "thought_length"):
+        for name in (
+            "num_simulations", "num_children", "leaves_per_tree", "max_depth", "thought_length"
+        ):  # fmt: skip
             value = getattr(self, name)
             _require(value >= 1, f"search.{name}", value, "must be >= 1")
         least = f"must be 0 or >= search.num_children ({self.num_children})"

@@ -238,6 +238,7 @@ def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCT
         num_simulations=simulations or s.num_simulations,
         num_children=s.num_children,
         max_children=s.max_children,
+        leaves_per_tree=s.leaves_per_tree,
         max_depth=s.max_depth,
         thought_length=s.thought_length,
         selection=s.selection,
