@@ -1,5 +1,7 @@
 """MCTS: tree invariants, backup arithmetic, a planted problem, prefixes, no recompiles."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -508,6 +510,51 @@ def test_the_lm_expansion_of_several_leaves_per_tree_is_one_sampler_call_per_sim
         one = expand(tree, nodes[:, j], jax.random.key(5))
         np.testing.assert_array_equal(np.asarray(both.tokens[:, j]), np.asarray(one.tokens))
         np.testing.assert_allclose(np.asarray(both.rating[:, j]), np.asarray(one.rating), atol=1e-5)
+
+
+def test_meta_actions_drawn_by_the_search_start_the_thoughts():
+    """meta_action_prob 1: every thought starts with a tag drawn from the weights (here only
+    <critic> and <conclusion>, both drawn); a <conclusion> thought that stopped is an answer."""
+    from tiny_models import random_tiny_model
+
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.search.format import encode_prompts, make_step_format
+
+    tok = build_tiny_tokenizer()
+    cfg, params = random_tiny_model(len(tok), seed=3)
+    config = MCTSConfig(
+        num_simulations=1, num_children=8, max_depth=3, thought_length=12,
+        meta_action_prob=1.0, meta_action_weights=(0.0, 1.0, 0.0, 1.0),
+    )  # fmt: skip
+    fmt = make_step_format(tok, config.max_depth)
+    _, critic, _, conclusion = fmt.meta_actions
+    prompts, lengths = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    expand = mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, config)
+    out = expand(init_tree(2, config.capacity, 12), jnp.asarray([0, 0]), jax.random.key(0))
+    first = np.asarray(out.tokens[:, :, 0])
+    assert set(first.ravel()) == {critic, conclusion}
+    np.testing.assert_array_equal(
+        np.asarray(out.is_answer), (first == conclusion) & np.asarray(out.stopped)
+    )
+    off = mcts.make_lm_expand_fn(
+        params, cfg, prompts, lengths, fmt, dataclasses.replace(config, meta_action_prob=0.0)
+    )(init_tree(2, config.capacity, 12), jnp.asarray([0, 0]), jax.random.key(0))
+    assert not np.isin(np.asarray(off.tokens[:, :, 0]), [critic, conclusion]).all()
+
+
+def test_meta_action_draws_follow_the_probability_and_weights():
+    fmt = _step_format(2).replace(meta_actions=(101, 102, 103, 104))
+    config = MCTSConfig(num_children=4, meta_action_prob=0.5, meta_action_weights=(1, 0, 3, 0))
+    first = np.asarray(mcts.draw_meta_actions(jax.random.key(0), 4000, fmt, config))
+    by_node = first.reshape(4000, 4)
+    assert np.all((by_node == -1).all(1) | (by_node != -1).all(1))  # a node's K all or none
+    assert abs((by_node[:, 0] != -1).mean() - 0.5) < 0.03
+    drawn = first[first != -1]
+    assert set(drawn) == {101, 103} and abs((drawn == 103).mean() - 0.75) < 0.02
+    with pytest.raises(ValueError, match="meta_action_weights must be 4 weights"):
+        MCTSConfig(meta_action_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="meta_action_prob must be in"):
+        MCTSConfig(meta_action_prob=1.5)
 
 
 def test_a_step_format_built_for_a_shallower_search_is_rejected():

@@ -181,6 +181,28 @@ def test_shared_prefix_samples_equal_separate_prefills(model):
     )
 
 
+def test_first_tokens_replace_the_first_draw_of_their_rows_only(model):
+    """Rows given a first token start with it, continue greedily as from the prompt plus that
+    token, and log its probability under the model; rows given -1 are the same as without."""
+    cfg, params = model
+    tokens, lengths = _prompts([6, 4])
+    kwargs = dict(key=jax.random.key(0), max_new_tokens=5, temperature=0.0, num_samples=2)
+    free = generate(params, cfg, tokens, lengths, **kwargs)
+    first = jnp.asarray([-1, 11, -1, 12])  # row b * 2 + j: sample j of prompt b
+    forced = generate(params, cfg, tokens, lengths, first_tokens=first, **kwargs)
+    np.testing.assert_array_equal(forced.tokens[::2], free.tokens[::2])
+    np.testing.assert_array_equal(forced.logprobs[::2], free.logprobs[::2])
+    for row, b, tag in ((1, 0, 11), (3, 1, 12)):
+        prompt = list(np.asarray(tokens[b, : int(lengths[b])]))
+        assert int(forced.tokens[row, 0]) == tag
+        expected = greedy_by_full_forwards(params, cfg, [*prompt, tag], 4)
+        assert list(np.asarray(forced.tokens[row, 1:])) == expected
+        logp = jax.nn.log_softmax(full_forward_logits(params, cfg, prompt)[-1])
+        np.testing.assert_allclose(forced.logprobs[row, 0], logp[tag], atol=1e-5)
+    with pytest.raises(ValueError, match=r"first_tokens\[1\] = -2 is neither -1 nor in"):
+        generate(params, cfg, tokens, lengths, first_tokens=[3, -2, 0, 0], **kwargs)
+
+
 def test_compiles_once_for_repeated_calls_of_the_same_shape(model):
     cfg, params = model
     kwargs = dict(max_new_tokens=4, temperature=1.0, top_k=5, stop_tokens=STOP_CANDIDATES)

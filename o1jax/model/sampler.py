@@ -110,6 +110,7 @@ def generate(
     num_samples: int = 1,
     score_suffix: tuple[int, ...] = (),
     score_tokens: tuple[int, ...] = (),
+    first_tokens=None,
     lora=None,
 ) -> SampleOutput:
     """Samples `num_samples` continuations of each right-padded prompt.
@@ -122,6 +123,8 @@ def generate(
       disable those filters.
     score_suffix / score_tokens: after sampling, feed `score_suffix` behind each row's tokens and
       return the log-probs of `score_tokens` at its last position (from the same KV cache).
+    first_tokens: None, or [R] ints: a row's first new token where >= 0 (not drawn; its
+      log-prob is still the model's), a draw where -1 (search's meta-action tags).
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
     # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
@@ -177,6 +180,18 @@ def generate(
                 f"generate: {name} {tuple(ids)} are not all in [0, {cfg.vocab_size}) "
                 "(the vocabulary)"
             )
+    if first_tokens is not None:
+        first_tokens = as_array(first_tokens)
+        chex.assert_shape(first_tokens, (prompt_tokens.shape[0] * num_samples,))
+        if not isinstance(first_tokens, jax.core.Tracer):
+            forced = np.asarray(first_tokens)
+            bad = np.flatnonzero((forced < -1) | (forced >= cfg.vocab_size))
+            if bad.size:
+                raise ValueError(
+                    f"generate: first_tokens[{bad[0]}] = {forced[bad[0]]} is neither -1 nor in "
+                    f"[0, {cfg.vocab_size}) (the vocabulary)"
+                )
+        first_tokens = jnp.asarray(first_tokens, jnp.int32)
     if cfg.pad_token_id in stop_tokens:
         raise ValueError(f"generate: the pad token {cfg.pad_token_id} cannot be a stop token")
     if temperature < np.finfo(np.float32).tiny:
@@ -187,6 +202,7 @@ def generate(
         prompt_lengths,
         key,
         lora,
+        first_tokens,
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
@@ -219,6 +235,7 @@ def _generate(
     prompt_lengths,
     key,
     lora,
+    first_tokens,
     *,
     cfg,
     max_new_tokens,
@@ -268,6 +285,8 @@ def _generate(
         if temperature > 0.0:
             rng, bits = jax.lax.rng_bit_generator(rng, logits.shape, jnp.uint32, algorithm=_RNG)
         token = _choose(logits, bits, temperature, top_k, top_p)  # [R]
+        if first_tokens is not None:  # given first tokens replace the draw
+            token = jnp.where((step == 0) & (first_tokens >= 0), first_tokens, token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         token = jnp.where(done, cfg.pad_token_id, token)
         tokens = tokens.at[:, step].set(token)

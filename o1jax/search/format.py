@@ -104,6 +104,10 @@ def make_step_format(tokenizer, max_depth: int) -> StepFormat:
         negative_rating=special_id(tokenizer, longcot.NEGATIVE_RATING),
         conclusion=special_id(tokenizer, longcot.CONCLUSION),
         pad=pad,
+        meta_actions=tuple(
+            special_id(tokenizer, tag)
+            for tag in (longcot.EXPANSION, longcot.CRITIC, longcot.REFINE, longcot.CONCLUSION)
+        ),
     )
 
 

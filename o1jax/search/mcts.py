@@ -75,6 +75,12 @@ class MCTSConfig:
     # rows). Each pending selection puts a virtual loss on its path, one visit of value 0, so the
     # next one tends elsewhere. A node picked twice in one simulation is expanded once.
     leaves_per_tree: int = 1
+    # LLaMA-O1's meta-actions: with this probability an expansion's K thoughts start with tags
+    # the search draws, one per thought, from `meta_action_weights` over (<expansion>,
+    # <critic>, <refine>, <conclusion>); otherwise the policy writes its own tag. LLaMA-O1:
+    # 0.5, and weights 0.2, 0.4, 0.4, 0.3 over (<problem>, <critic>, <refine>, <conclusion>).
+    meta_action_prob: float = 0.0
+    meta_action_weights: tuple[float, ...] = (0.2, 0.4, 0.4, 0.3)
     max_depth: int = 8  # thoughts on a path below the root
     thought_length: int = 64  # token budget of one thought (L)
     selection: str = "puct"  # "puct" or "uct"
@@ -117,6 +123,16 @@ class MCTSConfig:
             raise ValueError(f"MCTSConfig.discount must be in (0, 1], got {self.discount}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"MCTSConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.meta_action_prob <= 1.0:  # NaN fails too
+            raise ValueError(
+                f"MCTSConfig.meta_action_prob must be in [0, 1], got {self.meta_action_prob}"
+            )
+        weights = self.meta_action_weights
+        if len(weights) != 4 or not all(w >= 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(
+                "MCTSConfig.meta_action_weights must be 4 weights >= 0 with a positive sum "
+                f"(<expansion>, <critic>, <refine>, <conclusion>), got {weights}"
+            )
 
     @property
     def capacity(self) -> int:
@@ -348,6 +364,9 @@ class StepFormat:
     negative_rating: int = struct.field(pytree_node=False, default=0)
     conclusion: int = struct.field(pytree_node=False, default=0)
     pad: int = struct.field(pytree_node=False, default=0)
+    # Ids of the meta-action tags the search may start a thought with: <expansion>, <critic>,
+    # <refine>, <conclusion> (`MCTSConfig.meta_action_prob`).
+    meta_actions: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     def max_prefix_length(self, prompt_width: int, max_depth: int, thought_length: int) -> int:
         h, s = self.headers.shape[1], self.suffixes.shape[1]
@@ -559,11 +578,16 @@ def make_lm_expand_fn(
             tree, leaf.reshape(b, v), prompts, prompt_lengths, fmt, config.max_depth, width
         )  # [B * V, width], [B * V]
         prefix = trim_to_bucket(prefix, lengths)  # early simulations have short paths
+        first_tokens = None
+        if config.meta_action_prob > 0:
+            key, k_meta = jax.random.split(key)
+            first_tokens = draw_meta_actions(k_meta, b * v, fmt, config)  # [B * V * K]
         out = generate(
             params,
             cfg,
             prefix,
             lengths,
+            first_tokens=first_tokens,
             key=key,
             max_new_tokens=config.thought_length,
             temperature=config.temperature,
@@ -585,6 +609,24 @@ def make_lm_expand_fn(
         return expansion
 
     return expand
+
+
+@functools.partial(jax.jit, static_argnames=("nodes", "config"))
+def draw_meta_actions(key: jax.Array, nodes: int, fmt: StepFormat, config: MCTSConfig):
+    """First tokens [nodes * K] of the sampler rows (node-major): with probability
+    `config.meta_action_prob` per node, its K thoughts start with meta-action tags drawn from
+    `config.meta_action_weights`; -1 (the policy's own choice) otherwise."""
+    if len(fmt.meta_actions) != 4:
+        raise ValueError(
+            "meta-actions need a StepFormat with the ids of <expansion>, <critic>, <refine> and "
+            f"<conclusion> (make_step_format), got meta_actions={fmt.meta_actions}"
+        )
+    k_node, k_tag = jax.random.split(key)
+    forced = jax.random.uniform(k_node, (nodes, 1)) < config.meta_action_prob  # [nodes, 1]
+    logits = jnp.log(jnp.asarray(config.meta_action_weights, jnp.float32))
+    tag = jax.random.categorical(k_tag, logits, shape=(nodes, config.num_children))
+    tags = jnp.asarray(fmt.meta_actions, jnp.int32)[tag]  # [nodes, K]
+    return jnp.where(forced, tags, -1).reshape(-1)
 
 
 def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:

@@ -188,6 +188,11 @@ class SearchSection:
     # Nodes selected per tree and simulation (virtual loss between them), all expanded in one
     # sampler call: more rows per call when there are few problems (an accelerator's case).
     leaves_per_tree: int = 1
+    # LLaMA-O1's meta-actions: the chance that an expansion's thoughts start with tags the
+    # search draws by these weights over (<expansion>, <critic>, <refine>, <conclusion>)
+    # (LLaMA-O1: 0.5); 0: the policy writes every tag.
+    meta_action_prob: float = 0.0
+    meta_action_weights: tuple[float, ...] = (0.2, 0.4, 0.4, 0.3)
     max_depth: int = 6
     thought_length: int = 24
     selection: str = "puct"  # "puct" (priors from length-normalised log-probs) or "uct"
@@ -215,6 +220,12 @@ class SearchSection:
                  "must be 'max' or 'mean'")  # fmt: skip
         _require(self.temperature >= 0, "search.temperature", self.temperature, "must be >= 0")
         _require(0 < self.top_p <= 1, "search.top_p", self.top_p, "must be in (0, 1]")
+        _require(0 <= self.meta_action_prob <= 1, "search.meta_action_prob",
+                 self.meta_action_prob, "must be in [0, 1]")  # fmt: skip
+        weights = self.meta_action_weights
+        _require(len(weights) == 4 and min(weights) >= 0 and sum(weights) > 0,
+                 "search.meta_action_weights", list(weights),
+                 "must be 4 weights >= 0 with a positive sum")  # fmt: skip
         _require(self.top_k >= 0, "search.top_k", self.top_k, "must be >= 0")
 
 
