@@ -102,6 +102,24 @@ def test_tree_invariants_hold_after_every_simulation(seed, max_children):
         assert (np.asarray(tree.num_children) == 6).any()
 
 
+def _rated_expand_fn(ratings):
+    """One tree's expansions: two children rated by the next pair of `ratings`."""
+    ratings = iter(ratings)
+
+    def expand(tree, leaf, key):
+        return Expansion(
+            tokens=jnp.full((1, 2, L), 7),
+            lengths=jnp.full((1, 2), 2),
+            logprobs=jnp.full((1, 2, L), -1.0),
+            stopped=jnp.ones((1, 2), bool),
+            is_answer=jnp.zeros((1, 2), bool),
+            rating=jnp.asarray([next(ratings)], jnp.float32),
+            reward=jnp.zeros((1, 2)),
+        )
+
+    return expand
+
+
 def test_backup_matches_a_hand_computed_tree():
     config = MCTSConfig(
         num_simulations=3,
@@ -113,20 +131,7 @@ def test_backup_matches_a_hand_computed_tree():
         noise=0.0,
         c_puct=1.0,
     )
-    ratings = iter([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
-
-    def expand(tree, leaf, key):
-        r = jnp.asarray([next(ratings)], jnp.float32)
-        return Expansion(
-            tokens=jnp.full((1, 2, L), 7),
-            lengths=jnp.full((1, 2), 2),
-            logprobs=jnp.full((1, 2, L), -1.0),
-            stopped=jnp.ones((1, 2), bool),
-            is_answer=jnp.zeros((1, 2), bool),
-            rating=r,
-            reward=jnp.zeros((1, 2)),
-        )
-
+    expand = _rated_expand_fn([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
     tree = mcts.run(expand, 1, config, jax.random.key(0))
     t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
     # A value reaches the node k levels above the node it was measured at as 0.5^k of it.
@@ -146,24 +151,6 @@ def test_backup_matches_a_hand_computed_tree():
         rtol=1e-6,
     )
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
-
-
-def _rated_expand_fn(ratings):
-    """One tree's expansions: two children rated by the next pair of `ratings`."""
-    ratings = iter(ratings)
-
-    def expand(tree, leaf, key):
-        return Expansion(
-            tokens=jnp.full((1, 2, L), 7),
-            lengths=jnp.full((1, 2), 2),
-            logprobs=jnp.full((1, 2, L), -1.0),
-            stopped=jnp.ones((1, 2), bool),
-            is_answer=jnp.zeros((1, 2), bool),
-            rating=jnp.asarray([next(ratings)], jnp.float32),
-            reward=jnp.zeros((1, 2)),
-        )
-
-    return expand
 
 
 def test_a_node_whose_children_disappoint_widens_up_to_max_children():
