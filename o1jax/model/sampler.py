@@ -235,7 +235,7 @@ def _generate(
     prompt_lengths,
     key,
     lora,
-    first_tokens,
+    first_tokens=None,  # [R] int32: a row's first token where >= 0 (`generate`)
     *,
     cfg,
     max_new_tokens,
