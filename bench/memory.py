@@ -28,11 +28,12 @@ with the thought logits unembedded at once and without micro-batches, "after" wi
 rating positions).
 
 `--step sample` compiles the sampler call of one self-play expansion (`o1jax.model.sampler`'s
-jitted program, as `mcts.make_lm_expand_fn` calls it): `rl.problems_per_iteration` leaves'
-prefixes at their widest (the prompt and `search.max_depth` thoughts), each prefilled once and
-continued by `search.num_children` samples of `search.thought_length` tokens, then rated, with
-the RL adapter applied on the fly. Its KV cache holds every prefix and sample. Remat, chunks
-and micro-batches do not apply: one program is compiled.
+jitted program, as `mcts.make_lm_expand_fn` calls it): `rl.problems_per_iteration` x
+`search.leaves_per_tree` leaves' prefixes at their widest (the prompt and `search.max_depth`
+thoughts), each prefilled once and continued by `search.num_children` samples of
+`search.thought_length` tokens, then rated, with the RL adapter applied on the fly. Its KV cache
+holds every prefix and sample. Remat, chunks and micro-batches do not apply: one program is
+compiled.
 
 The numbers are XLA CPU's buffer assignment for the partitioned program of one device (with
 remat's optimization barriers kept to the scheduler, see `main`); a GPU's compiler fuses and
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_total = config.rl.batch_size
         width = args.prompt_width + q.max_depth * per_thought + per_thought + 1
     else:  # the widest prefix a leaf can have (`StepFormat.max_prefix_length`)
-        rows_total = config.rl.problems_per_iteration
+        rows_total = config.rl.problems_per_iteration * q.leaves_per_tree
         width = args.prompt_width + q.max_depth * per_thought + args.step_tokens
     print(
         f"{args.config}: {args.step} step; {base.num_layers} layers, d_model {base.d_model}, "

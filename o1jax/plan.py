@@ -77,7 +77,7 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     s = config.search
     prompt = 512 if config.model_dir else 64
     context = prompt + s.max_depth * (s.thought_length + 16) + s.thought_length + 1
-    rows = config.rl.problems_per_iteration * s.num_children
+    rows = config.rl.problems_per_iteration * s.leaves_per_tree * s.num_children
     kv = 2 * cfg.num_layers * rows * context * cfg.num_kv_heads * cfg.head_dim * param_bytes
     experience = 4 * (context + 8) + 4 * s.thought_length
     data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))

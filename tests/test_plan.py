@@ -21,6 +21,14 @@ def test_gemma2_2b_base_params_split_over_fsdp():
     assert rows["optimizer (Adam, f32)"] == pytest.approx(2 * rows["LoRA adapter (f32)"], rel=1e-6)
 
 
+def test_the_self_play_kv_cache_grows_with_the_leaves_per_tree():
+    path = os.path.join(ROOT, "configs", "gemma2-2b.yaml")
+    mesh, cfg = {"data": 1, "fsdp": 4, "tensor": 1}, Gemma2Config.gemma2_2b()
+    one = plan.estimate(load_config(path), cfg, mesh, 4)["KV cache (self-play)"]
+    four = plan.estimate(load_config(path, ["search.leaves_per_tree=4"]), cfg, mesh, 4)
+    assert four["KV cache (self-play)"] == pytest.approx(4 * one)
+
+
 def test_cli_prints_a_table_and_rejects_a_bad_mesh(capsys):
     cfg = os.path.join(ROOT, "configs", "gemma2-9b.yaml")
     assert plan.main(["--config", cfg, "--mesh", "data=1,fsdp=8,tensor=1"]) == 0
