@@ -270,11 +270,16 @@ def test_a_full_arena_adds_no_children_and_backs_the_leaf_up():
     assert np.all(np.asarray(tree.num_children)[:, 1:] == 0)
 
 
-def test_search_finds_the_one_planted_correct_branch():
+@pytest.mark.parametrize("leaves_per_tree", [1, 2])
+def test_search_finds_the_one_planted_correct_branch(leaves_per_tree):
+    """With V = 2 the answer checks of a [B, V, K] expansion reach each tree's own answers."""
     config = MCTSConfig(
-        num_simulations=14, num_children=2, max_depth=4, thought_length=L, noise=0.01
-    )
+        num_simulations=14, num_children=2, leaves_per_tree=leaves_per_tree, max_depth=4,
+        thought_length=L, noise=0.01,
+    )  # fmt: skip
     expand = synthetic_expand_fn(config, answer_depth=3)
+    if leaves_per_tree > 1:
+        expand = _columns_expand_fn(expand)
     # Codes at depth 3 run 7..14; only one, different per tree, is correct.
     targets = np.array([7, 10, 14, 12])
 

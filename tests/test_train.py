@@ -272,3 +272,37 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
     prompt = tree["question"]
     assert generate.main(["--workdir", str(uninterrupted), "--prompt", prompt, "--longcot"]) == 0
     assert "--- prompt 0, sample 0" in capsys.readouterr().out
+
+
+def test_self_play_with_every_llama_o1_search_option(uninterrupted):
+    """The RL stage's self-play on a trained run with widening (max_children 4), V = 2 nodes per
+    tree and simulation, and search-drawn tags (all <refine>): the options reach the search
+    through the config, and the trees and experiences stay consistent. (The smoke model's
+    thoughts mostly run out of tokens, so its trees stay small.)"""
+    import dataclasses
+
+    import numpy as np
+
+    from o1jax.search.format import make_step_format
+    from o1jax.train import pipeline, rl_loop, run_context
+    from o1jax.train.config import load_config
+
+    ctx = run_context.open_run(str(uninterrupted))
+    params, _ = pipeline.restore_policy(ctx)
+    overrides = ["search.max_children=4", "search.leaves_per_tree=2", "search.num_simulations=4"]
+    overrides += ["search.meta_action_prob=1", "search.meta_action_weights=[0, 0, 1, 0]"]
+    config = load_config(os.path.join(uninterrupted, "config.yaml"), overrides)
+    ctx = dataclasses.replace(ctx, config=config)
+    setup = rl_loop.self_play_setup(ctx)
+    assert setup.search.capacity == 1 + 4 * 2 * 2
+    _, tree, exps = rl_loop.self_play(ctx, setup, params, None, 0)
+    t = jax.tree.map(np.asarray, tree)
+    refine = make_step_format(ctx.tokenizer, 1).meta_actions[2]
+    for b in range(t.parent.shape[0]):
+        used = int(t.num_nodes[b])
+        assert used >= 1 + 2  # the root was expanded
+        assert np.all(t.tokens[b, 1:used, 0] == refine)  # every thought starts with the drawn tag
+        kids = np.bincount(t.parent[b, 1:used], minlength=used)
+        np.testing.assert_array_equal(t.num_children[b, :used], kids)
+    valid = np.asarray(exps.valid)
+    assert valid.sum() <= int(np.sum(t.num_nodes - 1))  # one experience per non-root node at most
