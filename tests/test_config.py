@@ -34,6 +34,8 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
         ("search.backup=foo", "search.backup: must be 'max' or 'mean'"),
         ("search.max_children=1", "search.max_children: must be 0 or >= search.num_children (2)"),
         ("search.leaves_per_tree=0", "search.leaves_per_tree: must be >= 1"),
+        ("search.varentropy_bonus=-1", "search.varentropy_bonus: must be >= 0"),
+        ("search.entropy_prior=2", "search.entropy_prior: expected true or false"),
         ("search.meta_action_prob=1.5", "search.meta_action_prob: must be in [0, 1]"),
         ("search.meta_action_weights=[1, 0]", "search.meta_action_weights: must be 4 weights"),
         ("lora.targets=[nope]", "lora.targets: must be a non-empty subset"),

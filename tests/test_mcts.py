@@ -220,6 +220,35 @@ def test_puct_is_llama_o1s_softmax_of_priors_over_summed_child_visits():
     assert int(mcts.select(tree, jax.random.key(0), config)[0]) == 2
 
 
+@pytest.mark.parametrize(
+    "entropy_prior, varentropy_bonus, expected",
+    [(False, 0.0, 1), (True, 0.0, 2), (False, 0.1, 2), (False, 0.01, 1), (True, 0.1, 2)],
+)
+def test_llama_o1_entropy_prior_and_varentropy_bonus(entropy_prior, varentropy_bonus, expected):
+    """LLaMA-O1's PUCT: Q + c softmax(priors) softmax(entropies) sqrt(sum visits) / (1 + visits)
+    + lambda softmax(varentropies). Equal priors; Q 0.60 and 0.55; entropies 0.1 and 2.0;
+    varentropies 0 and 3. Plain PUCT picks node 1 (0.60 + 0.495 against 0.55 + 0.495); the
+    entropy factor (0.13, 0.87) gives 0.66 against 0.98; a bonus of 0.1 adds 0.005 and 0.095,
+    enough for node 2; one of 0.01 adds 0.0005 and 0.0095, not enough."""
+    config = MCTSConfig(
+        num_simulations=2, num_children=2, thought_length=L, noise=0.0,
+        entropy_prior=entropy_prior, varentropy_bonus=varentropy_bonus,
+    )  # fmt: skip
+    expansion = _rated_expand_fn([[0.60, 0.55]])(None, None, None).replace(
+        entropy=jnp.asarray([[0.1, 2.0]]), varentropy=jnp.asarray([[0.0, 3.0]])
+    )
+    tree = init_tree(1, config.capacity, L)
+    tree = mcts.insert_and_backup(tree, jnp.zeros(1, jnp.int32), expansion, config, False)
+    np.testing.assert_allclose(tree.entropy[0, 1:3], [0.1, 2.0])
+    np.testing.assert_allclose(tree.varentropy[0, 1:3], [0.0, 3.0])
+    assert int(mcts.select(tree, jax.random.key(0), config)[0]) == expected
+
+
+def test_entropy_terms_need_puct():
+    with pytest.raises(ValueError, match="are terms of PUCT"):
+        MCTSConfig(selection="uct", varentropy_bonus=0.1)
+
+
 def _answer_below(tree, leaf, key):
     """Expansion stand-in: one child; below the root a right conclusion, at the root a thought."""
     at_root = (tree.depth[jnp.arange(tree.batch_size), leaf] == 0)[:, None]  # [B, 1]

@@ -219,6 +219,8 @@ def _sample(tok, texts, width, stopped):
         logprobs=jnp.zeros((len(rows), width)),
         stopped=jnp.asarray(stopped),
         scores=jnp.zeros((len(rows), 0)),
+        entropy=jnp.zeros((len(rows), 0)),
+        varentropy=jnp.zeros((len(rows), 0)),
     )
 
 

@@ -203,6 +203,25 @@ def test_first_tokens_replace_the_first_draw_of_their_rows_only(model):
         generate(params, cfg, tokens, lengths, first_tokens=[3, -2, 0, 0], **kwargs)
 
 
+def test_entropy_and_varentropy_are_those_of_the_full_forward_distribution(model):
+    cfg, params = model
+    tokens, lengths = _prompts([7, 4])
+    kwargs = dict(key=jax.random.key(1), max_new_tokens=6, temperature=1.0, stop_tokens=(5, 6))
+    out = generate(params, cfg, tokens, lengths, return_entropy=True, **kwargs)
+    plain = generate(params, cfg, tokens, lengths, **kwargs)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)  # the draws are unchanged
+    assert plain.entropy.shape == (2, 0)
+    for i, n in enumerate([7, 4]):
+        m = int(out.lengths[i])
+        seq = jnp.concatenate([tokens[i, :n], out.tokens[i]])
+        logp = jax.nn.log_softmax(full_forward_logits(params, cfg, seq)[n - 1 : n - 1 + m])
+        entropy = -jnp.sum(jnp.exp(logp) * logp, -1)  # [m]
+        varentropy = jnp.sum(jnp.exp(logp) * (logp + entropy[:, None]) ** 2, -1)
+        np.testing.assert_allclose(out.entropy[i, :m], entropy, atol=1e-4)
+        np.testing.assert_allclose(out.varentropy[i, :m], varentropy, atol=1e-4)
+        assert np.all(np.asarray(out.entropy[i, m:]) == 0)  # pad after the stop
+
+
 def test_compiles_once_for_repeated_calls_of_the_same_shape(model):
     cfg, params = model
     kwargs = dict(max_new_tokens=4, temperature=1.0, top_k=5, stop_tokens=STOP_CANDIDATES)

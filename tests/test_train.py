@@ -276,7 +276,8 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
 
 def test_self_play_with_every_llama_o1_search_option(uninterrupted):
     """The RL stage's self-play on a trained run with widening (max_children 4), V = 2 nodes per
-    tree and simulation, and search-drawn tags (all <refine>): the options reach the search
+    tree and simulation, search-drawn tags (all <refine>) and PUCT's entropy terms (each node's
+    mean entropy and varentropy recorded): the options reach the search
     through the config, and the trees and experiences stay consistent. (The smoke model's
     thoughts mostly run out of tokens, so its trees stay small.)"""
     import dataclasses
@@ -291,6 +292,7 @@ def test_self_play_with_every_llama_o1_search_option(uninterrupted):
     params, _ = pipeline.restore_policy(ctx)
     overrides = ["search.max_children=4", "search.leaves_per_tree=2", "search.num_simulations=4"]
     overrides += ["search.meta_action_prob=1", "search.meta_action_weights=[0, 0, 1, 0]"]
+    overrides += ["search.entropy_prior=true", "search.varentropy_bonus=0.1"]
     config = load_config(os.path.join(uninterrupted, "config.yaml"), overrides)
     ctx = dataclasses.replace(ctx, config=config)
     setup = rl_loop.self_play_setup(ctx)
@@ -304,5 +306,6 @@ def test_self_play_with_every_llama_o1_search_option(uninterrupted):
         assert np.all(t.tokens[b, 1:used, 0] == refine)  # every thought starts with the drawn tag
         kids = np.bincount(t.parent[b, 1:used], minlength=used)
         np.testing.assert_array_equal(t.num_children[b, :used], kids)
+        assert np.all(t.entropy[b, 1:used] > 0) and np.all(t.varentropy[b, 1:used] > 0)
     valid = np.asarray(exps.valid)
     assert valid.sum() <= int(np.sum(t.num_nodes - 1))  # one experience per non-root node at most

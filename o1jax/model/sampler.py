@@ -39,6 +39,10 @@ class SampleOutput:
     # [R, len(score_tokens)] log-probs of `score_tokens` after the row's tokens + `score_suffix`
     # (empty when no suffix was asked for). Search reads a thought's rating from it.
     scores: jax.Array
+    # [R, N] entropy and varentropy (nats, nats^2) of the untempered next-token distribution at
+    # each generated token, 0 on pad; [R, 0] unless `return_entropy` (LLaMA-O1's selection).
+    entropy: jax.Array
+    varentropy: jax.Array
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -111,6 +115,7 @@ def generate(
     score_suffix: tuple[int, ...] = (),
     score_tokens: tuple[int, ...] = (),
     first_tokens=None,
+    return_entropy: bool = False,
     lora=None,
 ) -> SampleOutput:
     """Samples `num_samples` continuations of each right-padded prompt.
@@ -125,6 +130,7 @@ def generate(
       return the log-probs of `score_tokens` at its last position (from the same KV cache).
     first_tokens: None, or [R] ints: a row's first new token where >= 0 (not drawn; its
       log-prob is still the model's), a draw where -1 (search's meta-action tags).
+    return_entropy: also return each step's entropy and varentropy (`SampleOutput`).
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
     # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
@@ -212,6 +218,7 @@ def generate(
         num_samples=int(num_samples),
         score_suffix=tuple(int(t) for t in score_suffix),
         score_tokens=tuple(int(t) for t in score_tokens),
+        return_entropy=bool(return_entropy),
     )
 
 
@@ -227,6 +234,7 @@ def generate(
         "num_samples",
         "score_suffix",
         "score_tokens",
+        "return_entropy",
     ),
 )
 def _generate(
@@ -246,6 +254,7 @@ def _generate(
     num_samples,
     score_suffix,
     score_tokens,
+    return_entropy=False,
 ):
     b, p = prompt_tokens.shape
     rows = b * num_samples
@@ -276,21 +285,28 @@ def _generate(
     stop_ids = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
     def cond(state):
-        step, _, _, _, _, done, _ = state
+        step, _, _, _, _, done, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, logits, tokens, logprobs, done, rng = state
+        step, cache, logits, tokens, logprobs, done, rng, spread = state
         bits = None
         if temperature > 0.0:
             rng, bits = jax.lax.rng_bit_generator(rng, logits.shape, jnp.uint32, algorithm=_RNG)
         token = _choose(logits, bits, temperature, top_k, top_p)  # [R]
         if first_tokens is not None:  # given first tokens replace the draw
             token = jnp.where((step == 0) & (first_tokens >= 0), first_tokens, token)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        log_dist = jax.nn.log_softmax(logits)  # [R, V], untempered
+        logp = jnp.take_along_axis(log_dist, token[:, None], axis=-1)[:, 0]
         token = jnp.where(done, cfg.pad_token_id, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
+        if return_entropy:
+            prob = jnp.exp(log_dist)
+            entropy = -jnp.sum(prob * log_dist, axis=-1)  # [R]
+            varentropy = jnp.sum(prob * (log_dist + entropy[:, None]) ** 2, axis=-1)  # [R]
+            both = jnp.where(done[:, None], 0.0, jnp.stack([entropy, varentropy], axis=1))
+            spread = spread.at[:, :, step].set(both)
         new_done = done | jnp.isin(token, stop_ids)
         pos = (prompt_lengths + step)[:, None]  # [R, 1]
         logits, cache = forward(
@@ -302,7 +318,7 @@ def _generate(
             lora=lora,
             cache=cache,
         )
-        return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, rng
+        return step + 1, cache, logits[:, 0], tokens, logprobs, new_done, rng, spread
 
     init = (
         jnp.zeros((), jnp.int32),
@@ -312,8 +328,10 @@ def _generate(
         jnp.zeros((rows, max_new_tokens), jnp.float32),
         jnp.zeros((rows,), bool),
         jax.random.bits(key, (4,), jnp.uint32),  # the stream's state
+        # [R, 2, N] entropy and varentropy per step, [R, 2, 0] unless asked for
+        jnp.zeros((rows, 2, max_new_tokens if return_entropy else 0), jnp.float32),
     )
-    _, cache, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+    _, cache, _, tokens, logprobs, _, _, spread = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stop_ids) if stop_tokens else jnp.zeros_like(tokens, bool)
     stopped = jnp.any(is_stop, axis=1)
     first_stop = jnp.argmax(is_stop, axis=1)
@@ -329,7 +347,13 @@ def _generate(
         logp = jax.nn.log_softmax(logits[:, -1])  # [R, V]
         scores = logp[:, jnp.asarray(score_tokens, jnp.int32)]
     return SampleOutput(
-        tokens=tokens, lengths=lengths, logprobs=logprobs, stopped=stopped, scores=scores
+        tokens=tokens,
+        lengths=lengths,
+        logprobs=logprobs,
+        stopped=stopped,
+        scores=scores,
+        entropy=spread[:, 0],
+        varentropy=spread[:, 1],
     )
 
 

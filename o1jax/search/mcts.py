@@ -18,10 +18,11 @@ Terminal nodes (conclusions, truncated thoughts, nodes at max depth) never expan
 path with the answer check's reward in self-play (0 for a truncated thought or a thought at max
 depth that states no answer) and with their rating otherwise.
 
-Differences from LLaMA-O1's trainer: selection has no varentropy bonus (a small uniform noise,
-`MCTSConfig.noise`, breaks ties), and widening compares the value a node's best child passes up
-(discounted once) with the node's own, where LLaMA-O1 compares the child's undiscounted
-log-value (see `_select_one`).
+LLaMA-O1's selection extras (the siblings' entropies in the prior, a varentropy bonus), its
+widening and its meta-actions are options (`MCTSConfig`), off by default: on the default task
+they searched worse (bench/RESULTS.md). A small uniform noise (`MCTSConfig.noise`) breaks ties.
+Widening compares the value a node's best child passes up (discounted once) with the node's own,
+where LLaMA-O1 compares the child's undiscounted log-value (see `_select_one`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class MCTSConfig:
     top_k: int = 0
     top_p: float = 1.0
     noise: float = 1e-3  # scale of the random tie-breaking term in selection
+    # LLaMA-O1's PUCT extras: the prior times the softmax of the siblings' mean entropies, and
+    # varentropy_bonus * the softmax of their mean varentropies (LLaMA-O1: on, 0.1).
+    entropy_prior: bool = False
+    varentropy_bonus: float = 0.0
 
     def __post_init__(self):
         if self.selection not in ("puct", "uct"):
@@ -113,7 +118,12 @@ class MCTSConfig:
             c_puct=(float, 0.0, None),
             temperature=(float, 0.0, None),
             noise=(float, 0.0, None),
+            varentropy_bonus=(float, 0.0, None),
         )
+        if not isinstance(self.entropy_prior, bool):
+            raise ValueError(f"MCTSConfig.entropy_prior must be a bool, got {self.entropy_prior!r}")
+        if self.selection == "uct" and (self.entropy_prior or self.varentropy_bonus):
+            raise ValueError("MCTSConfig.entropy_prior and varentropy_bonus are terms of PUCT")
         if 0 < self.max_children < self.num_children:
             raise ValueError(
                 f"MCTSConfig.max_children must be 0 or >= num_children ({self.num_children}), "
@@ -150,6 +160,10 @@ class Expansion:
     is_answer: jax.Array  # [B, K] bool, a complete <conclusion> thought
     rating: jax.Array  # [B, K] float32 in [0, 1]
     reward: jax.Array  # [B, K] float32, filled on the host for answers (else 0)
+    # [B, K] float32 mean next-token entropy / varentropy over each thought (None: not read;
+    # PUCT's `entropy_prior` and `varentropy_bonus` need them)
+    entropy: jax.Array | None = None
+    varentropy: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- selection
@@ -185,7 +199,12 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
             # LLaMA-O1: a child's prior is exp(its length-normalised log-prob), the score takes
             # the softmax of the children's priors and the square root of their summed visits.
             prior = jax.nn.softmax(jnp.where(kids, jnp.exp(tree.prior_logit), -jnp.inf))  # [N]
+            if config.entropy_prior:
+                prior = prior * jax.nn.softmax(jnp.where(kids, tree.entropy, -jnp.inf))
             score = q_all + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)
+            if config.varentropy_bonus:
+                bonus = jax.nn.softmax(jnp.where(kids, tree.varentropy, -jnp.inf))  # [N]
+                score = score + config.varentropy_bonus * bonus
         else:
             parent_n = visits[node]
             score = q_all + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
@@ -311,6 +330,12 @@ def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
         visits=set_(tree.visits, jnp.ones((b, k), jnp.int32)),
         value_sum=set_(tree.value_sum, value),
         prior_logit=set_(tree.prior_logit, mean_logp),
+        entropy=tree.entropy
+        if expansion.entropy is None
+        else set_(tree.entropy, expansion.entropy),
+        varentropy=tree.varentropy
+        if expansion.varentropy is None
+        else set_(tree.varentropy, expansion.varentropy),
         rating=set_(tree.rating, expansion.rating),
         terminal=set_(tree.terminal, terminal),
         is_answer=set_(tree.is_answer, expansion.is_answer),
@@ -597,6 +622,7 @@ def make_lm_expand_fn(
             num_samples=k,
             score_suffix=(fmt.start_of_rating,),
             score_tokens=(fmt.positive_rating, fmt.negative_rating),
+            return_entropy=config.entropy_prior or config.varentropy_bonus > 0,
             lora=lora,
         )
         if stats is not None:
@@ -636,6 +662,10 @@ def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:
     stopped = shape(out.stopped)
     # Rating = P(positive) / (P(positive) + P(negative)), read after <start_of_rating>.
     rating = jax.nn.sigmoid(out.scores[:, 0] - out.scores[:, 1])
+    spread = {"entropy": None, "varentropy": None}
+    if out.entropy.shape[1]:  # per-token values are 0 past a thought's end: mean over its tokens
+        count = jnp.maximum(out.lengths, 1).astype(jnp.float32)
+        spread = {k: shape(jnp.sum(getattr(out, k), 1) / count) for k in spread}
     return Expansion(
         tokens=tokens,
         lengths=shape(out.lengths),
@@ -644,4 +674,5 @@ def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:
         is_answer=(tokens[:, :, 0] == fmt.conclusion) & stopped,
         rating=shape(rating),
         reward=jnp.zeros((b, k), jnp.float32),
+        **spread,
     )

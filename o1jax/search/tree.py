@@ -27,6 +27,8 @@ class Tree:
     visits: jax.Array  # [B, N] int32
     value_sum: jax.Array  # [B, N] float32, sum of backed-up (discounted) values
     prior_logit: jax.Array  # [B, N] float32, length-normalised log-prob of the thought
+    entropy: jax.Array  # [B, N] float32, mean next-token entropy over the thought (0 if unread)
+    varentropy: jax.Array  # [B, N] float32, mean next-token varentropy (0 if unread)
     rating: jax.Array  # [B, N] float32, P(<positive_rating>) / (P(pos) + P(neg)) of the thought
     terminal: jax.Array  # [B, N] bool, never expanded: a conclusion, truncated, or at max depth
     is_answer: jax.Array  # [B, N] bool, a complete <conclusion> thought (carries a final answer)
@@ -64,6 +66,8 @@ def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
         visits=jnp.zeros((b, n), jnp.int32),
         value_sum=jnp.zeros((b, n), jnp.float32),
         prior_logit=jnp.zeros((b, n), jnp.float32),
+        entropy=jnp.zeros((b, n), jnp.float32),
+        varentropy=jnp.zeros((b, n), jnp.float32),
         rating=jnp.zeros((b, n), jnp.float32),
         terminal=jnp.zeros((b, n), bool),
         is_answer=jnp.zeros((b, n), bool),

@@ -197,6 +197,11 @@ class SearchSection:
     thought_length: int = 24
     selection: str = "puct"  # "puct" (priors from length-normalised log-probs) or "uct"
     c_puct: float = 1.4
+    # LLaMA-O1's PUCT extras (it had both on: true, 0.1): the prior times the softmax of the
+    # siblings' mean next-token entropies, and this weight times the softmax of their
+    # varentropies added to the score.
+    entropy_prior: bool = False
+    varentropy_bonus: float = 0.0
     discount: float = 0.9  # a value k levels below a node reaches it as discount**k of it
     backup: str = "max"  # a leaf's value from its new children: "max" or "mean"
     patience: int = 0  # self-play: stop a tree after this many right answers (0: never)
@@ -216,6 +221,11 @@ class SearchSection:
                  "search.max_children", self.max_children, least)  # fmt: skip
         _require(self.selection in ("puct", "uct"), "search.selection", self.selection,
                  "must be 'puct' or 'uct'")  # fmt: skip
+        _require(self.varentropy_bonus >= 0, "search.varentropy_bonus", self.varentropy_bonus,
+                 "must be >= 0")  # fmt: skip
+        _require(self.selection == "puct" or not (self.entropy_prior or self.varentropy_bonus),
+                 "search.selection", self.selection,
+                 "must be 'puct' with search.entropy_prior or search.varentropy_bonus")  # fmt: skip
         _require(self.backup in ("max", "mean"), "search.backup", self.backup,
                  "must be 'max' or 'mean'")  # fmt: skip
         _require(self.temperature >= 0, "search.temperature", self.temperature, "must be >= 0")
