@@ -78,6 +78,20 @@ def test_first_update_has_ratio_one_and_kl_zero_exactly(base):
     assert float(metrics["first/kl"]) > 0.0  # the adapter has moved away from the base
 
 
+def test_new_priorities_are_on_the_scale_of_the_raw_advantages(base):
+    """A replayed item's priority must be comparable with a new item's |advantage| + 1e-6 (what
+    the RL stage adds it with): at ratio 1 (one epoch, no value loss) they are equal, also for an
+    item of advantage 0, which the batch normalisation would give a nonzero advantage."""
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    config = PPOConfig(epochs=1, value_coef=0.0, kl_coef=0.05)
+    trainer = PPOTrainer(CFG, base, adapter, config, make_mesh(), rating_tokens=(POS, NEG))
+    batch = _batch()
+    adv = np.asarray([0.0, 0.3, -0.05, 0.01] * (M // 4), np.float32)
+    batch = batch.replace(advantage=jnp.asarray(adv))
+    _, priorities = trainer.update(batch, jnp.ones(M))
+    np.testing.assert_allclose(np.asarray(priorities), np.abs(adv) + 1e-6, rtol=1e-6, atol=1e-9)
+
+
 def test_the_callers_adapter_survives_the_donated_update(base):
     adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
     before = jax.tree.map(jnp.copy, adapter)  # (a NumPy view would pin the buffers)
