@@ -186,7 +186,7 @@ def _reference_advantages(t, b, terminal_only):
     return of the next step on the path, else (a frontier leaf) its own rating; in [0, 1]."""
     n, used = t.parent.shape[1], int(t.num_nodes[b])
     sums, counts, target_sums = np.zeros(n), np.zeros(n), np.zeros(n)
-    root_value = t.value_sum[b, 0] / t.visits[b, 0]
+    paths = []
     for leaf in range(1, used):
         if t.num_children[b, leaf] > 0 or (terminal_only and not t.terminal[b, leaf]):
             continue
@@ -195,7 +195,12 @@ def _reference_advantages(t, b, terminal_only):
         while node > 0:
             path.append(node)
             node = t.parent[b, node]
-        path = path[::-1]
+        paths.append(path[::-1])
+    # V(root): the mean over the paths of what follows their first thought.
+    first = [p[0] for p in paths]
+    after = [t.reward[b, c] if t.terminal[b, c] else GAMMA * t.rating[b, c] for c in first]
+    root_value = float(np.mean(after)) if paths else 0.0
+    for path in paths:
         rewards = [t.reward[b, p] if t.terminal[b, p] else 0.0 for p in path]
         after = [0.0 if t.terminal[b, p] else t.rating[b, p] for p in path]
         adv, ret = _numpy_gae(rewards, [root_value, *after], GAMMA, LAM)
@@ -355,3 +360,38 @@ def test_prompts_and_trees_must_agree():
         tree_to_experiences(
             tree, prompts, plens, fmt, longer, GAMMA, LAM, experience_width(fmt, 4, longer)
         )
+
+
+def test_first_thoughts_of_a_calibrated_tree_get_no_advantage_from_rating_values():
+    """root -> a, b (each rated 0.5), each with one right and one wrong answer below: the
+    ratings are exact, so neither first thought is better than the root, at any gamma and
+    lambda (V(root) on the ratings' scale, not the search's backed-up Q of 0.69)."""
+    from o1jax.search.tree import init_tree
+
+    config = MCTSConfig(num_simulations=1, num_children=2, max_depth=3, thought_length=L)
+    tokens = np.zeros((1, 8, L), np.int32)
+    for i in (1, 2):
+        tokens[0, i, :2] = [7, EOT]
+    for i in (3, 4, 5, 6):
+        tokens[0, i, :2] = [CONCLUSION, EOT]
+    answers = [False, False, False, True, True, True, True, False]
+    tree = init_tree(1, 8, L).replace(
+        parent=jnp.asarray([[-1, 0, 0, 1, 1, 2, 2, -1]]),
+        num_children=jnp.asarray([[2, 2, 2, 0, 0, 0, 0, 0]]),
+        depth=jnp.asarray([[0, 1, 1, 2, 2, 2, 2, 0]]),
+        visits=jnp.asarray([[7, 3, 3, 1, 1, 1, 1, 0]]),
+        value_sum=jnp.asarray([[4.83, 1.5, 1.5, 1.0, 0.0, 1.0, 0.0, 0.0]]),
+        rating=jnp.asarray([[0.0, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.0]]),
+        terminal=jnp.asarray([answers]),
+        is_answer=jnp.asarray([answers]),
+        reward=jnp.asarray([[0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([[0, 2, 2, 2, 2, 2, 2, 0]]),
+        num_nodes=jnp.asarray([7]),
+    )
+    fmt = _fmt(config.max_depth)
+    prompts, plens = jnp.asarray([[10, 11]]), jnp.asarray([2])
+    width = experience_width(fmt, 2, config)
+    for gamma, lam in ((1.0, 1.0), (1.0, 0.0), (0.99, 0.95)):
+        exps = tree_to_experiences(tree, prompts, plens, fmt, config, gamma, lam, width, True)
+        np.testing.assert_allclose(np.asarray(exps.advantage[:2]), [0.0, 0.0], atol=1e-6)

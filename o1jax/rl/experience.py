@@ -28,8 +28,11 @@ The values GAE runs on come from one of two sources (`values`):
   a node (the root: of the whole tree). With lam = 0 and gamma = 1 a node's advantage is then
   V(node) - V(parent): how much choosing this thought changed the chance of a right answer,
   measured by the search itself. Subtrees whose outcomes all agree give zero advantage, so a
-  problem the policy always (or never) solves pushes no thought up or down. This needs
-  `terminal_only`.
+  problem the policy always (or never) solves pushes no thought up or down (before PPO's batch
+  normalisation, which centres every advantage on the batch mean). This needs `terminal_only`.
+
+With ratings, the value before the first thought, V(root), is the mean over the root's
+children of reward + gamma * rating after them, weighted by the paths below each.
 """
 
 from __future__ import annotations
@@ -166,7 +169,14 @@ def tree_to_experiences(
         root_value = leaf_reward.sum(1) / jnp.maximum(is_leaf.sum(1), 1)
     else:
         node_values = None
-        root_value = tree.q_values()[:, ROOT]
+        # V(root) on the scale of the values after each thought (the search's backed-up Q of the
+        # root is not: discounted per level, with answer rewards mixed in): the mean over the
+        # root's children of what follows them, reward + gamma * rating, weighted by the leaves
+        # below each (the paths GAE averages over), so the first thoughts' advantages average 0.
+        first = in_use & (tree.parent[:, 1:] == ROOT)  # [B, N - 1]
+        after = jnp.where(tree.terminal[:, 1:], tree.reward[:, 1:], gamma * tree.rating[:, 1:])
+        paths_below = jnp.where(first, count[:, 1:], 0.0)
+        root_value = jnp.sum(paths_below * after, 1) / jnp.maximum(paths_below.sum(1), 1.0)
 
     # GAE along the path to every leaf; a node's advantage is the mean over leaves below it.
     def path_gae(path):  # path: [B, D]
