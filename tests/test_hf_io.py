@@ -112,3 +112,25 @@ def test_config_json_that_is_not_an_object_or_has_a_null_pad_id(model, tmp_path)
     config_file.write_text(json.dumps({**config, "pad_token_id": None}))
     loaded_cfg, _ = load_hf(str(tmp_path))
     assert loaded_cfg.pad_token_id == 0 and loaded_cfg == cfg
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive int, got 0"),
+        ({"head_dim": None}, "head_dim must be a positive int, got None"),
+        ({"num_hidden_layers": "2"}, "num_hidden_layers must be a positive int, got '2'"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
+        ({"sliding_window": 0}, "sliding_window must be a positive int, got 0"),
+        ({"num_key_value_heads": 3}, "is not a multiple of num_kv_heads=3"),
+    ],
+)
+def test_config_json_with_a_bad_count_is_a_checkpoint_error_naming_file_and_key(
+    model, tmp_path, bad, message
+):
+    cfg, params = model
+    save_hf(str(tmp_path), cfg, params)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **bad}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: .*{message}"):
+        load_hf(str(tmp_path))

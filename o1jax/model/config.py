@@ -37,6 +37,31 @@ _HF_IGNORED_KEYS = frozenset(
 )
 
 
+# config.json keys that must hold positive ints (checked before any arithmetic on them).
+_HF_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+    "max_position_embeddings",
+)
+_POSITIVE_INTS = (
+    "vocab_size",
+    "num_layers",
+    "d_model",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_dim",
+    "sliding_window",
+    "max_position_embeddings",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemma2Config:
     """Architecture of a Gemma2 decoder (REFERENCE.md section 2).
@@ -69,6 +94,10 @@ class Gemma2Config:
     remat: bool = False
 
     def __post_init__(self):
+        for name in _POSITIVE_INTS:  # before any arithmetic on them: a clear line, not a traceback
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Gemma2Config: {name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"Gemma2Config: num_heads={self.num_heads} is not a multiple of "
@@ -79,11 +108,6 @@ class Gemma2Config:
                 f"Gemma2Config: attention_impl must be 'xla' or 'pallas', got "
                 f"{self.attention_impl!r}"
             )
-        for name in ("vocab_size", "num_layers", "d_model", "head_dim", "ffn_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(
-                    f"Gemma2Config: {name} must be positive, got {getattr(self, name)}"
-                )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -194,6 +218,9 @@ class Gemma2Config:
         ]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
+        for k in _HF_POSITIVE_INTS:
+            if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] <= 0):
+                raise ValueError(f"{source}: {k} must be a positive int, got {d[k]!r}")
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: hidden_activation {act!r} is not supported")

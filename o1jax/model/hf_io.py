@@ -90,8 +90,11 @@ def read_config(path: str) -> Gemma2Config:
         raise CheckpointError(f"{config_file}: not a JSON object ({type(raw).__name__})")
     try:
         return Gemma2Config.from_hf(raw, source=config_file)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        if not message.startswith(config_file):
+            message = f"{config_file}: {message}"
+        raise CheckpointError(message) from None
 
 
 def eos_token_ids(path: str) -> tuple[int, ...]:
