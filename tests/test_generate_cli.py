@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from tiny_models import greedy_by_full_forwards, random_tiny_model
 
@@ -106,10 +107,13 @@ def plain_model_dir(tmp_path_factory):
 def test_longcot_adds_the_format_tokens_to_a_plain_tokenizer(plain_model_dir, capsys):
     path, vocab = plain_model_dir
     args = cli._parse(["--model", str(path), "--prompt", "abc", "--longcot"])
-    _, cfg, tokenizer, _, _ = cli._load(args)
+    params, cfg, tokenizer, _, _ = cli._load(args)
     # Each tag is one token (it was spelled out character by character), the embedding grew.
     assert len(tokenizer.encode("<start_of_thought>", add_special_tokens=False)) == 1
     assert cfg.vocab_size == len(tokenizer) > vocab
+    # ... with a row of its own for every new token (from its name's pieces, not one mean row).
+    rows = np.asarray(params["embedder"]["embedding"][vocab:], np.float32)
+    assert len({r.tobytes() for r in rows}) == len(rows)
     argv = ["--model", str(path), "--prompt", "abc", "--longcot", "--json", "--max-new-tokens", "3"]
     assert cli.main(argv) == 0 and len(_records(capsys)) == 1
 

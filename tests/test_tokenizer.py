@@ -161,3 +161,31 @@ def test_resize_embeddings(dtype):
         tk.resize_embeddings(params, 4)
     with pytest.raises(KeyError, match=r"\['embedder'\]\['embedding'\]"):
         tk.resize_embeddings({"embed": table}, 8)
+
+
+def test_new_rows_start_at_their_names_pieces_so_no_two_long_cot_tokens_share_a_row():
+    """A frozen, tied table (LoRA) keeps whatever the new rows start as: identical mean rows
+    would give <positive_rating> and <negative_rating> the same logit for good."""
+    letters = [*"abcdefghijklmnopqrstuvwxyz", " "]
+    foreign = _foreign_tokenizer(letters)
+    first = len(foreign)
+    tk.add_longcot_tokens(foreign)
+    pieces = tk.spelling_pieces(foreign, first)
+    assert len(pieces) == len(foreign) - first == 16
+    ids = tk.token_ids(foreign)
+    positive = pieces[ids["positive_rating"] - first]
+    assert foreign.decode(positive).replace(" ", "") == "positiverating"
+    assert all(0 <= i < first for p in pieces for i in p)
+
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(first, 4)), jnp.float32)
+    grown = tk.resize_embeddings({"embedder": {"embedding": table}}, len(foreign), pieces)
+    rows = np.asarray(grown["embedder"]["embedding"])
+    np.testing.assert_allclose(
+        rows[ids["positive_rating"]], np.asarray(table)[positive].mean(0), rtol=1e-6
+    )
+    new = rows[first:]
+    assert len({tuple(r) for r in new}) == 16  # every new token has its own row
+    with pytest.raises(ValueError, match="2 piece lists for 16 new rows"):
+        tk.resize_embeddings({"embedder": {"embedding": table}}, len(foreign), pieces[:2])
+    with pytest.raises(ValueError, match=f"piece id {first} is not a row"):
+        tk.resize_embeddings({"embedder": {"embedding": table}}, len(foreign), [[first]] * 16)

@@ -158,10 +158,30 @@ def _is_one_token(tokenizer, vocab: dict[str, int], token: str) -> bool:
     return token in vocab and tokenizer.encode(token, add_special_tokens=False) == [vocab[token]]
 
 
-def resize_embeddings(params: dict, new_vocab_size: int) -> dict:
-    """Grows `params["embedder"]["embedding"]` [V, D] to [new_vocab_size, D]; new rows are the
-    mean embedding (in the table's dtype, averaged in float32). Other entries are shared, not
-    copied. Shrinking is an error; the same size returns `params` unchanged."""
+def spelling_pieces(tokenizer, first_id: int) -> list[list[int]]:
+    """For each id from `first_id` to len(tokenizer) - 1 (tokens added after a model's
+    vocabulary, as `add_longcot_tokens` adds them), the ids below `first_id` that its name
+    encodes to: the token's text without brackets, underscores read as spaces
+    ("<positive_rating>" -> "positive rating"). `resize_embeddings(..., pieces=...)` starts each
+    new row at the mean of those rows."""
+    pieces = []
+    for new_id in range(first_id, len(tokenizer)):
+        name = str(tokenizer.convert_ids_to_tokens(new_id)).strip("<>").replace("_", " ")
+        ids = tokenizer.encode(name, add_special_tokens=False)
+        pieces.append([int(i) for i in ids if 0 <= i < first_id])
+    return pieces
+
+
+def resize_embeddings(params: dict, new_vocab_size: int, pieces=None) -> dict:
+    """Grows `params["embedder"]["embedding"]` [V, D] to [new_vocab_size, D]. Other entries are
+    shared, not copied. Shrinking is an error; the same size returns `params` unchanged.
+
+    New rows are the mean embedding, or with `pieces` (one list of old ids per new row, from
+    `spelling_pieces`) the mean of those rows (the mean embedding where a list is empty);
+    averaged in float32, stored in the table's dtype. Give pieces whenever the table stays
+    frozen (LoRA): Gemma2 ties its input and output embeddings, so identical new rows would give
+    every new token the same logit for good, and `<positive_rating>` could never be told from
+    `<negative_rating>`."""
     try:
         table = params["embedder"]["embedding"]
     except (KeyError, TypeError) as e:
@@ -175,6 +195,19 @@ def resize_embeddings(params: dict, new_vocab_size: int) -> dict:
         )
     if new_vocab_size == vocab:
         return params
-    mean = jnp.mean(table.astype(jnp.float32), axis=0, keepdims=True).astype(table.dtype)  # [1, D]
-    grown = jnp.concatenate([table, jnp.broadcast_to(mean, (new_vocab_size - vocab, dim))])
+    wide = table.astype(jnp.float32)
+    mean = jnp.mean(wide, axis=0)  # [D]
+    if pieces is None:
+        rows = jnp.broadcast_to(mean, (new_vocab_size - vocab, dim))
+    else:
+        if len(pieces) != new_vocab_size - vocab:
+            raise ValueError(
+                f"resize_embeddings: {len(pieces)} piece lists for {new_vocab_size - vocab} "
+                "new rows"
+            )
+        bad = [i for p in pieces for i in p if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"resize_embeddings: piece id {bad[0]} is not a row of the table")
+        rows = jnp.stack([jnp.mean(wide[jnp.asarray(p)], axis=0) if p else mean for p in pieces])
+    grown = jnp.concatenate([table, rows.astype(table.dtype)])
     return {**params, "embedder": {**params["embedder"], "embedding": grown}}  # [V', D]

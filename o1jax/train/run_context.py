@@ -19,6 +19,7 @@ from o1jax.data.tokenizer import (
     build_tiny_tokenizer,
     load_tokenizer,
     resize_embeddings,
+    spelling_pieces,
 )
 from o1jax.model import Gemma2Config, init_params, load_hf, lora
 from o1jax.parallel.mesh import make_mesh
@@ -164,8 +165,8 @@ def build_model(config: RunConfig, tokenizer, mesh, key):
     vocab = len(tokenizer)
     if config.model_dir:
         cfg, params = load_hf(config.model_dir, dtype=dtype, mesh=mesh)
-        if vocab > cfg.vocab_size:
-            params = resize_embeddings(params, vocab)
+        if vocab > cfg.vocab_size:  # each new token starts at the mean of its name's pieces
+            params = resize_embeddings(params, vocab, spelling_pieces(tokenizer, cfg.vocab_size))
             cfg = cfg.replace(vocab_size=vocab)
         cfg = cfg.replace(attention_impl=config.model.attention_impl, remat=config.model.remat)
         return cfg, params
