@@ -110,6 +110,48 @@ def test_journey_steps_that_were_criticised_do_not_count(tok):
     assert refine.solution_answer(steps) == "18"
 
 
+def test_a_step_rated_negative_without_a_critic_still_counts(tok):
+    """Only critiqued steps (a <critic> follows) drop out: a step the model itself rated negative
+    lowers the self-reward, can be the flaw, and is read by the host (answer, PPRM text) alike,
+    so judging a step worse never raises the solution's value."""
+    thoughts = [*WRONG[:2], "<expansion>19 + 0 = 19", "<conclusion>\\boxed{19}"]
+    pos, neg = longcot.POSITIVE_RATING, longcot.NEGATIVE_RATING
+    p = [0.95, 0.45, 0.7, 0.9]
+    better, _ = _stats(tok, thoughts, [pos, pos, pos, pos], p)
+    ratings = [pos, neg, pos, pos]
+    worse, sor = _stats(tok, thoughts, ratings, [0.95, 0.05, 0.7, 0.9])
+    scores = np.asarray([90.0, -90.0, 40.0, 80.0])
+    np.testing.assert_allclose(worse.self_reward, (scores.min() + scores.mean()) / 200, rtol=1e-5)
+    assert float(worse.self_reward) < float(better.self_reward)
+    assert int(worse.flaw_cut) == sor[1] and int(worse.flaw_header) == 3  # the negative step
+    steps = refine.solution_steps(
+        tok.decode(_solution(tok, thoughts, ratings)[1].tolist(), skip_special_tokens=False)
+    )
+    assert refine.effective_thoughts(steps) == thoughts
+    assert bool(worse.has_answer) and refine.solution_answer(steps) == "19"
+    # A conclusion rated negative (no critic after it) is still the solution's answer, on the
+    # device and on the host; its low rating shows in the self-reward instead.
+    ratings = [pos, pos, pos, neg]
+    last, _ = _stats(tok, thoughts, ratings, [0.95, 0.8, 0.7, 0.1])
+    steps = refine.solution_steps(
+        tok.decode(_solution(tok, thoughts, ratings)[1].tolist(), skip_special_tokens=False)
+    )
+    assert bool(last.has_answer) and refine.solution_answer(steps) == "19"
+    scores = np.asarray([90.0, 60.0, 40.0, -80.0])
+    np.testing.assert_allclose(last.self_reward, (scores.min() + scores.mean()) / 200, rtol=1e-5)
+    # Critiqued, the negative conclusion drops out on both sides: no answer.
+    ratings = [pos, pos, pos, neg, pos]
+    cut, _ = _stats(tok, [*thoughts, "<critic>19 is wrong"], ratings, [0.95, 0.8, 0.7, 0.1, 0.9])
+    steps = refine.solution_steps(
+        tok.decode(
+            _solution(tok, [*thoughts, "<critic>19 is wrong"], ratings)[1].tolist(),
+            skip_special_tokens=False,
+        )
+    )
+    assert not bool(cut.has_answer) and refine.solution_answer(steps) is None
+    assert refine.effective_thoughts(steps) == thoughts[:3]
+
+
 def test_a_solution_without_a_conclusion_has_no_answer_and_the_lowest_value(tok):
     stats, _ = _stats(tok, WRONG[:2], None, [0.9, 0.9])
     assert not bool(stats.has_answer) and float(stats.self_reward) == -1.0

@@ -15,12 +15,15 @@ B trees at once:
    exactly the shape of the journey data SFT trains on (`o1jax.data.tasks.journey_solution`).
 4. value: `step_statistics` reads the model's rating of every step in one forward pass. The
    MCTSr-style self-reward from step ratings scores each effective step of the one solution
-   `100 (2 P(<positive_rating>) - 1)`, replaces scores >= `suppress_at` (95) by
-   `suppressed_score` (50: MCTSr's full-score suppression) and takes `(min + mean) / 2`, rescaled
-   to [-1, 1]. Unlike MCTSr, whose scores R are repeated whole-answer ratings (one more per
-   visit), these R are per-step ratings of one pass: deterministic per node. SR-MCTS instead
-   asks the PPRM (`o1jax.search.pprm`) to compare the new solution with every other one of its
-   tree, turns the preference matrix into a global value by the Enhanced Borda Count
+   (every step but a critiqued one, which a `<critic>` follows, and that critic; a step the
+   model rated negative counts too) `100 (2 P(<positive_rating>) - 1)`, replaces scores >=
+   `suppress_at` (95) by `suppressed_score` (50: MCTSr's full-score suppression) and takes
+   `(min + mean) / 2`, rescaled to [-1, 1]. A solution has an answer when its last effective
+   step is a complete `<conclusion>`, whatever that step's rating. Unlike MCTSr, whose scores R
+   are repeated whole-answer ratings (one more per visit), these R are per-step ratings of one
+   pass: deterministic per node. SR-MCTS instead asks the PPRM (`o1jax.search.pprm`) to
+   compare the new solution with every other one of its tree (texts of its effective steps),
+   turns the preference matrix into a global value by the Enhanced Borda Count
    (`o1jax.search.ebc`) and mixes it with the local value (preference against parent and siblings).
 5. `backup`: `Q(a) = (V(a) + max_c Q(c)) / 2` bottom-up over the tree (the paper's backup rule,
    re-applied from the nodes' own values every rollout, since EBC values move as the tree grows).
@@ -267,7 +270,10 @@ def _step_stats_one(tokens, length, positive_at, fmt: RefineFormat, config: Refi
     valid = (sor_pos >= 0) & rated
     is_critic = valid & (first == fmt.critic)
     criticised = valid & jnp.concatenate([is_critic[1:], jnp.zeros((1,), bool)])
-    effective = valid & ~is_critic & ~criticised & (rating_token != f.negative_rating)
+    # A step counts unless it was critiqued (a <critic> follows it) or is a critic itself,
+    # whatever its own rating: a step rated negative is the model's lowest verdict, so it must
+    # lower the self-reward and may be picked as the flaw (`effective_steps` on the host).
+    effective = valid & ~is_critic & ~criticised
     conclusion = effective & (first == f.conclusion)
     p_pos = positive_at[jnp.clip(sor_pos, 0, s - 1)]  # [M]
 
@@ -547,15 +553,15 @@ def solution_steps(text: str) -> list[tuple[str, str]]:
 
 
 def effective_steps(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The solution a journey amounts to: criticised steps and critics dropped, a `<refine>`
-    read as the `<expansion>` it replaces (what `step_statistics` calls effective)."""
+    """The solution a journey amounts to: criticised steps (those a `<critic>` follows) and
+    critics dropped, a `<refine>` read as the `<expansion>` it replaces (what `step_statistics`
+    calls effective). Every other step stays, whatever its rating: one the model rated negative
+    without critiquing it is still part of the solution."""
     out = []
     for k, (thought, rating) in enumerate(steps):
         if thought.startswith(longcot.CRITIC):
             continue
         if k + 1 < len(steps) and steps[k + 1][0].startswith(longcot.CRITIC):
-            continue
-        if rating == longcot.NEGATIVE_RATING:
             continue
         if thought.startswith(longcot.REFINE):
             thought = longcot.EXPANSION + thought[len(longcot.REFINE) :]
