@@ -1,5 +1,6 @@
 """Answer extraction and equivalence: markers only, exact numbers, math-verify under a limit."""
 
+import re
 import threading
 import time
 
@@ -251,3 +252,73 @@ def test_vote_rejects_a_str_and_mismatched_weights():
         answers.vote(["1"], [1.0, 9.0])
     with pytest.raises(ValueError, match="1 weights for 2 answers"):
         answers.vote(["1", "2"], [1.0])
+
+
+NUMBER_WORDS_EQUAL = [
+    ("3 million", "3000000"),
+    ("3 \\text{ million}", "3000000"),
+    ("2.5 billion dollars", "2500000000"),
+    ("5 hundred", "500"),
+    ("3 hundred thousand", "300000"),
+    ("3 dozen", "36"),
+    ("2 thousand", "2,000"),
+    ("\\frac{1}{2}\\text{ million}", "500000"),
+    ("2 pi", "2\\pi"),
+    ("50 percent", "0.5"),
+    ("50 percent", "50\\%"),
+    ("50\\text{ percent}", "0.5"),
+    ("12.5 per cent", "\\frac{1}{8}"),
+]
+NUMBER_WORDS_UNEQUAL = [
+    ("3 million", "3"),
+    ("3 \\text{ million}", "3"),
+    ("5 hundred", "5"),
+    ("3 dozen", "3"),
+    ("2 thousand", "2"),
+    ("2 pi", "2"),
+    ("1 percent", "100\\%"),  # two percents compare as written, as "1%" vs "100%" does
+]
+
+
+@pytest.mark.parametrize("pred, truth", NUMBER_WORDS_EQUAL)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_number_words_are_read_not_dropped(pred, truth, timeout_s):
+    # "million", "dozen" scale the number; "percent" is "%" (so "50 percent" is 50 or 0.5, as
+    # "50%" is); "pi" is the constant. Decided without math-verify.
+    assert is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert is_equivalent(truth, pred, timeout_s=timeout_s)
+    if "cent" not in pred:  # percent, per cent
+        assert answers.vote_key(pred) == answers.vote_key(truth)
+    else:
+        number = re.match(r"[\d.]+", pred).group()
+        assert answers.vote_key(pred) == answers.vote_key(f"{number}%")
+
+
+@pytest.mark.parametrize("pred, truth", NUMBER_WORDS_UNEQUAL)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_number_words_are_not_units(pred, truth, timeout_s):
+    assert not is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert not is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert answers.vote_key(pred) != answers.vote_key(truth)
+
+
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_spaces_between_digit_groups_of_three_are_thousands_separators(timeout_s):
+    for spaced in ["1 000 000", "\\boxed{1 000 000}", "1 000 000 people"]:
+        assert is_equivalent(spaced, "1000000", timeout_s=timeout_s)
+        assert is_equivalent("1,000,000", spaced, timeout_s=timeout_s)
+    assert answers.vote_key("12 345") == answers.vote_key("12345")
+    assert is_equivalent("1 1/2", "3/2", timeout_s=timeout_s)  # a mixed number is one value
+    assert not is_equivalent("1 1/2", "11/2", timeout_s=timeout_s)
+    assert is_equivalent("\\frac 1 2", "\\frac12", timeout_s=timeout_s)  # one-digit arguments
+
+
+@pytest.mark.parametrize("pred, truth", [("1 2", "12"), ("3 5", "35"), ("1 000 12", "100012")])
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_other_spaces_between_digits_separate_numbers(pred, truth, timeout_s):
+    # Such an answer equals only itself (math-verify would read "1 2" as 1 + 2).
+    assert not is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert not is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert answers.vote_key(pred) != answers.vote_key(truth)
+    assert is_equivalent(pred, pred, timeout_s=timeout_s)
+    assert not is_equivalent(pred, str(sum(map(int, pred.split()))), timeout_s=timeout_s)

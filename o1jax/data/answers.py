@@ -7,9 +7,13 @@ text the last `\\boxed{}` / `\\fbox{}`, GSM8K's `#### N`, or "the answer is X".
 `is_equivalent` decides in three stages:
 1. normalised strings (LaTeX spacing, `\\dfrac`, `$`, units, degrees, a leading `x =` dropped);
    a value qualified by trailing words ("3 or more") is not a unit and equals only itself;
-2. exact rationals (fractions.Fraction from integers, decimals, `a/b`, `\\frac{a}{b}`, thousands
-   commas, a percent against a plain number read as either n or n/100, two percents compared
-   as written); when both sides are exact numbers this decides;
+   number words scale the value ("3 million" is 3000000, "3 dozen" 36), "pi" is the constant
+   ("2 pi" is `2\\pi`), "50 percent" is "50%"; whitespace between digits is a thousands
+   separator only between groups of three ("1 000 000"), else it separates two numbers ("1 2"),
+   and such an answer equals only itself;
+2. exact rationals (fractions.Fraction from integers, decimals, `a/b`, `\\frac{a}{b}`, mixed
+   numbers `1 1/2`, thousands commas, a percent against a plain number read as either n or
+   n/100, two percents compared as written); when both sides are exact numbers this decides;
 3. math-verify (sets, intervals, expressions, 1/3 vs 0.333333) in a worker process, under a
    wall-clock limit. math-verify's own timeouts use SIGALRM, which works only in the main thread
    and cannot stop a computation stuck in C (`10^{10^{10^{10}}}` is one); the worker is killed
@@ -158,6 +162,23 @@ _HEDGE_WORDS = frozenset(
     "or and nor to not than more less fewer greater least most at between plus minus "
     "above below over under about approximately".split()
 )
+# Leading words of a "unit" that change the value: multipliers scale it, "percent" is "%",
+# a constant is kept as its LaTeX command. The words after them are the unit proper.
+_MULTIPLIERS = {
+    "dozen": Fraction(12),
+    "hundred": Fraction(100),
+    "thousand": Fraction(10**3),
+    "million": Fraction(10**6),
+    "billion": Fraction(10**9),
+    "trillion": Fraction(10**12),
+    "tenth": Fraction(1, 10),
+    "hundredth": Fraction(1, 100),
+    "thousandth": Fraction(1, 1000),
+    "millionth": Fraction(1, 10**6),
+}
+_CONSTANTS = {"pi": r"\pi"}
+# Digit groups of three split by single spaces ("1 000 000", "12 345.5"): one number.
+_SPACED_THOUSANDS_RE = re.compile(r"(?<![\d.])(?<!\d\s)\d{1,3}(?:\s\d{3})+(?!\d|\s\.?\d)")
 _ASSIGN_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
 _SPACING = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~")
 _DEGREES = (r"^{\circ}", r"^\circ", "°", r"\degree")
@@ -177,11 +198,46 @@ def _hedged(cleaned: str) -> bool:
     return False
 
 
+def _multiplier(word: str) -> Fraction | None:
+    return _MULTIPLIERS.get(word) or _MULTIPLIERS.get(word.removesuffix("s"))
+
+
+def _format(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def _without_unit(value: str, words: str) -> str | None:
+    """`value` followed by the trailing `words`, with the unit dropped; None to keep it all.
+
+    Leading multiplier words scale the value ("3 million" -> "3000000"; kept whole when the
+    value is not a plain number), then "percent" / "per cent" becomes "%" and a constant its
+    command ("2 pi" -> "2\\pi"); the remaining words are the unit. Kept whole when a word is a
+    logical or comparative one (`_HEDGE_WORDS`): "3 or more" is no unit."""
+    if _is_hedge(words):
+        return None
+    tokens = re.findall(r"[a-z]+", words.lower())
+    scale, i = Fraction(1), 0
+    while i < len(tokens) and (factor := _multiplier(tokens[i])) is not None:
+        scale, i = scale * factor, i + 1
+    if i:
+        number = _numbers(value)
+        if number is None or number[1]:
+            return None
+        value = _format(number[0] * scale)
+    if tokens[i : i + 1] == ["percent"] or tokens[i : i + 2] == ["per", "cent"]:
+        value += "%"
+    elif i < len(tokens) and tokens[i] in _CONSTANTS:
+        value += _CONSTANTS[tokens[i]]
+    return value
+
+
 def _clean(answer: str) -> str:
     """Light clean-up that keeps spaces: delimiters, box, dollars, units, `x =`.
 
     Trailing words are dropped as a unit only when none of them is a logical or comparative
-    word (`_HEDGE_WORDS`): "5 cm" becomes "5", "3 or more" stays."""
+    word (`_HEDGE_WORDS`): "5 cm" becomes "5", "3 or more" stays; number words, "percent" and
+    "pi" among them are read, not dropped (`_without_unit`). Digit groups of three split by
+    spaces are joined ("1 000 000" -> "1000000")."""
     s = answer.strip()
     for _ in range(3):  # nested wrappers such as $\boxed{...}$
         before = s
@@ -197,12 +253,11 @@ def _clean(answer: str) -> str:
         if s == before:
             break
     s = s.replace(r"\$", "").replace("$", "").strip()
-    unit = _UNIT_SUFFIX_RE.match(s)
-    if unit and not _is_hedge(unit.group(2)):
-        s = unit.group(1)
-    word_unit = _WORD_UNIT_RE.match(s)
-    if word_unit and not _is_hedge(word_unit.group(2)):
-        s = word_unit.group(1)
+    s = _SPACED_THOUSANDS_RE.sub(lambda m: re.sub(r"\s", "", m.group()), s)
+    for pattern in (_UNIT_SUFFIX_RE, _WORD_UNIT_RE):
+        unit = pattern.match(s)
+        if unit and (value := _without_unit(unit.group(1), unit.group(2))) is not None:
+            s = value
     s = _ASSIGN_RE.sub("", s)
     for deg in _DEGREES:
         s = s.replace(deg, "")
@@ -210,19 +265,24 @@ def _clean(answer: str) -> str:
 
 
 def _compact(cleaned: str) -> str:
-    """String form for comparison: no spacing commands or whitespace, one `\\frac` spelling."""
+    """String form for comparison: no spacing commands, one `\\frac` spelling, no whitespace
+    except one space between two digits, which separates two numbers ("1 2" is not "12"; the
+    digit groups of "1 000" were joined by `_clean`)."""
     s = cleaned
     for sp in _SPACING:
         s = s.replace(sp, "")
     s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").replace(r"\%", "%")
     s = _TEXT_RE.sub(r"\1", s)
-    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"(\\(?:frac|binom)\s*\d)\s+(?=\d)", r"\1", s)  # \frac 1 2 is \frac12
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"(?<!\d) | (?!\.?\d)", "", s)
     return re.sub(r"^\(([A-Za-z])\)$", r"\1", s)  # multiple choice: (A) -> A
 
 
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 _SLASH_RE = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
+_MIXED_RE = re.compile(r"^([+-]?)(\d+) (\d+)/(\d+)$")  # "1 1/2" (compacted): 3/2
 _FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{([+-]?\d+)\}|(\d))$")
 
 
@@ -241,6 +301,10 @@ def _numbers(cleaned: str) -> tuple[Fraction, bool, bool] | None:
     elif m := _SLASH_RE.match(s):
         if int(m.group(2)) != 0:
             value = Fraction(int(m.group(1)), int(m.group(2)))
+    elif (m := _MIXED_RE.match(s)) and int(m.group(3)) < int(m.group(4)):
+        value = (int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))) * (
+            -1 if m.group(1) == "-" else 1
+        )
     elif m := _FRAC_RE.match(s):
         num, den = int(m.group(2) or m.group(3)), int(m.group(4) or m.group(5))
         if den != 0:
@@ -248,6 +312,12 @@ def _numbers(cleaned: str) -> tuple[Fraction, bool, bool] | None:
     if value is None:
         return None
     return value, percent, "." in s
+
+
+def _separate_numbers(cleaned: str) -> bool:
+    """Whether a cleaned answer has two numbers side by side ("1 2"), not one mixed number
+    ("1 1/2"): it equals only itself."""
+    return re.search(r"\d \.?\d", _compact(cleaned)) is not None and _numbers(cleaned) is None
 
 
 def _readings(value: Fraction, percent: bool) -> set[Fraction]:
@@ -465,6 +535,8 @@ def is_equivalent(pred: str | None, truth: str, timeout_s: float = 1.0) -> bool:
     if _compact(p) == _compact(t):
         return True
     if _hedged(p) or _hedged(t):  # math-verify would read "3 or more" as 3
+        return False
+    if _separate_numbers(p) or _separate_numbers(t):  # math-verify reads "1 2" as 3
         return False
     if max(len(p), len(t)) > MAX_ANSWER_CHARS:
         return False
