@@ -119,20 +119,29 @@ def test_restore_pprm_errors_name_the_workdir(tmp_path):
     ctx.checkpointer.close()
 
 
+def _pair_rows(questions):
+    return [{"question": q, "chosen": "<conclusion>\\boxed{1}", "rejected": "9"} for q in questions]
+
+
 def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     from o1jax.train.pprm_stage import pprm_pairs
 
     path = tmp_path / "pairs.jsonl"
-    rows = [
-        {"question": f"Start with {i}, add 2.", "chosen": f"{i} + 2 = {i + 2}", "rejected": "9"}
-        for i in range(40)
-    ]
+    held = _context(tmp_path / "probe").test  # the run's held-out problems
+    rows = _pair_rows([f"Start with {i}, add 2." for i in range(40)])
+    rows += _pair_rows([p.question for p in held[:3]])
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ctx = _context(tmp_path / "w", f"pprm.pairs_path={path}", "pprm.eval_pairs=2", "pprm.steps=1")
     train, held_out = pprm_pairs(ctx)
     ctx.checkpointer.close()
-    assert held_out.num_pairs <= 2 and train.num_pairs + held_out.num_pairs <= 40
-    assert train.num_pairs >= 30 and train.first_better.tolist()[:4] == [1, 0, 1, 0]
+    assert held_out.num_pairs == 2 and train.num_pairs == 40
+    assert train.first_better.tolist()[:4] == [1, 0, 1, 0]
+    # No pair on a held-out problem: no held-out accuracy, an error that says why.
+    path.write_text("\n".join(json.dumps(r) for r in rows[:40]) + "\n")
+    ctx = _context(tmp_path / "w4", f"pprm.pairs_path={path}", "pprm.steps=1")
+    with pytest.raises(ConfigError, match=r"40 train / 0 held-out pairs .* 16 held-out problems"):
+        pprm_pairs(ctx)
+    ctx.checkpointer.close()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "chosen": "a"}))
@@ -141,6 +150,35 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     bad.write_text('{"question": "q", "chosen": "a", "rejected": 3}\n')
     with pytest.raises(DataError, match=f"{bad}:1: field 'rejected' must be a non-empty string"):
         pprm_pairs(_context(tmp_path / "w3", f"pprm.pairs_path={bad}", "pprm.steps=1"))
+
+
+@pytest.mark.parametrize("test_fraction", [0.05, 0.5])
+def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fraction):
+    """The file is split by the run's own held-out problems (here the built-in task's test split,
+    whatever data.test_fraction says; with data.test_path, that file's), not by a hash of its
+    own: pairs on a problem the searches are evaluated on are held out, all others train."""
+    from o1jax.train.pprm_stage import pprm_pairs
+
+    probe = _context(tmp_path / "probe")
+    held = [p.question for p in probe.test]
+    seen = [p.question for p in probe.train[:20]]
+    probe.checkpointer.close()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _pair_rows(held + seen)) + "\n")
+    overrides = [f"pprm.pairs_path={path}", "pprm.steps=1", "pprm.eval_pairs=1000"]
+    ctx = _context(tmp_path / "w", f"data.test_fraction={test_fraction}", *overrides)
+    train, held_out = pprm_pairs(ctx)
+    ctx.checkpointer.close()
+    assert held_out.num_pairs == len(held) and train.num_pairs == len(seen)
+
+    # Each held-out row is on a held-out question, no training row is.
+    def questions(pairs):
+        rows = zip(pairs.tokens, pairs.lengths, strict=True)
+        return {
+            ctx.tokenizer.decode(r[:n], skip_special_tokens=True).split("\n")[0] for r, n in rows
+        }
+
+    assert questions(held_out) == set(held) and questions(train) == set(seen)
 
 
 def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from o1jax.data import tasks
 from o1jax.model import lora
 from o1jax.search.ratings import thought_ratings
 from o1jax.train import pprm_mining
@@ -47,21 +46,25 @@ def step_rater(ctx: RunContext, base_params):
 
 def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
     """(training, held-out) preference pairs of the PPRM stage: the `pprm.pairs_path` file split
-    by question (`data.test_fraction`), or (correct, flawed) solutions of the train and the
-    held-out problems. The held-out set is cut to `pprm.eval_pairs` pairs. None when the pairs
-    need the SFT'd model `base_params` and it is not given: `pprm.source: policy`
-    (`policy_pprm_pairs`), or task pairs with the model's verdicts (`pprm.rated`)."""
+    by question (a pair on one of the run's held-out problems `ctx.test`, those the searches are
+    evaluated on, is held out; every other pair is for training), or (correct, flawed)
+    solutions of the train and the held-out problems. The held-out set is cut to
+    `pprm.eval_pairs` pairs. None when the pairs need the SFT'd model `base_params` and it is
+    not given: `pprm.source: policy` (`policy_pprm_pairs`), or task pairs with the model's
+    verdicts (`pprm.rated`)."""
     config, p = ctx.config, ctx.config.pprm
     if p.pairs_path:
         triples = load_pairs(p.pairs_path)
-        frac = config.data.test_fraction
-        train = [t for t in triples if tasks.question_split(t[0], frac) == "train"]
-        test = [t for t in triples if tasks.question_split(t[0], frac) == "test"]
+        # Split by the run's own held-out problems (the task's test split, or data.test_path),
+        # not by a hash of its own: no PPRM training pair may be on a problem it is tested on.
+        held_out = {q.question.strip() for q in ctx.test}
+        train = [t for t in triples if t[0].strip() not in held_out]
+        test = [t for t in triples if t[0].strip() in held_out]
         if not train or not test:
             raise ConfigError(
                 f"pprm.pairs_path {p.pairs_path}: {len(train)} train / {len(test)} held-out "
-                f"pairs after the split by question (data.test_fraction={frac}); both must "
-                f"be non-empty"
+                f"pairs after the split by question (held out: those on one of the run's "
+                f"{len(ctx.test)} held-out problems); both must be non-empty"
             )
         return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test[: p.eval_pairs])
     if p.source == "policy" or (p.rates_steps and base_params is None):
