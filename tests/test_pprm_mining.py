@@ -27,16 +27,32 @@ NO_ANSWER = _text(["<expansion>4 + 5 = 9"])
 BROKEN = "<start_of_thought>4 + <start_of_father_id>"
 
 
-def test_verdicts_split_by_the_final_answer_and_drop_duplicates_and_broken_chains():
+def test_verdicts_split_by_the_final_answer_and_drop_duplicates_and_answerless_chains():
     right, wrong = pprm_mining.solution_verdicts(
         [RIGHT, WRONG, RIGHT, NO_ANSWER, BROKEN, JOURNEY_RIGHT], "18"
     )
     # The journey amounts to the same solution as RIGHT once its criticised step is dropped.
     assert right == ["<expansion>4 + 5 = 9; <expansion>9 * 2 = 18; <conclusion>\\boxed{18}"]
-    assert wrong == [
-        "<expansion>4 + 5 = 9; <expansion>9 * 2 = 19; <conclusion>\\boxed{19}",
-        "<expansion>4 + 5 = 9",
-    ]
+    # Without a final answer a sample is skipped, not counted wrong: SR-MCTS never asks the
+    # PPRM about such a solution.
+    assert wrong == ["<expansion>4 + 5 = 9; <expansion>9 * 2 = 19; <conclusion>\\boxed{19}"]
+
+
+def test_verdicts_skip_chains_that_break_and_keep_steps_rated_negative():
+    """A chain that breaks after its first step has no answer (skipped, not a wrong one); steps
+    the policy rated negative stay in the text, as search reads them (none becomes '')."""
+    broken = _text(["<expansion>4 + 5 = 9"]) + "<start_of_father_id>1<end_of_father_id>oops<eos>"
+    neg = ["<negative_rating>"] * 2
+    all_negative = _text(["<expansion>4 + 5 = 8", "<conclusion>\\boxed{16}"], neg)
+    critiqued = _text(
+        ["<conclusion>\\boxed{16}", "<critic>4 + 5 is not 8"],
+        ["<negative_rating>", "<positive_rating>"],
+    )
+    right, wrong = pprm_mining.solution_verdicts([RIGHT, broken, all_negative, critiqued], "18")
+    assert len(right) == 1
+    assert wrong == ["<expansion>4 + 5 = 8; <conclusion>\\boxed{16}"]
+    _, as_thoughts = pprm_mining.solution_verdicts([broken, all_negative], "18", as_thoughts=True)
+    assert as_thoughts == [("<expansion>4 + 5 = 8", "<conclusion>\\boxed{16}")]
 
 
 def test_policy_triples_pair_right_against_wrong_deterministically(monkeypatch):
@@ -57,10 +73,8 @@ def test_policy_triples_pair_right_against_wrong_deterministically(monkeypatch):
     one = triples(0, 1)
     assert len(one) == 1 and one[0][1].endswith("\\boxed{18}")
     both = triples(0, 5)
-    assert sorted(t[2] for t in both) == sorted(
-        [
-            "<expansion>4 + 5 = 9",
-            "<expansion>4 + 5 = 9; <expansion>9 * 2 = 19; <conclusion>\\boxed{19}",
-        ]
-    )
+    # The answerless sample is no rejected solution: RIGHT pairs with WRONG alone.
+    assert [t[2] for t in both] == [
+        "<expansion>4 + 5 = 9; <expansion>9 * 2 = 19; <conclusion>\\boxed{19}"
+    ]
     assert triples(3, 5) == triples(3, 5)

@@ -27,17 +27,21 @@ def solution_verdicts(
     """(right, wrong): the distinct PPRM texts of decoded solutions, split by their answers
     (with `as_thoughts`, each solution's effective thoughts as a tuple instead of its text).
 
-    A solution without a final answer counts as wrong; one whose chain breaks is skipped.
+    Solutions are read as SR-MCTS reads its nodes (`refine.solution_steps`, then the effective
+    steps: critiqued steps and their critics dropped, every other step kept whatever its rating).
+    A solution without a final answer is skipped, as SR-MCTS never asks the PPRM about one: its
+    effective steps do not end in a `<conclusion>` with an answer (no conclusion, a chain that
+    breaks or is cut before it, a conclusion critiqued and not rewritten). So is one with no
+    effective steps left.
     """
     right, wrong = [], []
     for text in texts:
         steps = refine.solution_steps(text)
-        if not steps:
-            continue
         answer = refine.solution_answer(steps)
-        good = answer is not None and answers.is_equivalent(answer, truth)
-        bucket = right if good else wrong
         thoughts = tuple(refine.effective_thoughts(steps))
+        if answer is None or not thoughts:
+            continue
+        bucket = right if answers.is_equivalent(answer, truth) else wrong
         solution = thoughts if as_thoughts else solution_text(thoughts)
         if solution not in right and solution not in wrong:
             bucket.append(solution)
