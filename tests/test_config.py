@@ -1,5 +1,6 @@
 """The run config: values checked when it loads, overrides read as typed, workdirs left usable."""
 
+import json
 import os
 import re
 
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from o1jax.data.tasks import DataError
+from o1jax.train import config as config_module
 from o1jax.train import pipeline, run_context
 from o1jax.train.config import ConfigError, load_config, to_dict
 
@@ -51,6 +53,90 @@ def test_bad_values_are_caught_when_the_config_loads(override, message):
     with a traceback instead of a line naming the key."""
     with pytest.raises(ConfigError, match=re.escape(f"smoke.yaml: {message}")):
         load_config(SMOKE, [override])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("seed=-1", "seed: must be in [0, 2**63)"),  # numpy's default_rng refused it after SFT
+        ("seed=9223372036854775808", "seed: must be in [0, 2**63)"),  # jax.random.key's limit
+        ("max_nonfinite=0", "max_nonfinite: must be >= 1"),  # RL stopped with nothing skipped
+        ("search.discount=0", "search.discount: must be in (0, 1]"),  # MCTSConfig, after SFT
+        ("search.discount=1.5", "search.discount: must be in (0, 1]"),
+        ("search.discount=.nan", "search.discount: must be in (0, 1]"),
+        ("search.c_puct=-1", "search.c_puct: must be >= 0 and finite"),
+        ("search.c_puct=.inf", "search.c_puct: must be >= 0 and finite"),
+        ("search.patience=-1", "search.patience: must be >= 0"),
+        ("search.temperature=.inf", "search.temperature: must be >= 0 and finite"),
+        ("search.meta_action_weights=[1, .inf, 1, 1]", "search.meta_action_weights: must be 4"),
+        ("sft.max_grad_norm=0", "sft.max_grad_norm: must be > 0"),  # no step at all
+        ("sft.max_grad_norm=-1", "sft.max_grad_norm: must be > 0"),  # gradient ascent
+        ("sft.weight_decay=-0.01", "sft.weight_decay: must be >= 0 and finite"),
+        ("sft.learning_rate=.inf", "sft.learning_rate: must be > 0 and finite"),
+        ("lora.alpha=0", "lora.alpha: must be > 0 and finite"),
+        ("lora.alpha=-8", "lora.alpha: must be > 0 and finite"),
+        ("model.attn_logit_softcapping=.inf", "model.attn_logit_softcapping: must be > 0 and"),
+        ("rl.max_grad_norm=0", "rl.max_grad_norm: must be > 0"),
+        ("rl.max_grad_norm=-1", "rl.max_grad_norm: must be > 0"),
+        ("rl.gamma=1.01", "rl.gamma: must be in [0, 1]"),
+        ("rl.gamma=-0.5", "rl.gamma: must be in [0, 1]"),
+        ("rl.lam=2", "rl.lam: must be in [0, 1]"),
+        ("rl.lam=.nan", "rl.lam: must be in [0, 1]"),
+        ("rl.clip_eps=0", "rl.clip_eps: must be > 0"),
+        ("rl.clip_eps=-0.2", "rl.clip_eps: must be > 0"),
+        ("rl.beta0=1.5", "rl.beta0: must be in [0, 1]"),
+        ("rl.beta0=-0.1", "rl.beta0: must be in [0, 1]"),
+        ("rl.beta_steps=-1", "rl.beta_steps: must be >= 0"),
+        ("rl.kl_coef=-0.05", "rl.kl_coef: must be >= 0 and finite"),
+        ("rl.value_coef=-1", "rl.value_coef: must be >= 0 and finite"),
+        ("rl.entropy_coef=-0.01", "rl.entropy_coef: must be >= 0 and finite"),
+        ("rl.alpha=.inf", "rl.alpha: must be >= 0 and finite"),
+        ("rl.learning_rate=.inf", "rl.learning_rate: must be > 0 and finite"),
+        ("pprm.learning_rate=.inf", "pprm.learning_rate: must be > 0 and finite"),
+        ("pprm.weight_decay=.inf", "pprm.weight_decay: must be >= 0 and finite"),
+        # smoke.yaml's task has 256 training problems; self-play draws them without replacement
+        ("rl.problems_per_iteration=257", "rl.problems_per_iteration: must be <= the number of "
+                                          "training problems (256)"),
+    ],
+)  # fmt: skip
+def test_numeric_ranges_are_checked_when_the_config_loads(override, message):
+    """Each of these loaded, then crashed after SFT, or trained the wrong way without a word."""
+    with pytest.raises(ConfigError, match=re.escape(f"smoke.yaml: {message}")) as caught:
+        load_config(SMOKE, [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_the_edges_of_the_numeric_ranges_load_and_just_past_them_do_not():
+    edges = ["seed=0", "max_nonfinite=1", "search.discount=1", "search.c_puct=0"]
+    edges += ["rl.gamma=0", "rl.lam=1", "rl.beta0=0", "rl.kl_coef=0", "sft.weight_decay=0"]
+    edges += ["rl.max_grad_norm=1e-6", "sft.max_grad_norm=.inf", "rl.problems_per_iteration=256"]
+    c = load_config(SMOKE, edges)
+    assert (c.search.discount, c.rl.gamma, c.rl.problems_per_iteration) == (1, 0, 256)
+    # Without RL iterations nothing is drawn: any problems_per_iteration will do.
+    load_config(SMOKE, ["rl.iterations=0", "rl.problems_per_iteration=1000"])
+    with pytest.raises(ConfigError, match=re.escape("rl.problems_per_iteration: must be <=")):
+        load_config(SMOKE, ["data.task.num_train=4"])  # smoke.yaml draws 8 an iteration
+
+
+def test_duplicate_yaml_keys_are_refused_with_the_key_and_file(tmp_path):
+    """yaml.safe_load keeps the last of two equal keys and drops the first without a word."""
+    for text, key, lines in [
+        ("sft: {steps: 10}\nrl: {iterations: 2}\nsft: {seq_len: 64}\n", "sft", (3, 1)),
+        ("sft:\n  steps: 10\n  steps: 20\n", "steps", (3, 2)),
+        ("rl: {iterations: 2, iterations: 3}\n", "iterations", (1, 1)),
+    ]:  # fmt: skip
+        path = tmp_path / "dup.yaml"
+        path.write_text(text)
+        message = f"{path}: duplicate key {key} (line {lines[0]}; first at line {lines[1]})"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(str(path))
+    with pytest.raises(ConfigError, match=re.escape("sft: cannot parse '{steps: 1, steps: 2}'")):
+        load_config(SMOKE, ["sft={steps: 1, steps: 2}"])
+    # A `<<` merge's keys may still be overridden: that is what a merge is for.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("x: &b {steps: 3, batch_size: 2}\nsft: {<<: *b, steps: 5}\n")
+    raw = yaml.load(merged.read_text(), Loader=config_module._UniqueKeyLoader)
+    assert raw["sft"] == {"steps": 5, "batch_size": 2}
 
 
 def test_string_fields_take_the_override_text_as_typed():
@@ -119,6 +205,22 @@ def test_a_batch_that_does_not_split_over_the_mesh_stops_the_run_before_training
     there, and on every resume)."""
     config = load_config(SMOKE, ["pprm.steps=2", "pprm.batch_size=12"])
     with pytest.raises(ConfigError, match=re.escape("pprm.batch_size: must be a multiple")):
+        pipeline.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "config.yaml").exists()
+
+
+def test_more_problems_per_iteration_than_the_file_holds_stop_the_run_before_training(tmp_path):
+    """A problem file's size is known only once it is read: the run stops there, before SFT and
+    before the workdir's config.yaml is written (numpy's "Cannot take a larger sample" came
+    after SFT)."""
+    rows = [{"question": f"What is {i} plus 1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}
+            for i in range(5)]  # fmt: skip
+    for name, part in (("train.jsonl", rows), ("test.jsonl", rows[:2])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}"]
+    config = load_config(SMOKE, data)  # smoke.yaml draws 8 problems an iteration
+    message = "rl.problems_per_iteration: must be <= the number of training problems (5), got 8"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         pipeline.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "config.yaml").exists()
 

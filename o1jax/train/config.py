@@ -9,6 +9,7 @@ resolved config is saved as `workdir/config.yaml`; a resumed run must match it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -31,11 +32,25 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
         raise ConfigError(f"{key}: {rule}, got {value!r}")
 
 
+def _require_number(key: str, value: float, low: float, *, above: bool = False) -> None:
+    """A finite number >= `low` (> `low` with `above`): NaN and infinities fail too."""
+    ok = math.isfinite(value) and (value > low if above else value >= low)
+    _require(ok, key, value, f"must be {'>' if above else '>='} {low:g} and finite")
+
+
 def require_batch_fits_mesh(key: str, batch_size: int, mesh) -> None:
     """A batch is split over the mesh's data x fsdp devices: its size must divide evenly."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     _require(batch_size % shards == 0, key, batch_size,
              f"must be a multiple of the mesh's data x fsdp size {shards}")  # fmt: skip
+
+
+def require_problems_per_iteration(config: RunConfig, num_train: int) -> None:
+    """Self-play draws `rl.problems_per_iteration` distinct training problems an iteration."""
+    r = config.rl
+    _require(r.iterations == 0 or r.problems_per_iteration <= num_train,
+             "rl.problems_per_iteration", r.problems_per_iteration,
+             f"must be <= the number of training problems ({num_train})")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +84,8 @@ class ModelConfig:
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads", self.num_heads,
                  f"must be a multiple of model.num_kv_heads ({self.num_kv_heads})")  # fmt: skip
         cap = self.attn_logit_softcapping
-        _require(cap is None or cap > 0, "model.attn_logit_softcapping", cap, "must be > 0 or null")
+        _require(cap is None or (math.isfinite(cap) and cap > 0), "model.attn_logit_softcapping",
+                 cap, "must be > 0 and finite, or null")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +157,7 @@ class LoRASection:
 
     def __post_init__(self):
         _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        _require_number("lora.alpha", self.alpha, 0, above=True)
         unknown = [t for t in self.targets if t not in ALL_TARGETS]
         _require(bool(self.targets) and not unknown, "lora.targets", list(self.targets),
                  f"must be a non-empty subset of {list(ALL_TARGETS)}")  # fmt: skip
@@ -174,8 +191,12 @@ class SFTSection:
                  "sft.micro_batch_size", self.micro_batch_size,
                  f"must divide sft.batch_size ({self.batch_size})")  # fmt: skip
         _require(self.seq_len >= 2, "sft.seq_len", self.seq_len, "must be >= 2")
-        _require(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "must be > 0")
+        _require_number("sft.learning_rate", self.learning_rate, 0, above=True)
         _require(self.warmup_steps >= 0, "sft.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require_number("sft.weight_decay", self.weight_decay, 0)
+        # <= 0 scales every update by a negative or zero factor: gradient ascent, or no step at
+        # all (inf: no clipping).
+        _require(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,21 +242,24 @@ class SearchSection:
                  "search.max_children", self.max_children, least)  # fmt: skip
         _require(self.selection in ("puct", "uct"), "search.selection", self.selection,
                  "must be 'puct' or 'uct'")  # fmt: skip
-        _require(self.varentropy_bonus >= 0, "search.varentropy_bonus", self.varentropy_bonus,
-                 "must be >= 0")  # fmt: skip
+        _require_number("search.varentropy_bonus", self.varentropy_bonus, 0)
+        _require_number("search.c_puct", self.c_puct, 0)
+        _require(0 < self.discount <= 1, "search.discount", self.discount, "must be in (0, 1]")
+        _require(self.patience >= 0, "search.patience", self.patience,
+                 "must be >= 0 (0: never stop a tree early)")  # fmt: skip
         _require(self.selection == "puct" or not (self.entropy_prior or self.varentropy_bonus),
                  "search.selection", self.selection,
                  "must be 'puct' with search.entropy_prior or search.varentropy_bonus")  # fmt: skip
         _require(self.backup in ("max", "mean"), "search.backup", self.backup,
                  "must be 'max' or 'mean'")  # fmt: skip
-        _require(self.temperature >= 0, "search.temperature", self.temperature, "must be >= 0")
+        _require_number("search.temperature", self.temperature, 0)
         _require(0 < self.top_p <= 1, "search.top_p", self.top_p, "must be in (0, 1]")
         _require(0 <= self.meta_action_prob <= 1, "search.meta_action_prob",
                  self.meta_action_prob, "must be in [0, 1]")  # fmt: skip
         weights = self.meta_action_weights
-        _require(len(weights) == 4 and min(weights) >= 0 and sum(weights) > 0,
-                 "search.meta_action_weights", list(weights),
-                 "must be 4 weights >= 0 with a positive sum")  # fmt: skip
+        _require(len(weights) == 4 and min(weights) >= 0 and sum(weights) > 0
+                 and all(map(math.isfinite, weights)), "search.meta_action_weights", list(weights),
+                 "must be 4 weights >= 0 and finite with a positive sum")  # fmt: skip
         _require(self.top_k >= 0, "search.top_k", self.top_k, "must be >= 0")
 
 
@@ -286,8 +310,18 @@ class RLSection:
         _require(self.iterations >= 0, "rl.iterations", self.iterations, "must be >= 0")
         _require(self.updates_per_iteration >= 0, "rl.updates_per_iteration",
                  self.updates_per_iteration, "must be >= 0")  # fmt: skip
-        _require(self.alpha >= 0, "rl.alpha", self.alpha, "must be >= 0")
-        _require(self.learning_rate > 0, "rl.learning_rate", self.learning_rate, "must be > 0")
+        _require_number("rl.alpha", self.alpha, 0)
+        _require(0 <= self.beta0 <= 1, "rl.beta0", self.beta0, "must be in [0, 1]")
+        _require(self.beta_steps >= 0, "rl.beta_steps", self.beta_steps, "must be >= 0")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"rl.{name}", value, "must be in [0, 1]")
+        _require(self.clip_eps > 0, "rl.clip_eps", self.clip_eps, "must be > 0")
+        for name in ("kl_coef", "value_coef", "entropy_coef"):
+            _require_number(f"rl.{name}", getattr(self, name), 0)
+        _require_number("rl.learning_rate", self.learning_rate, 0, above=True)
+        # <= 0 scales every update by a negative or zero factor (inf: no clipping).
+        _require(self.max_grad_norm > 0, "rl.max_grad_norm", self.max_grad_norm, "must be > 0")
         _require(self.values in VALUE_SOURCES, "rl.values", self.values,
                  "must be 'rating' or 'outcome'")  # fmt: skip
         _require(self.terminal_paths_only or self.values != "outcome", "rl.values", self.values,
@@ -327,8 +361,8 @@ class PPRMSection:
     def __post_init__(self):
         _require(self.steps >= 0, "pprm.steps", self.steps, "must be >= 0 (0: no PPRM stage)")
         _require(self.batch_size >= 1, "pprm.batch_size", self.batch_size, "must be >= 1")
-        _require(self.learning_rate > 0, "pprm.learning_rate", self.learning_rate, "must be > 0")
-        _require(self.weight_decay >= 0, "pprm.weight_decay", self.weight_decay, "must be >= 0")
+        _require_number("pprm.learning_rate", self.learning_rate, 0, above=True)
+        _require_number("pprm.weight_decay", self.weight_decay, 0)
         _require(self.max_grad_norm > 0, "pprm.max_grad_norm", self.max_grad_norm, "must be > 0")
         _require(self.eval_pairs >= 1, "pprm.eval_pairs", self.eval_pairs, "must be >= 1")
         _require(self.source in ("task", "policy"), "pprm.source", self.source,
@@ -378,10 +412,41 @@ class RunConfig:
     pprm: PPRMSection = PPRMSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
-    max_nonfinite: int = 3  # non-finite losses (skipped updates) before the run stops
+    # The run stops at this many non-finite losses (skipped updates), 1: at the first.
+    max_nonfinite: int = 3
+
+    def __post_init__(self):
+        # numpy's generators take seeds >= 0, jax.random.key seeds < 2**63.
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
+        _require(self.max_nonfinite >= 1, "max_nonfinite", self.max_nonfinite,
+                 "must be >= 1 (the run stops at this many non-finite losses)")  # fmt: skip
+        if not self.data.path:  # the built-in task's training problems are known now
+            require_problems_per_iteration(self, self.data.task.num_train)
 
 
 # ----------------------------------------------------------------------------- parsing
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (safe_load keeps the
+    last one silently). Keys brought in by a `<<` merge may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if first is not None:
+                    raise ConfigError(f"duplicate key {key} (line {line}; first at line {first})")
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Override:
     """A command-line scalar: its text, and that text read as YAML. A string field takes the
@@ -480,9 +545,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
         try:
-            value = _Override(text, yaml.safe_load(text) if text else "")
+            value = _Override(text, yaml.load(text, Loader=_UniqueKeyLoader) if text else "")
         except yaml.YAMLError as e:
             value = _Override(text, None, str(e).splitlines()[0])
+        except ConfigError as e:  # a duplicate key (a string field still takes the text)
+            value = _Override(text, None, str(e))
         _set_path(raw, key.strip(), value)
     return raw
 
@@ -504,7 +571,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
+                raw = yaml.load(f, Loader=_UniqueKeyLoader)
+        except ConfigError as e:  # a duplicate key
+            raise ConfigError(f"{path}: {e}") from None
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as e:

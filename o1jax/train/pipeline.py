@@ -38,6 +38,7 @@ from o1jax.train.config import (
     RunConfig,
     dump_config,
     require_batch_fits_mesh,
+    require_problems_per_iteration,
 )
 from o1jax.train.eval_stage import evaluate_policy
 from o1jax.train.metrics import MetricsWriter
@@ -76,6 +77,7 @@ def run(config: RunConfig, workdir: str) -> dict:
         ):  # fmt: skip
             if used:
                 require_batch_fits_mesh(key, size, ctx.mesh)
+        require_problems_per_iteration(config, len(ctx.train))  # self-play draws them
         # Only a run that could start claims the workdir: a start that failed on its data or
         # model leaves it free for the corrected command.
         if not os.path.exists(os.path.join(workdir, "config.yaml")):

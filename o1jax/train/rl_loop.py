@@ -122,7 +122,7 @@ def run_rl(
                 file=sys.stderr,
             )
             scalars["ppo/nonfinite_total"] = float(bad)
-        if bad >= config.max_nonfinite:
+        if bad and bad >= config.max_nonfinite:  # only once some update was skipped
             raise NonFiniteLoss(
                 f"rl: {bad} non-finite PPO updates (max_nonfinite={config.max_nonfinite}); "
                 f"stopped at iteration {it + 1}"
