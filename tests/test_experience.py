@@ -395,3 +395,39 @@ def test_first_thoughts_of_a_calibrated_tree_get_no_advantage_from_rating_values
     for gamma, lam in ((1.0, 1.0), (1.0, 0.0), (0.99, 0.95)):
         exps = tree_to_experiences(tree, prompts, plens, fmt, config, gamma, lam, width, True)
         np.testing.assert_allclose(np.asarray(exps.advantage[:2]), [0.0, 0.0], atol=1e-6)
+
+
+def test_a_meta_action_tag_the_search_forced_is_no_action_of_the_policy():
+    """meta_action_prob 1: every thought starts with a tag the search drew; PPO's actions are
+    the tokens after it, with the behaviour log-probs of those tokens."""
+    from tiny_models import random_tiny_model
+
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.search.format import encode_prompts, make_step_format
+
+    tok = build_tiny_tokenizer()
+    cfg, params = random_tiny_model(len(tok), seed=5)
+    config = MCTSConfig(
+        num_simulations=3, num_children=2, max_depth=3, thought_length=8, meta_action_prob=1.0
+    )
+    fmt = make_step_format(tok, config.max_depth)
+    prompts, plens = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    tree = mcts.run(
+        mcts.make_lm_expand_fn(params, cfg, prompts, plens, fmt, config), 2, config,
+        jax.random.key(1),
+    )  # fmt: skip
+    width = experience_width(fmt, prompts.shape[1], config)
+    exps = tree_to_experiences(tree, prompts, plens, fmt, config, 0.99, 0.95, width)
+    valid = np.flatnonzero(np.asarray(exps.valid))
+    assert valid.size > 0
+    tokens, start = np.asarray(exps.tokens)[valid], np.asarray(exps.action_start)[valid]
+    rows = np.arange(valid.size)
+    assert np.isin(tokens[rows, start - 1], fmt.meta_actions).all()  # the tag: just before
+    n = tree.capacity
+    nodes = valid % (n - 1) + 1  # experience i of tree b is node i + 1
+    trees = valid // (n - 1)
+    lengths = np.asarray(tree.lengths)[trees, nodes]
+    np.testing.assert_array_equal(np.asarray(exps.action_length)[valid], lengths - 1)
+    np.testing.assert_array_equal(
+        np.asarray(exps.behaviour_logprobs)[valid, :-1], np.asarray(tree.logprobs)[trees, nodes, 1:]
+    )

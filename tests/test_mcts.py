@@ -153,39 +153,64 @@ def test_backup_matches_a_hand_computed_tree():
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
 
 
-def test_a_node_whose_children_disappoint_widens_up_to_max_children():
-    """The hand-computed tree above with max_children 3: at sim 3 node 2 (Q 0.525) has children
-    that pass up at most 0.5 * 0.9 = 0.45 < 0.525, so it is expanded again (children 5 and 6)
-    instead of node 3. With 4 children it has reached max_children and widens no more."""
-    config = MCTSConfig(
-        num_simulations=3, num_children=2, max_children=3, max_depth=5, thought_length=L,
-        discount=0.5, noise=0.0, c_puct=1.0,
-    )  # fmt: skip
-    expand = _rated_expand_fn([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]])
-    tree = mcts.run(expand, 1, config, jax.random.key(0))
-    t = jax.tree.map(lambda x: np.asarray(x)[0], tree)
-    # sim 3: node 2 gets 0.5 * max(0.3, 0.4) = 0.2 from its new children, the root 0.1.
-    np.testing.assert_array_equal(t.parent[:7], [-1, 0, 0, 2, 2, 2, 2])
-    np.testing.assert_array_equal(t.num_children[:7], [2, 0, 4, 0, 0, 0, 0])
-    np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 2, 2])
-    np.testing.assert_array_equal(t.visits[:7], [3, 1, 3, 1, 1, 1, 1])
-    np.testing.assert_allclose(
-        t.value_sum[:7], [0.3 + 0.225 + 0.1, 0.2, 0.6 + 0.45 + 0.2, 0.9, 0.1, 0.3, 0.4], rtol=1e-6
+def _built_tree(parent, q, visits, terminal=()):
+    """One tree from its parents, Q values and visit counts (value_sum = Q * visits; equal
+    priors; `terminal` lists terminal nodes)."""
+    n = len(parent)
+    parent = np.asarray(parent, np.int32)
+    depth = np.zeros(n, np.int32)
+    for i in range(1, n):
+        depth[i] = depth[parent[i]] + 1
+    children = np.bincount(parent[1:], minlength=n).astype(np.int32)
+    visits = np.asarray(visits, np.int32)
+    return init_tree(1, n + 4, L).replace(
+        parent=jnp.asarray(np.pad(parent, (0, 4), constant_values=-1))[None],
+        num_children=jnp.asarray(np.pad(children, (0, 4)))[None],
+        depth=jnp.asarray(np.pad(depth, (0, 4)))[None],
+        visits=jnp.asarray(np.pad(visits, (0, 4)))[None],
+        value_sum=jnp.asarray(np.pad(np.asarray(q, np.float32) * visits, (0, 4)))[None],
+        terminal=jnp.asarray(np.isin(np.arange(n + 4), terminal))[None],
+        num_nodes=jnp.asarray([n]),
     )
-    # Node 2's children now pass up 0.45 < Q 1.25 / 3, but it has 4 >= 3: the descent goes on.
-    assert not bool(mcts.select(tree, jax.random.key(1), config)[0] == 2)
+
+
+WIDEN = dict(num_children=2, max_depth=5, thought_length=L, noise=0.0, c_puct=1.0)
+
+
+def test_a_node_whose_children_disappoint_widens_up_to_max_children():
+    """max_children 3, discount 0.5. The root is full (4 children); PUCT picks node 2 (Q 0.55,
+    score 0.703 against 0.506 for node 1). Its children pass up at most 0.5 * 0.4 = 0.2 < 0.55,
+    so node 2 itself is selected to widen. With 4 children it has no room: the descent goes on."""
+    config = MCTSConfig(max_children=3, discount=0.5, **WIDEN)
+    parent = [-1, 0, 0, 0, 0, 2, 2]
+    q = [0.4, 0.2, 0.55, 0.1, 0.1, 0.3, 0.4]
+    tree = _built_tree(parent, q, [6, 1, 3, 1, 1, 1, 1])
+    assert int(mcts.select(tree, jax.random.key(1), config)[0]) == 2
+    full = _built_tree([*parent, 2, 2], [*q, 0.3, 0.3], [8, 1, 5, 1, 1, 1, 1, 1, 1])
+    assert int(mcts.select(full, jax.random.key(1), config)[0]) == 6  # its best child
 
 
 def test_children_that_pass_up_as_much_as_their_parent_stop_the_widening():
-    """Discount 1: node 2's children (0.9, 0.1) pass up 0.9 > its Q (0.75), so sim 3 descends
-    past node 2 to node 3, as with max_children = K."""
-    config = MCTSConfig(
-        num_simulations=3, num_children=2, max_children=5, max_depth=5, thought_length=L,
-        discount=1.0, noise=0.0, c_puct=1.0,
-    )  # fmt: skip
-    tree = mcts.run(_rated_expand_fn([[0.2, 0.6], [0.9, 0.1], [0.3, 0.4]]), 1, config,
-                    jax.random.key(0))  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(tree.parent)[0, :7], [-1, 0, 0, 2, 2, 3, 3])
+    """Discount 1: node 2's best child passes up 0.9 > its Q 0.55, so the descent goes past it.
+    At discount 0.5 a child passing up exactly node 2's Q (0.5 * 0.4 = 0.2) is a tie, and a tie
+    never widens, whatever float32 rounding does to the two sides."""
+    tree = _built_tree([-1, 0, 0, 0, 0, 2, 2], [0.4, 0.2, 0.55, 0.1, 0.1, 0.3, 0.9],
+                       [6, 1, 3, 1, 1, 1, 1])  # fmt: skip
+    config = MCTSConfig(max_children=4, discount=1.0, **WIDEN)  # the root is full
+    assert int(mcts.select(tree, jax.random.key(1), config)[0]) == 6
+    tie = _built_tree([-1, 0, 0, 0, 0, 0, 2, 2], [0.1, 0.05, 0.6 / 3, 0.05, 0.05, 0.05, 0.3, 0.4],
+                      [7, 1, 3, 1, 1, 1, 1, 1])  # fmt: skip
+    config = MCTSConfig(max_children=5, discount=0.5, **WIDEN)
+    assert int(mcts.select(tie, jax.random.key(1), config)[0]) == 7
+
+
+def test_a_root_with_room_widens_even_when_its_children_all_failed():
+    """The root has no value of its own (its Q is what its children pass up), so it widens
+    whenever it has room: two wrong conclusions (Q 0) do not end the search."""
+    tree = _built_tree([-1, 0, 0], [0.0, 0.0, 0.0], [3, 1, 1], terminal=(1, 2))
+    assert int(mcts.select(tree, jax.random.key(0), MCTSConfig(max_children=5, **WIDEN))[0]) == 0
+    # Expanded once (the default): the descent ends on a terminal child.
+    assert int(mcts.select(tree, jax.random.key(0), MCTSConfig(**WIDEN))[0]) in (1, 2)
 
 
 def test_max_children_below_num_children_is_refused():
@@ -557,10 +582,20 @@ def test_meta_actions_drawn_by_the_search_start_the_thoughts():
     np.testing.assert_array_equal(
         np.asarray(out.is_answer), (first == conclusion) & np.asarray(out.stopped)
     )
+    # The tags are marked forced, and a child's prior is the mean log-prob of the tokens the
+    # policy chose after its tag.
+    assert np.asarray(out.forced).all()
+    tree = mcts.insert_and_backup(init_tree(2, config.capacity, 12), jnp.asarray([0, 0]), out,
+                                  config, False)  # fmt: skip
+    logp, n = np.asarray(out.logprobs), np.asarray(out.lengths)
+    want = [[logp[b, c, 1 : n[b, c]].mean() for c in range(8)] for b in range(2)]
+    np.testing.assert_allclose(np.asarray(tree.prior_logit[:, 1:9]), want, rtol=1e-5)
+    assert np.asarray(tree.forced[:, 1:9]).all() and not np.asarray(tree.forced[:, 0]).any()
     off = mcts.make_lm_expand_fn(
         params, cfg, prompts, lengths, fmt, dataclasses.replace(config, meta_action_prob=0.0)
     )(init_tree(2, config.capacity, 12), jnp.asarray([0, 0]), jax.random.key(0))
     assert not np.isin(np.asarray(off.tokens[:, :, 0]), [critic, conclusion]).all()
+    assert off.forced is None
 
 
 def test_meta_action_draws_follow_the_probability_and_weights():

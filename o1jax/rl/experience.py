@@ -60,9 +60,10 @@ class Experience:
 
     tokens: jax.Array  # [M, W] int32, right-padded: prefix + thought + <start_of_rating>
     length: jax.Array  # [M] int32, tokens in use
-    action_start: jax.Array  # [M] int32, index of the thought's first token
-    action_length: jax.Array  # [M] int32, thought tokens
-    behaviour_logprobs: jax.Array  # [M, L] float32, sampler's log-probs of the thought tokens
+    action_start: jax.Array  # [M] int32, index of the first action token (the thought's first,
+    #   or its second after a meta-action tag the search forced: the policy did not choose it)
+    action_length: jax.Array  # [M] int32, action tokens
+    behaviour_logprobs: jax.Array  # [M, L] float32, sampler's log-probs of the action tokens
     advantage: jax.Array  # [M] float32
     value_target: jax.Array  # [M] float32 in [0, 1], target of the value after the thought
     reward: jax.Array  # [M] float32
@@ -221,13 +222,19 @@ def tree_to_experiences(
     ni = jnp.arange(n - 1)[None, :, None]
     tokens = tokens.at[bi, ni, dest].set(tail, mode="drop")
 
+    # A meta-action tag the search forced is context, not an action: the actions start after it.
+    forced = tree.forced[:, 1:].astype(jnp.int32)  # [B, N - 1]
+    logprobs = tree.logprobs[:, 1:]  # [B, N - 1, L]
+    after_tag = jnp.pad(logprobs[..., 1:], ((0, 0), (0, 0), (0, 1)))
+    behaviour = jnp.where(forced[..., None] > 0, after_tag, logprobs)
+
     flat = lambda x: x.reshape((b * (n - 1), *x.shape[2:]))
     return Experience(
         tokens=flat(tokens),
         length=flat(prefix_len + thought_len + 1),
-        action_start=flat(prefix_len),
-        action_length=flat(thought_len),
-        behaviour_logprobs=flat(tree.logprobs[:, 1:]),
+        action_start=flat(prefix_len + forced),
+        action_length=flat(thought_len - forced),
+        behaviour_logprobs=flat(behaviour),
         advantage=flat(advantage),
         value_target=flat(value_target),
         reward=flat(tree.reward[:, 1:]),

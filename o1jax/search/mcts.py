@@ -164,19 +164,30 @@ class Expansion:
     # PUCT's `entropy_prior` and `varentropy_bonus` need them)
     entropy: jax.Array | None = None
     varentropy: jax.Array | None = None
+    # [B, K] bool: the thought's first token was forced (a meta-action tag the search drew), so
+    # it is no choice of the policy: neither its prior nor PPO counts it (None: none forced)
+    forced: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- selection
+# A node widens only when its children fall short of it by more than this: ties (a parent whose
+# Q is exactly what its one visited child passed up) stay ties whatever float32 rounding does.
+WIDEN_MARGIN = 1e-6
+
+
 def _select_one(tree: Tree, key, config: MCTSConfig):
     """The node one tree expands next (arrays without the batch axis): the descent from the root
     follows the best-scoring child until it reaches a node with no children, a terminal node, or
     a node that widens.
 
     A node widens (LLaMA-O1's `should_expand`) while it has fewer than `max_children` children
-    and the best of them passes up less than the node's value: discount * max child Q < Q(node).
-    LLaMA-O1 compares the undiscounted child values in log-probability units, where the
-    discount raises a parent above its children, so its nodes widen on every visit until they
-    have 5 or more; here, in [0, 1] units, a node widens when its children disappoint.
+    and the best of them passes up less than the node's value: discount * max child Q < Q(node)
+    by more than float32 rounding (`WIDEN_MARGIN`). LLaMA-O1 compares the undiscounted child
+    values in log-probability units, where the discount raises a parent above its children, so
+    its nodes widen on every visit until they have 5 or more; here, in [0, 1] units, a node
+    widens when its children disappoint. The root has no value of its own (its Q is only what
+    its children pass up, so the test would compare a number with itself): it widens whenever
+    it has room, as every node does in LLaMA-O1.
     """
     q_all = tree.q_values()  # [N]
     visits = tree.visits.astype(jnp.float32)  # [N]
@@ -187,7 +198,8 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
         kids = tree.parent == node  # [N]
         best = jnp.max(jnp.where(kids, q_all, -jnp.inf))
         room = tree.num_children[node] < config.max_children
-        return room & (config.discount * best < q_all[node])
+        disappoint = config.discount * best < q_all[node] - WIDEN_MARGIN
+        return room & ((node == ROOT) | disappoint)
 
     def cond(node):
         return (tree.num_children[node] > 0) & ~tree.terminal[node] & ~widens(node)
@@ -321,8 +333,13 @@ def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
     slots = tree.num_nodes[:, None] + jnp.arange(k)[None, :]  # [B, K]
     slots = jnp.where(expand[:, None], slots, tree.capacity)
     r = rows[:, None]
-    length = jnp.maximum(expansion.lengths, 1).astype(jnp.float32)
-    mean_logp = jnp.sum(expansion.logprobs, axis=-1) / length
+    # Prior: the mean log-prob of the tokens the policy chose (a forced tag is not one of them).
+    logprobs, lengths = expansion.logprobs, expansion.lengths
+    if expansion.forced is not None:
+        chosen = jnp.arange(logprobs.shape[-1]) >= expansion.forced[..., None].astype(jnp.int32)
+        logprobs = jnp.where(chosen, logprobs, 0.0)
+        lengths = lengths - expansion.forced.astype(lengths.dtype)
+    mean_logp = jnp.sum(logprobs, axis=-1) / jnp.maximum(lengths, 1).astype(jnp.float32)
     set_ = lambda field, v: field.at[r, slots].set(v, mode="drop")
     tree = tree.replace(
         parent=set_(tree.parent, jnp.broadcast_to(leaf[:, None], (b, k))),
@@ -343,6 +360,7 @@ def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
         tokens=tree.tokens.at[r, slots].set(expansion.tokens, mode="drop"),
         lengths=set_(tree.lengths, expansion.lengths),
         logprobs=tree.logprobs.at[r, slots].set(expansion.logprobs, mode="drop"),
+        forced=tree.forced if expansion.forced is None else set_(tree.forced, expansion.forced),
         num_children=tree.num_children.at[rows, jnp.where(expand, leaf, tree.capacity)].add(
             k, mode="drop"
         ),
@@ -629,7 +647,7 @@ def make_lm_expand_fn(
             n = int(jnp.sum(lengths))
             stats.prefilled_tokens += n
             stats.prefilled_without_sharing += n * k
-        expansion = expansion_from_samples(out, b * v, k, fmt)  # [B * V, K, ...]
+        expansion = expansion_from_samples(out, b * v, k, fmt, first_tokens)  # [B * V, K, ...]
         if many:
             expansion = jax.tree.map(lambda x: x.reshape((b, v, *x.shape[1:])), expansion)
         return expansion
@@ -655,8 +673,9 @@ def draw_meta_actions(key: jax.Array, nodes: int, fmt: StepFormat, config: MCTSC
     return jnp.where(forced, tags, -1).reshape(-1)
 
 
-def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:
-    """Sampler rows (b-major, K per leaf) -> an Expansion [B, K, ...]."""
+def expansion_from_samples(out, b: int, k: int, fmt: StepFormat, first_tokens=None) -> Expansion:
+    """Sampler rows (b-major, K per leaf) -> an Expansion [B, K, ...]. first_tokens: the
+    [B * K] first tokens `generate` forced (-1: sampled), or None."""
     shape = lambda x: x.reshape((b, k, *x.shape[1:]))
     tokens = shape(out.tokens)
     stopped = shape(out.stopped)
@@ -674,5 +693,6 @@ def expansion_from_samples(out, b: int, k: int, fmt: StepFormat) -> Expansion:
         is_answer=(tokens[:, :, 0] == fmt.conclusion) & stopped,
         rating=shape(rating),
         reward=jnp.zeros((b, k), jnp.float32),
+        forced=None if first_tokens is None else shape(first_tokens >= 0),
         **spread,
     )

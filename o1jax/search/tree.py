@@ -36,6 +36,7 @@ class Tree:
     tokens: jax.Array  # [B, N, L] int32, thought tokens up to and including <end_of_thought>
     lengths: jax.Array  # [B, N] int32, tokens of each thought
     logprobs: jax.Array  # [B, N, L] float32, behaviour policy's log-prob of each token
+    forced: jax.Array  # [B, N] bool, first token set by the search (a meta-action tag), not sampled
     num_nodes: jax.Array  # [B] int32, slots in use
     done: jax.Array  # [B] bool, search over (early stop after `patience` successes)
 
@@ -75,6 +76,7 @@ def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
         tokens=jnp.zeros((b, n, length), jnp.int32),
         lengths=jnp.zeros((b, n), jnp.int32),
         logprobs=jnp.zeros((b, n, length), jnp.float32),
+        forced=jnp.zeros((b, n), bool),
         num_nodes=jnp.ones((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
     )
