@@ -129,3 +129,32 @@ def test_stray_tags_that_would_form_a_format_token_when_stripped_are_all_removed
     nodes = tree_to_longcot(tree, 0, tok, "q")
     assert [n.text for n in nodes[1:]] == ["<expansion>x  y", "<expansion>3 + 4"]
     assert longcot.parse_tree(longcot.render_tree(nodes)) == nodes
+
+
+def test_a_conclusion_cut_off_before_its_end_is_no_right_path():
+    """A <conclusion> that ran out of tokens is not an answer (nothing was checked); rated 0.9
+    by the model it must still not become an SFT right path when the truth is known."""
+    tok = build_tiny_tokenizer()
+    step = encode_thought(tok, "<expansion>3 + 4 = 7")
+    cut = tok.encode("<conclusion>so the answer is 1", add_special_tokens=False)[:10]
+    tokens = np.zeros((1, 3, 16), np.int32)
+    tokens[0, 1, : len(step)], tokens[0, 2, : len(cut)] = step, cut
+    tree = init_tree(1, 3, 16).replace(
+        parent=jnp.asarray([[-1, 0, 1]]),
+        depth=jnp.asarray([[0, 1, 2]]),
+        visits=jnp.asarray([[2, 2, 1]]),
+        rating=jnp.asarray([[0.0, 0.8, 0.9]]),
+        terminal=jnp.asarray([[False, False, True]]),  # cut off: terminal, not an answer
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([[0, len(step), len(cut)]]),
+        num_nodes=jnp.asarray([3]),
+    )
+    question = "Start with 3, add 4, multiply by 2."
+    nodes = tree_to_longcot(tree, 0, tok, question, truth="14")
+    assert nodes[2].action == longcot.CONCLUSION and nodes[2].rating == longcot.NEGATIVE_RATING
+    assert longcot.right_paths(nodes) == []
+    assert tree_to_longcot(tree, 0, tok, question, checked=True)[2].rating == (
+        longcot.NEGATIVE_RATING
+    )
+    # Unchecked (no truth, no answer checks): the model's rating, as for any other thought.
+    assert tree_to_longcot(tree, 0, tok, question)[2].rating == longcot.POSITIVE_RATING

@@ -73,22 +73,25 @@ def tree_to_longcot(
     (`data.sft_trees`). An answer's rating comes from `truth` when given, else from its reward
     when the search checked its answers (`checked`: `mcts.run` had a `reward_fn`; a reward of 0
     alone cannot tell "checked and wrong" from "not checked"), else from the model's rating, as
-    every other thought's does."""
+    every other thought's does. With `truth` or `checked`, a <conclusion> that was cut off
+    before its end (no answer to check) is rated negative: it is no right path to learn."""
     t = _host(tree, b)
     nodes = [
         longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
     ]
     for i in range(1, len(t["parent"])):
         text = thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
+        action, body = longcot.split_action(text)
         if t["is_answer"][i] and truth is not None:
             answer = extract_answer(text)
             good = answer is not None and is_equivalent(answer, truth)
         elif t["is_answer"][i] and checked:
             good = t["reward"][i] > 0.5
+        elif action == longcot.CONCLUSION and (truth is not None or checked):
+            good = False  # a conclusion cut off before its end states no answer
         else:
             good = t["rating"][i] >= 0.5
         rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
-        action, body = longcot.split_action(text)
         body = longcot.strip_format_tokens(body)  # a sampled thought may contain stray tags
         nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
     return nodes

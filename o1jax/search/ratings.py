@@ -1,10 +1,13 @@
-"""The policy's own verdict on each thought of given solutions, read as search reads it.
+"""The policy's own verdict on each thought of given solutions, read at the position search reads.
 
 A solution is rendered as the chain SFT trains on (`format.encode_chain`), and the rating of its
 thought k is P(<positive_rating>) / (P(<positive_rating>) + P(<negative_rating>)) at the
-<start_of_rating> after it: the value search gives a node (`mcts.make_lm_expand_fn`), here for
-every thought of a whole solution in one forward pass. The PPRM reads solutions with these
-verdicts beside their thoughts (`pprm.solution_text`).
+<start_of_rating> after it: the quantity search gives a node (`mcts.make_lm_expand_fn`), here for
+every thought of a whole solution in one forward pass. One difference in context: every earlier
+thought is rendered rated positive, where search renders each ancestor with its own verdict, so
+the two agree up to the first thought rated below 1/2 (after it they differ slightly; computing
+each verdict before the next would take one forward per thought). The PPRM reads solutions with
+these verdicts beside their thoughts (`pprm.solution_text`).
 """
 
 from __future__ import annotations
