@@ -93,8 +93,9 @@ class MCTSConfig:
     top_k: int = 0
     top_p: float = 1.0
     noise: float = 1e-3  # scale of the random tie-breaking term in selection
-    # LLaMA-O1's PUCT extras: the prior times the softmax of the siblings' mean entropies, and
-    # varentropy_bonus * the softmax of their mean varentropies (LLaMA-O1: on, 0.1).
+    # LLaMA-O1's PUCT extras: the prior times the softmax of the siblings' mean entropies (on in
+    # some versions of its select_action, commented out in others), and varentropy_bonus * the
+    # softmax of their mean varentropies (LLaMA-O1: 0.1).
     entropy_prior: bool = False
     varentropy_bonus: float = 0.0
 
