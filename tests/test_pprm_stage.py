@@ -123,29 +123,38 @@ def _pair_rows(questions):
     return [{"question": q, "chosen": "<conclusion>\\boxed{1}", "rejected": "9"} for q in questions]
 
 
+def _hash_test(questions, fraction=0.1):
+    """Those of `questions` in the test split of the question hash (data.test_fraction)."""
+    from o1jax.data.tasks import question_split
+
+    return [q for q in questions if question_split(q, fraction) == "test"]
+
+
 def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     from o1jax.train.pprm_stage import pprm_pairs
 
     path = tmp_path / "pairs.jsonl"
     held = _context(tmp_path / "probe").test  # the run's held-out problems
-    rows = _pair_rows([f"Start with {i}, add 2." for i in range(40)])
-    rows += _pair_rows([p.question for p in held[:3]])
+    others = [f"Start with {i}, add 2." for i in range(40)]
+    rows = _pair_rows(others) + _pair_rows([p.question for p in held[:3]])
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ctx = _context(tmp_path / "w", f"pprm.pairs_path={path}", "pprm.eval_pairs=2", "pprm.steps=1")
     train, held_out = pprm_pairs(ctx)
     ctx.checkpointer.close()
-    assert held_out.num_pairs == 2 and train.num_pairs == 40
-    assert train.first_better.tolist()[:4] == [1, 0, 1, 0]
-    # No pair on a held-out problem: no held-out accuracy, an error that says why.
-    path.write_text("\n".join(json.dumps(r) for r in rows[:40]) + "\n")
+    hashed = _hash_test(others)
+    assert 0 < len(hashed) < 40  # the file's own hash split holds some out too
+    assert held_out.num_pairs == 2 and train.num_pairs == 40 - len(hashed)
+    # No pair held out either way: no held-out accuracy, an error that says why.
+    kept = [r for r in rows[:40] if r["question"] not in hashed]
+    path.write_text("\n".join(json.dumps(r) for r in kept) + "\n")
     ctx = _context(tmp_path / "w4", f"pprm.pairs_path={path}", "pprm.steps=1")
-    with pytest.raises(ConfigError, match=r"40 train / 0 held-out pairs .* 16 held-out problems"):
+    with pytest.raises(ConfigError, match=rf"{len(kept)} train / 0 held-out pairs .* 16 held-out"):
         pprm_pairs(ctx)
     ctx.checkpointer.close()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "chosen": "a"}))
-    with pytest.raises(DataError, match=f"{bad}:2: field 'rejected' is missing"):
+    with pytest.raises(DataError, match=f"pprm.pairs_path: {bad}:2: field 'rejected' is missing"):
         pprm_pairs(_context(tmp_path / "w2", f"pprm.pairs_path={bad}", "pprm.steps=1"))
     bad.write_text('{"question": "q", "chosen": "a", "rejected": 3}\n')
     with pytest.raises(DataError, match=f"{bad}:1: field 'rejected' must be a non-empty string"):
@@ -154,9 +163,9 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
 
 @pytest.mark.parametrize("test_fraction", [0.05, 0.5])
 def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fraction):
-    """The file is split by the run's own held-out problems (here the built-in task's test split,
-    whatever data.test_fraction says; with data.test_path, that file's), not by a hash of its
-    own: pairs on a problem the searches are evaluated on are held out, all others train."""
+    """Pairs on a problem the searches are evaluated on (here the built-in task's test split,
+    whatever data.test_fraction says; with data.test_path, that file's) are held out, and so are
+    those in the file's own data.test_fraction hash split; all others train."""
     from o1jax.train.pprm_stage import pprm_pairs
 
     probe = _context(tmp_path / "probe")
@@ -169,7 +178,9 @@ def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fr
     ctx = _context(tmp_path / "w", f"data.test_fraction={test_fraction}", *overrides)
     train, held_out = pprm_pairs(ctx)
     ctx.checkpointer.close()
-    assert held_out.num_pairs == len(held) and train.num_pairs == len(seen)
+    hashed = set(_hash_test(seen, test_fraction))
+    assert held_out.num_pairs == len(held) + len(hashed)
+    assert train.num_pairs == len(seen) - len(hashed)
 
     # Each held-out row is on a held-out question, no training row is.
     def questions(pairs):
@@ -178,7 +189,7 @@ def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fr
             ctx.tokenizer.decode(r[:n], skip_special_tokens=True).split("\n")[0] for r, n in rows
         }
 
-    assert questions(held_out) == set(held) and questions(train) == set(seen)
+    assert questions(held_out) == set(held) | hashed and questions(train) == set(seen) - hashed
 
 
 def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):
@@ -231,7 +242,7 @@ def test_a_broken_pairs_file_stops_train_py_before_sft(tmp_path, capsys, monkeyp
     argv = ["--config", SMOKE, "--workdir", str(tmp_path / "w"), f"pprm.pairs_path={bad}"]
     assert train.main([*argv, "pprm.steps=2"]) == 2
     err = capsys.readouterr().err
-    assert f"error: {bad}:2: broken JSON" in err
+    assert f"error: pprm.pairs_path: {bad}:2: broken JSON" in err
     assert _checkpoint_steps(tmp_path / "w") == []  # nothing trained
     assert train.main([*argv, "pprm.steps=-1"]) == 2
     assert "pprm.steps: must be >= 0 (0: no PPRM stage), got -1" in capsys.readouterr().err

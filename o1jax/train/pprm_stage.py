@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from o1jax.data import tasks
 from o1jax.model import lora
 from o1jax.search.ratings import thought_ratings
 from o1jax.train import pprm_mining
@@ -47,24 +48,36 @@ def step_rater(ctx: RunContext, base_params):
 def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
     """(training, held-out) preference pairs of the PPRM stage: the `pprm.pairs_path` file split
     by question (a pair on one of the run's held-out problems `ctx.test`, those the searches are
-    evaluated on, is held out; every other pair is for training), or (correct, flawed)
+    evaluated on, or in the `data.test_fraction` hash split of the file's own questions is held
+    out; every other pair is for training), or (correct, flawed)
     solutions of the train and the held-out problems. The held-out set is cut to
     `pprm.eval_pairs` pairs. None when the pairs need the SFT'd model `base_params` and it is
     not given: `pprm.source: policy` (`policy_pprm_pairs`), or task pairs with the model's
     verdicts (`pprm.rated`)."""
     config, p = ctx.config, ctx.config.pprm
     if p.pairs_path:
-        triples = load_pairs(p.pairs_path)
-        # Split by the run's own held-out problems (the task's test split, or data.test_path),
-        # not by a hash of its own: no PPRM training pair may be on a problem it is tested on.
+        try:
+            triples = load_pairs(p.pairs_path)
+        except tasks.DataError as e:
+            raise tasks.DataError(f"pprm.pairs_path: {e}") from None
+        # No PPRM training pair may be on a problem the searches are tested on: a pair on one
+        # of the run's held-out problems (the task's test split, or data.test_path) is held
+        # out, and so is one whose question falls in the test split of the file's own hash.
         held_out = {q.question.strip() for q in ctx.test}
-        train = [t for t in triples if t[0].strip() not in held_out]
-        test = [t for t in triples if t[0].strip() in held_out]
+
+        def is_held_out(question: str) -> bool:
+            if question.strip() in held_out:
+                return True
+            return tasks.question_split(question, config.data.test_fraction) == "test"
+
+        train = [t for t in triples if not is_held_out(t[0])]
+        test = [t for t in triples if is_held_out(t[0])]
         if not train or not test:
             raise ConfigError(
                 f"pprm.pairs_path {p.pairs_path}: {len(train)} train / {len(test)} held-out "
                 f"pairs after the split by question (held out: those on one of the run's "
-                f"{len(ctx.test)} held-out problems); both must be non-empty"
+                f"{len(ctx.test)} held-out problems or in the data.test_fraction "
+                f"{config.data.test_fraction} split of the file); both must be non-empty"
             )
         return encode_pairs(ctx.tokenizer, train), encode_pairs(ctx.tokenizer, test[: p.eval_pairs])
     if p.source == "policy" or (p.rates_steps and base_params is None):
