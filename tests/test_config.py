@@ -225,6 +225,24 @@ def test_more_problems_per_iteration_than_the_file_holds_stop_the_run_before_tra
     assert not (tmp_path / "w" / "config.yaml").exists()
 
 
+def test_data_without_worked_solutions_or_a_missing_pairs_file_leave_the_workdir_free(tmp_path):
+    """Both are found when the run reads its data, before SFT: one line naming the file or key,
+    and no config.yaml, so the corrected command may use the same workdir."""
+    rows = [{"question": f"What is {i} plus 1?", "answer": f"{i + 1}"} for i in range(12)]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "answers.jsonl"
+    data = [f"data.path={path}", f"data.test_path={path}", "rl.problems_per_iteration=4"]
+    message = "none of the 12 train problems of data.path .*answers.jsonl has a worked solution"
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run(load_config(SMOKE, data), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "config.yaml").exists()
+    missing = tmp_path / "nope.jsonl"
+    config = load_config(SMOKE, [f"pprm.pairs_path={missing}", "pprm.steps=1"])
+    with pytest.raises(DataError, match=re.escape(f"pprm.pairs_path: {missing}: no such file")):
+        pipeline.run(config, str(tmp_path / "w2"))
+    assert not (tmp_path / "w2" / "config.yaml").exists()
+
+
 def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(tmp_path):
     """`model.remat` builds a remat Gemma2Config; `sft.loss_chunk` and `sft.micro_batch_size`
     load. A workdir whose config.yaml predates these keys is still the same run's."""

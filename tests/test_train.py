@@ -309,3 +309,30 @@ def test_self_play_with_every_llama_o1_search_option(uninterrupted):
         assert np.all(t.entropy[b, 1:used] > 0) and np.all(t.varentropy[b, 1:used] > 0)
     valid = np.asarray(exps.valid)
     assert valid.sum() <= int(np.sum(t.num_nodes - 1))  # one experience per non-root node at most
+
+
+def test_sigterm_during_an_evaluation_stops_before_the_next_batch(tmp_path, monkeypatch, capsys):
+    """A preemption notice that arrives while the post-SFT evaluation runs must not wait for the
+    evaluation, a PPRM stage or an RL iteration to finish: it stops before the next batch (exit
+    143), and the workdir holds only SFT's checkpoint, which a resumed run evaluates again."""
+    monkeypatch.syspath_prepend(ROOT)
+    import o1jax.train.pipeline as pipeline
+    import o1jax.train.rl_loop as rl_loop
+    import train
+
+    original = pipeline.evaluate_policy
+
+    def evaluate_after_sigterm(ctx, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(ctx, *args, **kwargs)
+
+    self_play = []
+    monkeypatch.setattr(pipeline, "evaluate_policy", evaluate_after_sigterm)
+    monkeypatch.setattr(rl_loop, "self_play", lambda *a, **k: self_play.append(a))
+    overrides = ["sft.steps=1", "eval.num_problems=4", "eval.max_new_tokens=8",
+                 "rl.iterations=1"]  # fmt: skip
+    workdir = tmp_path / "w"
+    assert train.main(["--config", SMOKE, "--workdir", str(workdir), *overrides]) == 143
+    assert "SIGTERM during the sft evaluation" in capsys.readouterr().err
+    assert self_play == []
+    assert _checkpoint_steps(workdir) == [1]  # SFT's last step; no evaluation checkpoint

@@ -11,12 +11,24 @@ from o1jax.train import evaluate as ev
 from o1jax.train.config import (
     RunConfig,
 )
-from o1jax.train.run_context import STAGE_EVAL, RunContext, search_config
+from o1jax.train.run_context import STAGE_EVAL, Preempted, RunContext, search_config
 
 
-def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: bool) -> dict:
-    """Held-out greedy pass@1 (and search accuracy), with per-problem JSONL in the workdir."""
+def evaluate_policy(
+    ctx: RunContext, params, adapter, tag: str, with_search: bool, interruptible: bool = True
+) -> dict:
+    """Held-out greedy pass@1 (and search accuracy), with per-problem JSONL in the workdir.
+
+    interruptible: on SIGTERM, stop before the next batch and raise Preempted (the evaluation
+    holds no state worth saving: a resumed run evaluates again from its last checkpoint)."""
     config = ctx.config
+
+    def before_batch() -> None:
+        if interruptible and ctx.preemption.requested:
+            raise Preempted(
+                f"SIGTERM during the {tag} evaluation: resumes from the last checkpoint"
+            )
+
     problems = ctx.test[: config.eval.num_problems]
     key = jax.random.fold_in(ctx.key, STAGE_EVAL)
     batch = eval_batch(config, len(problems))
@@ -30,6 +42,7 @@ def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: boo
         batch_size=batch,
         lora=adapter,
         progress=f"eval {tag}",
+        before_batch=before_batch,
     )
     ev.write_records(os.path.join(ctx.workdir, f"eval_{tag}.jsonl"), greedy.records)
     out = {"greedy_pass1": greedy.pass1}
@@ -46,6 +59,7 @@ def evaluate_policy(ctx: RunContext, params, adapter, tag: str, with_search: boo
             progress=f"search {tag}",
             tree_dir=os.path.join(ctx.workdir, f"trees_{tag}"),
             max_trees=8,
+            before_batch=before_batch,
         )
         ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
         out["search_accuracy"] = found.pass1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -74,12 +74,14 @@ def generate_texts(
     lora=None,
     progress: str | None = None,
     stop_tokens: Sequence[int] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> list[list[str]]:
     """`num_samples` free-running completions per question (decoded, special tokens kept).
 
     Every batch is padded to `batch_size` rows and a common prompt width, so one compiled
     program serves the whole evaluation. stop_tokens: the ids that end a completion; None: the
-    tokenizer's EOS.
+    tokenizer's EOS. before_batch: called before each batch (it may raise to stop the work, as
+    a run does on SIGTERM).
     """
     _, lengths = encode_prompts(tokenizer, questions)
     width = int(jnp.max(lengths))
@@ -89,6 +91,8 @@ def generate_texts(
     outputs: list[list[str]] = []
     bar = tqdm(total=len(questions), desc=progress, disable=progress is None, leave=False)
     for start, chunk in _batches(list(questions), batch_size):
+        if before_batch is not None:
+            before_batch()
         padded = list(chunk) + [chunk[0]] * (batch_size - len(chunk))
         prompts, plens = encode_prompts(tokenizer, padded, width)
         out = generate(
@@ -130,10 +134,12 @@ def evaluate(
     lora=None,
     progress: str | None = "eval",
     stop_tokens: Sequence[int] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Greedy pass@1, and with samples > 1 also pass@k and maj@k at temperature 1.
 
     stop_tokens: the ids that end a completion (`generate_texts`); None: the tokenizer's EOS.
+    before_batch: called before each batch (`generate_texts`).
     """
     questions = [p.question for p in problems]
     greedy = generate_texts(
@@ -147,6 +153,7 @@ def evaluate(
         lora=lora,
         progress=progress,
         stop_tokens=stop_tokens,
+        before_batch=before_batch,
     )
     sampled = None
     if samples > 1:
@@ -163,6 +170,7 @@ def evaluate(
             lora=lora,
             progress=progress,
             stop_tokens=stop_tokens,
+            before_batch=before_batch,
         )
     records = []
     n_greedy = n_pass = n_maj = 0
@@ -217,8 +225,10 @@ def search_evaluate(
     stats: mcts.SearchStats | None = None,
     tree_dir: str | None = None,
     max_trees: int | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """MCTS accuracy without the ground truth: answers chosen by value-weighted vote.
+    before_batch: called before each batch of searches (it may raise to stop the work).
 
     tree_dir: also write each problem's tree as `tree_dir/<id>.json` (`tree_to_json`, what
       `python -m o1jax.show_tree` draws) and as OpenLongCoT text `tree_dir/<id>.txt` (answers
@@ -229,6 +239,8 @@ def search_evaluate(
     records, n_correct = [], 0
     bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
     for start, chunk, _, prompts, plens in _prompt_batches(tokenizer, problems, batch_size):
+        if before_batch is not None:
+            before_batch()
         expand = mcts.make_lm_expand_fn(
             params, cfg, prompts, plens, fmt, search, lora=lora, stats=stats
         )

@@ -46,6 +46,7 @@ from o1jax.train.pprm_stage import policy_pprm_pairs, pprm_pairs, pprm_trainer, 
 from o1jax.train.rl_loop import rl_structures, run_rl
 from o1jax.train.run_context import (
     STAGE_SFT,
+    Preempted,
     RunContext,
     build_context,
     check_workdir,
@@ -53,7 +54,7 @@ from o1jax.train.run_context import (
     save_checkpoint,
 )
 from o1jax.train.sft import SFTConfig, SFTTrainer
-from o1jax.train.sft_stage import policy_params, run_sft
+from o1jax.train.sft_stage import policy_params, run_sft, sft_examples
 
 
 def run(config: RunConfig, workdir: str) -> dict:
@@ -78,12 +79,15 @@ def run(config: RunConfig, workdir: str) -> dict:
             if used:
                 require_batch_fits_mesh(key, size, ctx.mesh)
         require_problems_per_iteration(config, len(ctx.train))  # self-play draws them
-        # Only a run that could start claims the workdir: a start that failed on its data or
-        # model leaves it free for the corrected command.
-        if not os.path.exists(os.path.join(workdir, "config.yaml")):
-            dump_config(config, os.path.join(workdir, "config.yaml"))
+
+        def claim() -> None:
+            """Only a run that could start claims the workdir: a start that failed on its data
+            or model leaves it free for the corrected command."""
+            if not os.path.exists(os.path.join(workdir, "config.yaml")):
+                dump_config(config, os.path.join(workdir, "config.yaml"))
+
         try:
-            report = _run_stages(ctx)
+            report = _run_stages(ctx, claim)
         finally:
             ctx.metrics.close()
             ctx.checkpointer.close()
@@ -94,9 +98,10 @@ def run(config: RunConfig, workdir: str) -> dict:
     return report
 
 
-def _run_stages(ctx: RunContext) -> dict:
+def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     """Runs the stages the latest checkpoint has not finished (all of them on a new workdir)
-    and returns the report."""
+    and returns the report. `claim()` is called once the data every stage needs up front (the
+    SFT examples, a pairs file) has been read, before any training."""
     config = ctx.config
     s_steps, p_steps, iters = config.sft.steps, config.pprm.steps, config.rl.iterations
     # Global checkpoint steps (the module docstring): SFT 1..S, post-SFT evaluation S + 1, PPRM
@@ -113,15 +118,20 @@ def _run_stages(ctx: RunContext) -> dict:
         meta["stage"] in ("new", "sft", "eval")
         or (meta["stage"] == "pprm" and meta["step"] < p_steps)
     )
-    # Before SFT, so that a broken pairs file stops the run at once.
+    # Before SFT, so that a broken pairs file or data without a worked solution stops the run at
+    # once, before it claims the workdir.
     pairs = pprm_pairs(ctx) if pprm_pending else None
+    examples = None
+    if meta["stage"] in ("new", "sft"):
+        examples = sft_examples(config, ctx.tokenizer, ctx.train)
+    claim()
 
     # SFT, resumed from its own checkpoint when there is one.
     if meta["stage"] == "new":
-        sft_state = run_sft(ctx).state
+        sft_state = run_sft(ctx, examples=examples).state
     elif meta["stage"] == "sft":
         state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, "sft"))
-        sft_state = run_sft(ctx, state["sft"], meta["step"]).state
+        sft_state = run_sft(ctx, state["sft"], meta["step"], examples).state
     else:
         sft_state = None  # restored below together with the later stages
 
@@ -144,6 +154,8 @@ def _run_stages(ctx: RunContext) -> dict:
         save_checkpoint(ctx, eval_step, {"sft": sft_state}, {"stage": "eval", "results": results})
         meta = {"stage": "eval", "results": results}
         latest = eval_step
+        if ctx.preemption.requested:  # SIGTERM during the evaluation's last batch
+            raise Preempted("SIGTERM: saved the post-SFT evaluation")
 
     if meta["stage"] == "done":
         return dict(meta["report"])

@@ -68,6 +68,8 @@ def run_rl(
         range(start_iteration, r.iterations), desc="rl", initial=start_iteration, total=r.iterations
     )
     for it in bar:
+        if ctx.preemption.requested:  # arrived between stages: the last checkpoint holds it all
+            raise Preempted(f"SIGTERM: stopped before RL iteration {it + 1}")
         key = _rl_iteration_key(ctx, it)
         t0 = time.perf_counter()
         stats = mcts.SearchStats()
@@ -129,7 +131,10 @@ def run_rl(
             )
         every = config.eval.every
         if every and (it + 1) % every == 0 and it + 1 < r.iterations:
-            periodic = evaluate_policy(ctx, trainer.params, trainer.lora, f"rl{it + 1}", False)
+            # Not interruptible: this iteration is saved only after it (on_iteration below).
+            periodic = evaluate_policy(
+                ctx, trainer.params, trainer.lora, f"rl{it + 1}", False, interruptible=False
+            )
             scalars["eval/rl_greedy_pass1"] = periodic["greedy_pass1"]
         ctx.metrics.scalars(config.sft.steps + config.pprm.steps + it + 1, scalars)
         bar.set_postfix(success=f"{found:.2f}", kl=f"{scalars.get('ppo/kl', 0.0):.4f}")

@@ -59,7 +59,17 @@ def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
             for path in longcot.right_paths(nodes):
                 add(nodes[0].thought, [n.text for n in path[1:]], [n.rating for n in path[1:]])
     if not out:
-        raise ConfigError("sft: no training example has a worked solution that fits sft.seq_len")
+        source = f"data.path {config.data.path}" if config.data.path else "the built-in task"
+        worked = sum(1 for p in problems if p.steps)
+        raise ConfigError(
+            f"sft: no training example: {worked} of the {len(problems)} train problems of "
+            f"{source} have a worked solution, and none of those fits sft.seq_len "
+            f"{config.sft.seq_len}"
+            if worked
+            else f"sft: no training example: none of the {len(problems)} train problems of "
+            f"{source} has a worked solution (GSM8K's steps before '####', or MATH's "
+            "'solution'), and data.sft_trees gives none"
+        )
     return out
 
 
@@ -79,10 +89,11 @@ def trainer_config(config: RunConfig) -> SFTConfig:
     )
 
 
-def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
+def run_sft(ctx: RunContext, start_state=None, start_step: int = 0, examples=None):
     """SFT steps `start_step`..`sft.steps` from `start_state` (None: a fresh adapter, or the full
-    params with `sft.full_finetune`). Checkpoints every `checkpoint.every` steps, at the end and
-    on SIGTERM (then raises Preempted). Returns the trainer."""
+    params with `sft.full_finetune`), on `examples` (None: `sft_examples` of the train problems).
+    Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM (then raises
+    Preempted). Returns the trainer."""
     config = ctx.config
     s = config.sft
     sft_config = trainer_config(config)
@@ -92,8 +103,10 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0):
     trainer = SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter)
     if start_state is not None:
         trainer.state = start_state
+    if examples is None:
+        examples = sft_examples(config, ctx.tokenizer, ctx.train)
     packed = pack(
-        sft_examples(config, ctx.tokenizer, ctx.train),
+        examples,
         s.seq_len,
         pad_id=ctx.tokenizer.pad_token_id or 0,
     )
