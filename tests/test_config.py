@@ -243,6 +243,18 @@ def test_data_without_worked_solutions_or_a_missing_pairs_file_leave_the_workdir
     assert not (tmp_path / "w2" / "config.yaml").exists()
 
 
+def test_data_test_fraction_splits_the_built_in_task_too():
+    """The built-in task's held-out problems come from the data.test_fraction hash split (it
+    was the task's own 0.1 whatever the config said)."""
+    from o1jax.data.tasks import question_split
+
+    config = load_config(SMOKE, ["data.test_fraction=0.5"])
+    train, test = run_context.load_problems(config)
+    assert all(question_split(p.question, 0.5) == "test" for p in test)
+    assert all(question_split(p.question, 0.5) == "train" for p in train)
+    assert not {p.question for p in train} & {p.question for p in test}
+
+
 def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(tmp_path):
     """`model.remat` builds a remat Gemma2Config; `sft.loss_chunk` and `sft.micro_batch_size`
     load. A workdir whose config.yaml predates these keys is still the same run's."""

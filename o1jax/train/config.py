@@ -121,7 +121,7 @@ class TaskConfig:
 class DataConfig:
     path: str = ""  # JSONL problem file; empty: the built-in task
     test_path: str = ""  # held-out JSONL; empty: a held-out split of `path` or of the task
-    test_fraction: float = 0.1
+    test_fraction: float = 0.1  # the share of questions (by a hash of the text) held out
     # OpenLongCoT trees (a .txt file, or a directory of them and of subdirectories of them, as
     # `evaluate --trees` writes) whose right paths (ending in a positive <conclusion>) are added
     # to the SFT data.
@@ -338,8 +338,9 @@ class PPRMSection:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # JSONL of {"question", "chosen", "rejected"} rows, split into train / held-out by question
-    # (data.test_fraction); empty: pairs from `source`.
+    # JSONL of {"question", "chosen", "rejected"} rows; a pair is held out when its question is
+    # one of the run's held-out problems or in the data.test_fraction hash split, else it trains;
+    # empty: pairs from `source`.
     pairs_path: str = ""
     # "task": (correct, flawed) worked solutions of the built-in task's problems; "policy":
     # right against wrong final answers among `samples` solutions the SFT'd policy writes for

@@ -139,6 +139,7 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
             max_operand=t.max_operand,
             max_multiplier=t.max_multiplier,
             max_value=t.max_value,
+            test_fraction=data.test_fraction,
         )
         return (
             tasks.generate_problems(task, t.num_train, config.seed, "train"),
