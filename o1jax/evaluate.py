@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         "in tiny.yaml, 1024 in the gemma2 configs; real solutions need the larger one)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="with --model: the weights' dtype on the device (bfloat16 halves their memory)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="directory for the per-problem JSONL")
     args = parser.parse_args(argv)
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             from o1jax.train.run_context import build_model, build_tokenizer, search_config
 
             problems = load_jsonl(args.data)
-            config = RunConfig(model_dir=args.model, model=ModelConfig(dtype="float32"))
+            config = RunConfig(model_dir=args.model, model=ModelConfig(dtype=args.dtype))
             tokenizer = build_tokenizer(config, args.out or "eval")
             cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
             adapter = judge = None

@@ -105,6 +105,26 @@ def test_a_model_directory_stops_on_every_eos_id_it_names(tmp_path, monkeypatch)
     argv = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out")]
     assert cli.main([*argv, "--max-new-tokens", "4"]) == 0
     assert seen == [(tokenizer.eos_token_id, 7)]
+    # --dtype bfloat16 loads the weights in bfloat16.
+    dtypes = []
+    monkeypatch.setattr(
+        ev,
+        "generate_texts",
+        lambda params, *a, **k: (
+            dtypes.append(params["final_norm"]["scale"].dtype) or real(params, *a, **k)
+        ),
+    )
+    assert cli.main([*argv, "--max-new-tokens", "4", "--dtype", "bfloat16"]) == 0
+    assert str(dtypes[0]) == "bfloat16"
+
+
+def test_tree_files_of_ids_that_differ_only_in_replaced_characters_do_not_collide():
+    from types import SimpleNamespace
+
+    from o1jax.train.evaluate import _tree_name
+
+    names = {_tree_name(SimpleNamespace(id=i)) for i in ("a/b", "a_b", "a b", "arith-0038fe22")}
+    assert len(names) == 4 and "a_b" in names and "arith-0038fe22" in names
 
 
 def test_generate_texts_ends_each_completion_at_a_given_stop_token(tmp_path):

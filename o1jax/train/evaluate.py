@@ -8,6 +8,7 @@ the model's own ratings) and picks the answer by value-weighted vote over its an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -334,7 +335,12 @@ def refine_evaluate(
 
 
 def _tree_name(problem) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(problem.id))
+    """A file name for the problem's tree: its id, with a short hash of the id when characters
+    had to be replaced (so ids "a/b" and "a_b" do not overwrite each other)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(problem.id))
+    if name != str(problem.id):
+        name += "-" + hashlib.sha1(str(problem.id).encode()).hexdigest()[:8]
+    return name
 
 
 def _write_text(tree_dir: str, problem, text: str) -> None:
