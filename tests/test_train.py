@@ -232,6 +232,19 @@ def test_workdir_of_another_config_is_refused_and_left_untouched(uninterrupted):
     assert before == {p: os.path.getmtime(os.path.join(uninterrupted, p)) for p in before}
 
 
+def test_a_finished_run_started_again_keeps_its_report(uninterrupted, tmp_path):
+    """Nothing is left to run: the same report, its wall time included (it was the no-op's)."""
+    import shutil
+
+    workdir = tmp_path / "again"
+    shutil.copytree(uninterrupted, workdir)
+    read = lambda: json.loads((workdir / "report.json").read_text())
+    before = read()
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read() == before
+
+
 def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
     result = _train(tmp_path / "nan", "sft.learning_rate=1e30", "max_nonfinite=2")
     assert result.returncode == 3, result.stderr[-2000:]

@@ -92,7 +92,15 @@ def run(config: RunConfig, workdir: str) -> dict:
             ctx.metrics.close()
             ctx.checkpointer.close()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
+    report_path = os.path.join(workdir, "report.json")
+    if os.path.exists(report_path):  # a finished run started again: keep its own wall time
+        with open(report_path) as f:
+            previous = json.load(f)
+        if {k: v for k, v in previous.items() if k != "wall_seconds"} == {
+            k: v for k, v in report.items() if k != "wall_seconds"
+        }:
+            report["wall_seconds"] = previous.get("wall_seconds", report["wall_seconds"])
+    with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     ctx.metrics.plot()
     return report
