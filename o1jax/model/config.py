@@ -5,38 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Keys of an HF `Gemma2Config` dict that carry no architecture (bookkeeping we drop on import).
-_HF_IGNORED_KEYS = frozenset(
-    {
-        "transformers_version",
-        "architectures",
-        "output_hidden_states",
-        "return_dict",
-        "dtype",
-        "torch_dtype",
-        "chunk_size_feed_forward",
-        "is_encoder_decoder",
-        "id2label",
-        "label2id",
-        "problem_type",
-        "initializer_range",
-        "use_cache",
-        "attention_bias",
-        "attention_dropout",
-        "model_type",
-        "output_attentions",
-        "_name_or_path",
-        "use_bidirectional_attention",
-        "cache_implementation",
-        "tie_word_embeddings",
-        "layer_types",
-        "rope_parameters",
-        "rope_theta",
-        "hidden_act",
-    }
-)
-
-
 # config.json keys that must hold positive ints (checked before any arithmetic on them).
 _HF_POSITIVE_INTS = (
     "vocab_size",

@@ -49,7 +49,9 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     """Tempered, top-k- and nucleus-filtered logits [R, V] (filtered entries are -inf).
 
     Each row is shifted by its max before tempering (the softmax is unchanged), so a tiny
-    temperature gives a max of 0 and -inf elsewhere rather than overflowing to inf.
+    temperature gives a max of 0 and -inf elsewhere rather than overflowing to inf. Tokens tied
+    with the k-th largest logit (top-k) or with the smallest kept one (top-p) are all kept, so
+    a row may keep more than k tokens; transformers' warpers break such ties by sort order.
     """
     logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
