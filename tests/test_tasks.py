@@ -3,6 +3,7 @@ and the JSONL / HF-disk loaders."""
 
 import importlib.util
 import json
+import os
 import re
 
 import numpy as np
@@ -172,6 +173,35 @@ def test_load_jsonl(tmp_path):
     assert p[2].steps == () and p[4].steps == ()
     assert tasks.sft_text(p[0]).count("<expansion>") == 2
     assert len(tasks.journey_solution(p[0], 0)) == len(p[0].steps) + 3
+
+
+def test_gsm8k_commas_go_only_from_thousands_separators(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"so.\n#### {a}"}
+            for i, a in enumerate(["1,072", "-12,345.5", "2,3", "(1,2)", "1, 2, 3"])]  # fmt: skip
+    answers = [p.answer for p in tasks.load_jsonl(_write(tmp_path, rows))]
+    assert answers == ["1072", "-12345.5", "2,3", "(1,2)", "1, 2, 3"]
+
+
+def test_gsm8k_steps_with_dollar_results_train_as_plain_chains(tmp_path):
+    """A step's result written '= $0.2' gives a journey nothing to flaw: SFT keeps such a
+    problem's plain chain instead of stopping the run."""
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.train.config import load_config
+    from o1jax.train.sft_stage import sft_examples
+
+    answer = (
+        "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
+        "Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"
+    )
+    rows = [{"question": f"Weng earns $12 an hour ({i})", "answer": answer} for i in range(20)]
+    problems = tasks.load_jsonl(_write(tmp_path, rows))
+    assert not tasks.can_flaw(problems[0]) and tasks.can_flaw(tasks.load_jsonl(_write(
+        tmp_path, [{"question": "q", "answer": "3 + 4 = 7.\n#### 7"}], "ok.jsonl"))[0])  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = os.path.join(root, "configs", "tiny.yaml")
+    config = load_config(tiny, ["data.task.journey_fraction=1"])
+    examples = sft_examples(config, build_tiny_tokenizer(), problems)
+    assert len(examples) == 20
 
 
 @pytest.mark.parametrize(

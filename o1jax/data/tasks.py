@@ -183,11 +183,20 @@ def sft_text(problem: Problem) -> str:
     return longcot.render_chain(problem.question, problem.steps)
 
 
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 _RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?\d+)(?!\d|\.\d)")  # "= 24", "= 24.", not "= 2.4"
 
 
 def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def can_flaw(problem: Problem) -> bool:
+    """Whether the problem has a non-conclusion step stating a result '... = N' (an integer),
+    which journeys and flawed chains need. GSM8K steps that end in '= $0.2' have none."""
+    return any(
+        not s.startswith(CONCLUSION) and _RESULT_RE.search(s) is not None for s in problem.steps
+    )
 
 
 def _flawed_step(problem: Problem, rng: np.random.Generator) -> tuple[int, str]:
@@ -324,7 +333,9 @@ def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
             raise DataError(f"{where}: field 'answer' has {raw.count('####')} '####' markers")
         if "####" in raw:  # GSM8K: reasoning lines, then "#### N"
             reasoning, _, final = raw.rpartition("####")
-            answer = final.strip().replace(",", "")
+            answer = final.strip()
+            if _THOUSANDS_RE.fullmatch(answer):  # "1,234" -> "1234"; "2,3" or "(1,2)" stay
+                answer = answer.replace(",", "")
             solution_lines = _CALC_RE.sub("", reasoning).splitlines()
         else:
             boxed = last_boxed(raw)

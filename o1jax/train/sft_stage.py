@@ -28,11 +28,17 @@ from o1jax.train.run_context import (
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack, trained_params
 
 
-def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
+def _questions(problems) -> list[str]:
+    return [p.question for p in problems]
+
+
+def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Example]:
     """Correct chains, journeys with a fixed mistake (a `journey_fraction` of them), and extra
     wrong chains trained on their ratings only (`flawed_fraction`), which teach the rating
     tokens, the search's value function, to reject a wrong path. With `data.sft_trees`, also
-    the right paths of those OpenLongCoT trees (search trees fed back as SFT data)."""
+    the right paths of those OpenLongCoT trees (search trees fed back as SFT data), except the
+    trees of `held_out` questions (the run's held-out problems: `evaluate --trees` searches
+    those by default, and training on them would leak the test set)."""
     rng = np.random.default_rng([config.seed, STAGE_SFT])
     task = config.data.task
     out = []
@@ -45,7 +51,8 @@ def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
     for p in problems:
         if not p.steps:
             continue
-        if rng.random() < task.journey_fraction:
+        # A journey flaws a step's result; a problem with no '... = N' step keeps its chain.
+        if rng.random() < task.journey_fraction and tasks.can_flaw(p):
             nodes = tasks.journey_solution(p, rng)[1:]
             add(p.question, [n.text for n in nodes], [n.rating for n in nodes])
         else:
@@ -55,7 +62,10 @@ def sft_examples(config: RunConfig, tokenizer, problems) -> list[Example]:
             if flawed is not None:
                 add(p.question, *flawed, train_thoughts=False)
     if config.data.sft_trees:
+        skip = {q.strip() for q in held_out}
         for nodes in tasks.load_trees(config.data.sft_trees):
+            if nodes[0].thought.strip() in skip:
+                continue
             for path in longcot.right_paths(nodes):
                 add(nodes[0].thought, [n.text for n in path[1:]], [n.rating for n in path[1:]])
     if not out:
@@ -104,7 +114,7 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0, examples=Non
     if start_state is not None:
         trainer.state = start_state
     if examples is None:
-        examples = sft_examples(config, ctx.tokenizer, ctx.train)
+        examples = sft_examples(config, ctx.tokenizer, ctx.train, _questions(ctx.test))
     packed = pack(
         examples,
         s.seq_len,
