@@ -255,6 +255,19 @@ def test_data_test_fraction_splits_the_built_in_task_too():
     assert not {p.question for p in train} & {p.question for p in test}
 
 
+def test_a_question_of_data_test_path_never_trains(tmp_path):
+    rows = [{"question": f"What is {i} plus 1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}
+            for i in range(6)]  # fmt: skip
+    for name, part in (("train.jsonl", rows), ("test.jsonl", rows[4:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}"]
+    train, test = run_context.load_problems(
+        load_config(SMOKE, [*data, "rl.problems_per_iteration=4"])
+    )
+    assert [p.question for p in train] == [r["question"] for r in rows[:4]]
+    assert len(test) == 2
+
+
 def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(tmp_path):
     """`model.remat` builds a remat Gemma2Config; `sft.loss_chunk` and `sft.micro_batch_size`
     load. A workdir whose config.yaml predates these keys is still the same run's."""

@@ -12,7 +12,7 @@ from o1jax.data.tokenizer import build_tiny_tokenizer
 from o1jax.model.sampler import SampleOutput
 from o1jax.search import refine
 from o1jax.search.format import encode_chain, encode_prompts
-from o1jax.train.config import DataConfig, RunConfig
+from o1jax.train.config import ConfigError, DataConfig, RunConfig
 from o1jax.train.sft_stage import sft_examples
 
 QUESTION = "Start with 4, add 5, multiply by 2."
@@ -394,6 +394,9 @@ def test_planted_tree_exports_to_longcot_and_feeds_sft(tok, tmp_path):
     ids, mask = encode_chain(tok, QUESTION, journey, ratings)
     np.testing.assert_array_equal(example.tokens, ids)
     np.testing.assert_array_equal(example.loss_mask, mask)
+    # The tree of a held-out problem (what `evaluate --trees` writes by default) never trains.
+    with pytest.raises(ConfigError, match="no training example"):
+        sft_examples(config, tok, [], held_out=[QUESTION])
     (tmp_path / "trees" / "p2.txt").write_text("<start_of_father_id>-1<end_of_father_id>oops")
     with pytest.raises(DataError, match=r"p2\.txt: long-CoT text, offset \d+"):
         sft_examples(config, tok, [])

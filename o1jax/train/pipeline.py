@@ -131,7 +131,7 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     pairs = pprm_pairs(ctx) if pprm_pending else None
     examples = None
     if meta["stage"] in ("new", "sft"):
-        examples = sft_examples(config, ctx.tokenizer, ctx.train)
+        examples = sft_examples(config, ctx.tokenizer, ctx.train, [p.question for p in ctx.test])
     claim()
 
     # SFT, resumed from its own checkpoint when there is one.

@@ -146,8 +146,10 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
             tasks.generate_problems(task, t.num_test, config.seed, "test"),
         )
     problems = tasks.load_jsonl(data.path)
-    if data.test_path:
-        return problems, tasks.load_jsonl(data.test_path)
+    if data.test_path:  # a question of the held-out file never trains
+        test = tasks.load_jsonl(data.test_path)
+        held_out = {p.question.strip() for p in test}
+        return [p for p in problems if p.question.strip() not in held_out], test
     train = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "train"]
     test = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "test"]
     if not train or not test:
