@@ -86,7 +86,9 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
         out[f"trained copy of the params ({_dtype_name(master)})"] = per_device_bytes(master, mesh)
     out[f"LoRA adapter ({_dtype_name(adapter)})"] = per_device_bytes(adapter, mesh)
     out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh)
-    out["KV cache (self-play)"] = kv / (data * fsdp * tensor)
+    # Self-play samples under the run's mesh, its rows split over the devices; the prompts' own
+    # prefill cache ([B] rows) stays beside the K-fold repeated one.
+    out["KV cache (self-play)"] = kv * (1 + 1 / s.num_children) / (data * fsdp * tensor)
     out["replay buffer (one device)"] = config.rl.buffer_capacity * experience
     return out
 

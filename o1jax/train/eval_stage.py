@@ -21,7 +21,6 @@ def evaluate_policy(
 
     interruptible: on SIGTERM, stop before the next batch and raise Preempted (the evaluation
     holds no state worth saving: a resumed run evaluates again from its last checkpoint)."""
-    config = ctx.config
 
     def before_batch() -> None:
         if interruptible and ctx.preemption.requested:
@@ -29,6 +28,13 @@ def evaluate_policy(
                 f"SIGTERM during the {tag} evaluation: resumes from the last checkpoint"
             )
 
+    with jax.set_mesh(ctx.mesh):  # each device decodes its share of the rows
+        return _evaluate(ctx, params, adapter, tag, with_search, before_batch)
+
+
+def _evaluate(ctx: RunContext, params, adapter, tag: str, with_search: bool, before_batch):
+    """`evaluate_policy`'s work, under the run's mesh."""
+    config = ctx.config
     problems = ctx.test[: config.eval.num_problems]
     key = jax.random.fold_in(ctx.key, STAGE_EVAL)
     batch = eval_batch(config, len(problems))

@@ -182,29 +182,32 @@ def self_play(ctx: RunContext, setup: SelfPlaySetup, params, adapter, iteration:
     problems = [ctx.train[i] for i in picked]
     questions = [p.question for p in problems]
     prompts, plens = encode_prompts(ctx.tokenizer, questions, setup.prompt_width)
-    expand = mcts.make_lm_expand_fn(
-        params, ctx.cfg, prompts, plens, setup.fmt, setup.search, lora=adapter, stats=stats
-    )
-    tree = mcts.run(
-        expand,
-        len(problems),
-        setup.search,
-        jax.random.fold_in(_rl_iteration_key(ctx, iteration), 0),
-        reward_fn=_reward_fn(ctx.tokenizer, problems),
-        stats=stats,
-    )
-    exps = tree_to_experiences(
-        tree,
-        prompts,
-        plens,
-        setup.fmt,
-        setup.search,
-        r.gamma,
-        r.lam,
-        setup.width,
-        r.terminal_paths_only,
-        r.values,
-    )
+    # Under the run's mesh, the model pins the sampler's rows (and their KV cache) to the batch
+    # axes: each device samples its share of the B * K rows instead of all of them.
+    with jax.set_mesh(ctx.mesh):
+        expand = mcts.make_lm_expand_fn(
+            params, ctx.cfg, prompts, plens, setup.fmt, setup.search, lora=adapter, stats=stats
+        )
+        tree = mcts.run(
+            expand,
+            len(problems),
+            setup.search,
+            jax.random.fold_in(_rl_iteration_key(ctx, iteration), 0),
+            reward_fn=_reward_fn(ctx.tokenizer, problems),
+            stats=stats,
+        )
+        exps = tree_to_experiences(
+            tree,
+            prompts,
+            plens,
+            setup.fmt,
+            setup.search,
+            r.gamma,
+            r.lam,
+            setup.width,
+            r.terminal_paths_only,
+            r.values,
+        )
     return problems, tree, exps
 
 
