@@ -361,3 +361,24 @@ def test_under_fsdp_a_chunked_loss_keeps_each_devices_rows_on_it():
     assert f"f32[1,{t},{cfg.ffn_dim}]" in text  # each device's own row of the MLP
     assert f"f32[{b},{t},{cfg.ffn_dim}]" not in text
     assert f"f32[{b},{chunk},{cfg.vocab_size}]" not in text
+
+
+@pytest.mark.parametrize("shape", [{"data": -1}, {"fsdp": -1}])
+def test_the_caller_keeps_its_arrays_and_adam_starts_sharded(shape):
+    """On 8 devices: a step donates the trainer's state, never the caller's params or adapter
+    (device_put(..., may_alias=False) handed a single-device array's buffer to a replicated
+    layout); and Adam's moments are laid out like what they train from the start, not whole on
+    every device until the first step (and again after every restore into a fresh trainer)."""
+    mesh = make_mesh(shape)
+    packed = pack(_examples(16), seq_len=32)
+    for use_lora in (False, True):
+        params = init_params(CFG, jax.random.key(1))
+        adapter = lora.init(CFG, jax.random.key(2), lora.LoRAConfig(rank=4, alpha=8))
+        given = adapter if use_lora else None
+        trainer = SFTTrainer(CFG, params, SFTConfig(batch_size=8, seq_len=32), mesh, lora=given)
+        per_device = lambda t: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(t))
+        # Adam's two moments take twice what they train on each device (plus small scalars).
+        assert per_device(trainer.state.opt_state) <= 2 * per_device(trainer.state.trainable) + 64
+        trainer.train_step(packed.batch(0, 8, 0))
+        mine = jax.tree.leaves(adapter if use_lora else params)
+        assert not any(x.is_deleted() for x in mine)

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -129,6 +130,21 @@ def param_shardings(tree, mesh: Mesh):
 def shard_params(tree, mesh: Mesh):
     """Places every array of `tree` on `mesh` by the partition rules."""
     return jax.device_put(tree, param_shardings(tree, mesh))
+
+
+def copy_to_mesh(tree, shardings):
+    """A copy of `tree` laid out as `shardings` that shares no buffer with it, for state that a
+    step donates. (`jax.device_put(..., may_alias=False)` still hands a single-device array's
+    own buffer to a replicated layout's first device, and the donating step then deletes the
+    caller's array.)"""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def init_sharded(init_fn, tree, mesh: Mesh):
+    """`init_fn(tree)` (an optimizer's init) laid out by the partition rules from the start: a
+    plain jit would make Adam's moments whole on every device until the first step."""
+    shardings = param_shardings(jax.eval_shape(init_fn, tree), mesh)
+    return jax.jit(init_fn, out_shardings=shardings)(tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -329,7 +329,7 @@ class PPOTrainer:
     """The LoRA train state of an RL run, placed on a mesh, and its compiled update."""
 
     def __init__(self, cfg, params, lora, config: PPOConfig, mesh, rating_tokens: tuple[int, int]):
-        from o1jax.parallel.mesh import param_shardings, replicated
+        from o1jax.parallel.mesh import copy_to_mesh, init_sharded, param_shardings, replicated
 
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.rating_tokens = tuple(int(t) for t in rating_tokens)
@@ -337,9 +337,9 @@ class PPOTrainer:
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh))
             # A copy: the update donates the state, and the caller keeps its adapter.
-            lora = jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
+            lora = copy_to_mesh(lora, param_shardings(lora, mesh))
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-            self.state = TrainState(lora, jax.jit(self.optimizer.init)(lora), step)
+            self.state = TrainState(lora, init_sharded(self.optimizer.init, lora, mesh), step)
 
     @property
     def lora(self):

@@ -170,7 +170,7 @@ class PPRMTrainer:
     """The PPRM's adapter and optimizer on a mesh, and its compiled step (the base is frozen)."""
 
     def __init__(self, cfg, params, lora, config: PPRMConfig, mesh, tokenizer):
-        from o1jax.parallel.mesh import param_shardings, replicated
+        from o1jax.parallel.mesh import copy_to_mesh, init_sharded, param_shardings, replicated
 
         self.cfg, self.mesh = cfg, mesh
         self.answer_tokens = pprm.answer_format(tokenizer)[0]
@@ -181,9 +181,9 @@ class PPRMTrainer:
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh))
             # A copy: the step donates the state, and the caller keeps its adapter.
-            lora = jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
+            lora = copy_to_mesh(lora, param_shardings(lora, mesh))
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-            self.state = PPRMState(lora, jax.jit(self.optimizer.init)(lora), step)
+            self.state = PPRMState(lora, init_sharded(self.optimizer.init, lora, mesh), step)
 
     @property
     def lora(self):

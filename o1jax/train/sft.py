@@ -35,7 +35,14 @@ from flax import struct
 
 from o1jax.model.gemma2 import forward
 from o1jax.model.logprobs import token_logprobs
-from o1jax.parallel.mesh import micro_batches, param_shardings, replicated, shard_batch
+from o1jax.parallel.mesh import (
+    copy_to_mesh,
+    init_sharded,
+    micro_batches,
+    param_shardings,
+    replicated,
+    shard_batch,
+)
 from o1jax.train.config import ConfigError, require_batch_fits_mesh
 
 
@@ -88,8 +95,9 @@ class Packed:
 
 
 def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> Packed:
-    """First-fit packing in order (deterministic). Longer examples, non-integer tokens and a
-    loss_mask of another shape than the tokens' are an error."""
+    """Next-fit packing in order (deterministic: each example goes into the last row, or starts
+    a new one). Longer examples, non-integer tokens and a loss_mask of another shape than the
+    tokens' are an error."""
     rows: list[list[Example]] = []
     used: list[int] = []
     for n, ex in enumerate(examples):
@@ -218,18 +226,19 @@ class SFTTrainer:
             # What is trained is a copy: the step donates the state, and the caller keeps its
             # params (full fine-tuning) or its adapter. The frozen base may alias the caller's.
             shardings = param_shardings(params, mesh)
-            params = jax.device_put(
-                params, shardings, may_alias=lora is not None or self._master_of is not None
-            )
+            if lora is not None or self._master_of is not None:
+                params = jax.device_put(params, shardings)
+            else:  # the trained params themselves: a copy
+                params = copy_to_mesh(params, shardings)
             if lora is not None:
-                trainable = jax.device_put(lora, param_shardings(lora, mesh), may_alias=False)
+                trainable = copy_to_mesh(lora, param_shardings(lora, mesh))
             elif self._master_of is not None:  # a new float32 copy (the aliased input stays)
                 to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
                 trainable = jax.jit(to_f32, out_shardings=shardings)(params)
             else:
                 trainable = params
             self.frozen = None if lora is None else params
-            opt_state = jax.jit(self.optimizer.init)(trainable)
+            opt_state = init_sharded(self.optimizer.init, trainable, mesh)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
         self.state = SFTState(trainable, opt_state, step)
         self._cast_back = jax.jit(functools.partial(trained_params, params=self._master_of))
