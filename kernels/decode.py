@@ -128,6 +128,7 @@ def flash_decode(
     gp = max(_MIN_ROWS, pl.next_power_of_2(g))
     dp = max(16, pl.next_power_of_2(d))
     if s < 16 or dp != d:  # tiny caches and odd head dims only: these pay for a padded copy
+        lengths = jnp.minimum(lengths, s)  # the real S, not the padded one, caps the query slot
         s_new = max(s, 16)
         pad = ((0, 0), (0, s_new - s), (0, 0), (0, dp - d))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)

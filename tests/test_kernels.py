@@ -178,6 +178,17 @@ def test_decode_matches_reference(window, softcap, mask_kind, groups, num_splits
     assert rel_err(out[1], last[1, 0]) <= 1e-5
 
 
+def test_decode_of_a_cache_shorter_than_16_slots_with_lengths_past_it():
+    """A cache under 16 slots is padded to 16; lengths beyond the real S must still place the
+    query at slot S - 1 (the window then covers the right keys)."""
+    q, k, v, _ = make_qkv(5, 1, 1, 10, 2, 1, 16)
+    q = q[:, 0]
+    for length in (10, 12):
+        lengths = jnp.asarray([length], jnp.int32)
+        out = kernels.decode_attention(q, k, v, lengths, window=4, impl="pallas", interpret=True)
+        assert rel_err(out, kernels.decode_attention(q, k, v, lengths, window=4)) <= 1e-5
+
+
 def test_splash_tpu_path_in_interpreter():
     """The TPU route (JAX splash attention) reproduces the reference, gradients included."""
     b, t, s, h, kh, d = 2, 100, 130, 4, 2, 32
