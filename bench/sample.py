@@ -72,6 +72,17 @@ def decode_flops_per_token(cfg: Gemma2Config, context: int) -> float:
     return 2 * (cfg.num_layers * (proj + mlp + attn) + d * cfg.vocab_size)
 
 
+def prefill_flops(cfg: Gemma2Config, prompt: int) -> float:
+    """Matmul FLOPs of a prompt's first `prompt - 1` positions (the last one is the first
+    `decode_flops_per_token`): projections, MLP and causal attention; `generate` unembeds only
+    the last position."""
+    d, hd = cfg.d_model, cfg.head_dim
+    proj = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * d * cfg.ffn_dim
+    attn = sum(2 * cfg.num_heads * hd * (p + 1) for p in range(prompt - 1))
+    return 2 * cfg.num_layers * ((prompt - 1) * (proj + mlp) + attn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -128,7 +139,8 @@ def main() -> None:
 
         n_tokens = batch * NEW
         t_hf, t_ours, ratio = alternating_seconds(run_hf, run_ours, args.reps)
-        flops = batch * sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
+        decode = sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
+        flops = batch * (prefill_flops(cfg, PROMPT) + decode)  # all the work `generate` times
         achieved = flops / t_ours
         print(
             f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "

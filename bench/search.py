@@ -118,14 +118,15 @@ def main() -> None:
         f"({jax.default_backend()})"
     )
     print(
-        f"{'B':>3} {'sims/s (all trees)':>19} {'sims/s per tree':>16} {'vs B=1':>7} "
+        f"{'B':>3} {'sims/s (all trees)':>19} {'sims/s per tree':>16} "
+        f"{f'vs B={args.batches[0]}':>7} "
         f"{'outside generate':>17} {'prefill saved':>14}"
     )
     base = None
     for b in args.batches:
         stats, _ = lm_search(b, args.simulations, params, cfg, tokenizer, problems)
         per_tree = stats.simulations / stats.total_seconds
-        base = base or per_tree
+        base = base or b * per_tree  # the first B's rate over all its trees
         outside = 1 - stats.expand_seconds / stats.total_seconds
         saved = 1 - stats.prefilled_tokens / stats.prefilled_without_sharing
         print(
@@ -139,7 +140,7 @@ def main() -> None:
     # Every selected node gets its K thoughts sampled, as every simulation of part 1 does (the
     # random model's thoughts are mostly truncated, so its trees stay small and later
     # selections land on terminal nodes, whose thoughts are dropped).
-    print(f"{'V':>3} {'nodes sampled/s':>16} {'vs V=1':>7}")
+    print(f"{'V':>3} {'nodes sampled/s':>16} {f'vs V={args.leaves[0]}':>7}")
     base = None
     for v in args.leaves:
         stats, _ = lm_search(1, args.simulations, params, cfg, tokenizer, problems, leaves=v)

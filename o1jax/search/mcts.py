@@ -645,7 +645,7 @@ def make_lm_expand_fn(
             lora=lora,
         )
         if stats is not None:
-            n = int(jnp.sum(lengths))
+            n = int(np.sum(np.asarray(lengths)))  # on the host: no jitted sum to compile
             stats.prefilled_tokens += n
             stats.prefilled_without_sharing += n * k
         expansion = expansion_from_samples(out, b * v, k, fmt, first_tokens)  # [B * V, K, ...]
