@@ -215,7 +215,8 @@ def test_more_problems_per_iteration_than_the_file_holds_stop_the_run_before_tra
     after SFT)."""
     rows = [{"question": f"What is {i} plus 1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}
             for i in range(5)]  # fmt: skip
-    for name, part in (("train.jsonl", rows), ("test.jsonl", rows[:2])):
+    held = [{"question": f"What is {i} plus 2?", "answer": f"#### {i + 2}"} for i in range(2)]
+    for name, part in (("train.jsonl", rows), ("test.jsonl", held)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}"]
     config = load_config(SMOKE, data)  # smoke.yaml draws 8 problems an iteration
@@ -230,8 +231,9 @@ def test_data_without_worked_solutions_or_a_missing_pairs_file_leave_the_workdir
     and no config.yaml, so the corrected command may use the same workdir."""
     rows = [{"question": f"What is {i} plus 1?", "answer": f"{i + 1}"} for i in range(12)]
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    path = tmp_path / "answers.jsonl"
-    data = [f"data.path={path}", f"data.test_path={path}", "rl.problems_per_iteration=4"]
+    path, held = tmp_path / "answers.jsonl", tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"question": "What is 1 plus 2?", "answer": "3"}) + "\n")
+    data = [f"data.path={path}", f"data.test_path={held}", "rl.problems_per_iteration=4"]
     message = "none of the 12 train problems of data.path .*answers.jsonl has a worked solution"
     with pytest.raises(ConfigError, match=message):
         pipeline.run(load_config(SMOKE, data), str(tmp_path / "w"))
@@ -266,6 +268,11 @@ def test_a_question_of_data_test_path_never_trains(tmp_path):
     )
     assert [p.question for p in train] == [r["question"] for r in rows[:4]]
     assert len(test) == 2
+    same = [f"data.path={tmp_path / 'test.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}"]
+    with pytest.raises(
+        ConfigError, match=r"every one of its 2 questions is also in data\.test_path"
+    ):
+        run_context.load_problems(load_config(SMOKE, [*same, "rl.problems_per_iteration=1"]))
 
 
 def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(tmp_path):

@@ -163,12 +163,12 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
 
 @pytest.mark.parametrize("test_fraction", [0.05, 0.5])
 def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fraction):
-    """Pairs on a problem the searches are evaluated on (here the built-in task's test split,
-    whatever data.test_fraction says; with data.test_path, that file's) are held out, and so are
-    those in the file's own data.test_fraction hash split; all others train."""
+    """Pairs on a problem the searches are evaluated on (the built-in task's test split; with
+    data.test_path, that file's) are held out, and so are those in the file's own
+    data.test_fraction hash split; all others train."""
     from o1jax.train.pprm_stage import pprm_pairs
 
-    probe = _context(tmp_path / "probe")
+    probe = _context(tmp_path / "probe", f"data.test_fraction={test_fraction}")
     held = [p.question for p in probe.test]
     seen = [p.question for p in probe.train[:20]]
     probe.checkpointer.close()

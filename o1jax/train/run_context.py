@@ -149,7 +149,13 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
     if data.test_path:  # a question of the held-out file never trains
         test = tasks.load_jsonl(data.test_path)
         held_out = {p.question.strip() for p in test}
-        return [p for p in problems if p.question.strip() not in held_out], test
+        train = [p for p in problems if p.question.strip() not in held_out]
+        if not train:
+            raise ConfigError(
+                f"data.path {data.path}: every one of its {len(problems)} questions is also in "
+                f"data.test_path {data.test_path}: nothing left to train on"
+            )
+        return train, test
     train = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "train"]
     test = [p for p in problems if tasks.question_split(p.question, data.test_fraction) == "test"]
     if not train or not test:
