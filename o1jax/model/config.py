@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# config.json keys that must hold positive ints (checked before any arithmetic on them).
-_HF_POSITIVE_INTS = (
+# config.json keys a Gemma2 must give, and those that must hold positive ints (checked before
+# any arithmetic on them).
+_HF_REQUIRED = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -14,9 +15,8 @@ _HF_POSITIVE_INTS = (
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
-    "sliding_window",
-    "max_position_embeddings",
 )
+_HF_POSITIVE_INTS = (*_HF_REQUIRED, "sliding_window", "max_position_embeddings")
 _POSITIVE_INTS = (
     "vocab_size",
     "num_layers",
@@ -171,19 +171,7 @@ class Gemma2Config:
         model_type = d.get("model_type")
         if model_type != "gemma2":
             raise ValueError(f"{source}: model_type is {model_type!r}, expected 'gemma2'")
-        missing = [
-            k
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-            )
-            if k not in d
-        ]
+        missing = [k for k in _HF_REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
         for k in _HF_POSITIVE_INTS:
