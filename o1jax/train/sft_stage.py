@@ -28,10 +28,6 @@ from o1jax.train.run_context import (
 from o1jax.train.sft import Example, SFTConfig, SFTTrainer, pack, trained_params
 
 
-def _questions(problems) -> list[str]:
-    return [p.question for p in problems]
-
-
 def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Example]:
     """Correct chains, journeys with a fixed mistake (a `journey_fraction` of them), and extra
     wrong chains trained on their ratings only (`flawed_fraction`), which teach the rating
@@ -114,7 +110,7 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0, examples=Non
     if start_state is not None:
         trainer.state = start_state
     if examples is None:
-        examples = sft_examples(config, ctx.tokenizer, ctx.train, _questions(ctx.test))
+        examples = sft_examples(config, ctx.tokenizer, ctx.train, [p.question for p in ctx.test])
     packed = pack(
         examples,
         s.seq_len,
