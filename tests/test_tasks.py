@@ -281,3 +281,11 @@ def test_load_trees_reads_the_per_search_subdirectories_evaluate_writes(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no \*.txt long-CoT tree files"):
         tasks.load_trees(tmp_path / "empty")
+
+
+def test_questions_that_differ_only_in_spacing_share_a_split():
+    questions = [f"What is {i} plus {i}?" for i in range(200)]
+    for q in questions:
+        split = tasks.question_split(q, 0.5)
+        for variant in (q.replace(" ", "  "), f" {q}\n", q.replace(" ", "\t")):
+            assert tasks.question_split(variant, 0.5) == split

@@ -93,8 +93,9 @@ class ArithmeticTask:
 
 
 def question_split(question: str, test_fraction: float) -> str:
-    """The split a question belongs to, "test" or "train", fixed by the SHA-256 of its text."""
-    digest = hashlib.sha256(question.encode()).digest()
+    """The split a question belongs to, "test" or "train", fixed by the SHA-256 of its text with
+    its whitespace collapsed (copies that differ only in spacing land in the same split)."""
+    digest = hashlib.sha256(" ".join(question.split()).encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") < test_fraction * 2**64 else "train"
 
 
