@@ -260,3 +260,12 @@ def test_journey():
     ]
     with pytest.raises(ValueError, match="only negative children"):
         longcot.journey([nodes[0], dataclasses.replace(nodes[3], father_id=0, local_id=1)])
+
+
+def test_a_positive_conclusion_that_states_nothing_is_no_right_path():
+    root = longcot.Node(-1, 0, "Start with 3, add 4.", longcot.POSITIVE_RATING, longcot.PROBLEM)
+    step = longcot.Node(0, 1, "3 + 4 = 7", longcot.POSITIVE_RATING, longcot.EXPANSION)
+    empty = longcot.Node(1, 2, " ", longcot.POSITIVE_RATING, longcot.CONCLUSION)
+    stated = longcot.Node(1, 3, "\\boxed{7}", longcot.POSITIVE_RATING, longcot.CONCLUSION)
+    paths = longcot.right_paths([root, step, empty, stated])
+    assert [p[-1].local_id for p in paths] == [3]

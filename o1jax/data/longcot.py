@@ -366,12 +366,13 @@ def tree_to_paths(nodes: Sequence[Node]) -> list[list[Node]]:
 
 
 def right_paths(nodes: Sequence[Node]) -> list[list[Node]]:
-    """The root-to-leaf paths that end in a positively rated `<conclusion>`: the solutions of a
-    rated tree worth imitating, journeys through a criticised step included."""
+    """The root-to-leaf paths that end in a positively rated `<conclusion>` that states
+    something: the solutions of a rated tree worth imitating, journeys through a criticised
+    step included."""
     return [
         p
         for p in tree_to_paths(nodes)
-        if p[-1].action == CONCLUSION and p[-1].rating == POSITIVE_RATING
+        if p[-1].action == CONCLUSION and p[-1].rating == POSITIVE_RATING and p[-1].thought.strip()
     ]
 
 
