@@ -281,6 +281,11 @@ def test_load_trees_reads_the_per_search_subdirectories_evaluate_writes(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no \*.txt long-CoT tree files"):
         tasks.load_trees(tmp_path / "empty")
+    # As an editor may save it: a byte-order mark, Windows line ends, blank lines at the end.
+    edited = tmp_path / "edited.txt"
+    text = "\ufeff" + longcot.render_tree(tree).replace("\n", "\r\n") + "\r\n\r\n"
+    edited.write_bytes(text.encode("utf-8"))
+    assert tasks.load_trees(edited) == [tree]
 
 
 def test_questions_that_differ_only_in_spacing_share_a_split():

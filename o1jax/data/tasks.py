@@ -457,8 +457,10 @@ def load_trees(path: str | Path) -> list[list[Node]]:
         raise DataError(f"{path}: no such file or directory")
     trees = []
     for file in files:
+        # Files saved by editors: a UTF-8 BOM, Windows line ends, blank lines after the tree.
+        text = file.read_text(encoding="utf-8-sig").replace("\r\n", "\n").rstrip("\n")
         try:
-            trees.append(longcot.parse_tree(file.read_text(encoding="utf-8")))
+            trees.append(longcot.parse_tree(text))
         except ValueError as e:  # LongCoTParseError names the offset
             raise DataError(f"{file}: {e}") from None
     return trees
