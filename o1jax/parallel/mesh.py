@@ -132,12 +132,13 @@ def shard_params(tree, mesh: Mesh):
     return jax.device_put(tree, param_shardings(tree, mesh))
 
 
-def copy_to_mesh(tree, shardings):
-    """A copy of `tree` laid out as `shardings` that shares no buffer with it, for state that a
-    step donates. (`jax.device_put(..., may_alias=False)` still hands a single-device array's
-    own buffer to a replicated layout's first device, and the donating step then deletes the
-    caller's array.)"""
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+def copy_to_mesh(tree, mesh: Mesh):
+    """A copy of `tree` laid out on `mesh` by the partition rules that shares no buffer with it,
+    for state that a step donates. (`jax.device_put(..., may_alias=False)` still hands a
+    single-device array's own buffer to a replicated layout's first device, and the donating
+    step then deletes the caller's array.)"""
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings(tree, mesh))
+    return copy(tree)
 
 
 def init_sharded(init_fn, tree, mesh: Mesh):

@@ -181,7 +181,7 @@ class PPRMTrainer:
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh))
             # A copy: the step donates the state, and the caller keeps its adapter.
-            lora = copy_to_mesh(lora, param_shardings(lora, mesh))
+            lora = copy_to_mesh(lora, mesh)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
             self.state = PPRMState(lora, init_sharded(self.optimizer.init, lora, mesh), step)
 

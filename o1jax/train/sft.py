@@ -229,9 +229,9 @@ class SFTTrainer:
             if lora is not None or self._master_of is not None:
                 params = jax.device_put(params, shardings)
             else:  # the trained params themselves: a copy
-                params = copy_to_mesh(params, shardings)
+                params = copy_to_mesh(params, mesh)
             if lora is not None:
-                trainable = copy_to_mesh(lora, param_shardings(lora, mesh))
+                trainable = copy_to_mesh(lora, mesh)
             elif self._master_of is not None:  # a new float32 copy (the aliased input stays)
                 to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
                 trainable = jax.jit(to_f32, out_shardings=shardings)(params)
