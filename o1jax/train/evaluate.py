@@ -282,8 +282,10 @@ def refine_evaluate(
     progress: str | None = "refine",
     tree_dir: str | None = None,
     max_trees: int | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> EvalResult:
     """MCTSr (self-reward) or SR-MCTS (PPRM + EBC) accuracy, without the ground truth.
+    before_batch: called before each batch of searches (it may raise to stop the work).
 
     Records also say whether any solution of the tree was right (`any_correct`: what a perfect
     judge would have picked), whether the first answer (the root) was, and how many refinements
@@ -294,6 +296,8 @@ def refine_evaluate(
     records, n_correct = [], 0
     bar = tqdm(total=len(problems), desc=progress, disable=progress is None, leave=False)
     for start, chunk, questions, prompts, plens in _prompt_batches(tokenizer, problems, batch_size):
+        if before_batch is not None:
+            before_batch()
         result = refine.run(
             params,
             cfg,
