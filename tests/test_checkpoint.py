@@ -1,4 +1,8 @@
-"""Run checkpoints: a round trip, and a clear one-line error for a state of another layout."""
+"""Run checkpoints: a round trip, and a clear one-line error for a state of another layout or a
+damaged checkpoint."""
+
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +56,95 @@ def test_a_save_cut_short_by_a_kill_leaves_no_directory_behind(tmp_path):
     checkpointer.save(3, _state(jnp.ones(4)), {"stage": "sft"})
     checkpointer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
+
+
+def _truncate(path, size=0):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _largest_file(directory):
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+# A saved checkpoint damaged after the fact (a disk fault, a partial copy between machines).
+# The state is one array, so orbax has no other reads in flight when the damaged one fails.
+DAMAGES = {
+    "the state item deleted": (
+        lambda step: shutil.rmtree(step / "state"),
+        'Item "state" was not found',
+    ),
+    "its tree metadata truncated": (lambda step: _truncate(step / "state" / "_METADATA", 9), ""),
+    "its array file truncated": (
+        lambda step: _truncate(_largest_file(step / "state" / "ocdbt.process_0"), 2000),
+        "",
+    ),
+    "the JSON record not an object": (
+        lambda step: (step / "meta" / "metadata").write_text("[1, 2]"),
+        "the JSON record is a list, not an object",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_its_step_directory(tmp_path, damage):
+    state = {"lora": jnp.arange(100_000, dtype=jnp.float32)}  # [100000]: its own data file
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(3, state, {"stage": "rl"})
+    checkpointer.close()
+    corrupt, says = DAMAGES[damage]
+    corrupt(tmp_path / "3")
+    checkpointer = Checkpointer(str(tmp_path))  # as a resumed run opens it
+    with pytest.raises(CheckpointError) as error:
+        checkpointer.restore(3, state)
+    checkpointer.close()
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 600
+    assert message.startswith(f"{tmp_path / '3'}: unreadable, the checkpoint is incomplete or")
+    assert says in message
+
+
+def test_a_damaged_json_record_is_a_checkpoint_error_for_read_meta_too(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(5, _state(jnp.ones(4)), {"stage": "sft", "step": 5})
+    _truncate(tmp_path / "5" / "meta" / "metadata", 3)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / '5'}: unreadable.*JSONDecodeError"):
+        checkpointer.read_meta()
+    checkpointer.close()
+
+
+def test_an_interrupt_while_restoring_is_not_turned_into_a_checkpoint_error(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(str(tmp_path))
+    checkpointer.save(1, _state(jnp.ones(4)), {"stage": "sft"})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointer._manager, "restore", interrupted)
+    for read in (lambda: checkpointer.restore(1, _state(jnp.ones(4))), checkpointer.read_meta):
+        with pytest.raises(KeyboardInterrupt):
+            read()
+    checkpointer.close()
+
+
+def test_train_py_on_a_workdir_with_a_damaged_checkpoint_exits_2_with_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """The resumed run reads the latest checkpoint's record first: a damaged one stops it with
+    one `error:` line naming that step's directory, before anything is trained."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(root)
+    import train
+
+    workdir = tmp_path / "w"
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    checkpointer.save(1, _state(jnp.ones(4)), {"stage": "sft", "step": 1})
+    checkpointer.close()
+    _truncate(workdir / "checkpoints" / "1" / "meta" / "metadata", 3)
+    config = os.path.join(root, "configs", "smoke.yaml")
+    assert train.main(["--config", config, "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert len(lines) == 1, err[-5:]
+    assert lines[0].startswith(f"error: {workdir / 'checkpoints' / '1'}: unreadable")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 
 import jax
@@ -52,17 +53,26 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def read_meta(self, step: int | None = None) -> dict | None:
+        """The JSON record saved at `step` (None: the latest; None when there is none). A record
+        that cannot be read is a `CheckpointError` naming the step directory (`restore`)."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored.meta)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            return _record(restored.meta)
+        except Exception as e:  # what orbax raises varies (`_unreadable`)
+            raise self._unreadable(step, e) from e
 
     def restore(self, step: int, like) -> tuple[object, dict]:
         """The state saved at `step`, with the structure, dtypes and shardings of `like`.
 
-        Raises `CheckpointError` (one line, naming the checkpoint) when the saved state does not
-        have `like`'s structure or shapes, e.g. one written by another version of o1jax."""
+        Raises `CheckpointError` (one line, naming the step directory and what was wrong) when
+        the saved state does not have `like`'s structure or shapes (e.g. one written by another
+        version of o1jax), or when the checkpoint cannot be read: an item, a metadata or an array
+        file missing, truncated or garbled. KeyboardInterrupt and SystemExit pass through."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
             restored = self._manager.restore(
@@ -71,18 +81,60 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
                 ),
             )
-        except ValueError as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{os.path.join(self.directory, str(step))}: the saved state does not match this "
-                f"run's ({reason}); was it written by another version of o1jax? Start a new "
-                "--workdir"
-            ) from e
-        return restored.state, dict(restored.meta)
+            return restored.state, _record(restored.meta)
+        except Exception as e:  # what orbax raises varies (`_unreadable`)
+            raise self._unreadable(step, e) from e
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        """`error`, raised by orbax reading `step`, as one line naming the step directory.
+
+        Orbax raises ValueError for a state of another tree structure or shape, KeyError for a
+        missing item ('Item "state" was not found'), json / tensorstore ValueErrors, FileNotFound
+        or a bare Exception (wrapping tensorstore's "OUT_OF_RANGE" / "DATA_LOSS") for missing or
+        truncated files, and AttributeError / TypeError / KeyError for valid JSON metadata of the
+        wrong form; the innermost cause says most."""
+        path = os.path.join(self.directory, str(step))
+        reason = _reason(error)
+        if any(m in reason for m in _MISMATCH):
+            return CheckpointError(
+                f"{path}: the saved state does not match this run's ({reason}); was it written "
+                "by another version of o1jax? Start a new --workdir"
+            )
+        return CheckpointError(
+            f"{path}: unreadable, the checkpoint is incomplete or damaged ({reason}); delete "
+            "this directory to resume from the checkpoint before it, or start a new --workdir"
+        )
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# What orbax says of a readable state whose structure or shapes differ from the run's.
+_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+# The tail of tensorstore messages: the JSON spec of the array (hundreds of characters).
+_SPEC_RE = re.compile(r"\s*\[tensorstore_spec.*$|\s*See full TensorStore details.*$")
+_DRIVER_RE = re.compile(r'Error opening "\w+" driver: ')
+
+
+def _record(meta) -> dict:
+    """The saved JSON record; one that is not a JSON object is a damaged checkpoint."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"the JSON record is a {type(meta).__name__}, not an object")
+    return dict(meta)
+
+
+def _reason(error: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of `error` (tensorstore's spec and driver chatter
+    cut), prefixed by its type unless that is ValueError or Exception, at most `limit` chars."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    text = _DRIVER_RE.sub("", _SPEC_RE.sub("", lines[0])).rstrip(" :") if lines else ""
+    if type(error) not in (ValueError, Exception) or not text:
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class PreemptionFlag:
