@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     on_mesh = lambda tree: jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
         tree,
-        param_shardings(tree, mesh),
+        param_shardings(tree, mesh, heads=base),
     )
     row_struct = lambda shape, dt: jax.ShapeDtypeStruct(
         shape, dt, sharding=batch_sharding(mesh, len(shape))

@@ -23,9 +23,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:8.2f} GiB"
 
 
-def per_device_bytes(tree, mesh: dict[str, int]) -> float:
+def per_device_bytes(tree, mesh: dict[str, int], heads=None) -> float:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) placed by the partition
-    rules (`o1jax.parallel.mesh.spec_for`: a dimension the axis does not divide is replicated)."""
+    rules (`o1jax.parallel.mesh.spec_for`: a dimension the axis does not divide is replicated;
+    with the model config `heads`, attention projections split over tensor in whole heads only)."""
     import jax
     import numpy as np
 
@@ -35,7 +36,7 @@ def per_device_bytes(tree, mesh: dict[str, int]) -> float:
     total = 0.0
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape = tuple(np.shape(x))
-        spec = spec_for(_path_str(path), shape, sizes)  # one axis name or None per dimension
+        spec = spec_for(_path_str(path), shape, sizes, heads)  # an axis name or None per dim
         shards = math.prod(mesh[axis] for axis in spec if axis is not None)
         total += math.prod(shape) * np.dtype(x.dtype).itemsize / shards
     return total
@@ -81,14 +82,17 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     kv = 2 * cfg.num_layers * rows * context * cfg.num_kv_heads * cfg.head_dim * param_bytes
     experience = 4 * (context + 8) + 4 * s.thought_length
     data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
-    out = {"base params": per_device_bytes(params, mesh)}
+    out = {"base params": per_device_bytes(params, mesh, cfg)}
     if config.sft.full_finetune:
-        out[f"trained copy of the params ({_dtype_name(master)})"] = per_device_bytes(master, mesh)
-    out[f"LoRA adapter ({_dtype_name(adapter)})"] = per_device_bytes(adapter, mesh)
-    out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh)
-    # Self-play samples under the run's mesh, its rows split over the devices; the prompts' own
-    # prefill cache ([B] rows) stays beside the K-fold repeated one.
-    out["KV cache (self-play)"] = kv * (1 + 1 / s.num_children) / (data * fsdp * tensor)
+        trained = per_device_bytes(master, mesh, cfg)
+        out[f"trained copy of the params ({_dtype_name(master)})"] = trained
+    out[f"LoRA adapter ({_dtype_name(adapter)})"] = per_device_bytes(adapter, mesh, cfg)
+    out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh, cfg)
+    # Self-play samples under the run's mesh, its rows split over data x fsdp and its kv heads
+    # over tensor when they divide by it (else every device holds them all, as it does k_proj
+    # and v_proj); the prompts' own prefill cache ([B] rows) stays beside the repeated one.
+    kv_split = tensor if cfg.num_kv_heads % tensor == 0 else 1
+    out["KV cache (self-play)"] = kv * (1 + 1 / s.num_children) / (data * fsdp * kv_split)
     out["replay buffer (one device)"] = config.rl.buffer_capacity * experience
     return out
 
@@ -153,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, size in rows.items():
         print(f"  {name:<28}{_gib(size)} per device")
     print(f"  {'total (before activations)':<28}{_gib(sum(rows.values()))} per device")
+    for part, count, name in (
+        ("q_proj/o_proj", cfg.num_heads, "query"),
+        ("k_proj/v_proj and the KV cache", cfg.num_kv_heads, "kv"),
+    ):
+        if mesh["tensor"] > 1 and count % mesh["tensor"]:
+            print(
+                f"  {part}: replicated over tensor={mesh['tensor']} ({count} {name} heads do not "
+                "split into whole heads per device)"
+            )
     print(
         "activations and temporaries of the SFT step (remat, sft.loss_chunk, "
         f"sft.micro_batch_size): python bench/memory.py --config {args.config} "

@@ -169,7 +169,7 @@ def load_hf(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None)
     shapes = {}
     for _, ours, _ in wanted:
         _set(shapes, ours, jax.ShapeDtypeStruct(expected_shape(cfg, ours), np_dtype))
-    shardings = param_shardings(shapes, mesh) if mesh is not None else None
+    shardings = param_shardings(shapes, mesh, heads=cfg) if mesh is not None else None
 
     with contextlib.ExitStack() as stack:
         handles = {

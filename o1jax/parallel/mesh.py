@@ -6,6 +6,10 @@ FFN columns split). A batch is split over ("data", "fsdp").
 
 A rule names an axis for each dimension; a dimension that the axis size does not divide is left
 replicated instead (tiny models have single kv heads), so the same rules serve every model size.
+Given the model's config (`heads=cfg`), `tensor` splits the attention projections only in whole
+heads: q/o when it divides the query heads, k/v when it divides the kv heads, else they stay
+replicated over it (Megatron's and MaxText's layout: Gemma2-2B's 4 kv heads at tensor 8 are
+computed whole on every device, not all-gathered in every layer from half heads).
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:
+    from o1jax.model.config import Gemma2Config
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,6 +41,13 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(o_proj|down_proj)/a$", ("tensor", None)),  # LoRA A [in, r]
     (r"(o_proj|down_proj)/b$", (None, "fsdp")),  # LoRA B [r, D]
     (r"scale$", (None,)),  # norms [D]
+)
+# Params whose "tensor" dimension holds attention heads, head-major with `head_dim` each (q_proj's
+# outputs and o_proj's inputs H*Hd; k_proj's and v_proj's outputs K*Hd), and the config field
+# that counts those heads.
+HEAD_PARAMS: tuple[tuple[str, str], ...] = (
+    (r"(q_proj|o_proj)/(kernel|a|b)$", "num_heads"),
+    (r"(k_proj|v_proj)/(kernel|a|b)$", "num_kv_heads"),
 )
 
 
@@ -108,43 +123,70 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of one array, by the first matching rule (replicated if none)."""
+def _splits(path: str, axis: str | None, dim: int, mesh: Mesh, heads) -> bool:
+    """Whether `axis` splits dimension `dim` of the param at `path` (see `spec_for`)."""
+    if axis is None:
+        return False
+    whole = dim  # the units a split must not cut: heads of a head dimension, else elements
+    if axis == "tensor" and heads is not None:
+        for pattern, field in HEAD_PARAMS:
+            if re.search(pattern, path):
+                whole = getattr(heads, field)
+                if dim != whole * heads.head_dim:
+                    raise ValueError(
+                        f"{path}: dimension {dim} is not {field}={whole} x "
+                        f"head_dim={heads.head_dim} of the model config"
+                    )
+                break
+    return mesh.shape[axis] > 1 and whole % mesh.shape[axis] == 0
+
+
+def spec_for(
+    path: str, shape: tuple[int, ...], mesh: Mesh, heads: Gemma2Config | None = None
+) -> PartitionSpec:
+    """The PartitionSpec of one array, by the first matching rule (replicated if none).
+
+    heads: the model's config (its num_heads, num_kv_heads, head_dim): the q/k/v/o dimensions of
+    HEAD_PARAMS are then split over "tensor" only in whole heads. Without it, any dimension the
+    axis divides is split, mid-head if need be.
+    """
     for pattern, axes in PARAM_RULES:
         if re.search(pattern, path) and len(axes) == len(shape):
             dims = [
-                ax if ax is not None and dim % mesh.shape[ax] == 0 and mesh.shape[ax] > 1 else None
+                ax if _splits(path, ax, dim, mesh, heads) else None
                 for ax, dim in zip(axes, shape, strict=True)
             ]
             return PartitionSpec(*dims)
     return PartitionSpec()
 
 
-def param_shardings(tree, mesh: Mesh):
-    """A pytree of NamedShardings matching `tree` (params, LoRA weights, or optimizer state)."""
+def param_shardings(tree, mesh: Mesh, heads: Gemma2Config | None = None):
+    """A pytree of NamedShardings matching `tree` (params, LoRA weights, or optimizer state);
+    `heads`: the model's config, for whole-head tensor splits (`spec_for`)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, spec_for(_path_str(p), tuple(np.shape(x)), mesh)), tree
+        lambda p, x: NamedSharding(mesh, spec_for(_path_str(p), tuple(np.shape(x)), mesh, heads)),
+        tree,
     )
 
 
-def shard_params(tree, mesh: Mesh):
+def shard_params(tree, mesh: Mesh, heads: Gemma2Config | None = None):
     """Places every array of `tree` on `mesh` by the partition rules."""
-    return jax.device_put(tree, param_shardings(tree, mesh))
+    return jax.device_put(tree, param_shardings(tree, mesh, heads))
 
 
-def copy_to_mesh(tree, mesh: Mesh):
+def copy_to_mesh(tree, mesh: Mesh, heads: Gemma2Config | None = None):
     """A copy of `tree` laid out on `mesh` by the partition rules that shares no buffer with it,
     for state that a step donates. (`jax.device_put(..., may_alias=False)` still hands a
     single-device array's own buffer to a replicated layout's first device, and the donating
     step then deletes the caller's array.)"""
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings(tree, mesh))
-    return copy(tree)
+    shardings = param_shardings(tree, mesh, heads)
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def init_sharded(init_fn, tree, mesh: Mesh):
+def init_sharded(init_fn, tree, mesh: Mesh, heads: Gemma2Config | None = None):
     """`init_fn(tree)` (an optimizer's init) laid out by the partition rules from the start: a
     plain jit would make Adam's moments whole on every device until the first step."""
-    shardings = param_shardings(jax.eval_shape(init_fn, tree), mesh)
+    shardings = param_shardings(jax.eval_shape(init_fn, tree), mesh, heads)
     return jax.jit(init_fn, out_shardings=shardings)(tree)
 
 

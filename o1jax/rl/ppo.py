@@ -335,11 +335,11 @@ class PPOTrainer:
         self.rating_tokens = tuple(int(t) for t in rating_tokens)
         self.optimizer = make_optimizer(config)
         with jax.set_mesh(mesh):
-            self.params = jax.device_put(params, param_shardings(params, mesh))
+            self.params = jax.device_put(params, param_shardings(params, mesh, heads=cfg))
             # A copy: the update donates the state, and the caller keeps its adapter.
-            lora = copy_to_mesh(lora, mesh)
+            lora = copy_to_mesh(lora, mesh, heads=cfg)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-            self.state = TrainState(lora, init_sharded(self.optimizer.init, lora, mesh), step)
+            self.state = TrainState(lora, init_sharded(self.optimizer.init, lora, mesh, cfg), step)
 
     @property
     def lora(self):

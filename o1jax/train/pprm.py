@@ -179,11 +179,11 @@ class PPRMTrainer:
             optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
         )
         with jax.set_mesh(mesh):
-            self.params = jax.device_put(params, param_shardings(params, mesh))
+            self.params = jax.device_put(params, param_shardings(params, mesh, heads=cfg))
             # A copy: the step donates the state, and the caller keeps its adapter.
-            lora = copy_to_mesh(lora, mesh)
+            lora = copy_to_mesh(lora, mesh, heads=cfg)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-            self.state = PPRMState(lora, init_sharded(self.optimizer.init, lora, mesh), step)
+            self.state = PPRMState(lora, init_sharded(self.optimizer.init, lora, mesh, cfg), step)
 
     @property
     def lora(self):

@@ -225,20 +225,20 @@ class SFTTrainer:
         with jax.set_mesh(mesh):
             # What is trained is a copy: the step donates the state, and the caller keeps its
             # params (full fine-tuning) or its adapter. The frozen base may alias the caller's.
-            shardings = param_shardings(params, mesh)
+            shardings = param_shardings(params, mesh, heads=cfg)
             if lora is not None or self._master_of is not None:
                 params = jax.device_put(params, shardings)
             else:  # the trained params themselves: a copy
-                params = copy_to_mesh(params, mesh)
+                params = copy_to_mesh(params, mesh, heads=cfg)
             if lora is not None:
-                trainable = copy_to_mesh(lora, mesh)
+                trainable = copy_to_mesh(lora, mesh, heads=cfg)
             elif self._master_of is not None:  # a new float32 copy (the aliased input stays)
                 to_f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
                 trainable = jax.jit(to_f32, out_shardings=shardings)(params)
             else:
                 trainable = params
             self.frozen = None if lora is None else params
-            opt_state = init_sharded(self.optimizer.init, trainable, mesh)
+            opt_state = init_sharded(self.optimizer.init, trainable, mesh, heads=cfg)
             step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
         self.state = SFTState(trainable, opt_state, step)
         self._cast_back = jax.jit(functools.partial(trained_params, params=self._master_of))
