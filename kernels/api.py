@@ -8,17 +8,24 @@ Both validate their inputs (errors name the argument and shape at fault), then d
     impl="pallas", TPU                splash attention (splash.py); decode falls back to "xla"
     impl="pallas", interpret=True     the flash / decode kernels in the Pallas interpreter (CPU)
     impl="pallas", CPU, no interpret  ValueError (Pallas cannot compile for the CPU)
+
+Sharding: XLA cannot partition a Pallas call, so under a mesh (`jax.set_mesh`) it would
+all-gather q/k/v and compute the whole batch on every device. `attention(impl="pallas")` runs
+the kernel in `jax.shard_map` instead (kernels/sharded.py): rows split over `batch_axes`, heads
+over `head_axis` where they divide. No mesh or a 1-device mesh: the plain call. `impl="xla"`
+and `decode_attention` are left to XLA's partitioner.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import decode, flash, reference, splash
+from kernels import decode, flash, reference, sharded, splash
 
 _IMPLS = ("xla", "pallas")
 
@@ -81,6 +88,8 @@ def attention(
     impl: str = "xla",
     interpret: bool = False,
     block_sizes: flash.BlockSizes | None = None,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+    head_axis: str | None = "tensor",
 ) -> jax.Array:
     """Gemma2 attention: soft-cap before the mask, sliding window, GQA, key mask.
 
@@ -90,7 +99,9 @@ def attention(
     requires causal). mask: optional [B, S] bool key validity (padding is never attended; a row
     with no visible key returns zeros). scale defaults to D ** -0.5; softcap c maps scores s to
     c * tanh(s / c). block_sizes: Pallas tiles (default per backend, see flash.BlockSizes).
-    Returns [B, T, H, D] in q's dtype. Differentiable (the Pallas path has its own VJP).
+    batch_axes / head_axis: mesh axes the Pallas path splits rows / heads over under a mesh
+    (axes the mesh lacks are ignored; see kernels/sharded.py). Returns [B, T, H, D] in q's
+    dtype. Differentiable (the Pallas path has its own VJP).
     """
     if q.ndim != 4:
         raise ValueError(f"attention: q must be [B, T, H, D], got shape {q.shape}")
@@ -108,11 +119,8 @@ def attention(
     )
     if window is not None and not causal:
         raise ValueError("attention: window is only defined for causal attention (causal=True)")
-    return _attention(
-        q,
-        k,
-        v,
-        mask,
+    kernel = functools.partial(
+        _attention,
         causal=bool(causal),
         softcap=None if softcap is None else float(softcap),
         window=None if window is None else int(window),
@@ -120,6 +128,11 @@ def attention(
         impl=impl,
         interpret=bool(interpret),
         block_sizes=block_sizes,
+    )
+    if impl == "xla":  # XLA partitions the reference itself
+        return kernel(q, k, v, mask)
+    return sharded.shard_attention(
+        kernel, q, k, v, mask, batch_axes=tuple(batch_axes), head_axis=head_axis
     )
 
 

@@ -186,7 +186,10 @@ class Attention(nn.Module):
             )
         elif cfg.attention_impl == "pallas" and segments is None:
             import kernels  # the Pallas kernels live in a top-level package beside o1jax
+            from o1jax.parallel.mesh import BATCH_AXES
 
+            # Under a mesh each device runs the kernel on its own rows and heads (shard_map):
+            # XLA cannot partition the Pallas call and would all-gather q, k and v.
             out = kernels.attention(
                 q,
                 k,
@@ -198,6 +201,8 @@ class Attention(nn.Module):
                 mask=token_mask,
                 impl="pallas",
                 interpret=jax.default_backend() == "cpu",
+                batch_axes=BATCH_AXES,
+                head_axis="tensor",
             )
         else:
             allowed = attention_mask_from_positions(positions, key_positions, window, segments)
