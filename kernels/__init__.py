@@ -5,7 +5,8 @@
 
 Modules: `reference` (pure JAX, the semantics), `flash` (Pallas forward + backward, Triton
 style), `decode` (Pallas split-K decode), `splash` (TPU via JAX's splash attention), `tiles`
-(in-kernel pieces shared by the kernels), `api` (validation and dispatch).
+(in-kernel pieces shared by the kernels), `sharded` (the kernels under a device mesh, one
+shard_map per call), `api` (validation and dispatch).
 """
 
 from kernels.api import attention, decode_attention

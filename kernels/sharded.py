@@ -3,7 +3,7 @@
 XLA cannot partition a Pallas custom call. Given q/k/v whose batch is split over devices, it
 all-gathers them and every device computes the whole batch's attention (N times the work on N
 devices). `shard_attention` runs the kernel inside `jax.shard_map` over the mesh of the
-enclosing `jax.set_mesh` (or the deprecated `with mesh:`) instead:
+enclosing `jax.set_mesh` (how every o1jax train step and search sets its mesh) instead:
 
     batch   split over the `batch_axes` present in the mesh whose sizes divide B (in order);
             q, k, v, the key mask and the output alike
@@ -28,18 +28,10 @@ from jax.sharding import PartitionSpec as P
 
 
 def context_mesh():
-    """The mesh of the enclosing `jax.set_mesh` (abstract under jit), else that of a legacy
-    `with mesh:` block, else None."""
+    """The mesh of the enclosing `jax.set_mesh` (abstract under jit), else None. (The deprecated
+    `with mesh:` block sets no abstract mesh; under it the kernel is called unsharded.)"""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        return mesh
-    try:  # `with mesh:` (deprecated) sets only the physical mesh
-        from jax._src.mesh import thread_resources
-
-        physical = thread_resources.env.physical_mesh
-    except (ImportError, AttributeError):
-        return None
-    return None if physical.empty else physical
+    return None if mesh.empty else mesh
 
 
 def _axes_dividing(mesh, names: Sequence[str], dim: int) -> tuple[str, ...]:
