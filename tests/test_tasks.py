@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def test_load_jsonl(tmp_path):
         {
             "question": "Natalia sold 48 clips...",
             "answer": "She sold 48/2 = <<48/2=24>>24.\n"
-            "In all 48+24 = <<48+24=72>>72 clips.\n#### 1,072",
+            "In all 1000+72 = <<1000+72=1072>>1,072 clips.\n#### 1,072",
         },
         {"problem": "Find x.", "solution": "We get $x = \\frac{1}{2}$.\n\nSo $\\boxed{\\frac12}$."},
         {"problem": "AIME 1", "answer": 204, "id": "aime-1"},
@@ -166,13 +167,49 @@ def test_load_jsonl(tmp_path):
     assert [x.id for x in p[:3]] == ["data-1", "data-3", "aime-1"]  # file stem, line; or "id"
     assert p[0].steps == (
         "<expansion>She sold 48/2 = 24.",
-        "<expansion>In all 48+24 = 72 clips.",
+        "<expansion>In all 1000+72 = 1,072 clips.",
         "<conclusion>\\boxed{1072}",
     )
     assert p[1].steps[-1] == "<conclusion>\\boxed{\\frac12}" and len(p[1].steps) == 3
     assert p[2].steps == () and p[4].steps == ()
     assert tasks.sft_text(p[0]).count("<expansion>") == 2
     assert len(tasks.journey_solution(p[0], 0)) == len(p[0].steps) + 3
+
+
+def test_solutions_that_conclude_what_they_did_not_compute_load_without_steps(tmp_path):
+    """A worked solution whose last result disagrees with the row's answer would teach SFT to
+    conclude what the steps did not compute: such rows load without steps (kept for evaluation
+    and RL), and one warning names the file, their count and the first lines."""
+    gsm = lambda last, final: {
+        "question": f"q{last}{final}",
+        "answer": f"a = {last}.\n#### {final}",
+    }
+    rows = [
+        gsm(72, 72),
+        gsm(72, 73),  # line 2: GSM8K's "... = 72 #### 73"
+        {"problem": "m", "solution": "So $x = 3$.\n\nThus $\\boxed{4}$.", "answer": "5"},
+        gsm("$1,072", "1,072"),  # agrees, written with '$' and a thousands separator
+        {"problem": "p", "solution": "x = 2 * 3.\n\nSo \\boxed{6}.", "answer": "6"},
+        gsm("5 * 3", 16),  # an expression after the last '=': no verdict
+        gsm(10, 11),
+        gsm(20, 21),
+    ]
+    path = _write(tmp_path, rows)
+    with pytest.warns(tasks.DataWarning) as caught:
+        problems = tasks.load_jsonl(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}: 4 of 8 problems have a worked solution that concludes")
+    assert "line 2: its last step computes 72, its answer is 73" in message
+    assert "line 3: its solution boxes 4, its answer is 5" in message
+    assert "line 7" in message and "line 8" not in message and "and 1 more" in message
+    assert [p.answer for p in problems] == ["72", "73", "5", "1072", "6", "16", "11", "21"]
+    assert [bool(p.steps) for p in problems] == [True, False, False, True, True, True, False, False]
+    with pytest.warns(tasks.DataWarning, match=r"^row 1: its last step computes 72, its answer"):
+        assert tasks.problem_from_row(rows[1], "row 1", "r1").steps == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(tasks.load_jsonl(_write(tmp_path, [rows[0], rows[3]], "clean.jsonl"))) == 2
 
 
 def test_gsm8k_commas_go_only_from_thousands_separators(tmp_path):

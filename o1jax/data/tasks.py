@@ -16,7 +16,9 @@ import dataclasses
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,11 @@ from o1jax.data.longcot import CONCLUSION, EXPANSION, NEGATIVE_RATING, POSITIVE_
 
 class DataError(ValueError):
     """A data file or row that cannot be read as problems; the message names where and why."""
+
+
+class DataWarning(UserWarning):
+    """Rows that load, but not all of them: the message names the file, the count and the first
+    few lines (e.g. worked solutions that conclude something else than their steps computed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +318,24 @@ def _lines_to_steps(lines: Iterable[str], answer: str) -> tuple[str, ...]:
 
 def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
     """A Problem from one record in GSM8K (`question`, `answer` with `#### N`) or MATH / AIME
-    (`problem`, `solution` with `\\boxed{}` and / or `answer`) form. `where` prefixes errors."""
+    (`problem`, `solution` with `\\boxed{}` and / or `answer`) form. `where` prefixes errors.
+
+    A worked solution that concludes something else than it computed (`solution_conflict`) is
+    left out: the Problem keeps its question and answer, with no steps (a DataWarning says so;
+    the loaders warn once per file instead)."""
+    problem, conflict = _read_row(row, where, default_id)
+    if conflict is None:
+        return problem
+    warnings.warn(
+        f"{where}: {conflict}; its worked solution is left out (no SFT text)",
+        DataWarning,
+        stacklevel=2,
+    )
+    return dataclasses.replace(problem, steps=())
+
+
+def _read_row(row: Mapping, where: str, default_id: str) -> tuple[Problem, str | None]:
+    """(`problem_from_row`'s Problem with its steps, `solution_conflict` of the row or None)."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     field = "question" if "question" in row else "problem" if "problem" in row else None
@@ -369,7 +393,62 @@ def problem_from_row(row: Mapping, where: str, default_id: str) -> Problem:
         longcot.chain(question, steps)
     except ValueError as e:
         raise DataError(f"{where}: field {source!r}: {e}") from e
-    return Problem(pid, question, answer, steps)
+    # An answer read from the solution's own \boxed{} agrees with it by construction.
+    conflict = None
+    if steps and (source == "answer" or row.get("answer") not in (None, "")):
+        conflict = solution_conflict(steps[:-1], answer)
+    return Problem(pid, question, answer, steps), conflict
+
+
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_PLAIN_NUMBER_RE = re.compile(rf"\$?\s*({_NUMBER})\s*(%?)")
+# What the last '=' of a step is followed by: a plain number ("= 72 clips", "= $1,072.50",
+# "= 25%"), not the start of an expression ("= 5 * 3", "= 1/2", "= 2(3)") or a longer number.
+_STATED_RE = re.compile(
+    rf"\s*\$?\s*({_NUMBER})(?![\d,]\d|\.\d|\s*[-+*/×÷^(]\s*[\d($.]|\s*x\s*\d)\s*(%?)"
+)
+
+
+def _plain_number(match: re.Match) -> tuple[Fraction, bool]:
+    return Fraction(match.group(1).replace(",", "")), match.group(2) == "%"
+
+
+def _same_number(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
+    """Whether two plain numbers agree; a percent "25%" also reads as 0.25."""
+    (x, x_pct), (y, y_pct) = a, b
+    xs = {x, x / 100} if x_pct and not y_pct else {x}
+    ys = {y, y / 100} if y_pct and not x_pct else {y}
+    return bool(xs & ys)
+
+
+def solution_conflict(thoughts: Iterable[str], answer: str) -> str | None:
+    """Why a worked solution (its thoughts before the `<conclusion>`) disagrees with `answer`,
+    or None when it agrees or the check cannot tell.
+
+    The solution's own final answer is its last `\\boxed{}` (MATH), else the number after the
+    last '=' of its last thought when no other number follows (GSM8K: "In all 48+24 = 72 clips."
+    before "#### 72"). Only two plain numbers are compared (thousands separators, '$' and '%'
+    allowed); an expression, a fraction or a last thought stating no result is no evidence.
+    """
+    thoughts = [t.split(">", 1)[1] if t.startswith("<") else t for t in thoughts]
+    if not thoughts:
+        return None
+    boxed = next((b for t in reversed(thoughts) if (b := last_boxed(t)) is not None), None)
+    if boxed is not None:
+        said, what = boxed.strip(), "its solution boxes"
+        stated = _PLAIN_NUMBER_RE.fullmatch(said)
+    elif "=" in thoughts[-1]:
+        tail = thoughts[-1].rsplit("=", 1)[1]
+        stated = _STATED_RE.match(tail)
+        if stated and re.search(r"\d", tail[stated.end() :]):  # "= 4, so 7 in all": no verdict
+            return None
+        said, what = (stated.group(1) if stated else ""), "its last step computes"
+    else:
+        return None
+    truth = _PLAIN_NUMBER_RE.fullmatch(answer.strip())
+    if stated is None or truth is None or _same_number(_plain_number(stated), _plain_number(truth)):
+        return None
+    return f"{what} {said}, its answer is {answer}"
 
 
 def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
@@ -402,16 +481,42 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
 def load_jsonl(path: str | Path) -> list[Problem]:
     """Problems from a JSON-lines file (GSM8K or MATH / AIME rows; blank lines skipped).
 
-    Errors (DataError) name the file, the line number and the field.
+    Errors (DataError) name the file, the line number and the field. Rows whose worked solution
+    concludes something else than its steps computed ("... = 72 clips. #### 73", or a boxed 72
+    with an 'answer' of 73; `solution_conflict`) still load, as problems without steps: real
+    data sets have a few, and one of them must not stop a run, but SFT on it would teach a
+    solution whose conclusion does not follow from its steps. Their question and answer still
+    serve evaluation and RL. One DataWarning gives their count, the file and the first lines.
     """
     stem = Path(path).stem
-    return [problem_from_row(row, where, f"{stem}-{n}") for where, n, row in jsonl_rows(path)]
+    rows = [
+        (f"line {n}", _read_row(row, where, f"{stem}-{n}")) for where, n, row in jsonl_rows(path)
+    ]
+    return _without_conflicting_steps(rows, str(path))
+
+
+def _without_conflicting_steps(rows, source: str) -> list[Problem]:
+    """The problems of `rows` [(where, (problem, conflict))], those with a conflict without their
+    steps, and one DataWarning naming `source`, the count and the first few of them."""
+    bad = [(where, conflict) for where, (_, conflict) in rows if conflict is not None]
+    if bad:
+        first = "; ".join(f"{where}: {conflict}" for where, conflict in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        warnings.warn(
+            f"{source}: {len(bad)} of {len(rows)} problems have a worked solution that concludes "
+            f"something else than it computed ({first}{more}); their solutions are left out of "
+            "SFT, the problems kept for evaluation and RL",
+            DataWarning,
+            stacklevel=3,
+        )
+    return [p if c is None else dataclasses.replace(p, steps=()) for _, (p, c) in rows]
 
 
 def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:
     """Problems from a directory written by `datasets.save_to_disk` (a Dataset or DatasetDict).
 
     Needs the optional `datasets` package. split: required when the directory holds several.
+    Rows whose worked solution contradicts their answer lose their steps, as in `load_jsonl`.
     """
     try:
         import datasets
@@ -435,10 +540,11 @@ def load_hf_disk(path: str | Path, split: str | None = None) -> list[Problem]:
     elif split is not None:
         raise DataError(f"{path} holds a single Dataset, not splits; pass split=None")
     tag = split or "data"
-    return [
-        problem_from_row(row, f"{path}[{tag}] row {i}", f"{path.name}-{tag}-{i}")
+    rows = [
+        (f"row {i}", _read_row(row, f"{path}[{tag}] row {i}", f"{path.name}-{tag}-{i}"))
         for i, row in enumerate(data)
     ]
+    return _without_conflicting_steps(rows, f"{path}[{tag}]")
 
 
 def load_trees(path: str | Path) -> list[list[Node]]:
