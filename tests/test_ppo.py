@@ -80,13 +80,17 @@ def test_first_update_has_ratio_one_and_kl_zero_exactly(base):
 
 def test_new_priorities_are_on_the_scale_of_the_raw_advantages(base):
     """A replayed item's priority must be comparable with a new item's |advantage| + 1e-6 (what
-    the RL stage adds it with): at ratio 1 (one epoch, no value loss) they are equal, also for an
-    item of advantage 0, which the batch normalisation would give a nonzero advantage."""
+    the RL stage adds it with): at ratio 1 (one epoch) they are equal, also for an item of
+    advantage 0, which the batch normalisation would give a nonzero advantage, and with the
+    value loss on (value_coef 1, the default): its cross-entropy, added to the signed policy
+    term, brought an item of advantage 0 back at about 0.7, one of +0.5 at 0.2, one of -0.5 at
+    1.2."""
     adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
-    config = PPOConfig(epochs=1, value_coef=0.0, kl_coef=0.05)
+    config = PPOConfig(epochs=1, kl_coef=0.05)
+    assert config.value_coef == 1.0
     trainer = PPOTrainer(CFG, base, adapter, config, make_mesh(), rating_tokens=(POS, NEG))
-    batch = _batch()
-    adv = np.asarray([0.0, 0.3, -0.05, 0.01] * (M // 4), np.float32)
+    batch = _batch().replace(value_target=jnp.full((M,), 0.5))
+    adv = np.asarray([0.0, 0.3, -0.05, 0.01, 0.5, -0.5, 0.0, 0.0] * (M // 8), np.float32)
     batch = batch.replace(advantage=jnp.asarray(adv))
     _, priorities = trainer.update(batch, jnp.ones(M))
     np.testing.assert_allclose(np.asarray(priorities), np.abs(adv) + 1e-6, rtol=1e-6, atol=1e-9)

@@ -223,14 +223,17 @@ def ppo_loss(
     value = jnp.sum(value_item * weights) / n_valid
     loss = pg + config.value_coef * value + config.kl_coef * kl - config.entropy_coef * entropy
 
-    # Per-item loss for the replay priorities (LLaMA-O1: |loss| + 1e-6). Its policy term uses the
-    # raw advantage, not the batch-normalised one, so a replayed item's priority is on the scale
-    # of a new item's |advantage| (at ratio 1 they are equal): normalised, an item whose
-    # advantage is 0 would come back with hundreds of times its mass after one replay.
+    # Replay priorities (LLaMA-O1: |loss| + 1e-6) from each item's policy loss alone, with the
+    # raw advantage, not the batch-normalised one: a replayed item's priority is then on the
+    # scale of a new item's |advantage| + 1e-6 (at ratio 1 they are equal). Normalised, or with
+    # the value term added, an item of advantage 0 came back from 1e-6 to about 0.7 (the
+    # cross-entropy never falls below its target's entropy: 0.69 at a target of 0.5), and the
+    # signed policy term and the value term cancelled: of two items of advantage +0.5 and -0.5,
+    # the negative one came back with six times the positive one's priority.
     raw = jnp.where(ok, batch.advantage, 0.0)[:, None]  # [M, 1]
     item_pg = -jnp.minimum(ratio * raw, clipped * raw)  # [M, L]
     item_tokens = jnp.maximum(act.sum(1), 1.0)
-    item_loss = (item_pg * act_v).sum(1) / item_tokens + config.value_coef * value_item
+    item_loss = (item_pg * act_v).sum(1) / item_tokens
     aux = {
         "loss": loss,
         "policy_loss": pg,
