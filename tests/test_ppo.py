@@ -217,6 +217,24 @@ def test_log_probs_outside_the_thoughts_cannot_make_the_loss_nan(base, monkeypat
         assert float(aux["kl"]) == 0.0 and np.all(np.isfinite(np.asarray(priorities)))
 
 
+def test_ppo_reads_only_the_width_of_the_behaviour_logprobs(base):
+    """The replay buffer does not store the sampler's log-probs (batches sampled from it carry
+    NaN there): loss, metrics, log-probs, priorities and gradient must not depend on them."""
+    from o1jax.rl import ppo
+
+    adapter = _moved_adapter()
+    config = PPOConfig(entropy_coef=0.01)
+
+    def run(batch):
+        f = lambda a: ppo.ppo_loss(a, base, CFG, batch, jnp.ones(M), None, config, (POS, NEG))
+        return jax.value_and_grad(f, has_aux=True)(adapter)
+
+    want = run(_batch())
+    got = run(_batch().replace(behaviour_logprobs=jnp.full((M, L), jnp.nan)))
+    assert np.isfinite(float(got[0][0]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
+
+
 def test_equal_advantages_normalise_to_no_signal(base):
     """A batch whose advantages are all equal (here 0.9, not exact in float32 sums) has no
     policy gradient after normalisation, rather than its rounding residue blown up."""

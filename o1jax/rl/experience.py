@@ -64,6 +64,7 @@ class Experience:
     #   or its second after a meta-action tag the search forced: the policy did not choose it)
     action_length: jax.Array  # [M] int32, action tokens
     behaviour_logprobs: jax.Array  # [M, L] float32, sampler's log-probs of the action tokens
+    #   (for checks: PPO reads only the width L, and the replay buffer does not store them)
     advantage: jax.Array  # [M] float32
     value_target: jax.Array  # [M] float32 in [0, 1], target of the value after the thought
     reward: jax.Array  # [M] float32

@@ -18,7 +18,9 @@ they are of the untempered distribution while self-play samples at `search.tempe
 replayed experience was sampled by an older adapter. So the ratio measures the move within an
 epoch, not the lag of replayed data (the replay's importance weights correct its sampling, not
 that lag), and the k3 term averages over the sampled thoughts rather than the current policy's:
-a penalty that is 0 exactly when policy and reference agree on them, not an exact KL.
+a penalty that is 0 exactly when policy and reference agree on them, not an exact KL. PPO reads
+only their width L, the thought length (the replay buffer does not store them: batches sampled
+from it carry NaN there).
 """
 
 from __future__ import annotations

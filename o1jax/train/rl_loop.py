@@ -62,8 +62,7 @@ def run_rl(
     if rl_state is not None:
         trainer.state = rl_state
     if per_state is None:
-        example = _experience_item(setup.width, setup.search.thought_length)
-        per_state = per.init(r.buffer_capacity, example, alpha=r.alpha)
+        per_state = per.init(r.buffer_capacity, _experience_item(setup.width), alpha=r.alpha)
     bar = tqdm(
         range(start_iteration, r.iterations), desc="rl", initial=start_iteration, total=r.iterations
     )
@@ -75,7 +74,7 @@ def run_rl(
         stats = mcts.SearchStats()
         problems, tree, exps = self_play(ctx, setup, trainer.params, trainer.lora, it, stats)
         valid = np.flatnonzero(np.asarray(exps.valid))
-        items = {k: np.asarray(v)[valid] for k, v in _strip_valid(exps).items()}
+        items = {k: np.asarray(v)[valid] for k, v in _buffer_items(exps).items()}
         per_state = _add_to_buffer(per_state, items, np.abs(items["advantage"]) + 1e-6)
         selfplay_s = time.perf_counter() - t0
 
@@ -88,7 +87,8 @@ def run_rl(
             sample, indices, weights = per.sample(
                 per_state, jax.random.fold_in(key, 1 + u), r.batch_size, beta
             )
-            metrics, priorities = trainer.update(_as_experience(sample), weights)
+            batch = _as_experience(sample, setup.search.thought_length)
+            metrics, priorities = trainer.update(batch, weights)
             # The buffer lives on one device; the batch's priorities come back from the mesh.
             per_state = per.update(per_state, indices, np.asarray(priorities))
             ppo_metrics.append(jax.tree.map(float, metrics))
@@ -217,28 +217,43 @@ def _prompt_width(ctx: RunContext) -> int:
     return -(-int(jnp.max(lengths)) // 8) * 8
 
 
-def _experience_item(width: int, thought_length: int) -> dict:
-    """One replay item of zeros: the buffer's layout (`tokens` [width], log-probs [L])."""
+# Experience fields the buffer does not store: `valid` (it holds valid rows only) and the
+# sampler's log-probs, which PPO never reads (an update's old log-probs are its own first
+# forward's, `o1jax.rl.ppo`): [L] float32 an item, 64 of its ~1 200 four-byte values at
+# configs/gemma2-2b.yaml's settings, in memory and in every mid-RL checkpoint. (A mid-RL
+# checkpoint written while the buffer held them does not restore: its replay state has another
+# layout, a one-line CheckpointError.)
+_NOT_STORED = ("valid", "behaviour_logprobs")
+
+
+def _experience_item(width: int) -> dict:
+    """One replay item of zeros: the buffer's layout (`tokens` [width], the rest scalars)."""
     return {
         "tokens": np.zeros((width,), np.int32),
         "length": np.zeros((), np.int32),
         "action_start": np.zeros((), np.int32),
         "action_length": np.zeros((), np.int32),
-        "behaviour_logprobs": np.zeros((thought_length,), np.float32),
         "advantage": np.zeros((), np.float32),
         "value_target": np.zeros((), np.float32),
         "reward": np.zeros((), np.float32),
     }
 
 
-def _strip_valid(exps: Experience) -> dict:
-    """Experience fields as a dict without `valid` (the buffer stores valid rows only)."""
-    return {f.name: getattr(exps, f.name) for f in dataclasses.fields(exps) if f.name != "valid"}
+def _buffer_items(exps: Experience) -> dict:
+    """The Experience fields the buffer stores, as a dict (all but `_NOT_STORED`)."""
+    fields = dataclasses.fields(exps)
+    return {f.name: getattr(exps, f.name) for f in fields if f.name not in _NOT_STORED}
 
 
-def _as_experience(items: dict) -> Experience:
-    """A batch of buffer items back as an Experience whose rows are all valid."""
-    return Experience(valid=jnp.ones(items["length"].shape, bool), **items)
+def _as_experience(items: dict, thought_length: int) -> Experience:
+    """A batch of buffer items back as an Experience whose rows are all valid. Its behaviour
+    log-probs [B, thought_length], which PPO reads only the width of, are NaN: not stored."""
+    rows = items["length"].shape[0]
+    return Experience(
+        valid=jnp.ones((rows,), bool),
+        behaviour_logprobs=jnp.full((rows, thought_length), jnp.nan, jnp.float32),
+        **items,
+    )
 
 
 def _add_to_buffer(state, items: dict, priorities: np.ndarray, chunk: int = 256):
@@ -288,6 +303,4 @@ def rl_structures(ctx: RunContext, base):
     )
     search = search_config(config)
     width = experience_width(fmt, _prompt_width(ctx), search)
-    return trainer, per.init(
-        r.buffer_capacity, _experience_item(width, search.thought_length), alpha=r.alpha
-    )
+    return trainer, per.init(r.buffer_capacity, _experience_item(width), alpha=r.alpha)
