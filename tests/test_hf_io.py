@@ -134,3 +134,17 @@ def test_config_json_with_a_bad_count_is_a_checkpoint_error_naming_file_and_key(
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **bad}))
     with pytest.raises(CheckpointError, match=rf"config\.json: .*{message}"):
         load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_save_hf_names_the_dtype_its_weights_are_in(model, tmp_path, dtype):
+    """transformers loads a checkpoint in its config.json's dtype: float16 weights labelled
+    float32 came back as a float32 model of twice the size."""
+    import transformers
+
+    cfg, params = model
+    save_hf(str(tmp_path), cfg, jax.tree.map(lambda x: x.astype(dtype), params))
+    name = np.dtype(dtype).name
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == name
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(str(tmp_path))
+    assert str(hf.dtype) == f"torch.{name}"

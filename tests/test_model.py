@@ -139,6 +139,54 @@ def test_a_config_json_without_optional_keys_reads_as_transformers_reads_it():
     assert ours.max_position_embeddings == theirs.max_position_embeddings
 
 
+def test_a_stray_hidden_act_and_a_legacy_rope_scaling_read_as_transformers_reads_them():
+    """transformers' Gemma2 builds its GELU from hidden_activation alone (a hidden_act "gelu"
+    is ignored), and still applies an older config.json's `rope_scaling`: one is no reason to
+    refuse a checkpoint, the other must not be dropped silently."""
+    d = {
+        "model_type": "gemma2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    }  # fmt: skip
+    stray = {**d, "hidden_act": "gelu"}
+    assert transformers.Gemma2Config(**stray).hidden_activation == "gelu_pytorch_tanh"
+    assert Gemma2Config.from_hf(stray) == Gemma2Config.from_hf(d)
+    with pytest.raises(ValueError, match="hidden_activation 'gelu' is not supported"):
+        Gemma2Config.from_hf({**d, "hidden_activation": "gelu"})  # exact GELU: not ours
+    for scaling in ({"rope_type": "linear", "factor": 2.0}, {"type": "linear", "factor": 2.0}):
+        legacy = {**d, "rope_theta": 10_000.0, "rope_scaling": scaling}
+        assert transformers.Gemma2Config(**legacy).rope_parameters["rope_type"] == "linear"
+        with pytest.raises(ValueError, match="rope_scaling of rope_type 'linear' is not supported"):
+            Gemma2Config.from_hf(legacy)
+    assert Gemma2Config.from_hf({**d, "rope_scaling": None}) == Gemma2Config.from_hf(d)
+
+
+def test_bf16_gated_gelu_rounds_once_as_transformers_does():
+    """In bfloat16 torch computes HF's gelu(gate) in float32 and rounds it once; a GELU run in
+    bfloat16 (constants and every step rounded) is a bf16 ulp off on a third of the values.
+    Identity kernels make the MLP output gelu(x) * x, with no matmul rounding to hide it."""
+    import torch
+
+    d = 64
+    cfg = Gemma2Config.tiny(vocab_size=8, num_layers=1, d_model=d, ffn_dim=d, num_heads=1,
+                            num_kv_heads=1, head_dim=8)  # fmt: skip
+    x = np.linspace(-6.0, 6.0, 64 * d, dtype=np.float32).reshape(64, d)
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # exact in bf16
+    eye = jnp.eye(d, dtype=jnp.bfloat16)
+    params = {name: {"kernel": eye} for name in ("gate_proj", "up_proj", "down_proj")}
+    ours = gemma2.MLP(cfg).apply({"params": params}, jnp.asarray(x, jnp.bfloat16), None, 0.0)
+    hf = transformers.models.gemma2.modeling_gemma2.Gemma2MLP(
+        transformers.Gemma2Config(**cfg.to_hf())
+    ).to(torch.bfloat16)
+    with torch.no_grad():
+        for proj in (hf.gate_proj, hf.up_proj, hf.down_proj):
+            proj.weight.copy_(torch.eye(d))
+        ref = hf(torch.tensor(x).to(torch.bfloat16)).float().numpy()
+    assert ours.dtype == jnp.bfloat16
+    # float32 GELUs (torch's, XLA's) differ in their last float32 bits, which can flip a
+    # rounding of a tiny product; a bf16 ulp at |gelu(x) * x| ~ 36 is 0.25.
+    assert np.abs(np.asarray(ours.astype(jnp.float32)) - ref).max() <= 1e-3
+
+
 def test_bf16_base_runs_and_stays_close(hf_dir):
     path, _ = hf_dir
     cfg, p32 = load_hf(path)
@@ -437,6 +485,22 @@ def test_sharded_index_layout_loads(good_dir, tmp_path):
     with pytest.raises(CheckpointError, match=f"lists {shard}, which is missing"):
         load_hf(str(out))
     shutil.rmtree(out)
+
+
+def test_a_base_model_checkpoint_without_the_model_prefix_loads(tmp_path):
+    """`Gemma2Model.save_pretrained` names tensors "embed_tokens.weight", "layers.0...";
+    transformers' Gemma2ForCausalLM loads such a directory, and so does load_hf."""
+    model = build_hf_model("mha_window3")
+    model.model.save_pretrained(tmp_path / "base")
+    assert "embed_tokens.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    cfg, params = load_hf(str(tmp_path / "base"))
+    tokens, mask = _batch(cfg.vocab_size)
+    ours = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    valid = mask.astype(bool)
+    assert np.abs(hf_logits(model, tokens, mask) - np.asarray(ours))[valid].max() <= 1e-4
+    _rewrite(tmp_path / "base", lambda t: t.pop("layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor layers\.1\.mlp\.up_proj\.weight"):
+        load_hf(str(tmp_path / "base"))
 
 
 def test_tiny_scales_queries_by_its_head_dim_unless_told_otherwise():

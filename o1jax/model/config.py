@@ -177,7 +177,9 @@ class Gemma2Config:
         for k in _HF_POSITIVE_INTS:
             if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] <= 0):
                 raise ValueError(f"{source}: {k} must be a positive int, got {d[k]!r}")
-        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        # transformers' Gemma2 reads only hidden_activation (a stray hidden_act, e.g. "gelu", is
+        # ignored there too).
+        act = d.get("hidden_activation") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: hidden_activation {act!r} is not supported")
         if d.get("tie_word_embeddings", True) is False:
@@ -192,8 +194,12 @@ class Gemma2Config:
             )
         rope = d.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10_000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported")
+        # An older config.json scales RoPE by `rope_scaling`, which transformers still applies.
+        for key in ("rope_parameters", "rope_scaling"):
+            scaling = d.get(key) or {}
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind != "default":
+                raise ValueError(f"{source}: {key} of rope_type {kind!r} is not supported")
         return cls(
             vocab_size=d["vocab_size"],
             num_layers=n,

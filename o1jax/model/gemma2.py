@@ -16,7 +16,8 @@ The params pytree (linen's naming; every matmul kernel is `[in, out]`):
     layer_{i}/post_ffw_norm/scale            [D]
     final_norm/scale                         [D]
 
-Activations run in the params' dtype (float32 or bfloat16); norms, softmax and logits in float32.
+Activations run in the params' dtype (float32 or bfloat16); norms, the GELU, softmax and logits
+in float32 (each rounded once to the activations' dtype where it returns to them).
 
 Attention masking is by *position*, never by slot: a key slot carries the position of its token
 (-1 for padding or an empty cache slot) and query at position p sees key position j iff
@@ -220,7 +221,9 @@ class MLP(nn.Module):
         f = self.cfg.ffn_dim
         gate = LoRADense(f, name="gate_proj")(x, lora.get("gate_proj"), lora_scale)
         up = LoRADense(f, name="up_proj")(x, lora.get("up_proj"), lora_scale)
-        hidden = jax.nn.gelu(gate, approximate=True) * up
+        # The activation in float32, rounded once to the activations' dtype, as torch computes it
+        # for HF: in bfloat16 `jax.nn.gelu` rounds its constants and every step to bfloat16.
+        hidden = jax.nn.gelu(gate.astype(jnp.float32), approximate=True).astype(gate.dtype) * up
         return LoRADense(self.cfg.d_model, name="down_proj")(
             hidden, lora.get("down_proj"), lora_scale
         )

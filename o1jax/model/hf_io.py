@@ -151,6 +151,10 @@ def load_hf(path: str, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None)
     cfg = read_config(path)
     weight_map = _weight_map(path)
     wanted = list(hf_tensor_names(cfg))
+    if "model.embed_tokens.weight" not in weight_map and "embed_tokens.weight" in weight_map:
+        # A base model's checkpoint (`Gemma2Model.save_pretrained`) names its tensors without
+        # the "model." prefix; transformers' Gemma2ForCausalLM loads it as well.
+        wanted = [(name.removeprefix("model."), *rest) for name, *rest in wanted]
     wanted_names = {name for name, _, _ in wanted}
     unexpected = sorted(set(weight_map) - wanted_names - set(_IGNORED_HF_TENSORS))
     if unexpected:
@@ -219,8 +223,8 @@ def save_hf(
     """
     if lora is not None:
         params = merge(params, lora)
-    dtype = jax.tree.leaves(params)[0].dtype
-    config = cfg.to_hf() | {"dtype": "bfloat16" if dtype == jnp.bfloat16 else "float32"}
+    # transformers loads the weights in this dtype ("auto"): the one they are saved in.
+    config = cfg.to_hf() | {"dtype": np.dtype(jax.tree.leaves(params)[0].dtype).name}
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, ours, transposed in hf_tensor_names(cfg):
