@@ -89,9 +89,9 @@ def run_rl(
             )
             batch = _as_experience(sample, setup.search.thought_length)
             metrics, priorities = trainer.update(batch, weights)
-            # The buffer lives on one device; the batch's priorities come back from the mesh.
-            per_state = per.update(per_state, indices, np.asarray(priorities))
-            ppo_metrics.append(jax.tree.map(float, metrics))
+            metrics = jax.tree.map(float, metrics)
+            per_state = _write_priorities(per_state, indices, priorities, metrics["loss"])
+            ppo_metrics.append(metrics)
         found = np.asarray(tree.is_answer & (tree.reward > 0.5)).any(axis=1).mean()
         answer_reward = np.asarray(tree.reward)[np.asarray(tree.is_answer)]
         scalars = {
@@ -254,6 +254,16 @@ def _as_experience(items: dict, thought_length: int) -> Experience:
         behaviour_logprobs=jnp.full((rows, thought_length), jnp.nan, jnp.float32),
         **items,
     )
+
+
+def _write_priorities(state, indices, priorities, loss: float):
+    """The batch's new priorities [B] written at `indices` [B], unless its update was skipped
+    for a non-finite `loss`: its priorities are then NaN too, and `per.update` would store them
+    as mass 0, dropping those items from replay for good. The buffer lives on one device; the
+    priorities come back from the mesh."""
+    if not np.isfinite(loss):
+        return state
+    return per.update(state, indices, np.asarray(priorities))
 
 
 def _add_to_buffer(state, items: dict, priorities: np.ndarray, chunk: int = 256):
