@@ -158,3 +158,47 @@ def test_a_conclusion_cut_off_before_its_end_is_no_right_path():
     )
     # Unchecked (no truth, no answer checks): the model's rating, as for any other thought.
     assert tree_to_longcot(tree, 0, tok, question)[2].rating == longcot.POSITIVE_RATING
+
+
+def test_tokenizer_special_tokens_sampled_in_a_thought_do_not_reach_sft():
+    """A sampled thought may hold the tokenizer's own special tokens (<eos>, <pad>, <bos>).
+    Exported as text, SFT would encode them back into those tokens (an EOS inside a chain);
+    they are dropped, also when removing one would form a long-CoT token."""
+    from o1jax.search.format import encode_chain
+
+    tok = build_tiny_tokenizer()
+    eos, pad, bos = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    step = [*_ids(tok, "<expansion>3 + 4 = 7"), eos, pad, *_ids(tok, " ok<end_of_thought>")]
+    answer = _ids(tok, "<conclusion>\\boxed{14}<end_of_thought>")
+    stray = [*_ids(tok, "<expansion>x <start_of_"), bos, *_ids(tok, "rating> y<end_of_thought>")]
+    tokens = np.zeros((1, 4, 32), np.int32)
+    for i, ids in enumerate((step, answer, stray), start=1):
+        tokens[0, i, : len(ids)] = ids
+    tree = init_tree(1, 4, 32).replace(
+        parent=jnp.asarray([[-1, 0, 1, 0]]),
+        depth=jnp.asarray([[0, 1, 2, 1]]),
+        visits=jnp.asarray([[3, 2, 1, 1]]),
+        rating=jnp.asarray([[0.0, 0.8, 0.9, 0.6]]),
+        terminal=jnp.asarray([[False, False, True, False]]),
+        is_answer=jnp.asarray([[False, False, True, False]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([[0, len(step), len(answer), len(stray)]]),
+        num_nodes=jnp.asarray([4]),
+    )
+    question = "Start with 3, add 4, multiply by 2."
+    nodes = tree_to_longcot(tree, 0, tok, question, truth="14")
+    assert [n.text for n in nodes[1:]] == [
+        "<expansion>3 + 4 = 7 ok",
+        THOUGHTS[2],
+        "<expansion>x  y",
+    ]
+    assert longcot.parse_tree(longcot.render_tree(nodes)) == nodes
+    (path,) = longcot.right_paths(nodes)
+    ids, _ = encode_chain(tok, question, [n.text for n in path[1:]], [n.rating for n in path[1:]])
+    assert eos not in ids[:-1].tolist() and pad not in ids.tolist() and bos not in ids[1:].tolist()
+    # The JSON for people keeps the thought as sampled.
+    assert "<eos><pad>" in tree_to_json(tree, 0, tok, question)["nodes"][1]["text"]
+
+
+def _ids(tok, text):
+    return list(tok.encode(text, add_special_tokens=False))

@@ -410,6 +410,40 @@ def test_prefixes_render_the_path_with_headers_and_ratings():
     assert np.all(np.asarray(prefix[0, len(expected) :]) == 0)
 
 
+def test_a_prefix_is_token_for_token_the_chain_sft_trains_on():
+    """With the real step format and tokenizer, the prefix that continues a path equals
+    `encode_chain` of the path (each ancestor with its own verdict, EOS dropped) followed by
+    the next step's header."""
+    from o1jax.data import longcot
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.search.format import encode_chain, encode_prompts, encode_thought, make_step_format
+
+    tok = build_tiny_tokenizer()
+    question = "Start with 3, add 4."
+    thoughts = ["<expansion>3 + 4 = 8", "<critic>3 + 4 is not 8", "<refine>3 + 4 = 7"]
+    verdicts = [longcot.NEGATIVE_RATING, longcot.POSITIVE_RATING, longcot.POSITIVE_RATING]
+    tokens = np.zeros((1, 6, 16), np.int32)
+    lengths = np.zeros((1, 6), np.int32)
+    for i, text in enumerate(thoughts, start=1):
+        ids = encode_thought(tok, text)
+        tokens[0, i, : len(ids)], lengths[0, i] = ids, len(ids)
+    tree = init_tree(1, 6, 16).replace(
+        parent=jnp.asarray([[-1, 0, 1, 2, -1, -1]]),
+        depth=jnp.asarray([[0, 1, 2, 3, 0, 0]]),
+        rating=jnp.asarray([[0.0, 0.2, 0.5, 0.9, 0, 0]]),
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray(lengths),
+        num_nodes=jnp.asarray([4]),
+    )
+    fmt = make_step_format(tok, 4)
+    prompts, plens = encode_prompts(tok, [question])
+    width = fmt.max_prefix_length(prompts.shape[1], 4, 16)
+    prefix, n = mcts.build_prefixes(tree, jnp.asarray([3]), prompts, plens, fmt, 4, width)
+    chain, _ = encode_chain(tok, question, thoughts, verdicts)
+    header = tok.encode(longcot.step_header(3, 4), add_special_tokens=False)
+    assert np.asarray(prefix[0, : int(n[0])]).tolist() == chain[:-1].tolist() + list(header)
+
+
 def test_no_recompilation_between_simulations_or_batches():
     config = MCTSConfig(num_simulations=5, num_children=2, max_depth=3, thought_length=L)
     expand = synthetic_expand_fn(config, answer_depth=2)

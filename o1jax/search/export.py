@@ -37,6 +37,20 @@ def thought_text(tokenizer, tokens: np.ndarray, length: int) -> str:
     return text.removesuffix(longcot.END_OF_THOUGHT)
 
 
+def plain_text(tokenizer, text: str) -> str:
+    """`text` without any long-CoT token or special token of the tokenizer (<eos>, <pad>, ...),
+    nor any that removing one would form. A sampled thought may hold such tokens; as text in a
+    tree file they would come back as the tokens themselves when SFT encodes the thought."""
+    specials = [s for s in getattr(tokenizer, "all_special_tokens", ()) if s]
+    while True:
+        before = text
+        for token in specials:
+            text = text.replace(token, "")
+        text = longcot.strip_format_tokens(text)
+        if text == before:
+            return text
+
+
 def choose_answer(tree: Tree, b: int, tokenizer, method: str = "vote") -> str | None:
     """The final answer of tree `b`, from its answer nodes, without looking at the truth.
 
@@ -74,7 +88,8 @@ def tree_to_longcot(
     when the search checked its answers (`checked`: `mcts.run` had a `reward_fn`; a reward of 0
     alone cannot tell "checked and wrong" from "not checked"), else from the model's rating, as
     every other thought's does. With `truth` or `checked`, a <conclusion> that was cut off
-    before its end (no answer to check) is rated negative: it is no right path to learn."""
+    before its end (no answer to check) is rated negative: it is no right path to learn.
+    Thoughts are written without stray special tokens (`plain_text`)."""
     t = _host(tree, b)
     nodes = [
         longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
@@ -92,7 +107,7 @@ def tree_to_longcot(
         else:
             good = t["rating"][i] >= 0.5
         rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
-        body = longcot.strip_format_tokens(body)  # a sampled thought may contain stray tags
+        body = plain_text(tokenizer, body)  # a sampled thought may contain stray tokens
         nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
     return nodes
 
