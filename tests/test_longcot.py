@@ -269,3 +269,19 @@ def test_a_positive_conclusion_that_states_nothing_is_no_right_path():
     stated = longcot.Node(1, 3, "\\boxed{7}", longcot.POSITIVE_RATING, longcot.CONCLUSION)
     paths = longcot.right_paths([root, step, empty, stated])
     assert [p[-1].local_id for p in paths] == [3]
+
+
+@pytest.mark.parametrize(
+    "thought, critic",
+    [
+        ("17 + 25 = 43", "17 + 25 is not 43"),
+        (
+            "He pays 1,000 + 72 = 1,073 dollars.",
+            "1,000 + 72 is not 1,073",
+        ),  # not "000 + 72 is not 1"
+        ("Then 1,072 * 2 = 2,150 dollars.", "1,072 * 2 is not 2,150"),
+        ("2.5 * 2 = 6.0", "2.5 * 2 is not 6.0"),
+    ],
+)
+def test_default_critic_quotes_whole_numbers(thought, critic):
+    assert longcot.default_critic(Node(0, 1, thought, NEG, EXPANSION)) == CRITIC + critic

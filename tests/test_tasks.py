@@ -331,3 +331,27 @@ def test_questions_that_differ_only_in_spacing_share_a_split():
         split = tasks.question_split(q, 0.5)
         for variant in (q.replace(" ", "  "), f" {q}\n", q.replace(" ", "\t")):
             assert tasks.question_split(variant, 0.5) == split
+
+
+def test_journey_of_a_gsm8k_step_with_thousands_separators_moves_the_whole_result():
+    """'= 2,144' is flawed as 2,144 + d (1 <= |d| <= 9), not as 2 + d ('8,144', 6000 off), and the
+    critic quotes the whole numbers ('1,072 * 2 is not 2,150', not '072 * 2 is not 8')."""
+    row = {
+        "question": "He pays $1,000 and $72, then twice that. How much?",
+        "answer": "He pays 1,000 + 72 = 1,072 dollars.\nThen 1,072 * 2 = 2,144 dollars.\n#### 2144",
+    }
+    p = tasks.problem_from_row(row, "row", "id")
+    for seed in range(12):
+        nodes = tasks.journey_solution(p, seed)
+        k = next(j for j, n in enumerate(nodes) if n.rating == NEGATIVE_RATING)
+        wrong, critic = nodes[k], nodes[k + 1]
+        lhs, rest = wrong.thought.split(" = ")
+        value = rest.removesuffix(" dollars.")
+        claim, right = {
+            "He pays 1,000 + 72": ("1,000 + 72", 1072),
+            "Then 1,072 * 2": ("1,072 * 2", 2144),
+        }[lhs]
+        assert (
+            re.fullmatch(r"\d,\d{3}", value) and 1 <= abs(int(value.replace(",", "")) - right) <= 9
+        )
+        assert critic.thought == f"{claim} is not {value}"

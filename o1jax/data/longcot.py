@@ -403,8 +403,9 @@ def paths_to_tree(paths: Sequence[Sequence[Node]]) -> list[Node]:
 
 
 # ----------------------------------------------------------------------------- journeys
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # "1,072.5" is one number, not "072.5"
 _CLAIM_RE = re.compile(
-    r"(?P<lhs>-?\d+(?:\.\d+)?(?:\s*[-+*/×÷]\s*-?\d+(?:\.\d+)?)+)\s*=\s*(?P<rhs>-?\d+(?:\.\d+)?)"
+    rf"(?<![\d,.])(?P<lhs>{_NUM}(?:\s*[-+*/×÷]\s*{_NUM})+)\s*=\s*(?P<rhs>{_NUM})(?![\d,]\d|\.\d)"
 )
 
 

@@ -192,7 +192,8 @@ def sft_text(problem: Problem) -> str:
 
 
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
-_RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?\d+)(?!\d|\.\d)")  # "= 24", "= 24.", not "= 2.4"
+# "= 24", "= 24.", "= 1,072" (the whole number), not "= 2.4" or "= 1,072.5"
+_RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+))(?![\d,]\d|\.\d)")
 
 
 def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
@@ -209,7 +210,8 @@ def can_flaw(problem: Problem) -> bool:
 
 def _flawed_step(problem: Problem, rng: np.random.Generator) -> tuple[int, str]:
     """(index of a step, that step with a wrong result): the last `... = N` of a random
-    non-conclusion step, N moved by 1..9 (upwards when N < 10, so it stays non-negative)."""
+    non-conclusion step, N moved by 1..9 (upwards when N < 10, so it stays non-negative); a
+    result written with thousands separators ("= 1,072") is moved whole and keeps them."""
     _require_steps(problem)
     candidates = [
         (i, m)
@@ -220,10 +222,11 @@ def _flawed_step(problem: Problem, rng: np.random.Generator) -> tuple[int, str]:
         raise ValueError(f"problem {problem.id!r} has no step stating a result '... = N' to flaw")
     index, matches = candidates[int(rng.integers(len(candidates)))]
     m = matches[-1]
-    right = int(m.group(1))
+    right = int(m.group(1).replace(",", ""))
     delta = int(rng.integers(1, 10)) * (1 if right < 10 or rng.random() < 0.5 else -1)
+    wrong = f"{right + delta:,}" if "," in m.group(1) else str(right + delta)
     step = problem.steps[index]
-    return index, f"{step[: m.start(1)]}{right + delta}{step[m.end(1) :]}"
+    return index, f"{step[: m.start(1)]}{wrong}{step[m.end(1) :]}"
 
 
 def journey_tree(problem: Problem, rng: np.random.Generator | int) -> list[Node]:
