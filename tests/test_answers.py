@@ -322,3 +322,50 @@ def test_other_spaces_between_digits_separate_numbers(pred, truth, timeout_s):
     assert answers.vote_key(pred) != answers.vote_key(truth)
     assert is_equivalent(pred, pred, timeout_s=timeout_s)
     assert not is_equivalent(pred, str(sum(map(int, pred.split()))), timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize(
+    "pred, truth", [("1\\,2", "12"), ("1\\ 2", "12"), ("1~2", "12"), ("3\\;5", "35")]
+)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_latex_spacing_between_digits_is_a_space(pred, truth, timeout_s):
+    # "1\,2" is "1 2", two numbers, not 12; between digit groups of three it still joins them.
+    assert not is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert not is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert answers.vote_key(pred) != answers.vote_key(truth)
+    for spaced in ["1\\,000", "1\\!000", "1~000", "1\\ 000"]:
+        assert is_equivalent(spaced, "1000", timeout_s=timeout_s)
+    assert is_equivalent("10\\,000\\,000", "10^7", timeout_s=LIMIT_S)
+
+
+MINERVA = "Final Answer: The final answer is ${}$. I hope it is correct."
+
+
+@pytest.mark.parametrize(
+    "text, expected, truth",
+    [
+        (MINERVA.format("\\frac{1}{2}"), "\\frac{1}{2}", "0.5"),  # MATH's few-shot format
+        (MINERVA.format("(1,2)"), "(1,2)", "(1, 2)"),
+        ("The answer is $$\\frac12$$", "\\frac12", "0.5"),
+        ("So the answer is \\(\\frac{3}{4}\\) of the cake.", "\\frac{3}{4}", "0.75"),
+        ("The answer is **$\\frac{1}{2}$**.", "\\frac{1}{2}", "1/2"),
+        ("The answer is **5**.", "5", "5"),  # Markdown emphasis
+    ],
+)
+def test_answer_is_a_maths_span(text, expected, truth):
+    assert extract_answer(text) == expected
+    assert is_correct(text, truth, timeout_s=LIMIT_S)
+
+
+@pytest.mark.parametrize("text", ["The answer is $5$ and $6$.", "The answer is $5$, not $6$."])
+def test_answer_is_a_maths_span_only_when_alone(text):
+    # Several maths spans after the marker: the whole line, an answer equal to neither.
+    assert not is_correct(text, "5", timeout_s=LIMIT_S)
+    assert not is_correct(text, "6", timeout_s=LIMIT_S)
+
+
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_degrees_of_a_temperature(timeout_s):
+    for pred in ["20^\\circ C", "20°C", "20^{\\circ}F", "20^\\circ \\text{C}"]:
+        assert is_equivalent(pred, "20", timeout_s=timeout_s)
+        assert not is_equivalent(pred, "21", timeout_s=timeout_s)

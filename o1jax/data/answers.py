@@ -56,6 +56,9 @@ _ANSWER_IS_RE = re.compile(
 )
 _PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _LONGCOT_MARKERS = (*ACTIONS, START_OF_THOUGHT, END_OF_THOUGHT)
+# One maths span: $$...$$, $...$ (escaped dollars inside), \(...\), \[...\].
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$((?:[^$\\]|\\.)+)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_MORE_MATH_RE = re.compile(r"[\d$]|\\[(\[]")
 
 
 def last_boxed(text: str) -> str | None:
@@ -86,25 +89,34 @@ def _closing_brace(text: str, start: int) -> int | None:
 
 
 def _trim(answer: str) -> str:
-    """Drops surrounding whitespace and dollars and a sentence's final period."""
+    """Drops surrounding whitespace, dollars, Markdown emphasis (`**5**`) and a sentence's final
+    period."""
     before = None
     while answer != before:
         before = answer
-        answer = answer.strip().strip("$").removesuffix(".")
+        answer = answer.strip().strip("$").strip("*").removesuffix(".")
     return answer
 
 
 def _answer_is(text: str) -> str | None:
     """The rest of the line after the last "answer is" marker ("result is" only when no
     "answer" marker is present), up to the next marker: one marker's answer never swallows a
-    later one ("the result is 12, so the answer is 24" gives 24)."""
+    later one ("the result is 12, so the answer is 24" gives 24). When it opens with a maths
+    span and the rest of the line holds no other number or maths, the span alone ("The final
+    answer is $\\frac{1}{2}$. I hope it is correct." gives `\\frac{1}{2}`; "$5$ or $6$" stays
+    whole, an answer equal to neither)."""
     marks = list(_ANSWER_IS_RE.finditer(text))
     if not marks:
         return None
     answers = [i for i, m in enumerate(marks) if m.group(1).lower() == "answer"]
     i = answers[-1] if answers else len(marks) - 1
     end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-    return _trim(text[marks[i].end() : end].split("\n", 1)[0]) or None
+    line = text[marks[i].end() : end].split("\n", 1)[0]
+    lead = line.lstrip("* \t")
+    span = _MATH_SPAN_RE.match(lead)
+    if span and not _MORE_MATH_RE.search(lead[span.end() :]):
+        return _trim(next(g for g in span.groups() if g is not None)) or None
+    return _trim(line) or None
 
 
 def _marked_answer(text: str) -> str | None:
@@ -178,10 +190,16 @@ _MULTIPLIERS = {
 }
 _CONSTANTS = {"pi": r"\pi"}
 # Digit groups of three split by single spaces ("1 000 000", "12 345.5"): one number.
+# LaTeX spacing between two digits ("1\\,000", "1\\ 2"): read as a space, so that it joins only
+# digit groups of three, as a space does.
+_DIGIT_SPACING_RE = re.compile(r"(?<=\d)(?:\s*(?:\\[,;:! ]|~)\s*)+(?=\d)")
 _SPACED_THOUSANDS_RE = re.compile(r"(?<![\d.])(?<!\d\s)\d{1,3}(?:\s\d{3})+(?!\d|\s\.?\d)")
 _ASSIGN_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
 _SPACING = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", r"\ ", "~")
-_DEGREES = (r"^{\circ}", r"^\circ", "°", r"\degree")
+# A degree mark, with the C / F of a temperature after it ("20^\\circ C", "68°F").
+_DEGREES_RE = re.compile(
+    r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)(?:\s*[CF](?![A-Za-z]))?"
+)
 
 
 def _is_hedge(words: str) -> bool:
@@ -253,14 +271,14 @@ def _clean(answer: str) -> str:
         if s == before:
             break
     s = s.replace(r"\$", "").replace("$", "").strip()
+    s = _DIGIT_SPACING_RE.sub(" ", s)
     s = _SPACED_THOUSANDS_RE.sub(lambda m: re.sub(r"\s", "", m.group()), s)
     for pattern in (_UNIT_SUFFIX_RE, _WORD_UNIT_RE):
         unit = pattern.match(s)
         if unit and (value := _without_unit(unit.group(1), unit.group(2))) is not None:
             s = value
     s = _ASSIGN_RE.sub("", s)
-    for deg in _DEGREES:
-        s = s.replace(deg, "")
+    s = _DEGREES_RE.sub("", s)
     return re.sub(r"\.$", "", s.strip()).strip()
 
 
