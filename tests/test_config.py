@@ -189,6 +189,9 @@ def test_workdirs_that_cannot_hold_a_run_are_config_errors(tmp_path):
         (workdir / "config.yaml").write_text(text)
         with pytest.raises(ConfigError, match=message):
             run_context.check_workdir(config, str(workdir))
+    # A workdir that cannot be made (under a file) is one line too, not a traceback.
+    with pytest.raises(ConfigError, match=r"--workdir .*file/run: cannot create it \(Not a dir"):
+        pipeline.run(config, str(a_file / "run"))
 
 
 def test_a_tokenizer_source_that_holds_no_tokenizer_is_a_config_error(tmp_path):

@@ -62,7 +62,10 @@ def run(config: RunConfig, workdir: str) -> dict:
     started = time.perf_counter()
     maybe_initialize_distributed()
     check_workdir(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, a read-only filesystem
+        raise ConfigError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
     with PreemptionFlag() as flag:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
         # Every stage's batch is split over the mesh: refuse one that does not fit now, not
