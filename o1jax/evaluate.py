@@ -127,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the model's own checks (Gemma2Config) on a saved config
         print(f"error: {args.workdir or args.model}: {e}", file=sys.stderr)
         return 2
+    # Outputs that cannot be written fail now, not after the evaluation.
+    for flag, path in (("--out", out_dir), ("--trees", args.trees if searches else "")):
+        try:
+            if path:
+                os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            print(f"error: {flag} {path}: cannot create it ({e.strerror})", file=sys.stderr)
+            return 2
     if args.limit:
         problems = problems[: args.limit]
     if not problems:

@@ -43,6 +43,23 @@ def test_an_empty_problem_file_names_the_file(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_an_output_directory_that_cannot_be_made_fails_before_evaluating(tmp_path, capsys):
+    model = tmp_path / "hf_tiny"
+    tokenizer = build_tiny_tokenizer(model)
+    cfg, params = random_tiny_model(len(tokenizer), seed=1, sliding_window=8)
+    save_hf(str(model), cfg, params)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"question": "Start with 4, add 5.", "answer": "9"}) + "\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    argv = ["--model", str(model), "--data", str(data), "--max-new-tokens", "2"]
+    for flags in (["--out", str(a_file)], ["--search", "mcts", "--trees", str(a_file / "t")]):
+        assert cli.main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flags[-2]} {flags[-1]}: cannot create it")
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_a_model_the_saved_config_cannot_build_names_the_workdir(tmp_path, capsys, monkeypatch):
     import o1jax.train.run_context as run_context
 
