@@ -104,3 +104,34 @@ def test_training_on_task_pairs_learns_them(model):
     after = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
     assert losses[-1] < 0.5 * losses[0]
     assert after == 1.0 and before < 1.0
+
+
+# ----------------------------------------------------------------------------- review 14 fixes
+COPIES = [SOLUTIONS[0], SOLUTIONS[1], SOLUTIONS[0], SOLUTIONS[2], SOLUTIONS[1], SOLUTIONS[2]]
+
+
+def test_a_copy_of_a_solution_ties_with_it_and_every_pair_sums_to_one_exactly(model):
+    """Both orders of two copies are one prompt: P = 1/2 exactly, and no copy is preferred to
+    its twin ((x + 1 - x) / 2 rounded to 0.49999997 for some x); all pairs sum to exactly 1."""
+    tok, cfg, params = model
+    p = pprm.preferences(params, cfg, tok, QUESTION, COPIES)
+    off = ~np.eye(len(COPIES), dtype=bool)
+    assert ((p + p.T)[off] == 1.0).all()
+    for i, j in ((0, 2), (1, 4), (3, 5)):
+        assert p[i, j] == 0.5 and p[j, i] == 0.5
+    wins, values = ebc.enhanced_borda_count(jnp.asarray(p)[None], jnp.ones((1, len(p)), bool))
+    for i, j in ((0, 2), (1, 4), (3, 5)):  # twins rank alike
+        assert int(wins[0, i]) == int(wins[0, j]) and float(values[0, i]) == float(values[0, j])
+
+
+def test_symmetrise_is_exact_and_order_free():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(4096).astype(np.float32), rng.random(4096).astype(np.float32)
+    ab, ba = pprm.symmetrise(a, b)
+    assert ab.dtype == np.float32 and ((ab + ba) == 1.0).all()
+    swapped = pprm.symmetrise(b, a)
+    np.testing.assert_array_equal(swapped[0], ba)
+    np.testing.assert_array_equal(swapped[1], ab)
+    np.testing.assert_allclose(ab, 0.5 * (a + 1 - b), atol=1e-7)  # the mean of both orders
+    same = pprm.symmetrise(a, a)
+    assert (same[0] == 0.5).all() and (same[1] == 0.5).all()

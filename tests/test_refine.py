@@ -657,3 +657,79 @@ def test_config_fields_out_of_range_are_named(field, value, message):
 def test_config_accepts_the_edges_of_its_ranges():
     refine.RefineConfig()
     refine.RefineConfig(c_uct=0.0, temperature=0.0, ebc_weight=1.0, suppress_at=float("inf"))
+
+
+# ----------------------------------------------------------------------------- review 14 fixes
+def test_a_node_that_repeats_an_earlier_solution_ties_with_it(tok, model):
+    """SR-MCTS: a rewrite whose effective solution is its parent's again is the same PPRM prompt
+    in both orders, so P = 1/2 exactly and neither outranks the other; each pair sums to 1
+    exactly. ((x + 1 - x) / 2 rounded to 0.49999997 for some x: the older copy beat the newer.)"""
+    cfg, params = model
+    judge = refine.PPRMJudge(params, cfg, None, tok)
+    texts = [
+        ["<expansion>4 + 5 = 9; <conclusion>\\boxed{9}"] * 2 + ["<conclusion>\\boxed{8}"],
+        ["<conclusion>\\boxed{18}", "<conclusion>\\boxed{19}", "<conclusion>\\boxed{18}"],
+        ["<expansion>9 * 2 = 18", "<expansion>7 - 3 = 4", "<expansion>9 * 2 = 18"],
+    ]
+    twins = [(0, 1), (0, 2), (0, 2)]
+    b, n = len(texts), 3
+    questions = [QUESTION, QUESTION, "Start with 7, subtract 3."]
+    has = np.ones((b, n), bool)
+    pref = np.full((b, n, n), np.nan, np.float32)
+    for new in range(1, n):
+        refine._pprm_update(judge, questions, texts, has, pref, new, b)
+    off = ~np.eye(n, dtype=bool)
+    for t, (i, j) in enumerate(twins):
+        assert ((pref[t] + pref[t].T)[off] == 1.0).all()
+        assert pref[t, i, j] == 0.5 and pref[t, j, i] == 0.5
+    parent = np.asarray([[-1, 0, 0]] * b)
+    _, global_value = refine.pprm_values(parent, has, pref, weight=0.5)
+    for t, (i, j) in enumerate(twins):
+        assert global_value[t, i] == global_value[t, j]
+
+
+def _planted_generate(tok, texts):
+    """A stand-in for `generate` that returns `texts` in turn (one per call, every row alike)."""
+    calls = iter(texts)
+
+    def generate(params, cfg, prompts, lengths, *, max_new_tokens, **_):
+        ids = tok.encode(next(calls), add_special_tokens=False)[:max_new_tokens]
+        b = prompts.shape[0]
+        row = _padded(ids, max_new_tokens)
+        return SampleOutput(
+            tokens=jnp.asarray(np.stack([row] * b)),
+            lengths=jnp.full((b,), len(ids), jnp.int32),
+            logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+            stopped=jnp.ones((b,), bool),
+            scores=jnp.zeros((b, 0), jnp.float32),
+            entropy=jnp.zeros((b, 0), jnp.float32),
+            varentropy=jnp.zeros((b, 0), jnp.float32),
+        )
+
+    return generate
+
+
+def test_an_answer_is_only_read_from_a_chain_the_host_parses_whole(tok, model, monkeypatch):
+    """Text between two steps breaks the host's parse (`solution_steps`) after the first
+    conclusion, while the device reads every rated step: the node was valued as a solution
+    ending in 18 but reported the answer 9. Such a chain is malformed: no answer, value -1."""
+    cfg, params = model
+    step = lambda k, thought: longcot.step_header(k - 1, k) + thought + longcot.step_suffix()
+    root = step(1, "<expansion>4 + 5 = 9") + step(2, "<conclusion>\\boxed{9}") + "oops"
+    root += step(3, "<expansion>9 * 2 = 18") + step(4, "<conclusion>\\boxed{18}") + "<eos>"
+    whole = step(1, "<expansion>4 + 5 = 9") + step(2, "<conclusion>\\boxed{9}") + "<eos>"
+    config = refine.RefineConfig(rollouts=1, solution_length=S, critique_length=8)
+    prompts, plens = encode_prompts(tok, [QUESTION, QUESTION])
+    for text, answer in ((root, None), (whole, "9")):
+        generate = _planted_generate(tok, [text, "not 9<end_of_thought>", "<eos>"])
+        monkeypatch.setattr(refine, "generate", generate)
+        result = refine.run(
+            params, cfg, tok, [QUESTION] * 2, prompts, plens, config, jax.random.key(0)
+        )
+        assert [result.answers[b][0] for b in range(2)] == [answer] * 2
+        assert np.asarray(result.tree.has_answer[:, 0]).tolist() == [answer is not None] * 2
+        if answer is None:
+            assert len(result.steps[0][0]) == 2  # the host stopped at "oops"
+            np.testing.assert_array_equal(result.tree.value[:, 0], -1.0)
+        else:
+            assert (np.asarray(result.tree.value[:, 0]) > -1.0).all()

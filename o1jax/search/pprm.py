@@ -9,9 +9,10 @@ solutions and read at the last position, where it predicts one of two answer tok
     Better:          -> " A" or " B"  (or "A" / "B" after a space, see `answer_format`)
 
 P(a > b) = softmax over just those two tokens. Models prefer one slot over the other, so
-`preferences` averages both orders: p[i, j] = (P(i > j | i first) + 1 - P(j > i | j first)) / 2,
-which makes p[i, j] + p[j, i] = 1 exactly. All n (n - 1) ordered pairs of a tree's solutions
-go through the model in one batched forward.
+`preferences` averages both orders: p[i, j] = (P(i > j | i first) + 1 - P(j > i | j first)) / 2
+(`symmetrise`), which makes p[i, j] + p[j, i] = 1 exactly, and 1/2 exactly for two copies of one
+solution. All n (n - 1) ordered pairs of a tree's solutions go through the model in one batched
+forward.
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def first_better_logit(params, cfg, tokens, lengths, lora, answer_tokens: tuple[
     return pair[:, 0] - pair[:, 1]
 
 
+def symmetrise(first_ab, first_ba) -> tuple[np.ndarray, np.ndarray]:
+    """(P(a > b), P(b > a)) float32 from P(first better) with a first [...] and with b first [...]:
+    (P(a > b | a first) + 1 - P(b > a | b first)) / 2 and its complement.
+
+    Written as 1/2 + |d| / 2 for the preferred one and 1 - that for the other (d = the
+    difference of the two P's), so the two sum to 1 exactly in float32, swapping a and b swaps
+    them exactly, and both orders alike (two copies of one solution: the same prompt twice) give
+    exactly 1/2, no preference. `(x + 1 - y) / 2` rounds: a copy got P 0.49999997 against its
+    twin, which then came out preferred (`ebc.preference_matrix`) to an identical solution.
+    """
+    d = np.asarray(first_ab, np.float32) - np.asarray(first_ba, np.float32)  # fl(-d) = -fl(d)
+    hi = np.float32(0.5) + np.float32(0.5) * np.abs(d)  # [0.5, 1]
+    lo = np.float32(1.0) - hi  # exact (hi >= 1/2), so hi + lo == 1
+    return np.where(d >= 0, hi, lo), np.where(d >= 0, lo, hi)
+
+
 def preferences(params, cfg, tokenizer, question: str, solutions: list[str], lora=None):
     """[n, n] float32: symmetrised P(solution i is better than solution j); NaN on the diagonal."""
     n = len(solutions)
@@ -100,6 +117,6 @@ def preferences(params, cfg, tokenizer, question: str, solutions: list[str], lor
     )
     ordered = np.asarray(jax.nn.sigmoid(logit))  # P(first better), one per ordered pair
     first = dict(zip(pairs, ordered, strict=True))
-    for i, j in pairs:
-        p[i, j] = 0.5 * (first[(i, j)] + 1.0 - first[(j, i)])
+    for i, j in itertools.combinations(range(n), 2):
+        p[i, j], p[j, i] = symmetrise(first[(i, j)], first[(j, i)])
     return p

@@ -19,12 +19,14 @@ B trees at once:
    model rated negative counts too) `100 (2 P(<positive_rating>) - 1)`, replaces scores >=
    `suppress_at` (95) by `suppressed_score` (50: MCTSr's full-score suppression) and takes
    `(min + mean) / 2`, rescaled to [-1, 1]. A solution has an answer when its last effective
-   step is a complete `<conclusion>`, whatever that step's rating. Unlike MCTSr, whose scores R
-   are repeated whole-answer ratings (one more per visit), these R are per-step ratings of one
-   pass: deterministic per node. SR-MCTS instead asks the PPRM (`o1jax.search.pprm`) to
-   compare the new solution with every other one of its tree (texts of its effective steps),
-   turns the preference matrix into a global value by the Enhanced Borda Count
-   (`o1jax.search.ebc`) and mixes it with the local value (preference against parent and siblings).
+   step is a complete `<conclusion>`, whatever that step's rating, and the host's parse
+   (`solution_steps`) reads every complete step the device did (no text breaks the chain).
+   Unlike MCTSr, whose scores R are repeated whole-answer ratings (one more per visit), these R
+   are per-step ratings of one pass: deterministic per node. SR-MCTS instead asks the PPRM
+   (`o1jax.search.pprm`) to compare the new solution with every other one of its tree (texts
+   of its effective steps), turns the preference matrix into a global value by the Enhanced
+   Borda Count (`o1jax.search.ebc`) and mixes it with the local value (preference against
+   parent and siblings).
 5. `backup`: `Q(a) = (V(a) + max_c Q(c)) / 2` bottom-up over the tree (the paper's backup rule,
    re-applied from the nodes' own values every rollout, since EBC values move as the tree grows).
 
@@ -660,9 +662,10 @@ def _pprm_update(judge: PPRMJudge, questions, texts, has, pref, new: int, b_coun
         pprm.answer_format(judge.tokenizer)[0],
     )
     first = np.asarray(jax.nn.sigmoid(logit))
-    for k, (b, i) in enumerate(where):
-        p = 0.5 * (first[2 * k] + 1.0 - first[2 * k + 1])  # P(new better than i), symmetrised
-        pref[b, new, i], pref[b, i, new] = p, 1.0 - p
+    k = len(where)
+    new_better, old_better = pprm.symmetrise(first[0 : 2 * k : 2], first[1 : 2 * k : 2])
+    for (b, i), p, q in zip(where, new_better, old_better, strict=True):
+        pref[b, new, i], pref[b, i, new] = p, q
 
 
 def pprm_values(tree_parent: np.ndarray, has_answer: np.ndarray, pref: np.ndarray, weight: float):
@@ -740,9 +743,14 @@ def run(
         nonlocal global_value
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
         cut = np.asarray(tree.truncated[:, new])
+        # Complete steps the device read (its values and has_answer cover them all); the host's
+        # parse stops at the first malformed one, and an answer read before it is not this
+        # node's: the chain is malformed, so no answer (nor one of a cut child).
+        rated = np.sum(~np.isnan(np.asarray(stats.positive)), axis=1)  # [B]
         for t in range(b):
             steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
-            found[t].append(None if cut[t] else solution_answer(steps[t][-1]))  # cut: no answer
+            whole = len(steps[t][-1]) == rated[t] and not cut[t]
+            found[t].append(solution_answer(steps[t][-1]) if whole else None)
         if pref is not None:
             new_texts = pprm_texts(judge, questions, [steps[t][-1] for t in range(b)])
             for t in range(b):

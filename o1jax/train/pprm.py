@@ -5,7 +5,7 @@
     trainer = PPRMTrainer(cfg, params, adapter, PPRMConfig(), mesh, tokenizer)
     for step in range(steps):
         metrics = trainer.train_step(pairs.batch(step, 32, seed))
-    accuracy = pairwise_accuracy(params, cfg, tokenizer, trainer.lora, held_out_pairs)
+    accuracy = pairwise_accuracy(params, cfg, trainer.lora, held_out_pairs, trainer.answer_tokens)
 
 Loss: the pairwise logistic (Bradley-Terry) loss on the answer-token logit difference,
 `softplus(-y * (log P(A) - log P(B)))` with y = +1 when the first solution is the better one.
@@ -223,5 +223,5 @@ def pairwise_accuracy(params, cfg, lora, pairs: Pairs, answer_tokens, batch_size
             answer_tokens,
         )
         p_first[idx[: m - start]] = np.asarray(jax.nn.sigmoid(logit))[: m - start]
-    p_better = 0.5 * (p_first[0::2] + 1.0 - p_first[1::2])
+    p_better, _ = pprm.symmetrise(p_first[0::2], p_first[1::2])
     return float(np.mean(p_better > 0.5))
