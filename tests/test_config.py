@@ -294,3 +294,32 @@ def test_the_memory_knobs_reach_the_model_and_the_trainer_and_keep_old_workdirs(
     changed = load_config(SMOKE, ["sft.micro_batch_size=8"])
     with pytest.raises(ConfigError, match=re.escape("sft.micro_batch_size: 0 in the workdir, 8")):
         run_context.check_workdir(changed, str(tmp_path))
+
+
+def test_a_checkpoint_of_another_config_is_refused_without_config_yaml(tmp_path, monkeypatch):
+    """Each checkpoint records its run's config: a workdir whose config.yaml is gone (or whose
+    checkpoints were copied from another run) must not resume a run of another seed."""
+    from o1jax.train.checkpoint import PreemptionFlag
+    from o1jax.train.metrics import MetricsWriter
+
+    workdir = tmp_path / "w"
+    first = load_config(SMOKE, ["sft.steps=2"])
+    ctx = run_context.build_context(
+        first, str(workdir), MetricsWriter(str(workdir), enabled=False), PreemptionFlag()
+    )
+    like = pipeline._checkpoint_like(ctx, "sft")
+    run_context.save_checkpoint(ctx, 1, like, {"stage": "sft", "step": 1})
+    ctx.checkpointer.close()
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "sft/loss": 2.0}\n')
+
+    def resumed(*args, **kwargs):
+        raise AssertionError("resumed the checkpoint of another config")
+
+    monkeypatch.setattr(pipeline, "run_sft", resumed)
+    other = load_config(SMOKE, ["sft.steps=2", "seed=7"])
+    message = "checkpoints/1: a checkpoint of a different config (seed: 0 in the workdir, 7 now)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline.run(other, str(workdir))
+    assert not (workdir / "config.yaml").exists()
+    assert (workdir / "metrics.jsonl").read_text() == '{"step": 1, "sft/loss": 2.0}\n'
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]

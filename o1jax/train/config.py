@@ -594,6 +594,15 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     return config
 
 
+def from_dict(raw: dict) -> RunConfig:
+    """A RunConfig from a plain dict (a saved run's config), validated; missing keys take their
+    defaults. Raises ConfigError as `load_config` does."""
+    try:
+        return _build(RunConfig, raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def to_dict(config) -> dict:
     def plain(x):
         if isinstance(x, tuple):

@@ -51,6 +51,7 @@ from o1jax.train.run_context import (
     build_context,
     check_workdir,
     lora_config,
+    require_same_config,
     save_checkpoint,
 )
 from o1jax.train.sft import SFTConfig, SFTTrainer
@@ -121,6 +122,9 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     rl_step = eval_step + p_steps
     latest = ctx.checkpointer.latest_step()
     meta = ctx.checkpointer.read_meta(latest) if latest is not None else {"stage": "new"}
+    if "config" in meta:  # the config that wrote it (config.yaml may be gone, or another's)
+        where = os.path.join(ctx.checkpointer.directory, str(latest))
+        require_same_config(meta["config"], config, f"{where}: a checkpoint")
     if "metrics_rows" in meta:  # the rows logged when that checkpoint was written
         ctx.metrics.keep_rows(meta["metrics_rows"])
     else:  # a checkpoint from before the count was kept, or none

@@ -28,6 +28,7 @@ from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerpr
 from o1jax.train.config import (
     ConfigError,
     RunConfig,
+    from_dict,
     load_config,
     to_dict,
 )
@@ -65,9 +66,24 @@ class RunContext:
 
 
 def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
-    """Saves `state` at checkpoint `step` with `meta` and the number of metrics rows logged so
-    far, which a resume keeps (later rows are logged again by the resumed stage)."""
-    ctx.checkpointer.save(step, state, {**meta, "metrics_rows": ctx.metrics.num_rows()})
+    """Saves `state` at checkpoint `step` with `meta`, the number of metrics rows logged so far,
+    which a resume keeps (later rows are logged again by the resumed stage), and the run's
+    config, which a resume must match (`require_same_config`)."""
+    meta = {**meta, "metrics_rows": ctx.metrics.num_rows(), "config": to_dict(ctx.config)}
+    ctx.checkpointer.save(step, state, meta)
+
+
+def require_same_config(saved: dict, config: RunConfig, what: str) -> None:
+    """Raises ConfigError when `config` differs from `saved` (the config a workdir's run was
+    started with, as a dict) in anything but the checkpoint section; `what` names the run's
+    record. Keys added since `saved` was written take their defaults."""
+    try:
+        saved = to_dict(from_dict(saved))
+    except ConfigError:
+        pass
+    if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
+        diff = _first_difference(saved, to_dict(config))
+        raise ConfigError(f"{what} of a different config ({diff}); use another --workdir")
 
 
 def check_workdir(config: RunConfig, workdir: str) -> None:
@@ -85,15 +101,7 @@ def check_workdir(config: RunConfig, workdir: str) -> None:
             raise ConfigError(f"{path}: unreadable ({e}); use another --workdir") from None
         if not isinstance(saved, dict):
             raise ConfigError(f"{path}: not a config (a mapping); use another --workdir")
-        try:  # sections added since the run started (e.g. pprm) take their defaults
-            saved = to_dict(load_config(path))
-        except ConfigError:
-            pass
-        if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
-            diff = _first_difference(saved, to_dict(config))
-            raise ConfigError(
-                f"{workdir}: holds a run of a different config ({diff}); use another --workdir"
-            )
+        require_same_config(saved, config, f"{workdir}: holds a run")
 
 
 def _first_difference(a, b, prefix="") -> str:
