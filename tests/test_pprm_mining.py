@@ -78,3 +78,16 @@ def test_policy_triples_pair_right_against_wrong_deterministically(monkeypatch):
         "<expansion>4 + 5 = 9; <expansion>9 * 2 = 19; <conclusion>\\boxed{19}"
     ]
     assert triples(3, 5) == triples(3, 5)
+
+
+def test_a_chain_that_breaks_before_a_later_rated_step_is_skipped():
+    """Text between two steps stops the host's parse after the first conclusion: that node has
+    no answer in SR-MCTS (whose device reads every rated step), so it is no mined pair either.
+    Whatever follows the last step unrated (EOS, a cut step) does not matter."""
+    oops = _text(["<expansion>4 + 5 = 9", "<conclusion>\\boxed{19}"]) + "oops" + WRONG
+    right, wrong = pprm_mining.solution_verdicts([oops], "18")
+    assert right == [] and wrong == []
+    cut = RIGHT + "<start_of_father_id>3<end_of_father_id>junk<eos>"
+    assert pprm_mining.solution_verdicts([cut], "18")[0] == [
+        "<expansion>4 + 5 = 9; <expansion>9 * 2 = 18; <conclusion>\\boxed{18}"
+    ]

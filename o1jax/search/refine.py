@@ -20,7 +20,7 @@ B trees at once:
    `suppress_at` (95) by `suppressed_score` (50: MCTSr's full-score suppression) and takes
    `(min + mean) / 2`, rescaled to [-1, 1]. A solution has an answer when its last effective
    step is a complete `<conclusion>`, whatever that step's rating, and the host's parse
-   (`solution_steps`) reads every complete step the device did (no text breaks the chain).
+   (`solution_steps`) reads every rated step the device did (`chain_is_whole`).
    Unlike MCTSr, whose scores R are repeated whole-answer ratings (one more per visit), these R
    are per-step ratings of one pass: deterministic per node. SR-MCTS instead asks the PPRM
    (`o1jax.search.pprm`) to compare the new solution with every other one of its tree (texts
@@ -538,11 +538,8 @@ _STEP_RE = re.compile(
 )
 
 
-def solution_steps(text: str) -> list[tuple[str, str]]:
-    """(thought text with its action tag, rating) of the complete steps of a decoded solution,
-    read back to back from its start up to the first malformed one (text that is not a whole
-    step, a rating that is not one of `longcot.RATINGS`, a thought holding a format token): the
-    chain breaks there, and whatever follows (EOS, a cut step) is not read."""
+def _read_steps(text: str) -> tuple[list[tuple[str, str]], int]:
+    """(`solution_steps(text)`, the offset where reading stopped)."""
     steps, pos = [], 0
     while (m := _STEP_RE.match(text, pos)) is not None:
         try:
@@ -551,7 +548,28 @@ def solution_steps(text: str) -> list[tuple[str, str]]:
             break
         steps.append((m.group(1), m.group(2)))
         pos = m.end()
-    return steps
+    return steps, pos
+
+
+def solution_steps(text: str) -> list[tuple[str, str]]:
+    """(thought text with its action tag, rating) of the complete steps of a decoded solution,
+    read back to back from its start up to the first malformed one (text that is not a whole
+    step, a rating that is not one of `longcot.RATINGS`, a thought holding a format token): the
+    chain breaks there, and whatever follows (EOS, a cut step) is not read."""
+    return _read_steps(text)[0]
+
+
+# A rating as `step_statistics` reads one: <start_of_rating> and a rating token right after it.
+_RATING_RE = re.compile(
+    re.escape(longcot.START_OF_RATING) + "(?:" + "|".join(map(re.escape, longcot.RATINGS)) + ")"
+)
+
+
+def chain_is_whole(text: str) -> bool:
+    """Whether `solution_steps` reads every rated step of a decoded solution: no rating follows
+    where it stops (the device's `step_statistics`, which reads every rated step, would value
+    steps past a break; search gives such a node no answer, and mining skips it the same way)."""
+    return _RATING_RE.search(text, _read_steps(text)[1]) is None
 
 
 def effective_steps(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -743,13 +761,12 @@ def run(
         nonlocal global_value
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
         cut = np.asarray(tree.truncated[:, new])
-        # Complete steps the device read (its values and has_answer cover them all); the host's
-        # parse stops at the first malformed one, and an answer read before it is not this
-        # node's: the chain is malformed, so no answer (nor one of a cut child).
-        rated = np.sum(~np.isnan(np.asarray(stats.positive)), axis=1)  # [B]
         for t in range(b):
-            steps[t].append(solution_steps(decode(tokenizer, tokens[t], int(lengths[t]))))
-            whole = len(steps[t][-1]) == rated[t] and not cut[t]
+            text = decode(tokenizer, tokens[t], int(lengths[t]))
+            steps[t].append(solution_steps(text))
+            # The device valued every rated step; an answer read before a break in the chain
+            # is not this node's: no answer then, nor for a cut child.
+            whole = chain_is_whole(text) and not cut[t]
             found[t].append(solution_answer(steps[t][-1]) if whole else None)
         if pref is not None:
             new_texts = pprm_texts(judge, questions, [steps[t][-1] for t in range(b)])

@@ -32,14 +32,15 @@ def solution_verdicts(
     A solution without a final answer is skipped, as SR-MCTS never asks the PPRM about one: its
     effective steps do not end in a `<conclusion>` with an answer (no conclusion, a chain that
     breaks or is cut before it, a conclusion critiqued and not rewritten). So is one with no
-    effective steps left.
+    effective steps left, and one whose chain breaks before a rated step (`refine.chain_is_whole`:
+    SR-MCTS, whose device reads every rated step, gives such a node no answer either).
     """
     right, wrong = [], []
     for text in texts:
         steps = refine.solution_steps(text)
         answer = refine.solution_answer(steps)
         thoughts = tuple(refine.effective_thoughts(steps))
-        if answer is None or not thoughts:
+        if answer is None or not thoughts or not refine.chain_is_whole(text):
             continue
         bucket = right if answers.is_equivalent(answer, truth) else wrong
         solution = thoughts if as_thoughts else solution_text(thoughts)
