@@ -323,3 +323,19 @@ def test_a_checkpoint_of_another_config_is_refused_without_config_yaml(tmp_path,
     assert not (workdir / "config.yaml").exists()
     assert (workdir / "metrics.jsonl").read_text() == '{"step": 1, "sft/loss": 2.0}\n'
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
+
+
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_logged_once(tmp_path):
+    """With sft.steps 0 the first checkpoint is the post-SFT evaluation's, whose scalars are
+    logged at step 0 just before it: a run killed between the two left that row, and the
+    resumed run, starting afresh, logged it a second time."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    left = {"step": 0, "eval/sft_pass1": 0.5, "eval/search_accuracy": 0.5}
+    (workdir / "metrics.jsonl").write_text(json.dumps(left) + "\n")
+    overrides = ["sft.steps=0", "rl.iterations=0", "eval.num_problems=2"]
+    overrides += ["eval.search_simulations=1", "eval.max_new_tokens=4"]
+    pipeline.run(load_config(SMOKE, overrides), str(workdir))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/sft_pass1" in r] == [0]
+    assert left not in rows

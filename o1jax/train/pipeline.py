@@ -239,8 +239,8 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
 def _logged_step(meta: dict, sft_steps: int, pprm_steps: int = 0) -> int:
     """The last metrics step a checkpoint covers (rows after it are logged again on resume)."""
     stage = meta["stage"]
-    if stage == "new":
-        return 0
+    if stage == "new":  # none: even step 0's rows (sft.steps 0: the post-SFT evaluation's)
+        return -1
     if stage == "sft":
         return meta["step"]
     if stage == "pprm":
