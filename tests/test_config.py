@@ -339,3 +339,18 @@ def test_rows_of_a_run_killed_before_its_first_checkpoint_are_logged_once(tmp_pa
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/sft_pass1" in r] == [0]
     assert left not in rows
+
+
+def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
+    """Every process of a multi-host run runs the pipeline on the same shared workdir: only
+    process 0 may write config.yaml, the report, the tokenizer, the metrics and curves, and the
+    evaluation records and trees (the others raced it, truncating one another's files);
+    orbax writes the checkpoints of all."""
+    from o1jax.train import metrics
+
+    monkeypatch.setattr(metrics, "is_primary", lambda: False, raising=False)
+    overrides = ["sft.steps=1", "rl.iterations=0", "eval.num_problems=2"]
+    overrides += ["eval.search_simulations=1", "eval.max_new_tokens=4"]
+    report = pipeline.run(load_config(SMOKE, overrides), str(tmp_path / "w"))
+    assert "sft_pass1" in report
+    assert os.listdir(tmp_path / "w") == ["checkpoints"]

@@ -8,6 +8,7 @@ import os
 import jax
 
 from o1jax.train import evaluate as ev
+from o1jax.train import metrics as run_metrics
 from o1jax.train.config import (
     RunConfig,
 )
@@ -33,8 +34,9 @@ def evaluate_policy(
 
 
 def _evaluate(ctx: RunContext, params, adapter, tag: str, with_search: bool, before_batch):
-    """`evaluate_policy`'s work, under the run's mesh."""
+    """`evaluate_policy`'s work, under the run's mesh (process 0 writes the records)."""
     config = ctx.config
+    primary = run_metrics.is_primary()
     problems = ctx.test[: config.eval.num_problems]
     key = jax.random.fold_in(ctx.key, STAGE_EVAL)
     batch = eval_batch(config, len(problems))
@@ -50,7 +52,8 @@ def _evaluate(ctx: RunContext, params, adapter, tag: str, with_search: bool, bef
         progress=f"eval {tag}",
         before_batch=before_batch,
     )
-    ev.write_records(os.path.join(ctx.workdir, f"eval_{tag}.jsonl"), greedy.records)
+    if primary:
+        ev.write_records(os.path.join(ctx.workdir, f"eval_{tag}.jsonl"), greedy.records)
     out = {"greedy_pass1": greedy.pass1}
     if with_search:
         found = ev.search_evaluate(
@@ -63,11 +66,12 @@ def _evaluate(ctx: RunContext, params, adapter, tag: str, with_search: bool, bef
             batch_size=batch,
             lora=adapter,
             progress=f"search {tag}",
-            tree_dir=os.path.join(ctx.workdir, f"trees_{tag}"),
+            tree_dir=os.path.join(ctx.workdir, f"trees_{tag}") if primary else None,
             max_trees=8,
             before_batch=before_batch,
         )
-        ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
+        if primary:
+            ev.write_records(os.path.join(ctx.workdir, f"search_{tag}.jsonl"), found.records)
         out["search_accuracy"] = found.pass1
     return out
 

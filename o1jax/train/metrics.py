@@ -25,6 +25,12 @@ import jax
 EVAL_PREFIX = "eval/"
 
 
+def is_primary() -> bool:
+    """Whether this process writes the run's files: process 0 (every process of a multi-host run
+    computes the same numbers; orbax coordinates the checkpoints itself)."""
+    return jax.process_index() == 0
+
+
 def panels(names: list[str]) -> list[tuple[str, list[str]]]:
     """The PNG's panels as (title, scalars): every `eval/` scalar in one first panel, so the
     held-out accuracies before and after RL sit side by side; one panel per other scalar."""
@@ -36,7 +42,7 @@ def panels(names: list[str]) -> list[tuple[str, list[str]]]:
 class MetricsWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.workdir = workdir
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.enabled = is_primary() if enabled is None else enabled
         self._tb = None
         self._log_path = os.path.join(workdir, "metrics.jsonl")
         self._tb_dir = os.path.join(workdir, "tensorboard")

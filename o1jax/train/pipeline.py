@@ -32,6 +32,7 @@ import jax
 
 from o1jax.model import lora
 from o1jax.parallel.mesh import maybe_initialize_distributed
+from o1jax.train import metrics as run_metrics
 from o1jax.train.checkpoint import PreemptionFlag
 from o1jax.train.config import (
     ConfigError,
@@ -87,7 +88,9 @@ def run(config: RunConfig, workdir: str) -> dict:
         def claim() -> None:
             """Only a run that could start claims the workdir: a start that failed on its data
             or model leaves it free for the corrected command."""
-            if not os.path.exists(os.path.join(workdir, "config.yaml")):
+            if run_metrics.is_primary() and not os.path.exists(
+                os.path.join(workdir, "config.yaml")
+            ):
                 dump_config(config, os.path.join(workdir, "config.yaml"))
 
         try:
@@ -96,6 +99,8 @@ def run(config: RunConfig, workdir: str) -> dict:
             ctx.metrics.close()
             ctx.checkpointer.close()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if not run_metrics.is_primary():  # process 0 writes the report and the curves
+        return report
     report_path = os.path.join(workdir, "report.json")
     if os.path.exists(report_path):  # a finished run started again: keep its own wall time
         with open(report_path) as f:

@@ -24,6 +24,7 @@ from o1jax.data.tokenizer import (
 from o1jax.model import Gemma2Config, init_params, load_hf, lora
 from o1jax.parallel.mesh import make_mesh
 from o1jax.search import mcts
+from o1jax.train import metrics as run_metrics
 from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
 from o1jax.train.config import (
     ConfigError,
@@ -122,7 +123,7 @@ def _first_difference(a, b, prefix="") -> str:
 
 def build_tokenizer(config: RunConfig, workdir: str):
     """The tokenizer of `tokenizer_dir` or `model_dir` with the long-CoT tokens added, or the
-    built-in tiny one (built once and saved under `workdir/tokenizer`)."""
+    built-in tiny one (saved under `workdir/tokenizer` by process 0)."""
     source = config.tokenizer_dir or config.model_dir
     if source:
         key = "tokenizer_dir" if config.tokenizer_dir else "model_dir"
@@ -134,7 +135,8 @@ def build_tokenizer(config: RunConfig, workdir: str):
             raise ConfigError(f"{key} {source}: {e}") from None
         add_longcot_tokens(tokenizer)
         return tokenizer
-    return build_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
+    saved = os.path.join(workdir, "tokenizer") if run_metrics.is_primary() else None
+    return build_tiny_tokenizer(saved)
 
 
 def load_problems(config: RunConfig) -> tuple[list, list]:
