@@ -354,3 +354,27 @@ def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
     report = pipeline.run(load_config(SMOKE, overrides), str(tmp_path / "w"))
     assert "sft_pass1" in report
     assert os.listdir(tmp_path / "w") == ["checkpoints"]
+
+
+def test_an_override_below_a_value_names_it_as_no_section():
+    with pytest.raises(ConfigError, match=re.escape("override sft.steps.x: sft.steps is not a")):
+        load_config(SMOKE, ["sft.steps.x=5"])
+    with pytest.raises(ConfigError, match=re.escape("override model.dtype.a.b: model.dtype is")):
+        load_config(SMOKE, ["model.dtype.a.b=float32"])
+
+
+def test_a_kill_while_config_yaml_is_written_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The next start reads a workdir's config.yaml as the run's: a partial one refused it."""
+
+    def killed(data, stream, **kwargs):
+        stream.write("seed: 0\nmodel:\n")
+        stream.flush()
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(config_module.yaml, "safe_dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        config_module.dump_config(load_config(SMOKE), str(tmp_path / "config.yaml"))
+    assert not (tmp_path / "config.yaml").exists()
+    monkeypatch.undo()
+    config_module.dump_config(load_config(SMOKE), str(tmp_path / "config.yaml"))
+    run_context.check_workdir(load_config(SMOKE), str(tmp_path))  # the same run's

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -466,6 +467,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if value.error:
             raise ConfigError(f"{key}: cannot parse {value.text!r} ({value.error})")
         value = value.value
+    if isinstance(value, dict) and not dataclasses.is_dataclass(annotation):
+        dotted = _override_below(value, key)
+        if dotted:  # e.g. sft.steps.x=5: the overrides cannot know which keys are sections
+            raise ConfigError(f"override {dotted}: {key} is not a section")
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
@@ -509,6 +514,16 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _override_below(value: dict, key: str) -> str:
+    """The dotted key of the first command-line override inside `value`, or ''."""
+    for k, v in value.items():
+        if isinstance(v, _Override):
+            return f"{key}.{k}"
+        if isinstance(v, dict) and (found := _override_below(v, f"{key}.{k}")):
+            return found
+    return ""
 
 
 def _build(cls, raw: dict, prefix: str = ""):
@@ -615,5 +630,11 @@ def to_dict(config) -> dict:
 
 
 def dump_config(config: RunConfig, path: str) -> None:
-    with open(path, "w") as f:
+    """Writes the config as YAML, atomically: a kill mid-write leaves no partial file (which the
+    next start would take for a run of another config)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
