@@ -1,7 +1,7 @@
 """Atomic, resumable checkpoints with orbax, and SIGTERM handling for preemptible machines.
 
 A checkpoint is a pytree of arrays (trainable params or LoRA, optimizer state, replay buffer)
-plus a JSON record (stage, step, data position, config fingerprint). Orbax writes each one to a
+plus a JSON record (stage, step, data position, the run's config). Orbax writes each one to a
 temporary directory and renames it when complete, so a kill at any moment leaves the previous
 checkpoint intact; the last `keep` are kept. All randomness of a run is derived from
 (seed, stage, step), so no RNG state needs saving beyond the step.
