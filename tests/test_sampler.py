@@ -8,7 +8,14 @@ from scipy import stats
 from tiny_models import full_forward_logits, greedy_by_full_forwards
 
 from o1jax.model import Gemma2Config, forward, init_params
-from o1jax.model.sampler import _generate, filter_logits, first_argmax, generate
+from o1jax.model.sampler import (
+    _choose,
+    _generate,
+    filter_logits,
+    first_argmax,
+    generate,
+    gumbel_from_bits,
+)
 
 VOCAB = 48
 STOP_CANDIDATES = (5, 6, 7)
@@ -127,6 +134,20 @@ def test_first_argmax_equals_argmax_with_ties_and_infinities():
     got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     assert got.dtype == np.int32
+
+
+def test_gumbel_noise_is_finite_for_every_bit_pattern():
+    """float32 rounded the top 24-bit draw's u = 1 - 2^-25 up to 1: noise +inf, once per 2^24
+    draws (~1.5% of steps at a 256k vocabulary), took its token however improbable, and on a
+    filtered -inf logit made the max NaN and the token 0."""
+    bits = jnp.asarray([0, 1 << 8, 1 << 31, 0xFFFFFE00, 0xFFFFFF00, 0xFFFFFFFF], jnp.uint32)
+    noise = np.asarray(gumbel_from_bits(bits))
+    assert np.all(np.isfinite(noise)) and np.all(np.diff(noise) >= 0), noise
+    logits = jnp.asarray([[-40.0, 40.0, 0.0, -jnp.inf]])
+    for hot, top_k in ((0, 0), (3, 0), (0, 2), (2, 2)):  # improbable, -inf, cut by top-k
+        hot_bits = jnp.zeros((1, 4), jnp.uint32).at[0, hot].set(0xFFFFFFFF)
+        for temperature in (1.0, 0.5):
+            assert int(_choose(logits, hot_bits, temperature, top_k, 1.0)[0]) == 1
 
 
 def test_stop_tokens_end_rows_independently(model):
