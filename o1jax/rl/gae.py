@@ -26,17 +26,19 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     chex.assert_shape(mask, (b, t))
     rewards = rewards.astype(jnp.float32)
     values = values.astype(jnp.float32)
-    mask = (mask != 0).astype(jnp.float32)  # a weight of 0 or 1, whatever the dtype
+    mask = mask != 0  # a flag, whatever the dtype
     deltas = rewards + gamma * values[:, 1:] - values[:, :-1]  # [B, T]
 
+    # `where`, not a product with the mask: 0 * NaN is NaN, so a non-finite reward or value on
+    # the padding made every advantage of its path NaN.
     def step(carry, xs):
         delta, m = xs  # [B] each
-        advantage = m * (delta + gamma * lam * carry)
+        advantage = jnp.where(m, delta + gamma * lam * carry, 0.0)
         return advantage, advantage
 
     _, advantages = jax.lax.scan(
         step, jnp.zeros((b,), jnp.float32), (deltas.T, mask.T), reverse=True
     )
     advantages = advantages.T  # [B, T]
-    returns = (advantages + values[:, :-1]) * mask
+    returns = jnp.where(mask, advantages + values[:, :-1], 0.0)
     return advantages, returns
