@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 
 import pytest
 import yaml
@@ -378,3 +379,34 @@ def test_a_kill_while_config_yaml_is_written_leaves_no_partial_file(tmp_path, mo
     monkeypatch.undo()
     config_module.dump_config(load_config(SMOKE), str(tmp_path / "config.yaml"))
     run_context.check_workdir(load_config(SMOKE), str(tmp_path))  # the same run's
+
+
+def test_a_resumed_runs_wall_seconds_count_its_earlier_segments(tmp_path, monkeypatch):
+    """report.json's wall_seconds of a run killed and resumed: the segment before the kill
+    (here made to read 1000 s) up to its last checkpoint, plus the resumed one; it counted only
+    the last segment."""
+
+    class Killed(Exception):
+        pass
+
+    real_save, real_elapsed = run_context.save_checkpoint, run_context.RunContext.elapsed
+
+    def save_then_die(ctx, step, state, meta):
+        real_save(ctx, step, state, meta)
+        raise Killed  # SIGKILL right after the first checkpoint
+
+    overrides = ["sft.steps=2", "checkpoint.every=1", "rl.iterations=0", "eval.num_problems=2"]
+    overrides += ["eval.search_simulations=1", "eval.max_new_tokens=4"]
+    config, workdir = load_config(SMOKE, overrides), str(tmp_path / "w")
+    monkeypatch.setattr(run_context.RunContext, "elapsed", lambda ctx: 1000.0 + real_elapsed(ctx))
+    import o1jax.train.sft_stage as sft_stage
+
+    monkeypatch.setattr(sft_stage, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        pipeline.run(config, workdir)
+    monkeypatch.undo()
+    started = time.perf_counter()
+    report = pipeline.run(config, workdir)
+    assert 1000.0 < report["wall_seconds"] < 1000.0 + (time.perf_counter() - started) + 60
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert json.load(f)["wall_seconds"] == report["wall_seconds"]

@@ -70,6 +70,7 @@ def run(config: RunConfig, workdir: str) -> dict:
         raise ConfigError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
     with PreemptionFlag() as flag:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
+        ctx.started = started
         # Every stage's batch is split over the mesh: refuse one that does not fit now, not
         # after minutes of SFT.
         micro_batches = config.sft.steps > 0 and config.sft.micro_batch_size > 0
@@ -98,7 +99,7 @@ def run(config: RunConfig, workdir: str) -> dict:
         finally:
             ctx.metrics.close()
             ctx.checkpointer.close()
-    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    report["wall_seconds"] = round(ctx.elapsed(), 1)  # all segments of a resumed run
     if not run_metrics.is_primary():  # process 0 writes the report and the curves
         return report
     report_path = os.path.join(workdir, "report.json")
@@ -130,6 +131,7 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     if "config" in meta:  # the config that wrote it (config.yaml may be gone, or another's)
         where = os.path.join(ctx.checkpointer.directory, str(latest))
         require_same_config(meta["config"], config, f"{where}: a checkpoint")
+    ctx.elapsed_before = float(meta.get("elapsed_seconds", 0.0))  # earlier segments' seconds
     if "metrics_rows" in meta:  # the rows logged when that checkpoint was written
         ctx.metrics.keep_rows(meta["metrics_rows"])
     else:  # a checkpoint from before the count was kept, or none

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +65,23 @@ class RunContext:
     checkpointer: Checkpointer
     preemption: PreemptionFlag
     key: jax.Array
+    # Wall time: when this process started the run (time.perf_counter()), and the seconds its
+    # earlier segments had taken when the checkpoint it resumed from was written.
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds the run has taken: every earlier segment up to its last checkpoint (work
+        redone after a kill counts once), plus this one so far."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
     """Saves `state` at checkpoint `step` with `meta`, the number of metrics rows logged so far,
-    which a resume keeps (later rows are logged again by the resumed stage), and the run's
-    config, which a resume must match (`require_same_config`)."""
+    which a resume keeps (later rows are logged again by the resumed stage), the run's config,
+    which a resume must match (`require_same_config`), and the run's seconds so far."""
     meta = {**meta, "metrics_rows": ctx.metrics.num_rows(), "config": to_dict(ctx.config)}
+    meta["elapsed_seconds"] = round(ctx.elapsed(), 1)
     ctx.checkpointer.save(step, state, meta)
 
 
