@@ -48,11 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return 143
     print(json.dumps(report, indent=2))
-    print(
-        f"report: {os.path.join(args.workdir, 'report.json')}; curves: "
-        f"{os.path.join(args.workdir, 'learning_curves.png')}; "
-        f"tensorboard --logdir {os.path.join(args.workdir, 'tensorboard')}"
-    )
+    wrote = [  # what this process wrote (process 0 of a multi-host run; curves if any metric)
+        f"{what}: {path}"
+        for what, name in (("report", "report.json"), ("curves", "learning_curves.png"))
+        if os.path.exists(path := os.path.join(args.workdir, name))
+    ]
+    if os.path.isdir(logdir := os.path.join(args.workdir, "tensorboard")):
+        wrote.append(f"tensorboard --logdir {logdir}")
+    if wrote:
+        print("; ".join(wrote))
     return 0
 
 

@@ -410,3 +410,20 @@ def test_a_resumed_runs_wall_seconds_count_its_earlier_segments(tmp_path, monkey
     assert 1000.0 < report["wall_seconds"] < 1000.0 + (time.perf_counter() - started) + 60
     with open(os.path.join(workdir, "report.json")) as f:
         assert json.load(f)["wall_seconds"] == report["wall_seconds"]
+
+
+def test_train_py_names_only_the_files_it_wrote(tmp_path, monkeypatch, capsys):
+    """A process other than 0 of a multi-host run writes no report, curves or TensorBoard
+    files; train.py printed their paths anyway."""
+    from o1jax.train import metrics
+
+    monkeypatch.syspath_prepend(ROOT)
+    import train
+
+    monkeypatch.setattr(metrics, "is_primary", lambda: False, raising=False)
+    overrides = ["sft.steps=0", "rl.iterations=0", "eval.num_problems=2"]
+    overrides += ["eval.search_simulations=1", "eval.max_new_tokens=4"]
+    assert train.main(["--config", SMOKE, "--workdir", str(tmp_path / "w"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "sft_pass1" in out
+    assert "report:" not in out and "curves:" not in out and "tensorboard" not in out
