@@ -85,6 +85,7 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     impl: str = "xla",
     interpret: bool = False,
     block_sizes: flash.BlockSizes | None = None,
@@ -97,7 +98,9 @@ def attention(
     h // (H // K)). With `causal`, query t sits at key position S - T + t (chunked prefill) and
     sees keys j <= that position, and j > position - window when `window` is set (window
     requires causal). mask: optional [B, S] bool key validity (padding is never attended; a row
-    with no visible key returns zeros). scale defaults to D ** -0.5; softcap c maps scores s to
+    with no visible key returns zeros). segment_ids: optional [B, T] int document ids of packed
+    rows, self-attention only (T == S): a query sees a key only when their ids are equal, on top
+    of causal / window / mask. scale defaults to D ** -0.5; softcap c maps scores s to
     c * tanh(s / c). block_sizes: Pallas tiles (default per backend, see flash.BlockSizes).
     batch_axes / head_axis: mesh axes the Pallas path splits rows / heads over under a mesh
     (axes the mesh lacks are ignored; see kernels/sharded.py). Returns [B, T, H, D] in q's
@@ -119,6 +122,18 @@ def attention(
     )
     if window is not None and not causal:
         raise ValueError("attention: window is only defined for causal attention (causal=True)")
+    if segment_ids is not None:
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        if t != s:
+            raise ValueError(
+                f"attention: segment_ids need self-attention (T == S), got q {q.shape} and k "
+                f"{k.shape}"
+            )
+        if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"attention: segment_ids must be int [B, T] = {(b, t)}, got {segment_ids.dtype} "
+                f"{segment_ids.shape}"
+            )
     kernel = functools.partial(
         _attention,
         causal=bool(causal),
@@ -130,9 +145,16 @@ def attention(
         block_sizes=block_sizes,
     )
     if impl == "xla":  # XLA partitions the reference itself
-        return kernel(q, k, v, mask)
+        return kernel(q, k, v, mask, segment_ids)
     return sharded.shard_attention(
-        kernel, q, k, v, mask, batch_axes=tuple(batch_axes), head_axis=head_axis
+        kernel,
+        q,
+        k,
+        v,
+        mask,
+        segment_ids,
+        batch_axes=tuple(batch_axes),
+        head_axis=head_axis,
     )
 
 
@@ -140,16 +162,27 @@ def attention(
     jax.jit,
     static_argnames=("causal", "softcap", "window", "scale", "impl", "interpret", "block_sizes"),
 )
-def _attention(q, k, v, mask, *, causal, softcap, window, scale, impl, interpret, block_sizes):
+def _attention(
+    q, k, v, mask, segment_ids, *, causal, softcap, window, scale, impl, interpret, block_sizes
+):
     kw = dict(causal=causal, softcap=softcap, window=window, scale=scale)
     if impl == "xla":
-        return reference.attention_reference(q, k, v, mask=mask, **kw)
+        return reference.attention_reference(q, k, v, mask=mask, segment_ids=segment_ids, **kw)
     backend = "cpu" if interpret else _backend()
     if backend == "tpu":
-        return splash.splash_attention(q, k, v, mask, **kw)
+        return splash.splash_attention(q, k, v, mask, segment_ids=segment_ids, **kw)
     if block_sizes is None:
         block_sizes = flash.default_block_sizes(backend, q.shape[-1])
-    return flash.flash_attention(q, k, v, mask, block_sizes=block_sizes, interpret=interpret, **kw)
+    return flash.flash_attention(
+        q,
+        k,
+        v,
+        mask,
+        segment_ids=segment_ids,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        **kw,
+    )
 
 
 def decode_attention(

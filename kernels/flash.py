@@ -1,7 +1,8 @@
 """Flash attention for Gemma2 in Pallas: forward and backward (custom_vjp), GPU (Triton) style.
 
 Semantics are those of `reference.attention_reference` (soft-cap before the mask, causal queries
-aligned to the end of the keys, sliding window, GQA, key mask, empty rows give zeros).
+aligned to the end of the keys, sliding window, GQA, key mask, segment ids of packed rows, empty
+rows give zeros).
 
 Layout stays `[B, T, H, D]` / `[B, S, K, D]`: no transposes and no repeated K/V. Query head `h`
 reads kv head `h // G` through the BlockSpec index map. Three kernels, each with its own grid:
@@ -12,7 +13,9 @@ reads kv head `h // G` through the BlockSpec index map. Three kernels, each with
                             so dk and dv are written once per kv head, with no atomics
 
 Blocks that causality or the window mask completely are never visited (the loops run over a
-per-block [lo, hi) range). All accumulation is float32; inputs may be float32 or bfloat16.
+per-block [lo, hi) range). Segment ids only mask inside a block: a block whose ids cannot match
+is still computed (its scores are all masked). All accumulation is float32; inputs may be float32
+or bfloat16.
 Lengths that are not multiples of the blocks are padded here and masked in the kernel; the head
 dim is zero-padded to a power of two (>= 16), which changes no dot product.
 
@@ -141,20 +144,44 @@ def _key_ok(k_idx, mask_block, st: _Static):
     return ok
 
 
-def _split_refs(refs, has_mask: bool, num_in: int):
-    """(inputs with the mask ref removed, mask ref or None, outputs)."""
-    ins = list(refs[:num_in])
-    mask_ref = ins.pop(3) if has_mask else None
-    return ins, mask_ref, refs[num_in:]
+def _split_refs(refs, num_main: int, has_mask: bool, has_seg: bool):
+    """Kernel refs laid out as (main inputs, [mask], [q ids, kv ids], outputs) ->
+    (main inputs, mask ref or None, (q ids ref, kv ids ref) or None, outputs)."""
+    ins, i = list(refs[:num_main]), num_main
+    mask_ref = refs[i] if has_mask else None
+    i += has_mask
+    seg_refs = (refs[i], refs[i + 1]) if has_seg else None
+    return ins, mask_ref, seg_refs, refs[i + 2 * has_seg :]
+
+
+def _and(a, b):
+    """a & b where either may be None (= all True)."""
+    return b if a is None else a if b is None else a & b
+
+
+def _extra_specs(mask, seg, mask_spec, q_seg_spec, kv_seg_spec):
+    """(specs, args) of the optional key mask and segment ids, in `_split_refs`'s order."""
+    specs, args = [], []
+    if mask is not None:
+        specs.append(mask_spec)
+        args.append(mask)
+    if seg is not None:
+        specs += [q_seg_spec, kv_seg_spec]
+        args += list(seg)
+    return specs, args
 
 
 # ----------------------------------------------------------------------------- forward
-def _fwd_kernel(*refs, st: _Static, has_mask: bool):
-    # q_ref [bq, Dp]; k_ref, v_ref [Sp, Dp]; mask_ref [Sp] int32; o_ref [bq, Dp]; lse_ref [bq]
-    (q_ref, k_ref, v_ref), mask_ref, (o_ref, lse_ref) = _split_refs(refs, has_mask, 3 + has_mask)
+def _fwd_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
+    # q_ref [bq, Dp]; k_ref, v_ref [Sp, Dp]; mask_ref [Sp] int32; segment ids: q [bq], kv [Sp];
+    # o_ref [bq, Dp]; lse_ref [bq]
+    (q_ref, k_ref, v_ref), mask_ref, seg_refs, (o_ref, lse_ref) = _split_refs(
+        refs, 3, has_mask, has_seg
+    )
     bq, bk = st.blocks.block_q, st.blocks.block_k
     q_start = pl.program_id(2) * bq
     q = q_ref[...]
+    q_seg = None if seg_refs is None else seg_refs[0][...][:, None]  # [bq, 1]
     q_pos = (q_start + st.offset + jnp.arange(bq, dtype=jnp.int32))[:, None]  # [bq, 1]
 
     def body(j, carry):
@@ -163,7 +190,10 @@ def _fwd_kernel(*refs, st: _Static, has_mask: bool):
         s, _ = tiles.capped_scores(q, k, st.scale, st.softcap)  # [bq, bk]
         k_idx = (k_start + jnp.arange(bk, dtype=jnp.int32))[None, :]  # [1, bk]
         mask_block = None if mask_ref is None else mask_ref[pl.ds(k_start, bk)][None, :]
-        ok = _visible(q_pos, k_idx, _key_ok(k_idx, mask_block, st), st)
+        key_ok = _key_ok(k_idx, mask_block, st)
+        if q_seg is not None:  # [bq, bk]: same document
+            key_ok = _and(key_ok, q_seg == seg_refs[1][pl.ds(k_start, bk)][None, :])
+        ok = _visible(q_pos, k_idx, key_ok, st)
         return tiles.softmax_step(carry, s, ok, v_ref[pl.ds(k_start, bk), :])
 
     lo, hi = _kv_block_range(q_start, bq, bk, st)
@@ -180,8 +210,9 @@ def _compiler_params(st: _Static):
     return plgpu.CompilerParams(num_warps=st.blocks.num_warps, num_stages=st.blocks.num_stages)
 
 
-def _forward(q, k, v, mask, st: _Static):
-    """q [B, Tp, H, Dp], k/v [B, Sp, K, Dp], mask [B, Sp] int32 or None -> o, lse [B, H, Tp]."""
+def _forward(q, k, v, mask, seg, st: _Static):
+    """q [B, Tp, H, Dp], k/v [B, Sp, K, Dp], mask [B, Sp] int32 or None, seg (q ids [B, Tp],
+    kv ids [B, Sp]) int32 or None -> o, lse [B, H, Tp]."""
     b, tp, h, dp = q.shape
     sp = k.shape[1]
     bq = st.blocks.block_q
@@ -191,12 +222,17 @@ def _forward(q, k, v, mask, st: _Static):
         pl.BlockSpec((None, sp, None, dp), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
         pl.BlockSpec((None, sp, None, dp), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
     ]
-    args = [q, k, v]
-    if mask is not None:
-        in_specs.append(pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)))
-        args.append(mask)
+    specs, args = _extra_specs(
+        mask,
+        seg,
+        pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # mask
+        pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),  # q ids
+        pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # kv ids
+    )
+    in_specs += specs
+    args = [q, k, v, *args]
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, has_mask=mask is not None),
+        functools.partial(_fwd_kernel, st=st, has_mask=mask is not None, has_seg=seg is not None),
         grid=(b, h, tp // bq),
         in_specs=in_specs,
         out_specs=[
@@ -214,14 +250,16 @@ def _forward(q, k, v, mask, st: _Static):
 
 
 # ----------------------------------------------------------------------------- backward
-def _dq_kernel(*refs, st: _Static, has_mask: bool):
-    # q_ref, do_ref [bq, Dp]; k_ref, v_ref [Sp, Dp]; mask_ref [Sp]; lse_ref, delta_ref [bq]
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), mask_ref, (dq_ref,) = _split_refs(
-        refs, has_mask, 6 + has_mask
+def _dq_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
+    # q_ref, do_ref [bq, Dp]; k_ref, v_ref [Sp, Dp]; lse_ref, delta_ref [bq]; mask_ref [Sp];
+    # segment ids: q [bq], kv [Sp]
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), mask_ref, seg_refs, (dq_ref,) = _split_refs(
+        refs, 6, has_mask, has_seg
     )
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     q_start = pl.program_id(2) * bq
     q, do = q_ref[...], do_ref[...]
+    q_seg = None if seg_refs is None else seg_refs[0][...][:, None]  # [bq, 1]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # [bq, 1]
     q_pos = (q_start + st.offset + jnp.arange(bq, dtype=jnp.int32))[:, None]
 
@@ -232,7 +270,10 @@ def _dq_kernel(*refs, st: _Static, has_mask: bool):
         s, t = tiles.capped_scores(q, k, st.scale, st.softcap)  # [bq, bk]
         k_idx = (k_start + jnp.arange(bk, dtype=jnp.int32))[None, :]
         mask_block = None if mask_ref is None else mask_ref[pl.ds(k_start, bk)][None, :]
-        ok = _visible(q_pos, k_idx, _key_ok(k_idx, mask_block, st), st)
+        key_ok = _key_ok(k_idx, mask_block, st)
+        if q_seg is not None:
+            key_ok = _and(key_ok, q_seg == seg_refs[1][pl.ds(k_start, bk)][None, :])
+        ok = _visible(q_pos, k_idx, key_ok, st)
         p = jnp.exp(s - lse)
         if ok is not None:
             p = jnp.where(ok, p, 0.0)
@@ -247,10 +288,11 @@ def _dq_kernel(*refs, st: _Static, has_mask: bool):
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, st: _Static, has_mask: bool):
-    # q_ref, do_ref [Tp, G, Dp]; k_ref, v_ref [bk, Dp]; mask_ref [bk]; lse_ref, delta_ref [G, Tp]
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), mask_ref, (dk_ref, dv_ref) = _split_refs(
-        refs, has_mask, 6 + has_mask
+def _dkv_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
+    # q_ref, do_ref [Tp, G, Dp]; k_ref, v_ref [bk, Dp]; lse_ref, delta_ref [G, Tp]; mask_ref [bk];
+    # segment ids: q [Tp], kv [bk]
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), mask_ref, seg_refs, (dk_ref, dv_ref) = (
+        _split_refs(refs, 6, has_mask, has_seg)
     )
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     k_start = pl.program_id(2) * bk
@@ -258,6 +300,7 @@ def _dkv_kernel(*refs, st: _Static, has_mask: bool):
     k_idx = (k_start + jnp.arange(bk, dtype=jnp.int32))[:, None]  # [bk, 1]
     mask_block = None if mask_ref is None else mask_ref[...][:, None]
     key_ok = _key_ok(k_idx, mask_block, st)
+    kv_seg = None if seg_refs is None else seg_refs[1][...][:, None]  # [bk, 1]
     lo, hi = _q_block_range(k_start, bk, bq, st)
     num_q_blocks = jnp.maximum(hi - lo, 0)
 
@@ -272,7 +315,10 @@ def _dkv_kernel(*refs, st: _Static, has_mask: bool):
         # Transposed orientation, keys along rows: s_t [bk, bq].
         s_t, t_t = tiles.capped_scores(k, q, st.scale, st.softcap)
         q_pos = (q_start + st.offset + jnp.arange(bq, dtype=jnp.int32))[None, :]  # [1, bq]
-        ok = _visible(q_pos, k_idx, key_ok, st)
+        pair_ok = key_ok
+        if kv_seg is not None:  # [bk, bq]: same document
+            pair_ok = _and(key_ok, kv_seg == seg_refs[0][pl.ds(q_start, bq)][None, :])
+        ok = _visible(q_pos, k_idx, pair_ok, st)
         p_t = jnp.exp(s_t - lse)
         if ok is not None:
             p_t = jnp.where(ok, p_t, 0.0)
@@ -289,7 +335,7 @@ def _dkv_kernel(*refs, st: _Static, has_mask: bool):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, mask, o, lse, do, st: _Static):
+def _backward(q, k, v, mask, seg, o, lse, do, st: _Static):
     """Gradients (dq, dk, dv) of the padded problem; shapes as in `_forward`."""
     b, tp, h, dp = q.shape
     sp, kv_heads = k.shape[1], k.shape[2]
@@ -297,7 +343,7 @@ def _backward(q, k, v, mask, o, lse, do, st: _Static):
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # [B,H,Tp]
     params = dict(compiler_params=_compiler_params(st), interpret=st.interpret)
-    has_mask = mask is not None
+    flags = dict(has_mask=mask is not None, has_seg=seg is not None)
 
     dq_specs = [
         pl.BlockSpec((None, bq, None, dp), lambda b_, h_, i: (b_, i, h_, 0)),  # q
@@ -307,12 +353,17 @@ def _backward(q, k, v, mask, o, lse, do, st: _Static):
         pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i)),  # lse
         pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i)),  # delta
     ]
-    dq_args = [q, k, v, do, lse, delta]
-    if has_mask:
-        dq_specs.insert(3, pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)))
-        dq_args.insert(3, mask)
+    specs, args = _extra_specs(
+        mask,
+        seg,
+        pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # mask
+        pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),  # q ids
+        pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # kv ids
+    )
+    dq_specs += specs
+    dq_args = [q, k, v, do, lse, delta, *args]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, has_mask=has_mask),
+        functools.partial(_dq_kernel, st=st, **flags),
         grid=(b, h, tp // bq),
         in_specs=dq_specs,
         out_specs=pl.BlockSpec((None, bq, None, dp), lambda b_, h_, i: (b_, i, h_, 0)),
@@ -332,13 +383,18 @@ def _backward(q, k, v, mask, o, lse, do, st: _Static):
         pl.BlockSpec((None, None, g, tp), lambda b_, kh, j: (b_, kh, 0, 0)),  # lse
         pl.BlockSpec((None, None, g, tp), lambda b_, kh, j: (b_, kh, 0, 0)),  # delta
     ]
-    dkv_args = [grouped(q), k, v, grouped(do), per_group(lse), per_group(delta)]
-    if has_mask:
-        dkv_specs.insert(3, pl.BlockSpec((None, bk), lambda b_, kh, j: (b_, j)))
-        dkv_args.insert(3, mask)
+    specs, args = _extra_specs(
+        mask,
+        seg,
+        pl.BlockSpec((None, bk), lambda b_, kh, j: (b_, j)),  # mask
+        pl.BlockSpec((None, tp), lambda b_, kh, j: (b_, 0)),  # q ids
+        pl.BlockSpec((None, bk), lambda b_, kh, j: (b_, j)),  # kv ids
+    )
+    dkv_specs += specs
+    dkv_args = [grouped(q), k, v, grouped(do), per_group(lse), per_group(delta), *args]
     kv_spec = pl.BlockSpec((None, bk, None, dp), lambda b_, kh, j: (b_, j, kh, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, has_mask=has_mask),
+        functools.partial(_dkv_kernel, st=st, **flags),
         grid=(b, kv_heads, sp // bk),
         in_specs=dkv_specs,
         out_specs=[kv_spec, kv_spec],
@@ -350,20 +406,20 @@ def _backward(q, k, v, mask, o, lse, do, st: _Static):
 
 
 # ----------------------------------------------------------------------------- custom_vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, mask, st: _Static):
-    return _forward(q, k, v, mask, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, mask, seg, st: _Static):
+    return _forward(q, k, v, mask, seg, st)[0]
 
 
-def _flash_fwd(q, k, v, mask, st: _Static):
-    o, lse = _forward(q, k, v, mask, st)
-    return o, (q, k, v, mask, o, lse)
+def _flash_fwd(q, k, v, mask, seg, st: _Static):
+    o, lse = _forward(q, k, v, mask, seg, st)
+    return o, (q, k, v, mask, seg, o, lse)
 
 
 def _flash_bwd(st: _Static, residuals, do):
-    q, k, v, mask, o, lse = residuals
-    dq, dk, dv = _backward(q, k, v, mask, o, lse, do, st)
-    return dq, dk, dv, None
+    q, k, v, mask, seg, o, lse = residuals
+    dq, dk, dv = _backward(q, k, v, mask, seg, o, lse, do, st)
+    return dq, dk, dv, None, None if seg is None else (None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -383,6 +439,7 @@ def flash_attention(
     k: jax.Array,
     v: jax.Array,
     mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     *,
     causal: bool,
     softcap: float | None,
@@ -391,7 +448,8 @@ def flash_attention(
     block_sizes: BlockSizes,
     interpret: bool,
 ) -> jax.Array:
-    """Flash attention with a VJP. q [B, T, H, D]; k, v [B, S, K, D]; mask [B, S] bool or None.
+    """Flash attention with a VJP. q [B, T, H, D]; k, v [B, S, K, D]; mask [B, S] bool or None;
+    segment_ids [B, T] int (T == S) or None: a query sees only keys of its own id.
 
     Inputs are assumed validated (see `kernels.attention`). Returns [B, T, H, D] in q's dtype.
     """
@@ -426,5 +484,9 @@ def flash_attention(
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))
     if mask is not None:
         mask = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, sp - s)))
-    out = _flash(pad(q, tp), pad(k, sp), pad(v, sp), mask, st)
+    seg = None
+    if segment_ids is not None:  # padded queries / keys: any id (outputs cut, keys masked)
+        ids = segment_ids.astype(jnp.int32)
+        seg = (jnp.pad(ids, ((0, 0), (0, tp - t))), jnp.pad(ids, ((0, 0), (0, sp - s))))
+    out = _flash(pad(q, tp), pad(k, sp), pad(v, sp), mask, seg, st)
     return out[:, :t, :, :d]

@@ -7,6 +7,8 @@ path of `kernels.attention`. They define the semantics every other path must rep
 * a query at key-axis position `p` sees key `j` iff `j <= p` (causal) and `j > p - W` (window W)
   and the key is valid; with `T` queries and `S` keys, query `t` sits at `p = S - T + t`;
 * grouped-query attention: query head `h` reads kv head `h // (H // K)`;
+* segment ids (packed rows, self-attention T == S): a query sees a key only when their ids are
+  equal, on top of the above;
 * a query that sees no key at all returns zeros (never NaN), with zero gradients.
 
 Shapes: B batch, T queries, S keys, H query heads, K kv heads, G = H // K, D head dim.
@@ -88,8 +90,10 @@ def attention_reference(
     window: int | None = None,
     scale: float | None = None,
     mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Reference for `kernels.attention`. q [B, T, H, D], k/v [B, S, K, D], mask [B, S] bool."""
+    """Reference for `kernels.attention`. q [B, T, H, D], k/v [B, S, K, D], mask [B, S] bool,
+    segment_ids [B, T] int (T == S): document ids of packed rows."""
     t, s = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_pos = (s - t) + jnp.arange(t)[:, None]  # [T, 1] queries aligned to the end of the keys
@@ -97,6 +101,8 @@ def attention_reference(
     allowed = jnp.broadcast_to(allowed, (q.shape[0], t, s))  # [B, T, S]
     if mask is not None:
         allowed = allowed & mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, S]
     return masked_attention(q, k, v, allowed, scale=scale, softcap=softcap)
 
 

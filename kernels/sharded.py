@@ -6,7 +6,7 @@ devices). `shard_attention` runs the kernel inside `jax.shard_map` over the mesh
 enclosing `jax.set_mesh` (how every o1jax train step and search sets its mesh) instead:
 
     batch   split over the `batch_axes` present in the mesh whose sizes divide B (in order);
-            q, k, v, the key mask and the output alike
+            q, k, v, the key mask, the segment ids and the output alike
     heads   split over `head_axis` when it divides H and K; when it divides H but not K (fewer
             kv heads than tensor shards, e.g. a single kv head), k/v stay whole on every device
             and each device picks the one kv head its query heads read (that needs the G query
@@ -51,18 +51,21 @@ def shard_attention(
     k: jax.Array,
     v: jax.Array,
     mask: jax.Array | None,
+    segment_ids: jax.Array | None = None,
     *,
     batch_axes: Sequence[str] = ("data", "fsdp"),
     head_axis: str | None = "tensor",
 ) -> jax.Array:
-    """`kernel(q, k, v, mask)` run per device under the context mesh (see the module doc).
+    """`kernel(q, k, v, mask, segment_ids)` run per device under the context mesh (see the
+    module doc).
 
-    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, S] or None. `kernel` sees the per-device
-    shapes [B/n, T, H/m, D], [B/n, S, K/m or 1, D], [B/n, S] and returns [B/n, T, H/m, D].
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, S] or None; segment_ids: [B, T] or None.
+    `kernel` sees the per-device shapes [B/n, T, H/m, D], [B/n, S, K/m or 1, D], [B/n, S],
+    [B/n, T] and returns [B/n, T, H/m, D].
     """
     mesh = context_mesh()
     if mesh is None or mesh.size == 1 or mesh.manual_axes:  # inside a shard_map: already local
-        return kernel(q, k, v, mask)
+        return kernel(q, k, v, mask, segment_ids)
     b, _, h, _ = q.shape
     kv_heads = k.shape[2]
     rows = _axes_dividing(mesh, batch_axes, b) or None
@@ -75,18 +78,22 @@ def shard_attention(
         elif (h // kv_heads) % (h // n) == 0:
             q_heads, pick_kv = head_axis, True
     if rows is None and q_heads is None:
-        return kernel(q, k, v, mask)
+        return kernel(q, k, v, mask, segment_ids)
 
-    def local(q, k, v, *mask):
+    extras = {"mask": mask, "segment_ids": segment_ids}
+    given = [name for name, x in extras.items() if x is not None]
+
+    def local(q, k, v, *rest):
         if pick_kv:  # this device's query heads [i * H/n, (i+1) * H/n) all read one kv head
             kv = lax.axis_index(head_axis) * (h // n) // (h // kv_heads)
             k, v = (lax.dynamic_slice_in_dim(x, kv, 1, axis=2) for x in (k, v))
-        return kernel(q, k, v, mask[0] if mask else None)
+        local_extras = dict.fromkeys(extras) | dict(zip(given, rest, strict=True))
+        return kernel(q, k, v, local_extras["mask"], local_extras["segment_ids"])
 
     q_spec = P(rows, None, q_heads, None)
     kv_spec = P(rows, None, kv_heads_, None)
-    in_specs = (q_spec, kv_spec, kv_spec) + (() if mask is None else (P(rows, None),))
-    args = (q, k, v) + (() if mask is None else (mask,))
+    in_specs = (q_spec, kv_spec, kv_spec) + (P(rows, None),) * len(given)  # [B, S] / [B, T]
+    args = (q, k, v, *(extras[name] for name in given))
     mapped = jax.shard_map(
         local,
         mesh=mesh,

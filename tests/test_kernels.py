@@ -204,6 +204,92 @@ def test_splash_tpu_path_in_interpreter():
         assert rel_err(g, g_ref) <= 1e-4
 
 
+# ----------------------------------------------------------------------------- segment ids
+def packed_rows(b: int, t: int, seed: int = 0):
+    """Segment ids [B, T] of ragged documents back to back and a key mask [B, T]: row 0 packs
+    documents of random lengths (ids 1, 2, ...) with right padding (id 0, masked); row 1 is left
+    padded and its last document has a masked hole; further rows have non-contiguous ids."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    mask = np.ones((b, t), bool)
+    for i in range(b):
+        at, doc = (0, 1) if i != 1 else (t // 5, 1)
+        mask[i, :at] = i != 1
+        while at < t - 4:
+            n = int(rng.integers(1, t // 3))
+            seg[i, at : at + n] = doc if i < 2 else doc % 3 + 7  # rows >= 2: ids 8, 9, 7, 8, ...
+            at, doc = at + n, doc + 1
+        mask[i, at:] = i >= 2
+    mask[1, t // 2] = False  # a hole: nobody sees this key
+    return jnp.asarray(seg), jnp.asarray(mask)
+
+
+SEG_KW = dict(causal=True, softcap=4.0, window=13)
+
+
+def test_flash_segments_match_reference():
+    """Several ragged documents per row, key mask, soft-cap, window, GQA: out, dq, dk, dv."""
+    b, t, h, kh, d = 3, 50, 4, 2, 16
+    q, k, v, cot = make_qkv(11, b, t, t, h, kh, d)
+    seg, mask = packed_rows(b, t)
+    kw = dict(mask=mask, segment_ids=seg, **SEG_KW)
+    pallas = lambda q, k, v: kernels.attention(
+        q, k, v, impl="pallas", interpret=True, block_sizes=BlockSizes(16, 32, 16, 16), **kw
+    )
+    out, grads = value_and_grads(pallas, q, k, v, cot)
+    ref = lambda q, k, v: kernels.attention_reference(q, k, v, **kw)
+    out_ref, grads_ref = value_and_grads(ref, q, k, v, cot)
+    without = kernels.attention_reference(q, k, v, mask=mask, **SEG_KW)
+    assert rel_err(without, out_ref) > 0.1  # the documents do change the answer
+    assert rel_err(out, out_ref) <= 1e-5
+    for arg, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
+        assert np.all(np.isfinite(g)), f"d{arg} not finite"
+        assert rel_err(g, g_ref) <= 1e-4, f"d{arg}"
+    assert not np.any(np.asarray(out[1, : t // 5]))  # left padding (id 0, masked) sees nothing
+
+
+def test_reference_segments_equal_dense_masked_softmax():
+    b, t, h, kh, d = 3, 24, 2, 1, 8
+    q, k, v, _ = make_qkv(12, b, t, t, h, kh, d)
+    seg, mask = packed_rows(b, t, seed=1)
+    out = kernels.attention_reference(q, k, v, mask=mask, segment_ids=seg, **SEG_KW)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    seg_, mask_ = np.asarray(seg), np.asarray(mask)
+    expected = np.zeros(q.shape)
+    for r in range(b):
+        for i in range(t):
+            keys = [
+                j
+                for j in range(t)
+                if j <= i and j > i - 13 and mask_[r, j] and seg_[r, j] == seg_[r, i]
+            ]
+            for head in range(h):
+                if not keys:
+                    continue
+                s = k64[r, keys, head // (h // kh)] @ q64[r, i, head] * d**-0.5
+                s = 4.0 * np.tanh(s / 4.0)
+                p = np.exp(s - s.max())
+                expected[r, i, head] = (p / p.sum()) @ v64[r, keys, head // (h // kh)]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_splash_segments_in_interpreter():
+    """The TPU route: documents and the key mask share splash's SegmentIds; padding never
+    matches a document, even one whose id is the mask's would-be 0 or -1."""
+    b, t, h, kh, d = 3, 40, 2, 1, 16
+    q, k, v, cot = make_qkv(13, b, t, t, h, kh, d)
+    seg, mask = packed_rows(b, t, seed=2)
+    seg = seg.at[0].add(-1)  # row 0: ids -1 (padding), 0, 1, ...
+    kw = dict(scale=d**-0.5, **SEG_KW)
+    fn = lambda q, k, v: splash.splash_attention(q, k, v, mask, seg, interpret=True, **kw)
+    out, grads = value_and_grads(fn, q, k, v, cot)
+    ref = lambda q, k, v: kernels.attention_reference(q, k, v, mask=mask, segment_ids=seg, **kw)
+    out_ref, grads_ref = value_and_grads(ref, q, k, v, cot)
+    assert rel_err(out, out_ref) <= 1e-5
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 1e-4
+
+
 # ----------------------------------------------------------------------------- structure
 def _eqns(jaxpr):
     """All equations, descending into sub-jaxprs but not into Pallas kernel bodies."""
@@ -265,6 +351,13 @@ def test_gpu_and_tpu_paths_lower():
     assert lowered(gpu, "cuda").count("xla.gpu.triton") == 3
     tpu = lambda q, k, v: splash.splash_attention(q, k, v, mask, **kw)
     assert "tpu_custom_call" in lowered(tpu, "tpu")
+    seg = (jnp.arange(t, dtype=jnp.int32) // 50)[None]  # packed rows: the ids' loads lower too
+    gpu_seg = lambda q, k, v: flash.flash_attention(
+        q, k, v, mask, segment_ids=seg, block_sizes=blocks, interpret=False, **kw
+    )
+    assert lowered(gpu_seg, "cuda").count("xla.gpu.triton") == 3
+    tpu_seg = lambda q, k, v: splash.splash_attention(q, k, v, mask, segment_ids=seg, **kw)
+    assert "tpu_custom_call" in lowered(tpu_seg, "tpu")
     dec = jax.jit(
         lambda q, k, v, n: decode_lib.flash_decode(
             q, k, v, n, mask, softcap=50.0, window=64, scale=0.0625, block_k=64, num_splits=2,
@@ -307,6 +400,12 @@ def test_reference_softcap_by_hand():
         (dict(k=jnp.zeros((2, 16, 3, 32)), v=jnp.zeros((2, 16, 3, 32))), "multiple of 3 kv heads"),
         (dict(v=jnp.zeros((2, 16, 2, 32), jnp.bfloat16)), "dtype"),
         (dict(window=0), "window must be a positive int"),
+        (dict(segment_ids=jnp.zeros((2, 15), jnp.int32)), r"segment_ids must be int \[B, T\]"),
+        (dict(segment_ids=jnp.zeros((2, 16))), "segment_ids must be int"),
+        (
+            dict(q=jnp.zeros((2, 8, 4, 32)), segment_ids=jnp.zeros((2, 8), jnp.int32)),
+            r"segment_ids need self-attention \(T == S\)",
+        ),
     ],
 )
 def test_attention_rejects_bad_input(kwargs, match):

@@ -185,12 +185,13 @@ class Attention(nn.Module):
                 scale=scale,
                 softcap=cfg.attn_logit_softcapping,
             )
-        elif cfg.attention_impl == "pallas" and segments is None:
+        elif cfg.attention_impl == "pallas":
             import kernels  # the Pallas kernels live in a top-level package beside o1jax
             from o1jax.parallel.mesh import BATCH_AXES
 
             # Under a mesh each device runs the kernel on its own rows and heads (shard_map):
-            # XLA cannot partition the Pallas call and would all-gather q, k and v.
+            # XLA cannot partition the Pallas call and would all-gather q, k and v. Packed rows
+            # (segments) mask other documents' keys in the kernel.
             out = kernels.attention(
                 q,
                 k,
@@ -200,6 +201,7 @@ class Attention(nn.Module):
                 window=window,
                 scale=scale,
                 mask=token_mask,
+                segment_ids=segments,
                 impl="pallas",
                 interpret=jax.default_backend() == "cpu",
                 batch_axes=BATCH_AXES,
@@ -376,10 +378,11 @@ def forward(
     return_hidden: return the final (normed) hidden states [B, T, D], in the params' dtype,
       instead of the logits; `unembed(params, cfg, hidden)` gives the logits of any of them.
 
-    With `cfg.attention_impl == "pallas"` (no cache, no segments) the kernel measures the
-    sliding window in slots, not in `positions`: each row's real tokens must be contiguous (left
-    or right padding, no holes) with consecutive positions, as every caller in o1jax gives them.
-    Rows with holes in `attention_mask` need the "xla" path.
+    With `cfg.attention_impl == "pallas"` (no cache; packed rows included, their segment ids
+    passed to the kernel) the kernel measures causality and the sliding window in slots, not in
+    `positions`: each row's real tokens (each document's, with segment_ids) must be contiguous
+    (left or right padding, no holes) with consecutive positions, as every caller in o1jax gives
+    them. Rows with holes in `attention_mask` need the "xla" path.
 
     Concrete `tokens` outside [0, vocab_size) and a `lora` that does not fit `params` raise a
     ValueError (traced tokens are not checked: the embedding gather would clamp them).
