@@ -7,21 +7,27 @@ import numpy as np
 from o1jax.model import Gemma2Config, forward, init_params
 
 
-def test_pallas_model_logits_equal_xla_past_the_window():
+def _random_model(d_model: int, ffn_dim: int, window: int, seed: int):
+    """A 2-layer Gemma2 (4 heads, 2 kv heads of 16, vocab 64) whose params are all N(0, 0.2)."""
     cfg = Gemma2Config.tiny(
         vocab_size=64,
         num_layers=2,
-        d_model=64,
+        d_model=d_model,
         num_heads=4,
         num_kv_heads=2,
         head_dim=16,
-        ffn_dim=128,
-        sliding_window=8,
+        ffn_dim=ffn_dim,
+        sliding_window=window,
     )
-    keys = iter(jax.random.split(jax.random.key(0), 64))
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
     params = jax.tree.map(
         lambda x: jax.random.normal(next(keys), x.shape) * 0.2, init_params(cfg, jax.random.key(1))
     )
+    return cfg, params
+
+
+def test_pallas_model_logits_equal_xla_past_the_window():
+    cfg, params = _random_model(d_model=64, ffn_dim=128, window=8, seed=0)
     tokens = jax.random.randint(jax.random.key(2), (2, 37), 0, 64)  # 37 > window, not a block
     mask = jnp.ones((2, 37), bool).at[1, :5].set(False)  # a left-padded row
     xla = forward(params, cfg, tokens, attention_mask=mask)
@@ -45,20 +51,7 @@ def test_pallas_model_on_packed_rows_uses_the_kernel_and_equals_xla(monkeypatch)
     monkeypatch.setattr(flash, "flash_attention", counted)
     jax.clear_caches()  # retrace with the counter
 
-    cfg = Gemma2Config.tiny(
-        vocab_size=64,
-        num_layers=2,
-        d_model=32,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        ffn_dim=64,
-        sliding_window=6,
-    )
-    keys = iter(jax.random.split(jax.random.key(3), 64))
-    params = jax.tree.map(
-        lambda x: jax.random.normal(next(keys), x.shape) * 0.2, init_params(cfg, jax.random.key(1))
-    )
+    cfg, params = _random_model(d_model=32, ffn_dim=64, window=6, seed=3)
     # Row 0: documents of 9, 14 (> window) and 7 tokens, then padding; row 1: 20 + 13 + padding.
     lengths = [(9, 14, 7), (20, 13)]
     t = 33
