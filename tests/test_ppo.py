@@ -410,3 +410,31 @@ def test_under_fsdp_each_device_unembeds_only_its_own_rows():
     assert f"f32[{m},{thought},{cfg.vocab_size}]" not in text
     assert f"f32[1,{w},{cfg.ffn_dim}]" in text  # and of the MLP
     assert f"f32[{m},{w},{cfg.ffn_dim}]" not in text
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("epochs", 0, "epochs must be >= 1"),  # ran one update
+        ("epochs", 2.0, "epochs must be an int"),
+        ("clip_eps", -0.1, "clip_eps must be >= 0"),  # inverted the clip range
+        ("clip_eps", 0.0, "clip_eps must be > 0"),
+        ("max_grad_norm", 0.0, "max_grad_norm must be > 0"),  # zeroed every update
+        ("learning_rate", float("nan"), "learning_rate must be a finite number"),
+        ("kl_coef", -1.0, "kl_coef must be >= 0"),
+    ],
+)
+def test_config_fields_out_of_range_are_named(field, value, message):
+    """A notebook's PPOConfig is not the train config's: it ran these silently."""
+    with pytest.raises(ValueError, match=f"PPOConfig.{message}"):
+        PPOConfig(**{field: value})
+
+
+def test_rating_tokens_outside_the_vocabulary_are_refused(base):
+    """An id past the vocabulary read the last logit instead (JAX clamps the gather)."""
+    from o1jax.rl import ppo
+
+    adapter = lora.init(CFG, jax.random.key(1), lora.LoRAConfig(rank=4, alpha=8))
+    for tokens in ((POS, CFG.vocab_size), (-1, NEG), (POS,)):
+        with pytest.raises(ValueError, match=r"rating_tokens .* must be two ids"):
+            ppo.ppo_loss(adapter, base, CFG, _batch(), jnp.ones(M), None, PPOConfig(), tokens)

@@ -37,6 +37,7 @@ from o1jax.model.gemma2 import forward, unembed
 from o1jax.model.logprobs import token_logprobs
 from o1jax.parallel.mesh import micro_batches, unmicro_batches
 from o1jax.rl.experience import Experience
+from o1jax.search.mcts import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,23 @@ class PPOConfig:
     micro_batch_size: int = 0
 
     def __post_init__(self):
-        for name in ("loss_chunk", "micro_batch_size"):
+        # Unchecked, epochs <= 0 still ran one update, a negative clip_eps inverted the clip
+        # range and max_grad_norm 0 zeroed every update, all silently.
+        check_fields(
+            self,
+            epochs=(int, 1, None),
+            loss_chunk=(int, 0, None),
+            micro_batch_size=(int, 0, None),
+            value_coef=(float, 0.0, None),
+            kl_coef=(float, 0.0, None),
+            entropy_coef=(float, 0.0, None),
+            learning_rate=(float, 0.0, None),
+        )
+        for name in ("clip_eps", "max_grad_norm"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"PPOConfig.{name} must be an int >= 0, got {value!r}")
+            check_fields(self, **{name: (float, 0.0, None)})
+            if value == 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {value!r}")
 
 
 @struct.dataclass
@@ -170,6 +184,12 @@ def ppo_loss(
     `batch_norms` of the whole batch when `batch` is one micro-batch of it (None: this batch's);
     the loss and every aux value are then this micro-batch's share of the whole batch's."""
     check_batch(batch, weights)
+    if len(rating_tokens) != 2 or not all(0 <= t < cfg.vocab_size for t in rating_tokens):
+        # An id past the vocabulary would be clamped to the last logit, silently.
+        raise ValueError(
+            f"ppo: rating_tokens {tuple(rating_tokens)} must be two ids (positive, negative) "
+            f"in [0, {cfg.vocab_size}) (the vocabulary)"
+        )
     if norms is None:
         norms = batch_norms(batch, config)
     max_len = batch.behaviour_logprobs.shape[1]
