@@ -20,10 +20,20 @@ import orbax.checkpoint as ocp
 
 from o1jax.model.hf_io import CheckpointError
 
+# Config sections that leave a run's numbers alone (the same up to float rounding): where
+# checkpoints go, and the device mesh, which a job restarted on a slice of another size may
+# have to change.
+LAYOUT_SECTIONS = ("checkpoint", "mesh")
+
+
+def numbers_config(config_dict: dict) -> dict:
+    """`config_dict` without its `LAYOUT_SECTIONS`: what changes the numbers of a run."""
+    return {k: v for k, v in config_dict.items() if k not in LAYOUT_SECTIONS}
+
 
 def config_fingerprint(config_dict: dict) -> str:
     """A stable hash of everything in the config that changes the numbers of a run."""
-    relevant = {k: v for k, v in config_dict.items() if k not in ("checkpoint",)}
+    relevant = numbers_config(config_dict)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,12 @@ from o1jax.model import Gemma2Config, init_params, load_hf, lora
 from o1jax.parallel.mesh import make_mesh
 from o1jax.search import mcts
 from o1jax.train import metrics as run_metrics
-from o1jax.train.checkpoint import Checkpointer, PreemptionFlag, config_fingerprint
+from o1jax.train.checkpoint import (
+    Checkpointer,
+    PreemptionFlag,
+    config_fingerprint,
+    numbers_config,
+)
 from o1jax.train.config import (
     ConfigError,
     RunConfig,
@@ -87,14 +92,15 @@ def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
 
 def require_same_config(saved: dict, config: RunConfig, what: str) -> None:
     """Raises ConfigError when `config` differs from `saved` (the config a workdir's run was
-    started with, as a dict) in anything but the checkpoint section; `what` names the run's
-    record. Keys added since `saved` was written take their defaults."""
+    started with, as a dict) in anything but the checkpoint and mesh sections (a run restarted
+    on another number of devices may change its mesh; `checkpoint.LAYOUT_SECTIONS`); `what`
+    names the run's record. Keys added since `saved` was written take their defaults."""
     try:
         saved = to_dict(from_dict(saved))
     except ConfigError:
         pass
     if config_fingerprint(saved) != config_fingerprint(to_dict(config)):
-        diff = _first_difference(saved, to_dict(config))
+        diff = _first_difference(numbers_config(saved), numbers_config(to_dict(config)))
         raise ConfigError(f"{what} of a different config ({diff}); use another --workdir")
 
 
@@ -119,8 +125,6 @@ def check_workdir(config: RunConfig, workdir: str) -> None:
 def _first_difference(a, b, prefix="") -> str:
     """The first key (dotted) whose value differs between two config dicts, as a message."""
     for k in sorted(set(a) | set(b)):
-        if k == "checkpoint":
-            continue
         key = f"{prefix}{k}"
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
