@@ -39,11 +39,22 @@ class LoRAConfig:
     targets: tuple[str, ...] = ALL_TARGETS
 
     def __post_init__(self):
+        if isinstance(self.targets, str):  # its letters would be read as the targets
+            raise ValueError(
+                f"LoRAConfig.targets must be a tuple of projection names, got {self.targets!r}"
+            )
         unknown = sorted(set(self.targets) - set(ALL_TARGETS))
         if unknown:
             raise ValueError(f"LoRAConfig.targets: unknown {unknown}; choose from {ALL_TARGETS}")
-        if self.rank <= 0:
-            raise ValueError(f"LoRAConfig.rank must be positive, got {self.rank}")
+        rank = self.rank
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRAConfig.rank must be a positive int, got {rank!r}")
+        alpha = self.alpha
+        real = isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(
+            alpha, bool
+        )
+        if not (real and np.isfinite(alpha) and alpha > 0):  # 0 leaves the adapter no gradient
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {alpha!r}")
 
     @property
     def scale(self) -> float:
