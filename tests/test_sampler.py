@@ -311,6 +311,25 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_on_real_positions(model):
             run(tokens.at[1, 4].set(bad))
 
 
+def test_misshaped_prompts_and_a_bare_stop_id_are_refused_naming_them(model):
+    """One prompt [P] (a notebook's first try), float ids and stop_tokens=5 failed deep in
+    chex, an embedding gather or iteration, naming no argument."""
+    cfg, params = model
+    tokens, lengths = _prompts([3, 5])
+    run = lambda t, n, **kw: generate(
+        params, cfg, t, n, key=jax.random.key(0), max_new_tokens=2, **kw
+    )
+    shapes = r"prompt_tokens must be \[B, P\] and prompt_lengths \[B\], got shapes"
+    with pytest.raises(ValueError, match=shapes + r" \(9,\) and \(\)"):
+        run(tokens[0], 3)
+    with pytest.raises(ValueError, match=shapes + r" \(2, 9\) and \(1,\)"):
+        run(tokens, lengths[:1])
+    with pytest.raises(ValueError, match="prompt_tokens must be integers, got float32"):
+        run(tokens.astype(jnp.float32), lengths)
+    with pytest.raises(TypeError, match="stop_tokens must be a tuple of token ids, got 5"):
+        run(tokens, lengths, stop_tokens=5)
+
+
 def test_counts_must_be_ints_and_lengths_may_be_a_list(model):
     cfg, params = model
     tokens, lengths = _prompts([3, 5])

@@ -144,10 +144,14 @@ def generate(
     # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
     as_array = lambda x: x if isinstance(x, jax.Array) else np.asarray(x)
     prompt_tokens, prompt_lengths = as_array(prompt_tokens), as_array(prompt_lengths)
-    chex.assert_rank(prompt_tokens, 2)
-    chex.assert_shape(prompt_lengths, (prompt_tokens.shape[0],))
-    if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
-        raise ValueError(f"generate: prompt_lengths must be integers, got {prompt_lengths.dtype}")
+    if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+        raise ValueError(
+            f"generate: prompt_tokens must be [B, P] and prompt_lengths [B], got shapes "
+            f"{prompt_tokens.shape} and {prompt_lengths.shape}"
+        )
+    for name, x in (("prompt_tokens", prompt_tokens), ("prompt_lengths", prompt_lengths)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"generate: {name} must be integers, got {x.dtype}")
     counts = {"max_new_tokens": max_new_tokens, "num_samples": num_samples, "top_k": top_k}
     for name, value in counts.items():
         try:
@@ -189,6 +193,8 @@ def generate(
         ("score_suffix", score_suffix),
         ("score_tokens", score_tokens),
     ):
+        if isinstance(ids, (int, np.integer)):
+            raise TypeError(f"generate: {name} must be a tuple of token ids, got {ids!r}")
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise ValueError(
                 f"generate: {name} {tuple(ids)} are not all in [0, {cfg.vocab_size}) "
