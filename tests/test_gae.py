@@ -23,3 +23,13 @@ def test_non_finite_padding_does_not_reach_the_real_steps(gamma, lam):
     for got, want in zip(dirty, clean, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert np.all(np.asarray(got)[mask == 0] == 0)
+
+
+def test_values_without_the_bootstrap_column_are_refused_naming_them():
+    """Values [B, T] (many GAE codes take the bootstrap apart) failed a chex check that named
+    no argument."""
+    r = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"values \[B, T \+ 1\], got .* values \(2, 3\)"):
+        gae(r, r, r, 0.9, 0.9)
+    with pytest.raises(ValueError, match=r"got rewards \(3,\), values \(4,\), mask \(3,\)"):
+        gae(r[0], np.zeros(4), r[0], 0.9, 0.9)

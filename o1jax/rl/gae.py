@@ -10,7 +10,6 @@ gamma and lam lie in [0, 1] (checked unless traced).
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 
@@ -20,10 +19,13 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     for name, x in (("gamma", gamma), ("lam", lam)):
         if not isinstance(x, jax.core.Tracer) and not 0.0 <= float(x) <= 1.0:  # NaN too
             raise ValueError(f"gae: {name} must be in [0, 1], got {x}")
-    chex.assert_rank([rewards, values, mask], [2, 2, 2])
-    b, t = rewards.shape
-    chex.assert_shape(values, (b, t + 1))
-    chex.assert_shape(mask, (b, t))
+    rank2 = jnp.ndim(rewards) == 2
+    b, t = jnp.shape(rewards) if rank2 else (0, 0)
+    if not rank2 or jnp.shape(values) != (b, t + 1) or jnp.shape(mask) != (b, t):
+        raise ValueError(
+            "gae: rewards and mask must be [B, T] and values [B, T + 1], got rewards "
+            f"{jnp.shape(rewards)}, values {jnp.shape(values)}, mask {jnp.shape(mask)}"
+        )
     rewards = rewards.astype(jnp.float32)
     values = values.astype(jnp.float32)
     mask = mask != 0  # a flag, whatever the dtype
