@@ -733,3 +733,46 @@ def test_an_answer_is_only_read_from_a_chain_the_host_parses_whole(tok, model, m
             np.testing.assert_array_equal(result.tree.value[:, 0], -1.0)
         else:
             assert (np.asarray(result.tree.value[:, 0]) > -1.0).all()
+
+
+def test_trees_that_only_pad_a_batch_are_neither_read_nor_judged(tok, model, monkeypatch):
+    """An evaluation's last batch repeats a problem to fill its compiled shape. Those trees grow
+    on device like the others, but their solutions are not decoded, hold no answers and never
+    reach the PPRM (they were judged in full: wasted pair forwards)."""
+    cfg, params = model
+    step = lambda k, thought: longcot.step_header(k - 1, k) + thought + longcot.step_suffix()
+    whole = step(1, "<expansion>4 + 5 = 9") + step(2, "<conclusion>\\boxed{9}") + "<eos>"
+    critique = "9?<end_of_thought>"  # of step 1, the weakest by the random model's ratings
+    rewrite = "4 + 5 = 9<end_of_thought>" + _RATED + longcot.step_header(3, 4)
+    rewrite += "<conclusion>\\boxed{9}<end_of_thought>" + _RATED + "<eos>"
+    questions = [QUESTION, QUESTION]  # the second only pads the batch when live = 1
+    prompts, plens = encode_prompts(tok, questions)
+    config = refine.RefineConfig(rollouts=1, solution_length=S, critique_length=8, value="pprm")
+    judge = refine.PPRMJudge(params, cfg, None, tok)
+    judged = []  # one entry per pair prompt the PPRM reads
+    encode_pair = refine.pprm.encode_pair
+    monkeypatch.setattr(
+        refine.pprm, "encode_pair", lambda *args: judged.append(1) or encode_pair(*args)
+    )
+    for live in (None, 1):
+        judged.clear()
+        monkeypatch.setattr(refine, "generate", _planted_generate(tok, [whole, critique, rewrite]))
+        result = refine.run(
+            params,
+            cfg,
+            tok,
+            questions,
+            prompts,
+            plens,
+            config,
+            jax.random.key(0),
+            judge=judge,
+            live=live,
+        )
+        assert result.answers[0] == ["9", "9"]
+        assert len(judged) == 2 * (live or 2)  # node 1 against node 0, in both orders
+        if live == 1:
+            assert result.answers[1] == [None, None] and result.steps[1] == [[], []]
+            assert not np.asarray(result.tree.has_answer[1]).any()
+    with pytest.raises(ValueError, match="live must be in"):
+        refine.run(params, cfg, tok, questions, prompts, plens, config, jax.random.key(0), live=3)

@@ -716,14 +716,21 @@ def run(
     key: jax.Array,
     lora=None,
     judge: PPRMJudge | None = None,
+    live: int | None = None,
 ) -> SearchResult:
     """Grows B = len(questions) solution trees for `config.rollouts` rollouts.
 
     prompts: [B, P] right-padded problem prompts (`encode_prompts`); prompt_lengths: [B].
     judge: the PPRM, required when `config.value == "pprm"`.
+    live: the first `live` trees are real problems (None: all B); the rest only pad a batch to
+      its compiled shape. They grow on device like the others, but the host neither decodes
+      nor judges them: they hold no steps and no answers, and the PPRM compares none of them.
     """
     b = len(questions)
     chex.assert_shape(prompts, (b, None))
+    live = b if live is None else live
+    if not 0 < live <= b:
+        raise ValueError(f"refine.run: live must be in [1, {b}] (the batch), got {live}")
     if config.value == "pprm" and judge is None:
         raise ValueError("refine.run: value 'pprm' (SR-MCTS) needs a PPRMJudge")
     fmt = make_refine_format(tokenizer, config)
@@ -762,6 +769,10 @@ def run(
         tokens, lengths = np.asarray(tree.tokens[:, new]), np.asarray(tree.lengths[:, new])
         cut = np.asarray(tree.truncated[:, new])
         for t in range(b):
+            if t >= live:  # a padding tree: nothing to read or judge
+                steps[t].append([])
+                found[t].append(None)
+                continue
             text = decode(tokenizer, tokens[t], int(lengths[t]))
             steps[t].append(solution_steps(text))
             # The device valued every rated step; an answer read before a break in the chain
@@ -769,9 +780,9 @@ def run(
             whole = chain_is_whole(text) and not cut[t]
             found[t].append(solution_answer(steps[t][-1]) if whole else None)
         if pref is not None:
-            new_texts = pprm_texts(judge, questions, [steps[t][-1] for t in range(b)])
+            new_texts = pprm_texts(judge, questions[:live], [steps[t][-1] for t in range(live)])
             for t in range(b):
-                texts[t].append(new_texts[t])
+                texts[t].append(new_texts[t] if t < live else "")
         # An answer needs a well-formed chain too (the host's parse is the stricter one).
         parsed = jnp.asarray([found[t][new] is not None for t in range(b)])
         tree = tree.replace(

@@ -309,6 +309,7 @@ def refine_evaluate(
             jax.random.fold_in(key, start),
             lora=lora,
             judge=judge,
+            live=len(chunk),
         )
         for b, problem in enumerate(chunk):
             check = lambda a, truth=problem.answer: a is not None and is_equivalent(a, truth)
