@@ -698,3 +698,28 @@ def test_config_accepts_the_edges_of_its_ranges():
     MCTSConfig()
     MCTSConfig(thought_length=1, discount=1.0, temperature=0.0, noise=0.0, c_puct=0.0, top_k=0)
     MCTSConfig(num_simulations=np.int64(3), discount=np.float32(0.5))  # NumPy scalars are fine
+
+
+def test_insert_and_backup_donates_the_tree_says_so_and_names_a_misfit_expansion():
+    """A notebook reading its old tree after the call found it deleted, undocumented; an
+    expand_fn of another thought length failed deep in a scatter."""
+    config = MCTSConfig(num_simulations=2, num_children=2, max_depth=3, thought_length=L)
+    tree = init_tree(2, config.capacity, L)
+    leaf = mcts.select(tree, jax.random.key(0), config)
+    expansion = synthetic_expand_fn(config, answer_depth=3)(tree, leaf, jax.random.key(1))
+    short = expansion.replace(tokens=expansion.tokens[..., :-2])
+    with pytest.raises(ValueError, match=rf"Expansion.tokens has shape \(2, 2, {L - 2}\)"):
+        mcts.insert_and_backup(tree, leaf, short, config, False)
+    mcts.insert_and_backup(tree, leaf, expansion, config, False)
+    assert tree.visits.is_deleted()
+    for fn in (mcts.insert_and_backup, mcts.insert_and_backup_many):
+        assert "Donates `tree`" in fn.__doc__
+
+
+def test_an_lm_expansion_for_another_number_of_trees_is_refused():
+    """run(expand, 2, ...) over one prompt failed in a reshape, naming neither."""
+    config = MCTSConfig(num_simulations=1, num_children=2, max_depth=2, thought_length=L)
+    prompt, plen = jnp.zeros((1, 4), jnp.int32), jnp.asarray([3])
+    expand = mcts.make_lm_expand_fn(None, None, prompt, plen, _step_format(2), config)
+    with pytest.raises(ValueError, match="2 trees, but the prompts are for 1"):
+        mcts.run(expand, 2, config, jax.random.key(0))

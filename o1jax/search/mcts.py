@@ -293,6 +293,8 @@ def insert_and_backup(
     room for K more nodes, gets no children; the leaf's own value is backed up again. Trees that
     are `done` are left untouched. Either way an ancestor k levels above the node whose value is
     backed up gets discount^k of it.
+
+    Donates `tree`: its arrays are deleted, use only the returned one.
     """
     return _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh)
 
@@ -309,6 +311,7 @@ def insert_and_backup_many(
     """`insert_and_backup` of V selected nodes per tree, one after another.
 
     nodes, fresh: [B, V] from `select_with_virtual_loss`; expansion: [B, V, K, ...].
+    Donates `tree`: its arrays are deleted, use only the returned one.
     """
     chex.assert_shape(nodes, (tree.batch_size, config.leaves_per_tree))
     for j in range(nodes.shape[1]):
@@ -321,6 +324,13 @@ def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
     b, k = tree.batch_size, config.num_children
     chex.assert_shape(leaf, (b,))
     chex.assert_shape(expansion.rating, (b, k))
+    for name in ("tokens", "logprobs"):
+        shape = getattr(expansion, name).shape
+        if shape != (b, k, tree.thought_length):
+            raise ValueError(
+                f"insert_and_backup: Expansion.{name} has shape {shape}, expected [B, K, L] = "
+                f"{(b, k, tree.thought_length)} (L: the tree's thought length)"
+            )
     rows = jnp.arange(b)
     leaf_depth = tree.depth[rows, leaf]
     leaf_terminal = tree.terminal[rows, leaf]
@@ -616,6 +626,11 @@ def make_lm_expand_fn(
     b, k = prompts.shape[0], config.num_children
 
     def expand(tree: Tree, leaf: jax.Array, key: jax.Array) -> Expansion:
+        if leaf.shape[0] != b:
+            raise ValueError(
+                f"make_lm_expand_fn: {leaf.shape[0]} trees, but the prompts are for {b} "
+                "(run's batch_size must be the number of prompts)"
+            )
         many = leaf.ndim == 2  # [B, V] nodes per tree: one sampler call for all B * V
         v = leaf.shape[1] if many else 1
         prefix, lengths = build_prefixes_many(
