@@ -94,3 +94,11 @@ def test_bad_shapes_and_chunks_are_refused():
         token_logprobs(params, CFG, hidden, targets.astype(jnp.float32))
     with pytest.raises(ValueError, match="chunk must be >= 0"):
         token_logprobs(params, CFG, hidden, targets, chunk=-1)
+
+
+def test_target_ids_outside_the_vocabulary_are_refused():
+    """HF's ignored label -100, or an id past V, gave a NaN log-prob without a word."""
+    params, hidden, targets = _inputs()
+    for bad in (-100, CFG.vocab_size):
+        with pytest.raises(ValueError, match=rf"targets: token id {bad} is outside \[0, "):
+            token_logprobs(params, CFG, hidden, targets.at[0, 1].set(bad), chunk=4)

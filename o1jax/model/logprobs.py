@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from o1jax.model.config import Gemma2Config
-from o1jax.model.gemma2 import Params, unembed
+from o1jax.model.gemma2 import Params, check_token_ids, unembed
 from o1jax.parallel.mesh import BATCH_AXES, constrain
 
 _TENSOR = "tensor"
@@ -53,7 +53,8 @@ def token_logprobs(
 
     params: the model params (only the tied embedding `embedder/embedding` [V, D] is read).
     hidden: [B, T, D] final normed hidden states (`forward(..., return_hidden=True)`).
-    targets: [B, T] int token ids, one per position.
+    targets: [B, T] int token ids in [0, V), one per position (concrete ids outside it, such as
+      HF's ignored label -100, raise a ValueError; traced ones give NaN there).
     chunk: positions unembedded at a time (forward and backward); 0, or >= T: all T at once.
       T need not be a multiple: the last chunk is padded, and the padding dropped.
     with_entropy: also return the entropy [B, T] of each position's full distribution.
@@ -66,6 +67,8 @@ def token_logprobs(
     chex.assert_type(targets, int)
     embedding = params["embedder"]["embedding"]  # [V, D]
     chex.assert_axis_dimension(embedding, 1, hidden.shape[-1])
+    if not isinstance(targets, jax.core.Tracer):
+        check_token_ids(targets, cfg.vocab_size, "token_logprobs: targets")
     b, t, d = hidden.shape
     if chunk < 0:
         raise ValueError(f"token_logprobs: chunk must be >= 0, got {chunk}")
