@@ -369,3 +369,59 @@ def test_degrees_of_a_temperature(timeout_s):
     for pred in ["20^\\circ C", "20°C", "20^{\\circ}F", "20^\\circ \\text{C}"]:
         assert is_equivalent(pred, "20", timeout_s=timeout_s)
         assert not is_equivalent(pred, "21", timeout_s=timeout_s)
+
+
+# An inequality in one variable against an interval, either way round (math-verify reads an
+# inequality only as the truth; these were false negatives as the prediction).
+INEQUALITY_INTERVAL = [
+    ("x \\le 3", "(-\\infty, 3]"),
+    ("x \\leq 3", "(-\\infty,3]"),
+    ("3 \\ge x", "(-\\infty, 3]"),
+    ("x > 2", "(2, \\infty)"),
+    ("x \\geqslant -1", "[-1, \\infty)"),
+    ("x ≥ 3", "[3,\\infty)"),
+    ("x >= 3", "[3,\\infty)"),
+    ("2 < x \\le 5", "(2, 5]"),
+    ("5 > x \\ge 2", "[2, 5)"),
+    ("x < 3", "3 > x"),  # two inequalities in the same variable
+]
+
+
+@pytest.mark.parametrize("pred, truth", INEQUALITY_INTERVAL)
+@pytest.mark.parametrize("timeout_s", [0, LIMIT_S])
+def test_an_inequality_equals_its_interval(pred, truth, timeout_s):
+    assert is_equivalent(pred, truth, timeout_s=timeout_s)
+    assert is_equivalent(truth, pred, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize(
+    "pred, truth",
+    [
+        ("x < 3", "(-\\infty, 3]"),  # open against closed
+        ("x \\le 3", "(-\\infty, 4]"),
+        ("2 < x < 3", "[2, 3)"),
+        ("x < 3", "y < 3"),  # another variable
+        ("x < 3", "x \\le 3"),
+    ],
+)
+def test_an_inequality_equals_no_other_interval(pred, truth):
+    assert not is_equivalent(pred, truth, timeout_s=LIMIT_S)
+    assert not is_equivalent(truth, pred, timeout_s=LIMIT_S)
+
+
+@pytest.mark.parametrize(
+    "pred, truth",
+    [
+        ("0.\\overline{3}", "\\frac{1}{3}"),
+        ("0.1\\overline{6}", "1/6"),
+        ("0.\\overline{142857}", "\\frac{1}{7}"),
+        ("2.\\overline{45}", "\\frac{27}{11}"),
+        ("-1.\\overline{3}", "-\\frac{4}{3}"),
+        ("0.\\overline{9}", "1"),
+    ],
+)
+def test_a_repeating_decimal_is_its_exact_fraction(pred, truth):
+    # Decided exactly, without math-verify (which read \overline as no number at all).
+    assert is_equivalent(pred, truth, timeout_s=0)
+    assert is_equivalent(truth, pred, timeout_s=LIMIT_S)
+    assert not is_equivalent(pred, "0.3", timeout_s=0)

@@ -10,10 +10,13 @@ text the last `\\boxed{}` / `\\fbox{}`, GSM8K's `#### N`, or "the answer is X".
    number words scale the value ("3 million" is 3000000, "3 dozen" 36), "pi" is the constant
    ("2 pi" is `2\\pi`), "50 percent" is "50%"; whitespace between digits is a thousands
    separator only between groups of three ("1 000 000"), else it separates two numbers ("1 2"),
-   and such an answer equals only itself;
+   and such an answer equals only itself; an inequality in one variable ("x \\le 3",
+   "2 < x < 5") is written as its interval when the other side is an interval or the same
+   variable's inequality;
 2. exact rationals (fractions.Fraction from integers, decimals, `a/b`, `\\frac{a}{b}`, mixed
-   numbers `1 1/2`, thousands commas, a percent against a plain number read as either n or
-   n/100, two percents compared as written); when both sides are exact numbers this decides;
+   numbers `1 1/2`, repeating decimals `0.1\\overline{6}`, thousands commas, a percent against
+   a plain number read as either n or n/100, two percents compared as written); when both
+   sides are exact numbers this decides;
 3. math-verify (sets, intervals, expressions, 1/3 vs 0.333333) in a worker process, under a
    wall-clock limit. math-verify's own timeouts use SIGALRM, which works only in the main thread
    and cannot stop a computation stuck in C (`10^{10^{10^{10}}}` is one); the worker is killed
@@ -302,6 +305,15 @@ _DECIMAL_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 _SLASH_RE = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
 _MIXED_RE = re.compile(r"^([+-]?)(\d+) (\d+)/(\d+)$")  # "1 1/2" (compacted): 3/2
 _FRAC_RE = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{([+-]?\d+)\}|(\d))$")
+# "0.1\overline{6}" (compacted): 1/6. Groups: sign, whole part, plain decimals, repeating block.
+_REPEATING_RE = re.compile(r"^([+-]?)(\d*)\.(\d*)\\overline(?:\{(\d+)\}|(\d))$")
+
+
+def _repeating(m: re.Match) -> Fraction:
+    whole, plain, block = m.group(2) or "0", m.group(3), m.group(4) or m.group(5)
+    value = int(whole) + Fraction(int(plain or "0"), 10 ** len(plain))
+    value += Fraction(int(block), (10 ** len(block) - 1) * 10 ** len(plain))
+    return -value if m.group(1) == "-" else value
 
 
 def _numbers(cleaned: str) -> tuple[Fraction, bool, bool] | None:
@@ -327,6 +339,8 @@ def _numbers(cleaned: str) -> tuple[Fraction, bool, bool] | None:
         num, den = int(m.group(2) or m.group(3)), int(m.group(4) or m.group(5))
         if den != 0:
             value = Fraction(num, den) * (-1 if m.group(1) == "-" else 1)
+    elif m := _REPEATING_RE.match(s):
+        return _repeating(m), percent, False  # exact, unlike a written-out decimal
     if value is None:
         return None
     return value, percent, "." in s
@@ -385,6 +399,68 @@ def vote(answers, weights=None) -> str | None:
 
 def _terminates(x: Fraction, places: int = 6) -> bool:
     return (10**places) % x.denominator == 0
+
+
+# ----------------------------------------------------------------------------- inequalities
+# Relation commands as single symbols, before compaction joins "\ge x" into "\gex".
+_RELATION_COMMAND_RE = re.compile(r"\\(le|ge|lt|gt)(?:qslant|q)?(?![A-Za-z])")
+_SYMBOL = {"le": "≤", "ge": "≥", "lt": "<", "gt": ">", "<=": "≤", ">=": "≥"}
+_RELATION_RE = re.compile(r"(≤|≥|<|>)")
+_INTERVAL_RE = re.compile(r"^[\[(][^,]+,[^,]+[\])]$|\\cup")
+
+
+def _relations_as_symbols(cleaned: str) -> str:
+    s = _RELATION_COMMAND_RE.sub(lambda m: _SYMBOL[m.group(1)], cleaned)
+    return re.sub(r"<=|>=", lambda m: _SYMBOL[m.group()], s)
+
+
+def _relation(op: str) -> tuple[bool, bool]:
+    """(whether `op` says "less", whether it includes equality)."""
+    return op in "<≤", op in "≤≥"
+
+
+def _inequality(compacted: str) -> tuple[str, str] | None:
+    r"""(variable, interval) of a one-variable inequality in compacted text with relation
+    symbols ("x≤3" -> ("x", "(-\infty,3]"), "2<x≤5" -> ("x", "(2,5]")); None if it is not one."""
+    parts = _RELATION_RE.split(compacted)
+    bound = lambda b: bool(b) and not re.search(r"[=,]", b)
+    is_var = lambda v: re.fullmatch(r"[A-Za-z]", v) is not None
+    if len(parts) == 3:
+        left, op, right = parts
+        less, closed = _relation(op)
+        if is_var(left) and bound(right):
+            var, value, upper = left, right, less  # x < a: a is an upper bound
+        elif is_var(right) and bound(left):
+            var, value, upper = right, left, not less  # a < x: a is a lower bound
+        else:
+            return None
+        if upper:
+            return var, "(-\\infty," + value + ("]" if closed else ")")
+        return var, ("[" if closed else "(") + value + ",\\infty)"
+    if len(parts) == 5 and is_var(parts[2]) and bound(parts[0]) and bound(parts[4]):
+        (less1, closed1), (less2, closed2) = _relation(parts[1]), _relation(parts[3])
+        if less1 != less2:
+            return None
+        (lo, lo_closed), (hi, hi_closed) = (parts[0], closed1), (parts[4], closed2)
+        if not less1:  # a > x > b
+            (lo, lo_closed), (hi, hi_closed) = (hi, hi_closed), (lo, lo_closed)
+        return parts[2], ("[" if lo_closed else "(") + lo + "," + hi + ("]" if hi_closed else ")")
+    return None
+
+
+def _as_intervals(pred: str, truth: str) -> tuple[str, str]:
+    r"""An inequality in one variable is written as its interval when the other side is an
+    interval, or the same variable's inequality ("x \le 3" against "(-\infty, 3]"; math-verify
+    reads an inequality only on the truth's side)."""
+    p, t = _compact(_relations_as_symbols(pred)), _compact(_relations_as_symbols(truth))
+    ip, it = _inequality(p), _inequality(t)
+    if ip and it:
+        return (ip[1], it[1]) if ip[0] == it[0] else (pred, truth)
+    if ip and _INTERVAL_RE.search(t):
+        return ip[1], truth
+    if it and _INTERVAL_RE.search(p):
+        return pred, it[1]
+    return pred, truth
 
 
 def _rational_verdict(pred: str, truth: str) -> bool | None:
@@ -550,6 +626,7 @@ def is_equivalent(pred: str | None, truth: str, timeout_s: float = 1.0) -> bool:
     p, t = _clean(pred), _clean(truth)
     if not p or not t:
         return False
+    p, t = _as_intervals(p, t)
     if _compact(p) == _compact(t):
         return True
     if _hedged(p) or _hedged(t):  # math-verify would read "3 or more" as 3
