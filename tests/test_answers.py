@@ -392,6 +392,7 @@ INEQUALITY_INTERVAL = [
 def test_an_inequality_equals_its_interval(pred, truth, timeout_s):
     assert is_equivalent(pred, truth, timeout_s=timeout_s)
     assert is_equivalent(truth, pred, timeout_s=timeout_s)
+    assert answers.vote_key(pred) == answers.vote_key(truth)  # counted together in maj@k
 
 
 @pytest.mark.parametrize(
@@ -425,3 +426,4 @@ def test_a_repeating_decimal_is_its_exact_fraction(pred, truth):
     assert is_equivalent(pred, truth, timeout_s=0)
     assert is_equivalent(truth, pred, timeout_s=LIMIT_S)
     assert not is_equivalent(pred, "0.3", timeout_s=0)
+    assert answers.vote_key(pred) == answers.vote_key(truth)

@@ -359,12 +359,14 @@ def _readings(value: Fraction, percent: bool) -> set[Fraction]:
 
 def vote_key(answer: str) -> str:
     """A key under which equal answers are counted together: the exact value of a plain number
-    ("14", "14.0", "x = 14" and "\\boxed{14}" share one), else the compacted text."""
+    ("14", "14.0", "x = 14" and "\\boxed{14}" share one), the interval of a one-variable
+    inequality ("x \\le 3" and "(-\\infty, 3]"), else the compacted text."""
     cleaned = _clean(answer)
     numbers = _numbers(cleaned)
     if numbers is not None and len(readings := _readings(*numbers[:2])) == 1:
         return str(next(iter(readings)))
-    return _compact(cleaned)
+    inequality = _inequality(_compact(_relations_as_symbols(cleaned)))
+    return inequality[1] if inequality else _compact(cleaned)
 
 
 def vote(answers, weights=None) -> str | None:
