@@ -274,3 +274,19 @@ def test_out_of_range_alpha_beta_and_batch_size_are_refused():
     state = jax.jit(lambda a: per.init(8, ITEM, alpha=a))(0.5)
     _, _, w = jax.jit(lambda b: per.sample(state, jax.random.key(0), 4, b))(0.5)
     assert w.shape == (4,)
+
+
+def test_float_sizes_and_misshaped_priorities_are_refused_naming_them():
+    """A float capacity or batch_size failed in a shape, and mismatched priorities in a chex
+    check (a list of them, under add's jit, in a NumPy conversion of a tracer): none named
+    the argument."""
+    with pytest.raises(TypeError, match=r"per.init: capacity must be an int, got 8.0"):
+        per.init(8.0, ITEM)
+    state = per.init(8, ITEM)
+    with pytest.raises(TypeError, match=r"per.sample: batch_size must be an int, got 2.0"):
+        per.sample(state, jax.random.key(0), 2.0, 0.4)
+    for bad, got in ((jnp.ones(3), r"\(3,\)"), ([1.0, 2.0], "list")):
+        with pytest.raises(ValueError, match=rf"per.add: priorities must .* \(2,\), .*got {got}"):
+            per.add(state, _items([1, 2]), bad)
+    with pytest.raises(ValueError, match=r"per.update: .* \[M\], got \(2,\) and \(3,\)"):
+        per.update(state, jnp.asarray([0, 1]), jnp.ones(3))

@@ -31,6 +31,7 @@ never drawn, whatever alpha (even 0 ** 0). Writes at indices outside [0, capacit
 from __future__ import annotations
 
 import functools
+import operator
 
 import chex
 import jax
@@ -120,6 +121,7 @@ def _level(tree: jax.Array, level: int) -> jax.Array:
 def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
     """An empty buffer of `capacity` items shaped like `example_item` (one item, no batch axis).
     alpha >= 0: the priority exponent."""
+    capacity = _count("per.init", "capacity", capacity)
     if capacity < 1:
         raise ValueError(f"per.init: capacity must be >= 1, got {capacity}")
     if not isinstance(alpha, jax.core.Tracer) and not float(alpha) >= 0.0:  # NaN too
@@ -133,6 +135,20 @@ def init(capacity: int, example_item, alpha: float = 0.6) -> PERState:
         counters=jnp.zeros((2,), jnp.int32),
         scalars=jnp.asarray([1.0, alpha], jnp.float32),
     )
+
+
+def _count(where: str, name: str, value) -> int:
+    """`value` as an int; a TypeError naming it otherwise (a float would fail in a shape)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be an int, got {value!r}") from None
+
+
+def _shape(x):
+    """The shape of an array, or the type's name of anything else (a list: under `jit`, a list
+    of scalars)."""
+    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
 
 
 def _masses(priorities: jax.Array, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -237,7 +253,11 @@ def add(state: PERState, items, priorities=None, count=None) -> PERState:
         return state
     if priorities is None:
         priorities = jnp.full((m,), state.max_priority)
-    chex.assert_shape(priorities, (m,))
+    if _shape(priorities) != (m,):
+        raise ValueError(
+            f"per.add: priorities must be an array [M] = ({m},), one per item, got "
+            f"{_shape(priorities)}"
+        )
     masses, priorities = _masses(priorities, state.alpha)
     slots = (state.position + jnp.arange(m)) % state.capacity  # [M]
     keep, item_slots, mode = None, slots, "promise_in_bounds"
@@ -324,6 +344,7 @@ def sample(state: PERState, key: jax.Array, batch_size: int, beta: float):
     with no item of positive priority (empty, or only zeros) gives arbitrary in-range indices
     and weights 0, which leave a weighted loss unmoved; check `state.total > 0` to tell.
     """
+    batch_size = _count("per.sample", "batch_size", batch_size)
     if batch_size < 1:
         raise ValueError(f"per.sample: batch_size must be >= 1, got {batch_size}")
     if not isinstance(beta, jax.core.Tracer) and not 0.0 <= float(beta) <= 1.0:  # NaN too
@@ -353,7 +374,12 @@ def _sample(state: PERState, key: jax.Array, batch_size: int, beta):
 def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERState:
     """New raw priorities [M] for the items at `indices` [M] (duplicates: the largest wins;
     indices outside [0, capacity) are ignored). Donates `state`: use only the returned one."""
-    chex.assert_equal_shape([indices, priorities])
+    shapes = _shape(indices), _shape(priorities)
+    if not isinstance(shapes[0], tuple) or len(shapes[0]) != 1 or shapes[1] != shapes[0]:
+        raise ValueError(
+            f"per.update: indices and priorities must both be arrays [M], got {shapes[0]} and "
+            f"{shapes[1]}"
+        )
     if indices.shape[0] == 0:
         return state
     masses, priorities = _masses(priorities, state.alpha)
