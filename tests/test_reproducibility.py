@@ -24,7 +24,7 @@ def test_a_resume_may_change_the_mesh_but_nothing_that_changes_numbers(tmp_path,
     saved = load_config(SMOKE)  # mesh {data: -1}
     dump_config(saved, str(tmp_path / "config.yaml"))
     # Restarted on another slice, which an explicit mesh must name: the same numbers up to
-    # float rounding (`test_a_checkpoint_restores_onto_another_number_of_devices`).
+    # float rounding (test_train.py: the same SFT losses on 1 and 8 devices).
     moved = load_config(SMOKE, [*mesh, "checkpoint.every=4"])
     require_same_config(to_dict(saved), moved, "a checkpoint")
     check_workdir(moved, str(tmp_path))
@@ -46,7 +46,13 @@ def _adapter_state(mesh):
     cfg = Gemma2Config.tiny(vocab_size=64, num_layers=1, d_model=64, num_heads=2, num_kv_heads=1,
                             head_dim=32, ffn_dim=128)  # fmt: skip
     adapter = copy_to_mesh(
-        lora.init(cfg, jax.random.key(0), lora.LoRAConfig(rank=4, alpha=8)), mesh, heads=cfg
+        lora.init(
+            cfg,
+            jax.random.key(0),
+            lora.LoRAConfig(rank=4, alpha=8, targets=("q_proj", "down_proj")),
+        ),
+        mesh,
+        heads=cfg,
     )
     opt_state = init_sharded(optax.adam(1e-3).init, adapter, mesh, cfg)
     buffer = per.init(16, {"tokens": np.zeros((8,), np.int32)}, alpha=0.6)
