@@ -102,6 +102,25 @@ def test_load_tokenizer_refuses_a_directory_without_tokenizer_files(tmp_path):
         tk.load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: {**d, "model": {**d["model"], "type": "BPE2"}},  # a newer library's variant
+        lambda d: {k: v for k, v in d.items() if k != "added_tokens"},
+    ],
+    ids=["unknown model variant", "no added_tokens"],
+)
+def test_load_tokenizer_names_the_directory_of_a_tokenizer_json_it_cannot_read(tmp_path, damage):
+    # The `tokenizers` library raises a bare Exception for a tokenizer.json it cannot parse (e.g.
+    # one written by a newer version), transformers a KeyError for a missing section: both are
+    # a ValueError naming the directory, which the CLIs print as one line.
+    tk.build_tiny_tokenizer(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(damage(saved)))
+    with pytest.raises(ValueError, match=f"could not load a tokenizer from '{tmp_path}'"):
+        tk.load_tokenizer(tmp_path)
+
+
 def _foreign_tokenizer(extra_vocab=()):
     """A character-level tokenizer without the long-CoT tokens (`extra_vocab` entries are in
     its vocabulary but split by its pre-tokenizer)."""

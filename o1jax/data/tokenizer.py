@@ -109,8 +109,9 @@ def load_tokenizer(path: str | Path):
         )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {e}") from e
+    except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+        cause = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {cause}") from e
 
 
 def add_longcot_tokens(tokenizer) -> int:
