@@ -417,7 +417,7 @@ def test_under_fsdp_each_device_unembeds_only_its_own_rows():
     [
         ("epochs", 0, "epochs must be >= 1"),  # ran one update
         ("epochs", 2.0, "epochs must be an int"),
-        ("clip_eps", -0.1, "clip_eps must be >= 0"),  # inverted the clip range
+        ("clip_eps", -0.1, "clip_eps must be > 0"),  # inverted the clip range
         ("clip_eps", 0.0, "clip_eps must be > 0"),
         ("max_grad_norm", 0.0, "max_grad_norm must be > 0"),  # zeroed every update
         ("learning_rate", float("nan"), "learning_rate must be a finite number"),
@@ -428,6 +428,17 @@ def test_config_fields_out_of_range_are_named(field, value, message):
     """A notebook's PPOConfig is not the train config's: it ran these silently."""
     with pytest.raises(ValueError, match=f"PPOConfig.{message}"):
         PPOConfig(**{field: value})
+
+
+def test_config_accepts_the_edges_of_its_ranges():
+    PPOConfig(
+        epochs=1,
+        kl_coef=0,
+        entropy_coef=0.0,
+        learning_rate=0.0,
+        max_grad_norm=np.inf,
+        clip_eps=np.inf,
+    )
 
 
 def test_rating_tokens_outside_the_vocabulary_are_refused(base):

@@ -67,10 +67,9 @@ class PPOConfig:
             entropy_coef=(float, 0.0, None),
             learning_rate=(float, 0.0, None),
         )
-        for name in ("clip_eps", "max_grad_norm"):
+        for name in ("clip_eps", "max_grad_norm"):  # inf: no clipping
             value = getattr(self, name)
-            check_fields(self, **{name: (float, 0.0, None)})
-            if value == 0:
+            if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"PPOConfig.{name} must be > 0, got {value!r}")
 
 
