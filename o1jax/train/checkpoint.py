@@ -20,15 +20,31 @@ import orbax.checkpoint as ocp
 
 from o1jax.model.hf_io import CheckpointError
 
-# Config sections that leave a run's numbers alone (the same up to float rounding): where
-# checkpoints go, and the device mesh, which a job restarted on a slice of another size may
-# have to change.
-LAYOUT_SECTIONS = ("checkpoint", "mesh")
+# Config keys that leave a run's numbers alone (the same up to float rounding): where
+# checkpoints go, the device mesh, and how memory is spent (recomputation, loss chunks, gradient
+# accumulation) and attention computed. A job restarted on a slice of another size may have to
+# change them: a micro-batch must be a multiple of the mesh's batch axes, and a smaller slice
+# may need remat where a larger one did not. None: the whole section.
+LAYOUT_KEYS: dict[str, tuple[str, ...] | None] = {
+    "checkpoint": None,
+    "mesh": None,
+    "model": ("remat", "attention_impl"),
+    "sft": ("loss_chunk", "micro_batch_size"),
+    "rl": ("loss_chunk", "micro_batch_size"),
+}
 
 
 def numbers_config(config_dict: dict) -> dict:
-    """`config_dict` without its `LAYOUT_SECTIONS`: what changes the numbers of a run."""
-    return {k: v for k, v in config_dict.items() if k not in LAYOUT_SECTIONS}
+    """`config_dict` without its `LAYOUT_KEYS`: what changes the numbers of a run."""
+    out = {}
+    for section, value in config_dict.items():
+        keys = LAYOUT_KEYS.get(section, ())
+        if keys is None:
+            continue
+        if isinstance(value, dict) and keys:
+            value = {k: v for k, v in value.items() if k not in keys}
+        out[section] = value
+    return out
 
 
 def config_fingerprint(config_dict: dict) -> str:

@@ -92,9 +92,10 @@ def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
 
 def require_same_config(saved: dict, config: RunConfig, what: str) -> None:
     """Raises ConfigError when `config` differs from `saved` (the config a workdir's run was
-    started with, as a dict) in anything but the checkpoint and mesh sections (a run restarted
-    on another number of devices may change its mesh; `checkpoint.LAYOUT_SECTIONS`); `what`
-    names the run's record. Keys added since `saved` was written take their defaults."""
+    started with, as a dict) in anything but the keys that change no number (a run restarted
+    on another number of devices may change its mesh or micro-batches;
+    `checkpoint.LAYOUT_KEYS`); `what` names the run's record. Keys added since `saved` was
+    written take their defaults."""
     try:
         saved = to_dict(from_dict(saved))
     except ConfigError:
