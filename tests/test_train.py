@@ -13,6 +13,7 @@ import pytest
 from shared_runs import TRAIN_CACHE_ENV, made_once
 
 from o1jax.data import longcot
+from o1jax.train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -164,8 +165,11 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(uninterrupted, tmp_pa
     _kill_when(workdir, _train(workdir, wait=False), step=8)
     _train_killed_before_save(workdir, step=25)
     _kill_when(workdir, _train(workdir, wait=False), step=26)
-    result = _train(workdir)
+    # The last segment keeps more checkpoints: a key that changes no number may change on a
+    # resume (`checkpoint.LAYOUT_KEYS`), and the workdir's config.yaml then says so.
+    result = _train(workdir, "checkpoint.keep=3")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert load_config(os.path.join(workdir, "config.yaml")).checkpoint.keep == 3
     assert _report(workdir) == _report(uninterrupted)
     jax.tree.map(
         np.testing.assert_array_equal, _final_params(workdir), _final_params(uninterrupted)
@@ -299,7 +303,6 @@ def test_self_play_with_every_llama_o1_search_option(uninterrupted):
 
     from o1jax.search.format import make_step_format
     from o1jax.train import pipeline, rl_loop, run_context
-    from o1jax.train.config import load_config
 
     ctx = run_context.open_run(str(uninterrupted))
     params, _ = pipeline.restore_policy(ctx)

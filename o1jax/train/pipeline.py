@@ -88,10 +88,10 @@ def run(config: RunConfig, workdir: str) -> dict:
 
         def claim() -> None:
             """Only a run that could start claims the workdir: a start that failed on its data
-            or model leaves it free for the corrected command."""
-            if run_metrics.is_primary() and not os.path.exists(
-                os.path.join(workdir, "config.yaml")
-            ):
+            or model leaves it free for the corrected command. A resume writes its own config:
+            it may differ in `checkpoint.LAYOUT_KEYS` (a new mesh), which the workdir's CLIs
+            (evaluate, generate) must then build."""
+            if run_metrics.is_primary():
                 dump_config(config, os.path.join(workdir, "config.yaml"))
 
         try:
