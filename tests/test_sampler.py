@@ -260,16 +260,24 @@ def test_bad_settings_are_rejected(model):
     tokens, lengths = _prompts([3])
     with pytest.raises(ValueError, match="top_p"):
         generate(params, cfg, tokens, lengths, key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
-    with pytest.raises(ValueError, match="pad token"):
-        generate(
-            params,
-            cfg,
-            tokens,
-            lengths,
-            key=jax.random.key(0),
-            max_new_tokens=2,
-            stop_tokens=(cfg.pad_token_id,),
-        )
+
+
+def test_the_pad_token_may_be_a_stop_token(model):
+    """Checkpoints whose config sets pad = eos (transformers accepts them) were refused: pad
+    only fills a row after its first stop, so the row ends there whatever pad is."""
+    cfg, params = model
+    tokens, lengths = _prompts([7, 4])
+    kwargs = dict(key=jax.random.key(1), max_new_tokens=6, temperature=1.0)
+    stop = int(generate(params, cfg, tokens, lengths, **kwargs).tokens[0, 2])  # drawn at step 2
+    ref = generate(params, cfg, tokens, lengths, stop_tokens=(stop,), **kwargs)
+    out = generate(params, cfg.replace(pad_token_id=stop), tokens, lengths, stop_tokens=(stop,),
+                   **kwargs)  # fmt: skip
+    assert out.stopped[0] and int(out.lengths[0]) <= 3
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.stopped, ref.stopped)
+    for i, n in enumerate(np.asarray(out.lengths)):
+        np.testing.assert_array_equal(out.tokens[i, :n], ref.tokens[i, :n])
+        assert np.all(np.asarray(out.tokens[i, n:]) == stop)  # pad after the stop
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,8 @@ def generate(
     first_tokens: None, or [R] ints: a row's first new token where >= 0 (not drawn; its
       log-prob is still the model's), a draw where -1 (search's meta-action tags).
     return_entropy: also return each step's entropy and varentropy (`SampleOutput`).
+    stop_tokens may hold `cfg.pad_token_id` (checkpoints whose pad is their eos): pad fills a
+    row only after its first stop, which gives its length.
     Returns a `SampleOutput` with R = B * num_samples rows.
     """
     # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
@@ -212,8 +214,6 @@ def generate(
                     f"[0, {cfg.vocab_size}) (the vocabulary)"
                 )
         first_tokens = jnp.asarray(first_tokens, jnp.int32)
-    if cfg.pad_token_id in stop_tokens:
-        raise ValueError(f"generate: the pad token {cfg.pad_token_id} cannot be a stop token")
     if temperature < np.finfo(np.float32).tiny:
         temperature = 0.0  # subnormal in float32 (flushed to zero); its limit is greedy
     return _generate(
