@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
             problems = load_jsonl(args.data)
             config = RunConfig(model_dir=args.model, model=ModelConfig(dtype=args.dtype))
-            tokenizer = build_tokenizer(config, args.out or "eval")
-            cfg, params = build_model(config, tokenizer, None, jax.random.key(args.seed))
+            tokenizer, first_added = build_tokenizer(config, args.out or "eval")
+            key = jax.random.key(args.seed)
+            cfg, params = build_model(config, tokenizer, None, key, first_added)
             adapter = judge = None
             out_dir = args.out or "eval"
             # Stop where transformers' generate would: the tokenizer's EOS and every

@@ -58,22 +58,16 @@ def _load(args):
         params, adapter = restore_policy(ctx)
         return params, ctx.cfg, ctx.tokenizer, adapter, ()
 
-    from o1jax.data.tokenizer import (
-        add_longcot_tokens,
-        load_tokenizer,
-        resize_embeddings,
-        spelling_pieces,
-    )
+    from o1jax.data.tokenizer import add_longcot_tokens, fit_embeddings, load_tokenizer
     from o1jax.model.hf_io import eos_token_ids, load_hf
 
     cfg, params = load_hf(args.model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)
-    if args.longcot:
+    if args.longcot:  # new rows: the mean of their names' pieces (`fit_embeddings`)
+        first_added = len(tokenizer)
         add_longcot_tokens(tokenizer)
-        if len(tokenizer) > cfg.vocab_size:  # new rows: the mean of their names' pieces
-            pieces = spelling_pieces(tokenizer, cfg.vocab_size)
-            params = resize_embeddings(params, len(tokenizer), pieces)
-            cfg = cfg.replace(vocab_size=len(tokenizer))
+        params = fit_embeddings(params, tokenizer, first_added)
+        cfg = cfg.replace(vocab_size=max(len(tokenizer), cfg.vocab_size))
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(
             f"{args.model}: the tokenizer has {len(tokenizer)} tokens but the embedding has "

@@ -1,7 +1,10 @@
 """`python -m o1jax.generate`: a model directory in, greedy text that matches full forwards out."""
 
 import json
+import os
+import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_models import greedy_by_full_forwards, random_tiny_model
@@ -125,3 +128,26 @@ def test_default_stops_are_every_eos_id_the_model_directory_names(plain_model_di
     assert model_eos == (1, 5)
     assert cli._stop_ids(tokenizer, [], model_eos) == (1, 5)  # the tokenizer's <eos> is 1
     assert cli._stop_ids(tokenizer, ["a"], model_eos) == (tokenizer.convert_tokens_to_ids("a"),)
+
+
+def test_longcot_tokens_on_a_padded_table_get_rows_of_their_own(plain_model_dir, tmp_path):
+    """A checkpoint whose embedding is padded past its tokenizer (spare zero rows): the added
+    tags land on those rows, which must start from the tags' names like grown ones (all zero,
+    <positive_rating> and <negative_rating> had one logit)."""
+    path, vocab = plain_model_dir
+    for name in os.listdir(path):
+        if not name.startswith(("model", "config")):
+            shutil.copy(path / name, tmp_path / name)  # the tokenizer and generation config
+    cfg, params = random_tiny_model(vocab, seed=2)
+    spare = jnp.zeros((32, cfg.d_model), params["embedder"]["embedding"].dtype)
+    padded = jnp.concatenate([params["embedder"]["embedding"], spare])
+    save_hf(
+        str(tmp_path),
+        cfg.replace(vocab_size=vocab + 32),
+        {**params, "embedder": {"embedding": padded}},
+    )
+    args = cli._parse(["--model", str(tmp_path), "--prompt", "abc", "--longcot"])
+    params, cfg, tokenizer, _, _ = cli._load(args)
+    assert len(tokenizer) <= vocab + 32 == cfg.vocab_size  # the table did not grow
+    rows = np.asarray(params["embedder"]["embedding"][vocab : len(tokenizer)], np.float32)
+    assert len({r.tobytes() for r in rows}) == len(rows) and not (rows == 0).all(axis=1).any()

@@ -208,3 +208,30 @@ def test_new_rows_start_at_their_names_pieces_so_no_two_long_cot_tokens_share_a_
         tk.resize_embeddings({"embedder": {"embedding": table}}, len(foreign), pieces[:2])
     with pytest.raises(ValueError, match=f"piece id {first} is not a row"):
         tk.resize_embeddings({"embedder": {"embedding": table}}, len(foreign), [[first]] * 16)
+
+
+@pytest.mark.parametrize("padding", [0, 24])
+def test_added_tokens_start_at_their_names_pieces_over_a_padded_tables_rows(padding):
+    """A checkpoint whose table is padded past its tokenizer (`padding` spare rows, zeros as
+    such checkpoints often hold) gives the long-CoT tokens ids inside the table: their rows must
+    be set from their names' pieces too, not left at zero (one logit for every tag, for good
+    under LoRA). Rows past the tokenizer stay as they were."""
+    letters = [*"abcdefghijklmnopqrstuvwxyz", " "]
+    foreign = _foreign_tokenizer(letters)
+    first = len(foreign)
+    tk.add_longcot_tokens(foreign)
+    own = np.random.default_rng(0).normal(size=(first, 4)).astype(np.float32)
+    table = jnp.asarray(np.concatenate([own, np.zeros((padding, 4), np.float32)]))
+    fitted = tk.fit_embeddings({"embedder": {"embedding": table}}, foreign, first)
+    rows = np.asarray(fitted["embedder"]["embedding"])
+    assert rows.shape == (max(first + padding, len(foreign)), 4)
+    np.testing.assert_array_equal(rows[:first], own)
+    pieces = tk.spelling_pieces(foreign, first)
+    for new_id, piece in zip(range(first, len(foreign)), pieces, strict=True):
+        np.testing.assert_allclose(rows[new_id], own[piece].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(rows[len(foreign) :], 0.0)  # spare rows past the tokenizer
+    ids = tk.token_ids(foreign)
+    assert not np.array_equal(rows[ids["positive_rating"]], rows[ids["negative_rating"]])
+    if padding >= len(foreign) - first:  # nothing added, and the table holds every id
+        same = {"embedder": {"embedding": table}}
+        assert tk.fit_embeddings(same, foreign, len(foreign)) is same

@@ -212,3 +212,29 @@ def resize_embeddings(params: dict, new_vocab_size: int, pieces=None) -> dict:
         rows = jnp.stack([jnp.mean(wide[jnp.asarray(p)], axis=0) if p else mean for p in pieces])
     grown = jnp.concatenate([table, rows.astype(table.dtype)])
     return {**params, "embedder": {**params["embedder"], "embedding": grown}}  # [V', D]
+
+
+def fit_embeddings(params: dict, tokenizer, first_added: int) -> dict:
+    """The embedding table [V, D] fitted to `tokenizer`, whose ids from `first_added` on were
+    added to the model's own vocabulary (`first_added = len(tokenizer)` before
+    `add_longcot_tokens`): grown to len(tokenizer) rows where shorter, and the row of every id
+    from min(first_added, V) to len(tokenizer) - 1 set to the mean of its name's pieces
+    (`spelling_pieces`; the mean of the rows below where it has none). That includes rows the
+    table already had: a checkpoint whose table is padded past its tokenizer holds untrained
+    rows there (often zeros), which would give every added token one logit for good under LoRA.
+    Returns params with a [max(V, len(tokenizer)), D] table; rows past len(tokenizer) stay."""
+    try:
+        table = params["embedder"]["embedding"]
+    except (KeyError, TypeError) as e:
+        raise KeyError("fit_embeddings: params has no ['embedder']['embedding'] table") from e
+    chex.assert_rank(table, 2)
+    vocab, n = table.shape[0], len(tokenizer)
+    start = min(first_added, vocab)
+    if start >= n:
+        return params
+    known = table[:start].astype(jnp.float32)  # [start, D]: the model's own tokens
+    mean = jnp.mean(known, axis=0)
+    rows = [jnp.mean(known[jnp.asarray(p)], axis=0) if p else mean
+            for p in spelling_pieces(tokenizer, start)]  # fmt: skip
+    fitted = jnp.concatenate([table[:start], jnp.stack(rows).astype(table.dtype), table[n:]])
+    return {**params, "embedder": {**params["embedder"], "embedding": fitted}}  # [V', D]

@@ -18,9 +18,8 @@ from o1jax.data import tasks
 from o1jax.data.tokenizer import (
     add_longcot_tokens,
     build_tiny_tokenizer,
+    fit_embeddings,
     load_tokenizer,
-    resize_embeddings,
-    spelling_pieces,
 )
 from o1jax.model import Gemma2Config, init_params, load_hf, lora
 from o1jax.parallel.mesh import make_mesh
@@ -138,8 +137,9 @@ def _first_difference(a, b, prefix="") -> str:
 
 
 def build_tokenizer(config: RunConfig, workdir: str):
-    """The tokenizer of `tokenizer_dir` or `model_dir` with the long-CoT tokens added, or the
-    built-in tiny one (saved under `workdir/tokenizer` by process 0)."""
+    """(tokenizer, first added id): the tokenizer of `tokenizer_dir` or `model_dir` with the
+    long-CoT tokens added from that id on, or the built-in tiny one (saved under
+    `workdir/tokenizer` by process 0; nothing added: len(tokenizer))."""
     source = config.tokenizer_dir or config.model_dir
     if source:
         key = "tokenizer_dir" if config.tokenizer_dir else "model_dir"
@@ -149,10 +149,12 @@ def build_tokenizer(config: RunConfig, workdir: str):
             tokenizer = load_tokenizer(source)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key} {source}: {e}") from None
+        first_added = len(tokenizer)
         add_longcot_tokens(tokenizer)
-        return tokenizer
+        return tokenizer, first_added
     saved = os.path.join(workdir, "tokenizer") if run_metrics.is_primary() else None
-    return build_tiny_tokenizer(saved)
+    tokenizer = build_tiny_tokenizer(saved)
+    return tokenizer, len(tokenizer)
 
 
 def load_problems(config: RunConfig) -> tuple[list, list]:
@@ -192,17 +194,20 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
     return train, test
 
 
-def build_model(config: RunConfig, tokenizer, mesh, key):
-    """(cfg, params): an HF checkpoint (grown to the tokenizer's vocabulary) or the tiny model."""
+def build_model(config: RunConfig, tokenizer, mesh, key, first_added: int | None = None):
+    """(cfg, params): an HF checkpoint, its embedding fitted to the tokenizer whose ids from
+    `first_added` on are new (`fit_embeddings`; None: those past the table), or the tiny model."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype: 'float32' or 'bfloat16', not {config.model.dtype!r}")
     vocab = len(tokenizer)
     if config.model_dir:
         cfg, params = load_hf(config.model_dir, dtype=dtype, mesh=mesh)
-        if vocab > cfg.vocab_size:  # each new token starts at the mean of its name's pieces
-            params = resize_embeddings(params, vocab, spelling_pieces(tokenizer, cfg.vocab_size))
-            cfg = cfg.replace(vocab_size=vocab)
+        # Each new token starts at the mean of its name's pieces, past the table's end or over
+        # the untrained rows of a table padded past its tokenizer.
+        first = cfg.vocab_size if first_added is None else first_added
+        params = fit_embeddings(params, tokenizer, first)
+        cfg = cfg.replace(vocab_size=max(vocab, cfg.vocab_size))
         cfg = cfg.replace(attention_impl=config.model.attention_impl, remat=config.model.remat)
         return cfg, params
     require_weights(config)
@@ -300,9 +305,9 @@ def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preem
     except ValueError as e:  # a shape that does not fit this host's devices
         raise ConfigError(str(e)) from None
     key = jax.random.key(config.seed)
-    tokenizer = build_tokenizer(config, workdir)
+    tokenizer, first_added = build_tokenizer(config, workdir)
     train, test = load_problems(config)
-    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0))
+    cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0), first_added)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     return RunContext(
         config,
