@@ -50,16 +50,25 @@ def _load(args):
     """
     import jax.numpy as jnp
 
+    from o1jax.model.hf_io import eos_token_ids
+
     if args.workdir:
         from o1jax.train.pipeline import restore_policy
         from o1jax.train.run_context import open_run
 
         ctx = open_run(args.workdir)
         params, adapter = restore_policy(ctx)
-        return params, ctx.cfg, ctx.tokenizer, adapter, ()
+        model_dir = ctx.config.model_dir  # a run of an HF checkpoint: its eos ids too
+        return (
+            params,
+            ctx.cfg,
+            ctx.tokenizer,
+            adapter,
+            eos_token_ids(model_dir) if model_dir else (),
+        )
 
     from o1jax.data.tokenizer import add_longcot_tokens, fit_embeddings, load_tokenizer
-    from o1jax.model.hf_io import eos_token_ids, load_hf
+    from o1jax.model.hf_io import load_hf
 
     cfg, params = load_hf(args.model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)

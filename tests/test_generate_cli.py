@@ -151,3 +151,18 @@ def test_longcot_tokens_on_a_padded_table_get_rows_of_their_own(plain_model_dir,
     assert len(tokenizer) <= vocab + 32 == cfg.vocab_size  # the table did not grow
     rows = np.asarray(params["embedder"]["embedding"][vocab : len(tokenizer)], np.float32)
     assert len({r.tobytes() for r in rows}) == len(rows) and not (rows == 0).all(axis=1).any()
+
+
+def test_a_workdir_of_a_model_directory_run_stops_on_its_eos_ids(plain_model_dir, monkeypatch):
+    """--workdir of a run on an HF checkpoint: the default stops include that directory's eos
+    ids, as --help says (only the tokenizer's EOS was used)."""
+    from types import SimpleNamespace
+
+    from o1jax.train import pipeline, run_context
+
+    path, _ = plain_model_dir
+    for model_dir, eos in ((str(path), (1, 5)), ("", ())):
+        ctx = SimpleNamespace(config=SimpleNamespace(model_dir=model_dir), cfg=None, tokenizer=None)
+        monkeypatch.setattr(run_context, "open_run", lambda workdir, ctx=ctx: ctx)
+        monkeypatch.setattr(pipeline, "restore_policy", lambda ctx: (None, None))
+        assert cli._load(cli._parse(["--workdir", "w", "--prompt", "x"]))[4] == eos
