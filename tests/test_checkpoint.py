@@ -148,3 +148,47 @@ def test_train_py_on_a_workdir_with_a_damaged_checkpoint_exits_2_with_one_line(
     lines = [line for line in err if line.startswith("error:")]
     assert len(lines) == 1, err[-5:]
     assert lines[0].startswith(f"error: {workdir / 'checkpoints' / '1'}: unreadable")
+
+
+_PREEMPTION_HOST = """
+import os, signal, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process,
+                           initialization_timeout=60)
+from o1jax.train.checkpoint import PreemptionFlag
+with PreemptionFlag() as flag:
+    before = flag.requested
+    if process == 0:  # only this host gets the notice
+        os.kill(os.getpid(), signal.SIGTERM)
+    print("flag", before, flag.requested, flush=True)
+"""
+
+
+def test_a_preemption_notice_to_one_host_is_seen_by_every_host():
+    """Two processes of a multi-host run (jax.distributed on this CPU): SIGTERM reaches only
+    process 0, and both read `requested` as True at the same point, so neither runs a step
+    whose collectives the other, stopping to save, would never join."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREEMPTION_HOST, str(i), port],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [host.communicate(timeout=120) for host in hosts]
+    for host, (out, err) in zip(hosts, outputs, strict=True):
+        assert host.returncode == 0, err[-2000:]
+        assert [line for line in out.splitlines() if line.startswith("flag")] == ["flag False True"]

@@ -16,6 +16,7 @@ import re
 import signal
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from o1jax.model.hf_io import CheckpointError
@@ -164,15 +165,34 @@ def _reason(error: BaseException, limit: int = 300) -> str:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM; the training loops save a checkpoint and exit when they see it."""
+    """Set by SIGTERM; the training loops save a checkpoint and exit when they see it.
+
+    In a multi-host run each host gets its own notice, perhaps steps apart; a host that stopped
+    to save while another ran its next step would hang both in unmatched collectives. So
+    `requested` is agreed: True on every process once any has been signalled. Each read is then
+    a collective (a tiny all-gather), and every process must read it at the same points of the
+    run, as the stage loops do.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._signalled = False  # this process's own notice
         self._previous = None
+
+    @property
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._signalled
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._signalled))))
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        self._signalled = bool(value)
 
     def __enter__(self):
         def handler(signum, frame):
-            self.requested = True
+            self._signalled = True
 
         self._previous = signal.signal(signal.SIGTERM, handler)
         return self
