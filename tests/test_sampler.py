@@ -327,11 +327,13 @@ def test_misshaped_prompts_and_a_bare_stop_id_are_refused_naming_them(model):
     run = lambda t, n, **kw: generate(
         params, cfg, t, n, key=jax.random.key(0), max_new_tokens=2, **kw
     )
-    shapes = r"prompt_tokens must be \[B, P\] and prompt_lengths \[B\], got shapes"
+    shapes = r"prompt_tokens must be \[B, P\] with B, P >= 1 and prompt_lengths \[B\], got shapes"
     with pytest.raises(ValueError, match=shapes + r" \(9,\) and \(\)"):
         run(tokens[0], 3)
     with pytest.raises(ValueError, match=shapes + r" \(2, 9\) and \(1,\)"):
         run(tokens, lengths[:1])
+    with pytest.raises(ValueError, match=shapes + r" \(0, 9\) and \(0,\)"):
+        run(tokens[:0], lengths[:0])  # an empty batch (a ZeroDivisionError)
     with pytest.raises(ValueError, match="prompt_tokens must be integers, got float32"):
         run(tokens.astype(jnp.float32), lengths)
     with pytest.raises(TypeError, match="stop_tokens must be a tuple of token ids, got 5"):

@@ -146,10 +146,14 @@ def generate(
     # Lists (and scalars) become host arrays; jax arrays and tracers stay where they are.
     as_array = lambda x: x if isinstance(x, jax.Array) else np.asarray(x)
     prompt_tokens, prompt_lengths = as_array(prompt_tokens), as_array(prompt_lengths)
-    if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
+    if (
+        prompt_tokens.ndim != 2
+        or prompt_lengths.shape != prompt_tokens.shape[:1]
+        or 0 in prompt_tokens.shape
+    ):
         raise ValueError(
-            f"generate: prompt_tokens must be [B, P] and prompt_lengths [B], got shapes "
-            f"{prompt_tokens.shape} and {prompt_lengths.shape}"
+            f"generate: prompt_tokens must be [B, P] with B, P >= 1 and prompt_lengths [B], "
+            f"got shapes {prompt_tokens.shape} and {prompt_lengths.shape}"
         )
     for name, x in (("prompt_tokens", prompt_tokens), ("prompt_lengths", prompt_lengths)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
