@@ -212,6 +212,8 @@ def test_beta_schedule_anneals_linearly_to_one():
     assert per.beta_schedule(0) == 0.4
     assert abs(per.beta_schedule(50_000) - 0.7) < 1e-12
     assert per.beta_schedule(10**7) == 1.0
+    with pytest.raises(ValueError, match="beta1 must be in"):
+        per.beta_schedule(0, beta1=1.5)  # `sample` would refuse its betas only steps later
 
 
 def test_a_round_in_one_program_writes_the_tree_in_place():
