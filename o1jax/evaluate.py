@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="greedy and sampling budget per problem; 0: the config's eval.max_new_tokens (160 "
-        "in tiny.yaml, 1024 in the gemma2 configs; real solutions need the larger one)",
+        "in tiny.yaml and with --model, 1024 in the gemma2 configs; real solutions need the "
+        "larger one)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
