@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 import sys
 import types
 
@@ -166,16 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {part}: replicated over tensor={mesh['tensor']} ({count} {name} heads do not "
                 "split into whole heads per device)"
             )
-    print(
-        "activations and temporaries of the SFT step (remat, sft.loss_chunk, "
-        f"sft.micro_batch_size): python bench/memory.py --config {args.config} "
-        f"--devices {total_devices}"
-    )
-    print(
-        "... and of the PPO step (remat, rl.loss_chunk, rl.micro_batch_size): python "
-        "bench/memory.py --config "
-        f"{args.config} --devices {total_devices} --step ppo"
-    )
+    # The same run for bench/memory.py: this config, its overrides and the mesh sized here.
+    same = [*args.overrides, *(f"mesh.{axis}={size}" for axis, size in mesh.items())]
+    command = f"python bench/memory.py --config {shlex.quote(args.config)} --devices "
+    command += f"{total_devices} " + " ".join(map(shlex.quote, same))
+    print(f"activations and temporaries of the SFT step (remat, sft.loss_chunk, "
+          f"sft.micro_batch_size): {command}")  # fmt: skip
+    print(f"... and of the PPO step (remat, rl.loss_chunk, rl.micro_batch_size): {command} "
+          "--step ppo")  # fmt: skip
     return 0
 
 

@@ -125,3 +125,24 @@ def test_cli_shows_the_full_finetune_rows(capsys):
     assert plan.main(argv) == 0
     out = capsys.readouterr().out
     assert "trained copy of the params (f32)" in out and "optimizer (Adam, f32)" in out
+
+
+def test_the_memory_commands_it_prints_carry_the_overrides_and_the_mesh(capsys):
+    """The bench/memory.py commands measure the run planned: its overrides and its mesh (they
+    named only the config file)."""
+    import importlib.util
+    import shlex
+
+    cfg = os.path.join(ROOT, "configs", "gemma2-2b.yaml")
+    argv = ["--config", cfg, "--mesh", "data=2,fsdp=4,tensor=1", "sft.micro_batch_size=16"]
+    assert plan.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "bench/memory.py" in line]
+    spec = importlib.util.spec_from_file_location("memory", os.path.join(ROOT, "bench/memory.py"))
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    for line, step in zip(lines, ("sft", "ppo"), strict=True):
+        args = memory._parse(shlex.split(line.split("python bench/memory.py ", 1)[1]))
+        assert (args.config, args.devices, args.step) == (cfg, 8, step)
+        assert args.overrides == [
+            "sft.micro_batch_size=16", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"
+        ]  # fmt: skip
