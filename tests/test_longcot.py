@@ -281,6 +281,10 @@ def test_a_positive_conclusion_that_states_nothing_is_no_right_path():
         ),  # not "000 + 72 is not 1"
         ("Then 1,072 * 2 = 2,150 dollars.", "1,072 * 2 is not 2,150"),
         ("2.5 * 2 = 6.0", "2.5 * 2 is not 6.0"),
+        ("1/2 + 1/4 = 11/4 of the pie.", "1/2 + 1/4 is not 11/4"),  # not "is not 11"
+        # A journey flaws a step's last result ("= 28"): the right claim before it ("3 * 2 =
+        # 6") is no error to quote, and "(6 + 4) * 2" no claim this critic reads.
+        ("He spends 3 * 2 = 6, so (6 + 4) * 2 = 28 in all.", "The previous step is wrong."),
     ],
 )
 def test_default_critic_quotes_whole_numbers(thought, critic):

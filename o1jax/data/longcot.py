@@ -405,15 +405,18 @@ def paths_to_tree(paths: Sequence[Sequence[Node]]) -> list[Node]:
 # ----------------------------------------------------------------------------- journeys
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # "1,072.5" is one number, not "072.5"
 _CLAIM_RE = re.compile(
-    rf"(?<![\d,.])(?P<lhs>{_NUM}(?:\s*[-+*/×÷]\s*{_NUM})+)\s*=\s*(?P<rhs>{_NUM})(?![\d,]\d|\.\d)"
+    rf"(?<![\d,./])(?P<lhs>{_NUM}(?:\s*[-+*/×÷]\s*{_NUM})+)\s*=\s*"
+    rf"(?P<rhs>{_NUM}(?:/\d+)?)(?![\d,]\d|\.\d|/\d)"  # "= 3/4" is one result, not "3"
 )
 
 
 def default_critic(wrong: Node) -> str:
-    """A `<critic>` thought for a wrong step: "17 + 25 is not 43" when the step states an
-    arithmetic result (its last `a op b = c`), else a generic remark."""
+    """A `<critic>` thought for a wrong step: "17 + 25 is not 43" when the step's last result
+    is an arithmetic claim `a op b = c` (no "=" after it), else a generic remark. The flawed
+    result of a journey is a step's last "= N" (`tasks.journey_tree`): an earlier claim, right,
+    must not be quoted as the error."""
     claims = list(_CLAIM_RE.finditer(wrong.thought))
-    if claims:
+    if claims and "=" not in wrong.thought[claims[-1].end() :]:
         return f"{CRITIC}{claims[-1]['lhs']} is not {claims[-1]['rhs']}"
     return f"{CRITIC}The previous step is wrong."
 
