@@ -227,7 +227,9 @@ class SearchSection:
     discount: float = 0.9  # a value k levels below a node reaches it as discount**k of it
     backup: str = "max"  # a leaf's value from its new children: "max" or "mean"
     patience: int = 0  # self-play: stop a tree after this many right answers (0: never)
-    # The thoughts' sampling, in self-play and in the held-out search evaluation alike.
+    # The thoughts' sampling, in self-play and in the held-out search evaluation alike
+    # (LLaMA-O1: 1.5 and 64-token thoughts, as configs/gemma2-*.yaml set; these defaults are
+    # the small model's).
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -268,7 +270,7 @@ class SearchSection:
 class RLSection:
     iterations: int = 8
     problems_per_iteration: int = 32
-    buffer_capacity: int = 16384
+    buffer_capacity: int = 16384  # LLaMA-O1: 100 000 (configs/gemma2-*.yaml)
     alpha: float = 0.6
     beta0: float = 0.4
     beta_steps: int = 100_000
