@@ -18,7 +18,8 @@ from test_train import (
 )
 
 from o1jax.data.longcot import NEGATIVE_RATING, POSITIVE_RATING
-from o1jax.data.tasks import DataError
+from o1jax.data.tasks import DataError, DataWarning
+from o1jax.search import pprm
 from o1jax.train.config import ConfigError, dump_config, load_config
 from o1jax.train.metrics import MetricsWriter
 
@@ -26,6 +27,7 @@ from o1jax.train.metrics import MetricsWriter
 # (every 8: 17, 25, then 33 with the accuracy), done 34. Small evaluations keep it fast.
 S, P = 8, 24
 VERDICTS = (POSITIVE_RATING, NEGATIVE_RATING)
+CONTEXT = 1024  # the smoke model's max_position_embeddings
 RUN = [
     f"sft.steps={S}",
     f"pprm.steps={P}",
@@ -137,13 +139,18 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     held = _context(tmp_path / "probe").test  # the run's held-out problems
     others = [f"Start with {i}, add 2." for i in range(40)]
     rows = _pair_rows(others) + _pair_rows([p.question for p in held[:3]])
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    # A repeated row is read once; a pair longer than the model's context is left out.
+    long = {"question": others[0], "chosen": "1 + 1 = 2; " * 60, "rejected": "2 + 2 = 5; " * 60}
+    lines = [*map(json.dumps, rows), json.dumps(rows[0]), json.dumps(long)]
+    path.write_text("\n".join(lines) + "\n\n")
     ctx = _context(tmp_path / "w", f"pprm.pairs_path={path}", "pprm.eval_pairs=2", "pprm.steps=1")
-    train, held_out = pprm_pairs(ctx)
+    with pytest.warns(DataWarning, match=rf"1 of 44 pairs are longer than the PPRM's {CONTEXT}-"):
+        train, held_out = pprm_pairs(ctx)
     ctx.checkpointer.close()
     hashed = _hash_test(others)
     assert 0 < len(hashed) < 40  # the file's own hash split holds some out too
     assert held_out.num_pairs == 2 and train.num_pairs == 40 - len(hashed)
+    assert max(train.lengths) < 100  # no batch is padded to the long pair
     # No pair held out either way: no held-out accuracy, an error that says why.
     kept = [r for r in rows[:40] if r["question"] not in hashed]
     path.write_text("\n".join(json.dumps(r) for r in kept) + "\n")
@@ -159,6 +166,30 @@ def test_pairs_file_is_split_by_question_and_bad_lines_are_named(tmp_path):
     bad.write_text('{"question": "q", "chosen": "a", "rejected": 3}\n')
     with pytest.raises(DataError, match=f"{bad}:1: field 'rejected' must be a non-empty string"):
         pprm_pairs(_context(tmp_path / "w3", f"pprm.pairs_path={bad}", "pprm.steps=1"))
+
+
+def test_pairs_file_rows_without_a_preference_or_that_fit_no_context_are_named(tmp_path):
+    from o1jax.data.tokenizer import build_tiny_tokenizer
+    from o1jax.train.pprm import load_pairs
+
+    tok, path = build_tiny_tokenizer(), tmp_path / "pairs.jsonl"
+    row = lambda chosen, rejected: json.dumps(
+        {"question": "q", "chosen": chosen, "rejected": rejected}
+    )
+    path.write_text(row("4", "5") + "\n" + row("4", "5") + "\n" + row("4", "4 ") + "\n")
+    with pytest.raises(DataError, match=f"{path}:3: 'chosen' and 'rejected' are the same text"):
+        load_pairs(path)
+    path.write_text(row("4", "5") + "\n" + row("4", "5") + "\n" + row("5", "4") + "\n")
+    assert load_pairs(path) == [("q", "4", "5"), ("q", "5", "4")]  # an exact repeat read once
+    width = len(pprm.encode_pair(tok, "q", "4", "5"))  # either order: 38 tokens
+    too_long = r"2 of 2 pairs are longer than the PPRM's 37-token context \(longest 38 tokens\)"
+    with pytest.warns(DataWarning, match=too_long + r" and are left out \(lines 1, 3\)"):
+        with pytest.raises(DataError, match=f"{path}: holds no preference pairs that fit 37 tok"):
+            load_pairs(path, tok, width - 1)
+    assert load_pairs(path, tok, width) == [("q", "4", "5"), ("q", "5", "4")]
+    path.write_text('{"question": null, "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=f"{path}:1: field 'question' is missing or null"):
+        load_pairs(path)
 
 
 @pytest.mark.parametrize("test_fraction", [0.05, 0.5])

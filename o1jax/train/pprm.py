@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,28 +91,60 @@ def task_pairs(
     return encode_pairs(tokenizer, triples)
 
 
-def load_pairs(path: str | Path) -> list[tuple[str, str, str]]:
+def load_pairs(
+    path: str | Path, tokenizer=None, max_len: int | None = None
+) -> list[tuple[str, str, str]]:
     """(question, chosen, rejected) triples from a JSON-lines file, one object a line:
 
         {"question": "...", "chosen": "the better solution", "rejected": "the worse one"}
 
-    Blank lines are skipped. Errors (`tasks.DataError`) name the file, the line and the field.
+    Blank lines are skipped, and so is a row that repeats an earlier one exactly (a copy would
+    count twice in the held-out accuracy). Errors (`tasks.DataError`) name the file, the line
+    and the field; a row whose chosen and rejected texts are the same states no preference and
+    is one too. With `tokenizer` and `max_len` (the PPRM's context), a pair whose comparison
+    prompt (`pprm.encode_pair`, either order) is longer than `max_len` tokens is left out, and
+    one `tasks.DataWarning` names their count and first lines: the PPRM cannot read it, and
+    every batch would be padded to its width.
     """
-    triples = []
-    for where, _, row in tasks.jsonl_rows(path):
+    triples, seen, too_long = [], set(), []
+    for where, lineno, row in tasks.jsonl_rows(path):
         if not isinstance(row, dict):
             raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         values = []
         for field in ("question", "chosen", "rejected"):
             value = row.get(field)
             if value is None:
-                raise tasks.DataError(f"{where}: field {field!r} is missing")
+                raise tasks.DataError(f"{where}: field {field!r} is missing or null")
             if not isinstance(value, str) or not value.strip():
                 raise tasks.DataError(f"{where}: field {field!r} must be a non-empty string")
             values.append(value)
-        triples.append(tuple(values))
+        question, chosen, rejected = values
+        if chosen.strip() == rejected.strip():
+            raise tasks.DataError(f"{where}: 'chosen' and 'rejected' are the same text")
+        if (question, chosen, rejected) in seen:
+            continue
+        seen.add((question, chosen, rejected))
+        if max_len is not None:
+            width = max(
+                len(pprm.encode_pair(tokenizer, question, a, b))
+                for a, b in ((chosen, rejected), (rejected, chosen))
+            )
+            if width > max_len:
+                too_long.append((lineno, width))
+                continue
+        triples.append((question, chosen, rejected))
+    if too_long:
+        lines = ", ".join(str(n) for n, _ in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+        warnings.warn(
+            f"{path}: {len(too_long)} of {len(too_long) + len(triples)} pairs are longer than "
+            f"the PPRM's {max_len}-token context (longest {max(w for _, w in too_long)} tokens) "
+            f"and are left out (lines {lines})",
+            tasks.DataWarning,
+            stacklevel=2,
+        )
     if not triples:
-        raise tasks.DataError(f"{path}: holds no preference pairs")
+        longer = f" that fit {max_len} tokens" if too_long else ""
+        raise tasks.DataError(f"{path}: holds no preference pairs{longer}")
     return triples
 
 

@@ -57,7 +57,8 @@ def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
     config, p = ctx.config, ctx.config.pprm
     if p.pairs_path:
         try:
-            triples = load_pairs(p.pairs_path)
+            # Pairs longer than the model's context are left out (a DataWarning says so).
+            triples = load_pairs(p.pairs_path, ctx.tokenizer, ctx.cfg.max_position_embeddings)
         except tasks.DataError as e:
             raise tasks.DataError(f"pprm.pairs_path: {e}") from None
         # No PPRM training pair may be on a problem the searches are tested on: a pair on one
