@@ -83,6 +83,15 @@ def prefill_flops(cfg: Gemma2Config, prompt: int) -> float:
     return 2 * cfg.num_layers * ((prompt - 1) * (proj + mlp) + attn)
 
 
+def generate_flops(cfg: Gemma2Config, prompt: int, new: int) -> float:
+    """Matmul FLOPs of one row of `generate(max_new_tokens=new)` on a `prompt`-token prompt:
+    the prefill, its last position unembedded, and `new` decode steps, each forwarding the
+    token it drew (the last one's logits go unused, but the step runs)."""
+    return prefill_flops(cfg, prompt) + sum(
+        decode_flops_per_token(cfg, prompt + i) for i in range(new + 1)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -139,8 +148,7 @@ def main() -> None:
 
         n_tokens = batch * NEW
         t_hf, t_ours, ratio = alternating_seconds(run_hf, run_ours, args.reps)
-        decode = sum(decode_flops_per_token(cfg, PROMPT + i) for i in range(NEW))
-        flops = batch * (prefill_flops(cfg, PROMPT) + decode)  # all the work `generate` times
+        flops = batch * generate_flops(cfg, PROMPT, NEW)  # all the work `generate` times
         achieved = flops / t_ours
         print(
             f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "

@@ -40,7 +40,7 @@ def main() -> None:
     params, adapter = restore_policy(ctx)
     tok, cfg = ctx.tokenizer, ctx.cfg
     start = time.time()
-    train_triples, test_triples = [], []
+    train_triples, test_triples, task = [], [], None
     if args.pairs in ("policy", "both"):
         mine = lambda problems, seed: pprm_mining.policy_triples(
             params, cfg, tok, problems, key=jax.random.key(seed), samples=args.samples,
@@ -52,11 +52,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         task = pprm.task_pairs(tok, ctx.train[: args.mine_problems], rng)
     print(f"mined {len(train_triples)} policy pairs ({time.time() - start:.0f} s)", flush=True)
-    train = pprm.encode_pairs(tok, train_triples) if train_triples else None
-    if args.pairs == "task":
-        train = task
-    elif args.pairs == "both":
-        train = _concat(train, task, tok.pad_token_id or 0)
+    mined = pprm.encode_pairs(tok, train_triples) if train_triples else None
+    train = training_pairs(args.pairs, mined, task, tok.pad_token_id or 0)
     held_policy = pprm.encode_pairs(tok, test_triples) if test_triples else None
     held_task = pprm.task_pairs(tok, ctx.test[:200], np.random.default_rng(1))
 
@@ -100,6 +97,20 @@ def main() -> None:
         oracle = np.mean([r["any_correct"] for r in found.records])
         print(f"{value}: accuracy {found.pass1:.3f}, any node right {oracle:.3f} "
               f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+
+
+def training_pairs(kind: str, mined, task, pad: int) -> pprm.Pairs:
+    """The PPRM's training pairs for `--pairs kind`: the mined policy pairs (None when no
+    problem gave a right and a wrong sample, as from a weak policy), the task pairs, or both
+    (the task pairs alone when none were mined)."""
+    if kind == "task" or (kind == "both" and mined is None):
+        return task
+    if mined is None:
+        raise SystemExit(
+            "sr_mcts: --pairs policy mined no pair (no problem had both a right and a wrong "
+            "sample); raise --mine-problems or --samples, or use --pairs task or both"
+        )
+    return mined if kind == "policy" else _concat(mined, task, pad)
 
 
 def _concat(a: pprm.Pairs, b: pprm.Pairs, pad: int) -> pprm.Pairs:
