@@ -253,12 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         from o1jax.model.sampler import _generate
 
         adapter = jax.eval_shape(lambda k: lora.init(cfg, k, lora_config(config)), key)
+        first_tokens = None  # the meta-action tags the search draws (`mcts.draw_meta_actions`)
+        if q.meta_action_prob > 0:
+            first_tokens = row_struct((rows_total * q.num_children,), jnp.int32)
         return _generate.lower(
             on_mesh(params),
             row_struct((rows_total, width), jnp.int32),
             row_struct((rows_total,), jnp.int32),
             key,
             on_mesh(adapter),
+            first_tokens,
             cfg=cfg,
             max_new_tokens=q.thought_length,
             temperature=q.temperature,
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=q.num_children,
             score_suffix=(4,),
             score_tokens=(5, 6),
+            return_entropy=q.entropy_prior or q.varentropy_bonus > 0,
         )
 
     def measure(layers: int, remat: bool, loss_chunk: int, micro: int):

@@ -4,6 +4,7 @@ scripts as they are, and the pieces of the scripts whose numbers a test can chec
 import argparse
 import ast
 import importlib.util
+import os
 import re
 import shlex
 import sys
@@ -148,3 +149,28 @@ def test_sr_mcts_trains_on_task_pairs_when_none_were_mined():
     assert sr_mcts.training_pairs("policy", mined, task, 0) is mined
     both = sr_mcts.training_pairs("both", mined, task, 0)
     assert both.tokens.shape == (4, 5) and both.lengths.tolist() == [5, 5, 3, 3]
+
+
+def test_memory_sample_compiles_the_sampler_search_calls(monkeypatch):
+    """bench/memory.py --step sample lowers `generate`'s program with the meta-action first
+    tokens and the entropy `mcts.make_lm_expand_fn` asks for when the search section turns them
+    on (it lowered the plain program)."""
+    memory = _module("bench/memory.py")
+    lowered = {}
+
+    class Lowering:
+        def lower(self, *args, **kwargs):
+            lowered.update(args=args, kwargs=kwargs)
+            raise _Parsed()
+
+    monkeypatch.setattr(sampler, "_generate", Lowering())
+    for name in ("XLA_FLAGS", "JAX_PLATFORMS"):  # main sets them for its own process
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--layers", "1", "--step", "sample"]
+    with pytest.raises(_Parsed):
+        memory.main([*argv, "search.entropy_prior=true", "search.meta_action_prob=0.5"])
+    rows = 32 * 2  # rl.problems_per_iteration leaves, search.num_children samples each
+    assert lowered["args"][5].shape == (rows,) and lowered["kwargs"]["return_entropy"]
+    with pytest.raises(_Parsed):
+        memory.main(argv)
+    assert lowered["args"][5] is None and not lowered["kwargs"]["return_entropy"]
