@@ -24,15 +24,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ.pop(TRAIN_CACHE_ENV, ""), ignore_errors=True)
-
-
-# Modules whose tests share one train.py run (`shared_runs.made_once`), run first. pytest-xdist's
-# load scheduling hands each worker a contiguous first chunk of the collection, so these all
-# land on one worker at the start, which makes each shared run while the other worker takes the
-# quick tests: no worker waits on another's run, and the suite does not end on a long test.
-FIRST_MODULES = ("test_train.py", "test_pprm_stage.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(FIRST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
