@@ -209,7 +209,7 @@ def resize_embeddings(params: dict, new_vocab_size: int, pieces=None) -> dict:
         bad = [i for p in pieces for i in p if not 0 <= i < vocab]
         if bad:
             raise ValueError(f"resize_embeddings: piece id {bad[0]} is not a row of the table")
-        rows = jnp.stack([jnp.mean(wide[jnp.asarray(p)], axis=0) if p else mean for p in pieces])
+        rows = _piece_means(wide, pieces)
     grown = jnp.concatenate([table, rows.astype(table.dtype)])
     return {**params, "embedder": {**params["embedder"], "embedding": grown}}  # [V', D]
 
@@ -233,8 +233,13 @@ def fit_embeddings(params: dict, tokenizer, first_added: int) -> dict:
     if start >= n:
         return params
     known = table[:start].astype(jnp.float32)  # [start, D]: the model's own tokens
-    mean = jnp.mean(known, axis=0)
-    rows = [jnp.mean(known[jnp.asarray(p)], axis=0) if p else mean
-            for p in spelling_pieces(tokenizer, start)]  # fmt: skip
-    fitted = jnp.concatenate([table[:start], jnp.stack(rows).astype(table.dtype), table[n:]])
+    rows = _piece_means(known, spelling_pieces(tokenizer, start))
+    fitted = jnp.concatenate([table[:start], rows.astype(table.dtype), table[n:]])
     return {**params, "embedder": {**params["embedder"], "embedding": fitted}}  # [V', D]
+
+
+def _piece_means(known, pieces):
+    """[len(pieces), D] float32: per list of row ids, the mean of those rows of `known` [V, D]
+    (float32), or the mean of all of `known` where a list is empty."""
+    mean = jnp.mean(known, axis=0)
+    return jnp.stack([jnp.mean(known[jnp.asarray(p)], axis=0) if p else mean for p in pieces])
