@@ -7,12 +7,16 @@ reports the fraction of that roofline the sampler reaches.
 
 The two libraries are timed in turn, rep by rep; the ratio is the median of the per-rep ratios.
 
-    python bench/sample.py [--reps 3]
+    python bench/sample.py [--reps 3] [--hf-devices cpu cuda]
+
+`--hf-devices cpu cuda` adds transformers on the GPU as a second baseline (each device gets its
+own row; o1jax runs on JAX's default backend either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -96,16 +100,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument(
+        "--hf-devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+        help="where transformers runs: its CPU build (the issue's baseline) and/or a GPU",
+    )  # fmt: skip
     args = parser.parse_args()
 
     cfg = Gemma2Config.tiny(vocab_size=512)
     torch.manual_seed(0)
-    hf = Gemma2ForCausalLM(HFGemma2Config(**cfg.to_hf(), attn_implementation="eager")).eval()
+    hf_cpu = Gemma2ForCausalLM(HFGemma2Config(**cfg.to_hf(), attn_implementation="eager")).eval()
     with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
+        hf_cpu.save_pretrained(d)
         cfg, params = load_hf(d)
+    # `Module.to` moves in place: the GPU copy is a deep copy, so the CPU model stays put.
+    hf_models = {d: hf_cpu if d == "cpu" else copy.deepcopy(hf_cpu).to(d) for d in args.hf_devices}
 
-    peak = matmul_flops_per_second()
+    # 1024^3 keeps a CPU's measurement short; an accelerator needs a larger product to be busy.
+    roofline_n = 1024 if jax.default_backend() == "cpu" else 8192
+    peak = matmul_flops_per_second(roofline_n)
     print(
         f"tiny Gemma2: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads}/"
         f"{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, ffn {cfg.ffn_dim}, vocab "
@@ -113,32 +125,17 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, jax {jax.__version__} "
         f"({jax.default_backend()})"
     )
-    print(f"measured matmul roofline (1024^3 float32 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
+    print(f"measured matmul roofline ({roofline_n}^3 float32 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
     print(
-        f"{'batch':>5} {'transformers tok/s':>19} {'o1jax tok/s':>12} {'ratio':>6} "
+        f"{'batch':>5} {'transformers on':>15} {'transformers tok/s':>19} {'o1jax tok/s':>12} "
+        f"{'ratio':>6} "
         f"{'o1jax GFLOP/s':>14} {'of roofline':>11}"
     )
     for batch in args.batches:
         rng = np.random.default_rng(batch)
         prompts = rng.integers(3, cfg.vocab_size, (batch, PROMPT))
-        prompts_t = torch.as_tensor(prompts)
         prompts_j, lengths_j = jnp.asarray(prompts), jnp.full((batch,), PROMPT, jnp.int32)
         key = jax.random.key(0)
-
-        def run_hf(prompts_t=prompts_t, batch=batch):
-            with torch.inference_mode():
-                out = hf.generate(
-                    prompts_t,
-                    attention_mask=torch.ones_like(prompts_t),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=NEW,
-                    min_new_tokens=NEW,
-                    pad_token_id=0,
-                )
-            assert out.shape == (batch, PROMPT + NEW)
 
         def run_ours(prompts_j=prompts_j, lengths_j=lengths_j, key=key):
             out = generate(
@@ -146,14 +143,34 @@ def main() -> None:
             )
             out.tokens.block_until_ready()
 
-        n_tokens = batch * NEW
-        t_hf, t_ours, ratio = alternating_seconds(run_hf, run_ours, args.reps)
-        flops = batch * generate_flops(cfg, PROMPT, NEW)  # all the work `generate` times
-        achieved = flops / t_ours
-        print(
-            f"{batch:>5} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
-            f"{ratio:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}"
-        )
+        for device, hf in hf_models.items():
+            prompts_t = torch.as_tensor(prompts, device=device)
+
+            def run_hf(hf=hf, prompts_t=prompts_t, batch=batch, device=device):
+                with torch.inference_mode():
+                    out = hf.generate(
+                        prompts_t,
+                        attention_mask=torch.ones_like(prompts_t),
+                        do_sample=True,
+                        temperature=1.0,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=NEW,
+                        min_new_tokens=NEW,
+                        pad_token_id=0,
+                    )
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                assert out.shape == (batch, PROMPT + NEW)
+
+            n_tokens = batch * NEW
+            t_hf, t_ours, ratio = alternating_seconds(run_hf, run_ours, args.reps)
+            flops = batch * generate_flops(cfg, PROMPT, NEW)  # all the work `generate` times
+            achieved = flops / t_ours
+            print(
+                f"{batch:>5} {device:>15} {n_tokens / t_hf:>19.0f} {n_tokens / t_ours:>12.0f} "
+                f"{ratio:>5.1f}x {achieved / 1e9:>14.2f} {achieved / peak:>10.1%}"
+            )
 
 
 if __name__ == "__main__":
