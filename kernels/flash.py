@@ -60,15 +60,17 @@ def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
     """Block sizes for `backend` ("gpu" or "cpu" = interpret mode) and a head dim.
 
     GPU values follow the register budget of an SM (the [bq, D] float32 accumulator and the
-    [bq, bk] scores live in registers): smaller tiles as D grows. They are starting points to be
-    swept with bench/attention.py, not tuned numbers. Interpret mode only wants few grid steps.
+    [bq, bk] scores live in registers): smaller tiles as D grows. D > 128 (Gemma2's 256) is the
+    winner of `bench/attention.py --sweep` on an H200 (T=8192, forward+backward 10.0 ms against
+    18.8 ms for the previous 8-warp guess; bench/RESULTS_attention.md); D <= 128 are untuned
+    starting points. Interpret mode only wants few grid steps.
     """
     if backend == "gpu":
         if head_dim <= 64:
             return BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3)
         if head_dim <= 128:
             return BlockSizes(128, 64, 64, 32, num_warps=8, num_stages=2)
-        return BlockSizes(64, 64, 32, 32, num_warps=8, num_stages=2)
+        return BlockSizes(64, 32, 32, 32, num_warps=4, num_stages=3)
     return BlockSizes(128, 128, 128, 128)
 
 
