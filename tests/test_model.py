@@ -304,7 +304,12 @@ def test_lora_with_zero_b_is_exactly_the_base(hf_dir):
     with_lora = forward(
         params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), lora=adapter
     )
-    np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
+    else:
+        # On an H200 (jax 0.11.2) one case differed by 1.7e-6: XLA:GPU compiles the base's
+        # matmuls differently once an adapter's dots sit beside them, so only rounding agrees.
+        np.testing.assert_allclose(np.asarray(base), np.asarray(with_lora), rtol=0, atol=1e-5)
 
 
 def test_lora_equals_merged_and_saves_for_transformers(hf_dir, tmp_path):
