@@ -331,6 +331,14 @@ def test_no_full_score_matrix(impl):
         assert fwd_square and bwd_square
 
 
+# Lowering for a GPU on a machine without one: jax >= 0.11 asks the Triton lowering which GPU it
+# targets; an abstract mesh names one (jax 0.10 ignores it).
+_GPU_TARGET = jax.sharding.AbstractMesh(
+    (1,), ("x",),
+    abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "cuda"),
+)  # fmt: skip
+
+
 def test_gpu_and_tpu_paths_lower():
     """Cross-platform lowering on the CPU: the kernels pass the Triton (fwd, bwd, decode) and
     Mosaic (splash) lowerings, which reject non-power-of-two tiles and unsupported ops."""
@@ -342,7 +350,10 @@ def test_gpu_and_tpu_paths_lower():
     def lowered(fn, platform):
         loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        return grad.trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+        if platform != "cuda":
+            return grad.trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+        with jax.sharding.use_abstract_mesh(_GPU_TARGET):
+            return grad.trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
 
     blocks = flash.default_block_sizes("gpu", d)
     gpu = lambda q, k, v: flash.flash_attention(
@@ -364,7 +375,9 @@ def test_gpu_and_tpu_paths_lower():
             interpret=False,
         )
     )  # fmt: skip
-    text = dec.trace(q[:, 0], k, v, jnp.array([t])).lower(lowering_platforms=("cuda",)).as_text()
+    args = (q[:, 0], k, v, jnp.array([t]))  # concrete arrays, made outside the abstract mesh
+    with jax.sharding.use_abstract_mesh(_GPU_TARGET):
+        text = dec.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
 
 
