@@ -12,7 +12,7 @@ across capacities 2^14..2^20 (three calls, and in a jitted loop).
 Every comparison alternates its contenders in blocks (`interleaved`), so that the machine's
 drift during a run weighs on all of them alike; a ratio is the median of the per-block ratios.
 
-    python bench/replay.py [--reps 200]
+    python bench/replay.py [--reps 200] [--loop-rounds 64]
 """
 
 from __future__ import annotations
@@ -185,9 +185,16 @@ def flashbax(capacity: int, mode: str = "calls") -> Runner:
 
 
 def main() -> None:
+    global LOOP_ROUNDS  # --loop-rounds sets it for the runners
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200, help="timed rounds per buffer and mode")
+    parser.add_argument(
+        "--loop-rounds", type=int, default=LOOP_ROUNDS,
+        help="rounds per call in the jitted-loop mode (fewer on a GPU, where flashbax's round "
+        "takes 140 ms)",
+    )  # fmt: skip
     args = parser.parse_args()
+    LOOP_ROUNDS = args.loop_rounds
     loop_calls = max(args.reps // LOOP_ROUNDS * 4, 10)
     print(
         f"jax {jax.__version__} ({jax.default_backend()}); one round = add {BATCH} + sample "
