@@ -35,6 +35,12 @@ LAYOUT_KEYS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def abstract_like(tree):
+    """`tree` with each array replaced by its shape, dtype and sharding (`jax.ShapeDtypeStruct`):
+    what `Checkpointer.restore` needs of its `like`, holding no device memory."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 def numbers_config(config_dict: dict) -> dict:
     """`config_dict` without its `LAYOUT_KEYS`: what changes the numbers of a run."""
     out = {}
@@ -100,7 +106,7 @@ class Checkpointer:
         the saved state does not have `like`'s structure or shapes (e.g. one written by another
         version of o1jax), or when the checkpoint cannot be read: an item, a metadata or an array
         file missing, truncated or garbled. KeyboardInterrupt and SystemExit pass through."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = abstract_like(like)
         try:
             restored = self._manager.restore(
                 step,

@@ -33,7 +33,7 @@ import jax
 from o1jax.model import lora
 from o1jax.parallel.mesh import maybe_initialize_distributed
 from o1jax.train import metrics as run_metrics
-from o1jax.train.checkpoint import PreemptionFlag
+from o1jax.train.checkpoint import PreemptionFlag, abstract_like
 from o1jax.train.config import (
     ConfigError,
     RunConfig,
@@ -258,25 +258,29 @@ def _logged_step(meta: dict, sft_steps: int, pprm_steps: int = 0) -> int:
 
 
 def _checkpoint_like(ctx: RunContext, stage: str) -> dict:
-    """Trainer states and buffer with the structure a checkpoint of `stage` of this run holds."""
+    """The shapes, dtypes and shardings (no arrays) of the trainer states and buffer a
+    checkpoint of `stage` of this run holds. Each state is built and reduced to its abstract
+    form before the next, so a restore holds only the restored state in device memory, not a
+    second, freshly initialised one beside it (Adam moments, a replay buffer)."""
     config = ctx.config
     adapter = (
         None
         if config.sft.full_finetune
         else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), lora_config(config))
     )
+    sft_config = SFTConfig(batch_size=config.sft.batch_size)
     like = {
-        "sft": SFTTrainer(
-            ctx.cfg, ctx.params, SFTConfig(batch_size=config.sft.batch_size), ctx.mesh, lora=adapter
-        ).state
+        "sft": abstract_like(
+            SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter).state
+        )
     }
     if stage == "pprm" or (stage in ("rl", "done") and config.pprm.steps > 0):
-        like["pprm"] = pprm_trainer(ctx, ctx.params).state
+        like["pprm"] = abstract_like(pprm_trainer(ctx, ctx.params).state)
     if stage in ("rl", "done"):
         trainer, per_like = rl_structures(ctx, ctx.params)
-        like["rl"] = trainer.state
+        like["rl"] = abstract_like(trainer.state)
         if stage == "rl":
-            like["per"] = per_like
+            like["per"] = abstract_like(per_like)
     return like
 
 
