@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -180,13 +181,24 @@ def test_pairs_file_rows_without_a_preference_or_that_fit_no_context_are_named(t
     with pytest.raises(DataError, match=f"{path}:3: 'chosen' and 'rejected' are the same text"):
         load_pairs(path)
     path.write_text(row("4", "5") + "\n" + row("4", "5") + "\n" + row("5", "4") + "\n")
-    assert load_pairs(path) == [("q", "4", "5"), ("q", "5", "4")]  # an exact repeat read once
+    reverses = r"1 row\(s\) reverse an earlier row's preference \(.*; line 3 reverses 1\)"
+    with pytest.warns(DataWarning, match=reverses):
+        # An exact repeat is read once; a reversed row is kept (and named).
+        assert load_pairs(path) == [("q", "4", "5"), ("q", "5", "4")]
     width = len(pprm.encode_pair(tok, "q", "4", "5"))  # either order: 38 tokens
     too_long = r"2 of 2 pairs are longer than the PPRM's 37-token context \(longest 38 tokens\)"
-    with pytest.warns(DataWarning, match=too_long + r" and are left out \(lines 1, 3\)"):
-        with pytest.raises(DataError, match=f"{path}: holds no preference pairs that fit 37 tok"):
+    with pytest.warns(DataWarning, match=reverses):  # the inner block passes this one on
+        with (
+            pytest.warns(DataWarning, match=too_long + r" and are left out \(lines 1, 3\)"),
+            pytest.raises(DataError, match=f"{path}: holds no preference pairs that fit 37 tok"),
+        ):
             load_pairs(path, tok, width - 1)
-    assert load_pairs(path, tok, width) == [("q", "4", "5"), ("q", "5", "4")]
+    with pytest.warns(DataWarning, match=reverses):
+        assert load_pairs(path, tok, width) == [("q", "4", "5"), ("q", "5", "4")]
+    path.write_text(row("4", "5") + "\n" + row("4", "6") + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no reversed row, nothing too long: no warning
+        assert load_pairs(path, tok, width + 8) == [("q", "4", "5"), ("q", "4", "6")]
     path.write_text('{"question": null, "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(DataError, match=f"{path}:1: field 'question' is missing or null"):
         load_pairs(path)

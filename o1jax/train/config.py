@@ -343,9 +343,9 @@ class PPRMSection:
     max_grad_norm: float = 1.0
     # JSONL of {"question", "chosen", "rejected"} rows; a pair is held out when its question is
     # one of the run's held-out problems or in the data.test_fraction hash split, else it trains;
-    # a repeated row is read once, a pair longer than the model's context is left out (one
-    # warning), and chosen == rejected is an error (o1jax.train.pprm.load_pairs); empty: pairs
-    # from `source`.
+    # a repeated row is read once, a reversed one is kept (one warning), a pair longer than the
+    # model's context is left out (one warning), and chosen == rejected is an error
+    # (o1jax.train.pprm.load_pairs); empty: pairs from `source`.
     pairs_path: str = ""
     # "task": (correct, flawed) worked solutions of the built-in task's problems; "policy":
     # right against wrong final answers among `samples` solutions the SFT'd policy writes for

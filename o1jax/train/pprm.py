@@ -101,12 +101,15 @@ def load_pairs(
     Blank lines are skipped, and so is a row that repeats an earlier one exactly (a copy would
     count twice in the held-out accuracy). Errors (`tasks.DataError`) name the file, the line
     and the field; a row whose chosen and rejected texts are the same states no preference and
-    is one too. With `tokenizer` and `max_len` (the PPRM's context), a pair whose comparison
-    prompt (`pprm.encode_pair`, either order) is longer than `max_len` tokens is left out, and
-    one `tasks.DataWarning` names their count and first lines: the PPRM cannot read it, and
-    every batch would be padded to its width.
+    is one too. A row that reverses an earlier one (the same question and solutions, the other
+    preferred: raters who disagree) is kept, and one `tasks.DataWarning` names their count and
+    first lines: together the two rows teach no preference, and a held-out accuracy counts one
+    of them wrong whatever the PPRM says. With `tokenizer` and `max_len` (the PPRM's context),
+    a pair whose comparison prompt (`pprm.encode_pair`, either order) is longer than `max_len`
+    tokens is left out, and one `tasks.DataWarning` names their count and first lines: the PPRM
+    cannot read it, and every batch would be padded to its width.
     """
-    triples, seen, too_long = [], set(), []
+    triples, seen, too_long, reversed_rows = [], {}, [], []
     for where, lineno, row in tasks.jsonl_rows(path):
         if not isinstance(row, dict):
             raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -123,7 +126,9 @@ def load_pairs(
             raise tasks.DataError(f"{where}: 'chosen' and 'rejected' are the same text")
         if (question, chosen, rejected) in seen:
             continue
-        seen.add((question, chosen, rejected))
+        seen[question, chosen, rejected] = lineno
+        if (question, rejected, chosen) in seen:
+            reversed_rows.append((lineno, seen[question, rejected, chosen]))
         if max_len is not None:
             width = max(
                 len(pprm.encode_pair(tokenizer, question, a, b))
@@ -133,6 +138,16 @@ def load_pairs(
                 too_long.append((lineno, width))
                 continue
         triples.append((question, chosen, rejected))
+    if reversed_rows:
+        lines = ", ".join(f"{n} reverses {m}" for n, m in reversed_rows[:5])
+        warnings.warn(
+            f"{path}: {len(reversed_rows)} row(s) reverse an earlier row's preference (the same "
+            f"question and solutions, the other preferred; line {lines}"
+            f"{', ...' if len(reversed_rows) > 5 else ''}); both rows are kept, so the PPRM "
+            "learns no preference between those solutions",
+            tasks.DataWarning,
+            stacklevel=2,
+        )
     if too_long:
         lines = ", ".join(str(n) for n, _ in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
         warnings.warn(
