@@ -272,6 +272,8 @@ def test_load_jsonl_errors(tmp_path, line, message):
 def test_load_jsonl_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         tasks.load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: is a directory, not a JSON-lines")):
+        tasks.load_jsonl(tmp_path)
 
 
 def test_load_jsonl_bytes(tmp_path):

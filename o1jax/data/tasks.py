@@ -458,6 +458,8 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
     """(where = "file:line", line number, parsed value) of each non-blank line of a JSON-lines
     file. A missing file or a line that is not JSON raises DataError naming file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSON-lines file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
