@@ -394,6 +394,11 @@ def test_planted_tree_exports_to_longcot_and_feeds_sft(tok, tmp_path):
     ids, mask = encode_chain(tok, QUESTION, journey, ratings)
     np.testing.assert_array_equal(example.tokens, ids)
     np.testing.assert_array_equal(example.loss_mask, mask)
+    # The same tree again, as a second search's (`evaluate --search mctsr,sr-mcts --trees`
+    # writes both under DIR/<search>/; they share the root): its path is read once.
+    (tmp_path / "trees" / "sr-mcts").mkdir()
+    (tmp_path / "trees" / "sr-mcts" / "p1.txt").write_text(longcot.render_tree(nodes))
+    assert len(sft_examples(config, tok, [])) == 1
     # The tree of a held-out problem (what `evaluate --trees` writes by default) never trains.
     with pytest.raises(ConfigError, match="no training example"):
         sft_examples(config, tok, [], held_out=[QUESTION])

@@ -34,7 +34,9 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
     tokens, the search's value function, to reject a wrong path. With `data.sft_trees`, also
     the right paths of those OpenLongCoT trees (search trees fed back as SFT data), except the
     trees of `held_out` questions (the run's held-out problems: `evaluate --trees` searches
-    those by default, and training on them would leak the test set)."""
+    those by default, and training on them would leak the test set). A right path that repeats
+    one read before (the same question, thoughts and ratings) is read once: MCTSr's and SR-MCTS's
+    trees of a problem (`evaluate --search mctsr,sr-mcts --trees DIR`) share their root."""
     rng = np.random.default_rng([config.seed, STAGE_SFT])
     task = config.data.task
     out = []
@@ -58,12 +60,15 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
             if flawed is not None:
                 add(p.question, *flawed, train_thoughts=False)
     if config.data.sft_trees:
-        skip = {q.strip() for q in held_out}
+        skip, seen = {q.strip() for q in held_out}, set()
         for nodes in tasks.load_trees(config.data.sft_trees):
             if nodes[0].thought.strip() in skip:
                 continue
             for path in longcot.right_paths(nodes):
-                add(nodes[0].thought, [n.text for n in path[1:]], [n.rating for n in path[1:]])
+                chain = (nodes[0].thought, *((n.text, n.rating) for n in path[1:]))
+                if chain not in seen:
+                    seen.add(chain)
+                    add(chain[0], [n.text for n in path[1:]], [n.rating for n in path[1:]])
     if not out:
         source = f"data.path {config.data.path}" if config.data.path else "the built-in task"
         worked = sum(1 for p in problems if p.steps)
