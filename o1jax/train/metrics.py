@@ -132,6 +132,7 @@ class MetricsWriter:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         series = self.history()
         grid = panels([k for k in (keys or sorted(series)) if series.get(k)])
@@ -148,6 +149,8 @@ class MetricsWriter:
             if len(names) > 1:
                 ax.legend(fontsize=7)
             ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 651.5
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(grid) :]:
             ax.axis("off")
