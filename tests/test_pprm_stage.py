@@ -97,6 +97,21 @@ def test_restore_pprm_gives_the_trained_adapter_over_the_sft_model(with_pprm):
     assert max(np.abs(b).max() for b in bs) > 0  # trained: every B starts at zero
 
 
+def test_export_pprm_writes_the_sft_model_with_the_pprm_adapter_merged(with_pprm, tmp_path):
+    from o1jax import export
+    from o1jax.model import load_hf, lora
+
+    base, adapter, _ = _pprm_of(with_pprm)
+    out = tmp_path / "pprm_hf"
+    assert export.main(["--workdir", str(with_pprm), "--out", str(out), "--pprm"]) == 0
+    _, params = load_hf(str(out))
+    want = jax.tree.map(np.asarray, lora.merge(base, adapter))
+    # The export merges the run's sharded arrays: A @ B may round its last bit differently.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), params, want)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, params, base)))  # merged
+    assert (out / "tokenizer.json").is_file()
+
+
 def _context(tmp_path, *overrides):
     from o1jax.train.run_context import build_context
 

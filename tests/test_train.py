@@ -291,6 +291,49 @@ def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
     assert "--- prompt 0, sample 0" in capsys.readouterr().out
 
 
+def test_export_writes_the_policy_transformers_loads_with_the_same_logits(
+    uninterrupted, tmp_path, capsys
+):
+    """`python -m o1jax.export`: the run's final policy (SFT'd model + RL adapter, merged) and its
+    tokenizer in an HF directory; transformers' logits equal ours with the adapter applied."""
+    import torch
+    import transformers
+
+    from o1jax import export
+    from o1jax.model import forward
+    from o1jax.train.run_context import open_run
+
+    out = tmp_path / "models" / "policy"
+    assert export.main(["--workdir", str(uninterrupted), "--out", str(out)]) == 0
+    assert oct(os.stat(out).st_mode & 0o777) != "0o700"  # not mkdtemp's private mode
+    assert sorted(f for f in os.listdir(tmp_path / "models")) == ["policy"]  # no staging left
+    params, adapter = _final_params(uninterrupted)
+    assert adapter is not None  # the smoke run did RL: the export must merge its adapter
+    ctx = open_run(str(uninterrupted))
+    ctx.checkpointer.close()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = longcot.render_prompt(ctx.test[0].question)
+    ids = tokenizer(text)["input_ids"]
+    assert ids == ctx.tokenizer(text)["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits.float().numpy()
+    ours = np.asarray(forward(params, ctx.cfg, jax.numpy.asarray([ids]), lora=adapter))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+    # An --out in use, a run with no PPRM, a directory that is no run: one line, status 2.
+    for argv, message in [
+        (["--workdir", str(uninterrupted), "--out", str(out)], "exists and is not an empty"),
+        (["--workdir", str(uninterrupted), "--out", str(tmp_path / "p"), "--pprm"], "no PPRM"),
+        (["--workdir", str(tmp_path), "--out", str(tmp_path / "q")], "not a train.py run"),
+    ]:
+        capsys.readouterr()
+        assert export.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
 def test_self_play_with_every_llama_o1_search_option(uninterrupted):
     """The RL stage's self-play on a trained run with widening (max_children 4), V = 2 nodes per
     tree and simulation, search-drawn tags (all <refine>) and PUCT's entropy terms (each node's
