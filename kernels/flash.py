@@ -13,9 +13,12 @@ reads kv head `h // G` through the BlockSpec index map. Three kernels, each with
                             so dk and dv are written once per kv head, with no atomics
 
 Blocks that causality or the window mask completely are never visited (the loops run over a
-per-block [lo, hi) range). Segment ids only mask inside a block: a block whose ids cannot match
-is still computed (its scores are all masked). All accumulation is float32; inputs may be float32
-or bfloat16.
+per-block [lo, hi) range). With segment ids (packed rows) that range is cut further to the blocks
+whose ids can match: a query block's id interval [min, max] against each key block's
+(`segment_block_ranges`, computed outside the kernels and read as two scalars per program), so
+a row packed with short documents skips most off-diagonal blocks. The cut is exact for any id
+layout (a skipped block holds no pair of equal ids) and tight for documents back to back. All
+accumulation is float32; inputs may be float32 or bfloat16.
 Lengths that are not multiples of the blocks are padded here and masked in the kernel; the head
 dim is zero-padded to a power of two (>= 16), which changes no dot product.
 
@@ -124,6 +127,34 @@ def _q_block_range(k_start, bk: int, bq: int, st: _Static):
     return lo, hi
 
 
+def segment_block_ranges(q_ids, kv_ids, bq: int, bk: int):
+    """Block ranges that packed rows' segment ids leave, as two [B, 2, n] int32 arrays.
+
+    q_ids [B, Tp], kv_ids [B, Sp] (Tp, Sp multiples of bq, bk). Returns (kv_ranges [B, 2, nq'],
+    q_ranges [B, 2, nk']): for query block i, key blocks [kv_ranges[:, 0, i], kv_ranges[:, 1, i])
+    are the first to the last whose id interval overlaps block i's; for key block j, q_ranges
+    likewise. Blocks outside hold no query and key of equal ids. The last axis is padded to a
+    power of two (Triton block shapes) with empty ranges; a block with no overlap gets [0, 0).
+    """
+    b = q_ids.shape[0]
+    q_blocks = q_ids.reshape(b, -1, bq)
+    k_blocks = kv_ids.reshape(b, -1, bk)
+    q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)  # [B, nq]
+    k_min, k_max = k_blocks.min(-1), k_blocks.max(-1)  # [B, nk]
+    overlap = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
+
+    def first_last(hits):  # hits [B, m, n] -> [B, 2, m']: [first, last + 1) along n
+        n = hits.shape[-1]
+        any_hit = hits.any(-1)
+        lo = jnp.argmax(hits, -1)
+        hi = n - jnp.argmax(hits[..., ::-1], -1)
+        ranges = jnp.stack([jnp.where(any_hit, lo, 0), jnp.where(any_hit, hi, 0)], 1)
+        m = hits.shape[1]
+        return jnp.pad(ranges, ((0, 0), (0, 0), (0, pl.next_power_of_2(m) - m))).astype(jnp.int32)
+
+    return first_last(overlap), first_last(overlap.transpose(0, 2, 1))
+
+
 def _visible(q_pos, k_idx, key_ok, st: _Static):
     """Bool visibility for broadcastable query positions and key indices (either orientation)."""
     ok = None
@@ -147,13 +178,22 @@ def _key_ok(k_idx, mask_block, st: _Static):
 
 
 def _split_refs(refs, num_main: int, has_mask: bool, has_seg: bool):
-    """Kernel refs laid out as (main inputs, [mask], [q ids, kv ids], outputs) ->
-    (main inputs, mask ref or None, (q ids ref, kv ids ref) or None, outputs)."""
+    """Kernel refs laid out as (main inputs, [mask], [q ids, kv ids, block ranges], outputs) ->
+    (main inputs, mask ref or None, (q ids ref, kv ids ref, ranges ref) or None, outputs)."""
     ins, i = list(refs[:num_main]), num_main
     mask_ref = refs[i] if has_mask else None
     i += has_mask
-    seg_refs = (refs[i], refs[i + 1]) if has_seg else None
-    return ins, mask_ref, seg_refs, refs[i + 2 * has_seg :]
+    seg_refs = (refs[i], refs[i + 1], refs[i + 2]) if has_seg else None
+    return ins, mask_ref, seg_refs, refs[i + 3 * has_seg :]
+
+
+def _cut(lo, hi, seg_refs, block):
+    """[lo, hi) intersected with the segment ids' range of this program's `block` (a no-op
+    without segment ids)."""
+    if seg_refs is None:
+        return lo, hi
+    ranges = seg_refs[2]
+    return jnp.maximum(lo, ranges[0, block]), jnp.minimum(hi, ranges[1, block])
 
 
 def _and(a, b):
@@ -161,15 +201,17 @@ def _and(a, b):
     return b if a is None else a if b is None else a & b
 
 
-def _extra_specs(mask, seg, mask_spec, q_seg_spec, kv_seg_spec):
-    """(specs, args) of the optional key mask and segment ids, in `_split_refs`'s order."""
+def _extra_specs(mask, seg, mask_spec, q_seg_spec, kv_seg_spec, ranges=None):
+    """(specs, args) of the optional key mask, segment ids and their block ranges [B, 2, n]
+    (`segment_block_ranges`), in `_split_refs`'s order."""
     specs, args = [], []
     if mask is not None:
         specs.append(mask_spec)
         args.append(mask)
     if seg is not None:
-        specs += [q_seg_spec, kv_seg_spec]
-        args += list(seg)
+        n = ranges.shape[-1]
+        specs += [q_seg_spec, kv_seg_spec, pl.BlockSpec((None, 2, n), lambda b_, h_, i: (b_, 0, 0))]
+        args += [*seg, ranges]
     return specs, args
 
 
@@ -198,7 +240,7 @@ def _fwd_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
         ok = _visible(q_pos, k_idx, key_ok, st)
         return tiles.softmax_step(carry, s, ok, v_ref[pl.ds(k_start, bk), :])
 
-    lo, hi = _kv_block_range(q_start, bq, bk, st)
+    lo, hi = _cut(*_kv_block_range(q_start, bq, bk, st), seg_refs, pl.program_id(2))
     acc, m, row_sum = lax.fori_loop(lo, hi, body, tiles.softmax_init(bq, q_ref.shape[-1]))
     empty = row_sum == 0.0  # the row saw no key: output zeros, and p = 0 in the backward
     denom = jnp.where(empty, 1.0, row_sum)
@@ -224,12 +266,14 @@ def _forward(q, k, v, mask, seg, st: _Static):
         pl.BlockSpec((None, sp, None, dp), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
         pl.BlockSpec((None, sp, None, dp), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
     ]
+    ranges = None if seg is None else segment_block_ranges(*seg, bq, st.blocks.block_k)[0]
     specs, args = _extra_specs(
         mask,
         seg,
         pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # mask
         pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),  # q ids
         pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # kv ids
+        ranges,  # [B, 2, nq']: key blocks per query block
     )
     in_specs += specs
     args = [q, k, v, *args]
@@ -285,7 +329,7 @@ def _dq_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
             ds = ds * (1.0 - t * t)
         return dq + tiles.dot_nn(ds.astype(k.dtype), k)
 
-    lo, hi = _kv_block_range(q_start, bq, bk, st)
+    lo, hi = _cut(*_kv_block_range(q_start, bq, bk, st), seg_refs, pl.program_id(2))
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
@@ -303,7 +347,7 @@ def _dkv_kernel(*refs, st: _Static, has_mask: bool, has_seg: bool):
     mask_block = None if mask_ref is None else mask_ref[...][:, None]
     key_ok = _key_ok(k_idx, mask_block, st)
     kv_seg = None if seg_refs is None else seg_refs[1][...][:, None]  # [bk, 1]
-    lo, hi = _q_block_range(k_start, bk, bq, st)
+    lo, hi = _cut(*_q_block_range(k_start, bk, bq, st), seg_refs, pl.program_id(2))
     num_q_blocks = jnp.maximum(hi - lo, 0)
 
     def body(n, carry):  # n enumerates (query head in group, query block)
@@ -346,6 +390,9 @@ def _backward(q, k, v, mask, seg, o, lse, do, st: _Static):
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # [B,H,Tp]
     params = dict(compiler_params=_compiler_params(st), interpret=st.interpret)
     flags = dict(has_mask=mask is not None, has_seg=seg is not None)
+    kv_ranges = q_ranges = None
+    if seg is not None:  # key blocks per query block (dq), query blocks per key block (dkv)
+        kv_ranges, q_ranges = segment_block_ranges(*seg, bq, bk)
 
     dq_specs = [
         pl.BlockSpec((None, bq, None, dp), lambda b_, h_, i: (b_, i, h_, 0)),  # q
@@ -361,6 +408,7 @@ def _backward(q, k, v, mask, seg, o, lse, do, st: _Static):
         pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # mask
         pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),  # q ids
         pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),  # kv ids
+        kv_ranges,
     )
     dq_specs += specs
     dq_args = [q, k, v, do, lse, delta, *args]
@@ -391,6 +439,7 @@ def _backward(q, k, v, mask, seg, o, lse, do, st: _Static):
         pl.BlockSpec((None, bk), lambda b_, kh, j: (b_, j)),  # mask
         pl.BlockSpec((None, tp), lambda b_, kh, j: (b_, 0)),  # q ids
         pl.BlockSpec((None, bk), lambda b_, kh, j: (b_, j)),  # kv ids
+        q_ranges,
     )
     dkv_specs += specs
     dkv_args = [grouped(q), k, v, grouped(do), per_group(lse), per_group(delta), *args]
@@ -487,8 +536,11 @@ def flash_attention(
     if mask is not None:
         mask = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, sp - s)))
     seg = None
-    if segment_ids is not None:  # padded queries / keys: any id (outputs cut, keys masked)
+    if segment_ids is not None:
+        # Padded queries / keys repeat the last id (their outputs are cut, the keys masked), so
+        # they widen no block's id interval.
         ids = segment_ids.astype(jnp.int32)
-        seg = (jnp.pad(ids, ((0, 0), (0, tp - t))), jnp.pad(ids, ((0, 0), (0, sp - s))))
+        edge = lambda n: jnp.pad(ids, ((0, 0), (0, n - t)), mode="edge")
+        seg = (edge(tp), edge(sp))
     out = _flash(pad(q, tp), pad(k, sp), pad(v, sp), mask, seg, st)
     return out[:, :t, :, :d]

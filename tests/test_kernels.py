@@ -249,6 +249,55 @@ def test_flash_segments_match_reference():
     assert not np.any(np.asarray(out[1, : t // 5]))  # left padding (id 0, masked) sees nothing
 
 
+def test_flash_segments_without_a_window_skip_blocks_and_match_reference():
+    """Short documents in long rows and no window, so segment ids alone cut most blocks: the
+    kernels (which skip the blocks `segment_block_ranges` leaves out) still equal the reference,
+    values and gradients, with back-to-back ids (rows 0, 1) and ids that repeat (row 2)."""
+    b, t, h, kh, d = 3, 96, 2, 1, 16
+    q, k, v, cot = make_qkv(12, b, t, t, h, kh, d)
+    seg, mask = packed_rows(b, t, seed=3)
+    kw = dict(mask=mask, segment_ids=seg, causal=True, softcap=None, window=None)
+    blocks = BlockSizes(16, 16, 16, 16)
+    kv_ranges, _ = flash.segment_block_ranges(seg, seg, 16, 16)
+    visited = int(jnp.sum(kv_ranges[0, 1] - kv_ranges[0, 0]))
+    assert visited < (t // 16) * (t // 16 + 1) // 2  # fewer than the causal triangle's blocks
+    pallas = lambda q, k, v: kernels.attention(
+        q, k, v, impl="pallas", interpret=True, block_sizes=blocks, **kw
+    )
+    out, grads = value_and_grads(pallas, q, k, v, cot)
+    ref = lambda q, k, v: kernels.attention_reference(q, k, v, **kw)
+    out_ref, grads_ref = value_and_grads(ref, q, k, v, cot)
+    assert rel_err(out, out_ref) <= 1e-5
+    for arg, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 1e-4, f"d{arg}"
+
+
+@pytest.mark.parametrize("bq,bk", [(16, 16), (16, 32), (32, 16)])
+def test_segment_block_ranges_leave_out_only_blocks_without_equal_ids(bq, bk):
+    """Against every (query block, key block) pair: each pair holding a query and a key of equal
+    ids is inside both ranges; with back-to-back ids 1, 2, 3, ... every block inside holds one."""
+    rng = np.random.default_rng(0)
+    back_to_back = np.repeat(np.arange(1, 129), rng.integers(1, 30, 128))[None, :128]
+    packed, _ = packed_rows(2, 128, seed=1)  # padding of id 0 after the documents
+    shuffled = rng.integers(0, 4, (2, 128))  # any layout at all
+    ids = np.concatenate([back_to_back, np.asarray(packed), shuffled]).astype(np.int32)
+    kv_ranges, q_ranges = map(np.asarray, flash.segment_block_ranges(ids, ids, bq, bk))
+    nq, nk = 128 // bq, 128 // bk
+    assert kv_ranges.shape == (5, 2, nq) and q_ranges.shape == (5, 2, nk)  # powers of two here
+    for row in range(5):
+        for i in range(nq):
+            for j in range(nk):
+                pair = np.intersect1d(
+                    ids[row, i * bq : (i + 1) * bq], ids[row, j * bk : (j + 1) * bk]
+                )
+                inside = kv_ranges[row, 0, i] <= j < kv_ranges[row, 1, i]  # forward, dq
+                inside_t = q_ranges[row, 0, j] <= i < q_ranges[row, 1, j]  # dkv
+                if pair.size:
+                    assert inside and inside_t, (row, i, j)
+                elif row == 0:  # ids 1, 2, 3, ... back to back: the ranges are tight
+                    assert not inside and not inside_t, (row, i, j)
+
+
 def test_reference_segments_equal_dense_masked_softmax():
     b, t, h, kh, d = 3, 24, 2, 1, 8
     q, k, v, _ = make_qkv(12, b, t, t, h, kh, d)
