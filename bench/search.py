@@ -7,8 +7,9 @@ of time outside `generate`, node expansions per second of one tree with V leaves
 Part 1 runs the real search (the sampler expands K = 2 thoughts of up to 24 tokens per leaf) on
 a random tiny Gemma2 (4 layers, d_model 128) with the project's tokenizer, where B trees share
 every sampler call. Part 2 isolates the tree operations: ours (select + insert/backup, a
-synthetic expansion of random priors and values) against mctx's muzero_policy with a synthetic
-recurrent_fn of the same cost, the same number of trees, simulations and children.
+synthetic expansion of random priors and values; `mcts.run`'s jitted calls per simulation and
+`mcts.run_compiled`'s one program) against mctx's muzero_policy with a synthetic recurrent_fn of
+the same cost, the same number of trees, simulations and children.
 """
 
 from __future__ import annotations
@@ -45,20 +46,25 @@ def lm_search(batch: int, simulations: int, params, cfg, tokenizer, problems, le
     return stats, tree
 
 
-def our_tree_ops(batch: int, simulations: int, k: int, reps: int) -> float:
+def our_tree_ops(batch: int, simulations: int, k: int, reps: int) -> tuple[float, float]:
+    """Median seconds per search: `mcts.run` (jitted calls per simulation, as the LM search
+    runs) and `mcts.run_compiled` (one program, as mctx runs)."""
     from test_mcts import synthetic_expand_fn
 
     config = mcts.MCTSConfig(
         num_simulations=simulations, num_children=k, max_depth=8, thought_length=6
     )
     expand = synthetic_expand_fn(config, answer_depth=99)
+    times = []
+    for search in (mcts.run, mcts.run_compiled):
 
-    def once():
-        tree = mcts.run(expand, batch, config, jax.random.key(0))
-        jax.block_until_ready(tree.visits)
+        def once(search=search):
+            tree = search(expand, batch, config, jax.random.key(0))
+            jax.block_until_ready(tree.visits)
 
-    once()
-    return statistics.median(_time(once) for _ in range(reps))
+        once()
+        times.append(statistics.median(_time(once) for _ in range(reps)))
+    return times[0], times[1]
 
 
 def mctx_tree_ops(batch: int, simulations: int, k: int, reps: int) -> float:
@@ -151,11 +157,17 @@ def main() -> None:
         f"\npart 2: tree operations only, {args.simulations * 4} simulations, 2 children, "
         "synthetic expansion (median seconds per search)"
     )
-    print(f"{'B':>3} {'o1jax':>9} {'mctx':>9} {'mctx/o1jax':>11}")
+    print(
+        f"{'B':>3} {'o1jax run':>10} {'run_compiled':>13} {'mctx':>9} {'mctx/run':>9} "
+        f"{'mctx/run_compiled':>18}"
+    )
     for b in args.batches:
-        ours = our_tree_ops(b, args.simulations * 4, 2, args.reps)
+        ours, compiled = our_tree_ops(b, args.simulations * 4, 2, args.reps)
         theirs = mctx_tree_ops(b, args.simulations * 4, 2, args.reps)
-        print(f"{b:>3} {ours:>9.4f} {theirs:>9.4f} {theirs / ours:>10.2f}x")
+        print(
+            f"{b:>3} {ours:>10.4f} {compiled:>13.4f} {theirs:>9.4f} {theirs / ours:>8.2f}x "
+            f"{theirs / compiled:>17.2f}x"
+        )
 
 
 if __name__ == "__main__":

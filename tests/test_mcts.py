@@ -454,6 +454,41 @@ def test_no_recompilation_between_simulations_or_batches():
     assert (mcts.select._cache_size(), mcts.insert_and_backup._cache_size()) == sizes
 
 
+@pytest.mark.parametrize(
+    "options,patience",
+    [({}, 0), ({"leaves_per_tree": 2, "max_children": 4}, 1)],
+    ids=["one_leaf", "two_leaves_widening_patience_device_rewards"],
+)
+def test_the_compiled_search_grows_the_tree_the_host_loop_grows(options, patience):
+    """`run_compiled` (one while_loop) against `run` (a jitted call per step): the same tree for
+    the same keys, with virtual loss and widening, and with answers rewarded on the device
+    (against the same rewards from the host) and trees stopped by patience."""
+    config = MCTSConfig(
+        num_simulations=9, num_children=2, max_depth=4, thought_length=L, patience=patience,
+        **options,
+    )  # fmt: skip
+    expand = synthetic_expand_fn(config, answer_depth=3)
+    rewarded = patience > 0
+    if rewarded:  # answers whose branch code is even are right: on the device, or on the host
+        expand = jax.jit(
+            lambda tree, leaf, key: (e := synthetic_expand_fn(config, 3)(tree, leaf, key)).replace(
+                reward=(e.is_answer & (e.tokens[..., 1] % 2 == 0)).astype(jnp.float32)
+            )
+        )
+    if config.leaves_per_tree > 1:
+        expand = _columns_expand_fn(expand)
+    host_rewards = lambda b, tokens, lengths: (tokens[:, 1] % 2 == 0).astype(np.float32)
+    key = jax.random.key(4)
+    loop = mcts.run(expand, 3, config, key, reward_fn=host_rewards if rewarded else None)
+    compiled = mcts.run_compiled(expand, 3, config, key, use_rewards=rewarded)
+    if rewarded:
+        assert bool(jnp.all(compiled.done))  # patience stopped every tree
+    for name, a in vars(loop).items():
+        if a is not None:
+            np.testing.assert_allclose(getattr(compiled, name), a, rtol=1e-6, err_msg=name)
+    assert rewarded or int(jnp.min(loop.num_nodes)) > 1 + 2 + 4  # past depth 2
+
+
 def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
     """The LM expansion prefills prefixes cut to a multiple of PREFIX_BUCKET: a bounded set of
     sampler programs, compiled once and reused by later simulations and batches."""

@@ -590,6 +590,55 @@ def run(
     return tree
 
 
+@functools.partial(jax.jit, static_argnames=("expand_fn", "batch_size", "config", "use_rewards"))
+def run_compiled(
+    expand_fn: ExpandFn,
+    batch_size: int,
+    config: MCTSConfig,
+    key: jax.Array,
+    use_rewards: bool = False,
+) -> Tree:
+    """`run` as one compiled program (a `lax.while_loop` over the simulations), as mctx runs a
+    search: no dispatch or host round trip per simulation.
+
+    For an `expand_fn` that jax can trace (a value network, a synthetic function): not the LM
+    expansion of `make_lm_expand_fn`, whose prefixes are cut to a width chosen on the host, nor
+    self-play, whose answer check runs on the host. use_rewards: terminal thoughts take the
+    `reward` the expansion carries (a check done on the device) instead of their rating.
+    The same keys give the same tree as `run(expand_fn, batch_size, config, key)` (which stops
+    for patience only every fourth simulation; the simulations in between leave done trees
+    untouched).
+    """
+    tree = init_tree(batch_size, config.capacity, config.thought_length)
+
+    def cond(carry):
+        sim, tree, _ = carry
+        go_on = sim < config.num_simulations
+        if config.patience > 0:
+            go_on &= ~jnp.all(tree.done)
+        return go_on
+
+    def body(carry):
+        sim, tree, key = carry
+        key, k_select, k_expand = jax.random.split(key, 3)
+        if config.leaves_per_tree == 1:
+            leaf = select(tree, k_select, config)  # [B]
+            expansion = expand_fn(tree, leaf, k_expand)
+            tree = _insert_and_backup(tree, leaf, expansion, config, use_rewards, None)
+        else:
+            leaf, fresh = select_with_virtual_loss(tree, k_select, config)  # [B, V]
+            expansion = expand_fn(tree, leaf, k_expand)
+            for j in range(config.leaves_per_tree):
+                column = jax.tree.map(lambda x, j=j: x[:, j], expansion)
+                tree = _insert_and_backup(
+                    tree, leaf[:, j], column, config, use_rewards, fresh[:, j]
+                )
+        return sim + 1, tree, key
+
+    _, tree, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), tree, key))
+    return tree
+
+
 def _check_answers(expansion: Expansion, reward_fn: RewardFn) -> Expansion:
     """Host step: rewards of the new answer thoughts, checked against the ground truth.
     expansion: [B, K, ...] or [B, V, K, ...]; the reward function gets each answer's tree."""
