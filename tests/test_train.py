@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,9 +322,14 @@ def test_export_writes_the_policy_transformers_loads_with_the_same_logits(
     ours = np.asarray(forward(params, ctx.cfg, jax.numpy.asarray([ids]), lora=adapter))
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
-    # An --out in use, a run with no PPRM, a directory that is no run: one line, status 2.
+    # An --out in use, a run with no PPRM, a run with no checkpoint yet, a directory that is no
+    # run: one line, status 2.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(os.path.join(uninterrupted, "config.yaml"), fresh)
     for argv, message in [
         (["--workdir", str(uninterrupted), "--out", str(out)], "exists and is not an empty"),
+        (["--workdir", str(fresh), "--out", str(tmp_path / "p")], "no checkpoint yet"),
         (["--workdir", str(uninterrupted), "--out", str(tmp_path / "p"), "--pprm"], "no PPRM"),
         (["--workdir", str(tmp_path), "--out", str(tmp_path / "q")], "not a train.py run"),
     ]:

@@ -294,7 +294,7 @@ def restore_policy(ctx: RunContext):
     """(params, lora) of the latest checkpoint: the SFT'd model and, after RL, its adapter."""
     latest, meta = _latest(ctx)
     if latest is None:
-        raise ConfigError(f"{ctx.workdir}: no checkpoint to evaluate")
+        raise ConfigError(f"{ctx.workdir}: no checkpoint yet (run train.py on it first)")
     state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, meta["stage"]))
     adapter = state["rl"].lora if "rl" in state else None
     return policy_params(ctx, state["sft"]), adapter
