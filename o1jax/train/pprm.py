@@ -109,7 +109,8 @@ def load_pairs(
     tokens is left out, and one `tasks.DataWarning` names their count and first lines: the PPRM
     cannot read it, and every batch would be padded to its width.
     """
-    triples, seen, too_long, reversed_rows = [], {}, [], []
+    triples, seen, too_long, reversed_rows = [], set(), [], []
+    kept = {}  # (question, chosen, rejected) of each kept row -> its line
     for where, lineno, row in tasks.jsonl_rows(path):
         if not isinstance(row, dict):
             raise tasks.DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -126,9 +127,7 @@ def load_pairs(
             raise tasks.DataError(f"{where}: 'chosen' and 'rejected' are the same text")
         if (question, chosen, rejected) in seen:
             continue
-        seen[question, chosen, rejected] = lineno
-        if (question, rejected, chosen) in seen:
-            reversed_rows.append((lineno, seen[question, rejected, chosen]))
+        seen.add((question, chosen, rejected))
         if max_len is not None:
             width = max(
                 len(pprm.encode_pair(tokenizer, question, a, b))
@@ -137,6 +136,9 @@ def load_pairs(
             if width > max_len:
                 too_long.append((lineno, width))
                 continue
+        if (question, rejected, chosen) in kept:
+            reversed_rows.append((lineno, kept[question, rejected, chosen]))
+        kept[question, chosen, rejected] = lineno
         triples.append((question, chosen, rejected))
     if reversed_rows:
         lines = ", ".join(f"{n} reverses {m}" for n, m in reversed_rows[:5])
