@@ -624,15 +624,11 @@ def run_compiled(
         if config.leaves_per_tree == 1:
             leaf = select(tree, k_select, config)  # [B]
             expansion = expand_fn(tree, leaf, k_expand)
-            tree = _insert_and_backup(tree, leaf, expansion, config, use_rewards, None)
+            tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
         else:
             leaf, fresh = select_with_virtual_loss(tree, k_select, config)  # [B, V]
             expansion = expand_fn(tree, leaf, k_expand)
-            for j in range(config.leaves_per_tree):
-                column = jax.tree.map(lambda x, j=j: x[:, j], expansion)
-                tree = _insert_and_backup(
-                    tree, leaf[:, j], column, config, use_rewards, fresh[:, j]
-                )
+            tree = insert_and_backup_many(tree, leaf, fresh, expansion, config, use_rewards)
         return sim + 1, tree, key
 
     _, tree, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), tree, key))
