@@ -9,7 +9,7 @@ import pytest
 
 from o1jax.search import mcts
 from o1jax.search.mcts import Expansion, MCTSConfig, StepFormat
-from o1jax.search.tree import NO_NODE, init_tree
+from o1jax.search.tree import NO_NODE, first_children, init_tree
 
 CONCLUSION, EOT = 3, 4
 L = 6
@@ -72,6 +72,9 @@ def _check_invariants(tree, leaves, config):
             kids = [c for c in range(1, n_used) if t.parent[b, c] == node]
             assert t.num_children[b, node] == len(kids) <= most
             assert len(kids) % k == 0
+            firsts = t.first_child[b, node]  # the index selection reads: every block, in order
+            indexed = [f + i for f in firsts if f != NO_NODE for i in range(k)]
+            assert indexed == kids and np.all(firsts[len(kids) // k :] == NO_NODE)
             assert not (t.terminal[b, node] and kids), "terminal nodes never expand"
             times_leaf = sum(1 for step in leaves if step[b] == node)
             base = 0 if node == 0 else 1
@@ -88,7 +91,7 @@ def test_tree_invariants_hold_after_every_simulation(seed, max_children):
         thought_length=L, noise=0.05,
     )  # fmt: skip
     expand = synthetic_expand_fn(config, answer_depth=3, seed=seed)
-    tree = init_tree(5, config.capacity, L)
+    tree = init_tree(5, config.capacity, L, config.expansions_per_node)
     key = jax.random.key(seed)
     leaves = []
     for _ in range(config.num_simulations):
@@ -153,9 +156,9 @@ def test_backup_matches_a_hand_computed_tree():
     np.testing.assert_array_equal(t.depth[:7], [0, 1, 1, 2, 2, 3, 3])
 
 
-def _built_tree(parent, q, visits, terminal=()):
+def _built_tree(parent, q, visits, terminal=(), num_children=2, expansions=4):
     """One tree from its parents, Q values and visit counts (value_sum = Q * visits; equal
-    priors; `terminal` lists terminal nodes)."""
+    priors; `terminal` lists terminal nodes; children in blocks of `num_children`)."""
     n = len(parent)
     parent = np.asarray(parent, np.int32)
     depth = np.zeros(n, np.int32)
@@ -163,8 +166,10 @@ def _built_tree(parent, q, visits, terminal=()):
         depth[i] = depth[parent[i]] + 1
     children = np.bincount(parent[1:], minlength=n).astype(np.int32)
     visits = np.asarray(visits, np.int32)
+    padded_parent = jnp.asarray(np.pad(parent, (0, 4), constant_values=-1))[None]
     return init_tree(1, n + 4, L).replace(
-        parent=jnp.asarray(np.pad(parent, (0, 4), constant_values=-1))[None],
+        parent=padded_parent,
+        first_child=first_children(padded_parent, num_children, expansions),
         num_children=jnp.asarray(np.pad(children, (0, 4)))[None],
         depth=jnp.asarray(np.pad(depth, (0, 4)))[None],
         visits=jnp.asarray(np.pad(visits, (0, 4)))[None],
@@ -198,10 +203,11 @@ def test_children_that_pass_up_as_much_as_their_parent_stop_the_widening():
                        [6, 1, 3, 1, 1, 1, 1])  # fmt: skip
     config = MCTSConfig(max_children=4, discount=1.0, **WIDEN)  # the root is full
     assert int(mcts.select(tree, jax.random.key(1), config)[0]) == 6
-    tie = _built_tree([-1, 0, 0, 0, 0, 0, 2, 2], [0.1, 0.05, 0.6 / 3, 0.05, 0.05, 0.05, 0.3, 0.4],
-                      [7, 1, 3, 1, 1, 1, 1, 1])  # fmt: skip
-    config = MCTSConfig(max_children=5, discount=0.5, **WIDEN)
-    assert int(mcts.select(tie, jax.random.key(1), config)[0]) == 7
+    tie = _built_tree([-1, 0, 0, 0, 0, 0, 0, 2, 2],
+                      [0.1, 0.05, 0.6 / 3, 0.05, 0.05, 0.05, 0.05, 0.3, 0.4],
+                      [9, 1, 3, 1, 1, 1, 1, 1, 1])  # fmt: skip
+    config = MCTSConfig(max_children=6, discount=0.5, **WIDEN)  # the root is full
+    assert int(mcts.select(tie, jax.random.key(1), config)[0]) == 8
 
 
 def test_a_root_with_room_widens_even_when_its_children_all_failed():
@@ -758,3 +764,19 @@ def test_an_lm_expansion_for_another_number_of_trees_is_refused():
     expand = mcts.make_lm_expand_fn(None, None, prompt, plen, _step_format(2), config)
     with pytest.raises(ValueError, match="2 trees, but the prompts are for 1"):
         mcts.run(expand, 2, config, jax.random.key(0))
+
+
+def test_a_tree_without_room_for_the_configs_expansions_is_refused():
+    """max_children 5 with K = 2 lets a node expand 3 times; a tree indexed for one expansion
+    per node would lose the later children from selection, so it is an error, not a quiet drop."""
+    config = MCTSConfig(num_children=2, max_children=5, thought_length=L)
+    assert config.expansions_per_node == 3
+    with pytest.raises(ValueError, match=r"room for 1 expansion.*needs 3.*init_tree"):
+        mcts.select(init_tree(1, config.capacity, L), jax.random.key(0), config)
+
+
+def test_first_children_indexes_hand_built_trees_by_expansion_block():
+    parent = jnp.asarray([[-1, 0, 0, 0, 0, 2, 2, -1]])  # the root expanded twice, node 2 once
+    got = np.asarray(first_children(parent, num_children=2, expansions=3))
+    assert got[0, 0].tolist() == [1, 3, NO_NODE] and got[0, 2].tolist() == [5, NO_NODE, NO_NODE]
+    assert np.all(np.delete(got[0], [0, 2], axis=0) == NO_NODE)

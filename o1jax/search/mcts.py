@@ -149,6 +149,11 @@ class MCTSConfig:
     def capacity(self) -> int:
         return 1 + self.num_simulations * self.leaves_per_tree * self.num_children
 
+    @property
+    def expansions_per_node(self) -> int:
+        """E: how many times a node can be expanded (K children each), 1 without widening."""
+        return max(1, -(-self.max_children // self.num_children))
+
 
 @struct.dataclass
 class Expansion:
@@ -176,6 +181,17 @@ class Expansion:
 WIDEN_MARGIN = 1e-6
 
 
+def check_expansions(tree: Tree, config: MCTSConfig) -> None:
+    """Trees must have room for every expansion the config allows a node (`init_tree`'s E)."""
+    if tree.expansions < config.expansions_per_node:
+        raise ValueError(
+            f"Tree.first_child has room for {tree.expansions} expansion(s) per node, but "
+            f"max_children {config.max_children} with {config.num_children} children per "
+            f"expansion needs {config.expansions_per_node}: build the tree with "
+            "init_tree(..., expansions=config.expansions_per_node)"
+        )
+
+
 def _select_one(tree: Tree, key, config: MCTSConfig):
     """The node one tree expands next (arrays without the batch axis): the descent from the root
     follows the best-scoring child until it reaches a node with no children, a terminal node, or
@@ -192,12 +208,18 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
     """
     q_all = tree.q_values()  # [N]
     visits = tree.visits.astype(jnp.float32)  # [N]
-    k = config.num_children
-    blocks = max(1, -(-config.max_children // k))  # expansions a node can have
+    k, e = config.num_children, tree.expansions
+
+    def children(node):
+        """The node's child slots [E * K] in sibling order, and which of them exist [E * K]."""
+        first = tree.first_child[node]  # [E]
+        slots = first[:, None] + jnp.arange(k)[None, :]  # [E, K]
+        exists = jnp.broadcast_to((first != NO_NODE)[:, None], (e, k))
+        return jnp.where(exists, slots, ROOT).reshape(-1), exists.reshape(-1)
 
     def widens(node):
-        kids = tree.parent == node  # [N]
-        best = jnp.max(jnp.where(kids, q_all, -jnp.inf))
+        slots, exists = children(node)  # [C]
+        best = jnp.max(jnp.where(exists, q_all[slots], -jnp.inf))
         room = tree.num_children[node] < config.max_children
         disappoint = config.discount * best < q_all[node] - WIDEN_MARGIN
         return room & ((node == ROOT) | disappoint)
@@ -206,31 +228,31 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
         return (tree.num_children[node] > 0) & ~tree.terminal[node] & ~widens(node)
 
     def body(node):
-        kids = tree.parent == node  # [N], this node's children
-        n = jnp.where(kids, visits, 0.0)  # [N]
+        slots, exists = children(node)  # [C]
+        q = q_all[slots]  # [C]
+        n = jnp.where(exists, visits[slots], 0.0)  # [C]
         if config.selection == "puct":
             # LLaMA-O1: a child's prior is exp(its length-normalised log-prob), the score takes
             # the softmax of the children's priors and the square root of their summed visits.
-            prior = jax.nn.softmax(jnp.where(kids, jnp.exp(tree.prior_logit), -jnp.inf))  # [N]
+            prior = jax.nn.softmax(jnp.where(exists, jnp.exp(tree.prior_logit[slots]), -jnp.inf))
             if config.entropy_prior:
-                prior = prior * jax.nn.softmax(jnp.where(kids, tree.entropy, -jnp.inf))
-            score = q_all + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)
+                prior = prior * jax.nn.softmax(jnp.where(exists, tree.entropy[slots], -jnp.inf))
+            score = q + config.c_puct * prior * jnp.sqrt(jnp.sum(n)) / (1.0 + n)  # [C]
             if config.varentropy_bonus:
-                bonus = jax.nn.softmax(jnp.where(kids, tree.varentropy, -jnp.inf))  # [N]
+                bonus = jax.nn.softmax(jnp.where(exists, tree.varentropy[slots], -jnp.inf))
                 score = score + config.varentropy_bonus * bonus
         else:
             parent_n = visits[node]
-            score = q_all + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
-        # Tie-breaking noise by order among the siblings, K draws per expansion block (the
-        # first block's draws do not depend on max_children).
+            score = q + config.c_puct * jnp.sqrt(jnp.log(parent_n + 1.0) / (n + 1e-6))
+        # Tie-breaking noise by order among the siblings, K draws per expansion (the first
+        # expansion's draws do not depend on max_children).
         node_key = jax.random.fold_in(key, node)
         noise = jnp.concatenate(
             [jax.random.uniform(node_key, (k,))]
-            + [jax.random.uniform(jax.random.fold_in(node_key, j), (k,)) for j in range(1, blocks)]
-        )  # [blocks * K]
-        rank = jnp.clip(jnp.cumsum(kids) - 1, 0, blocks * k - 1)  # [N]
-        score = score + config.noise * noise[rank]
-        return jnp.argmax(jnp.where(kids, score, -jnp.inf)).astype(jnp.int32)
+            + [jax.random.uniform(jax.random.fold_in(node_key, j), (k,)) for j in range(1, e)]
+        )  # [C]
+        score = score + config.noise * noise
+        return slots[jnp.argmax(jnp.where(exists, score, -jnp.inf))]
 
     return jax.lax.while_loop(cond, body, jnp.asarray(ROOT, jnp.int32))
 
@@ -238,6 +260,7 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
 @functools.partial(jax.jit, static_argnames=("config",))
 def select(tree: Tree, key: jax.Array, config: MCTSConfig) -> jax.Array:
     """The node [B] each tree expands next: a leaf, a terminal node, or a node that widens."""
+    check_expansions(tree, config)
     keys = jax.random.split(key, tree.batch_size)
     return jax.vmap(functools.partial(_select_one, config=config))(tree, keys)
 
@@ -322,6 +345,7 @@ def insert_and_backup_many(
 
 def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
     b, k = tree.batch_size, config.num_children
+    check_expansions(tree, config)
     chex.assert_shape(leaf, (b,))
     chex.assert_shape(expansion.rating, (b, k))
     for name in ("tokens", "logprobs"):
@@ -375,6 +399,9 @@ def _insert_and_backup(tree, leaf, expansion, config, use_rewards, fresh):
         num_children=tree.num_children.at[rows, jnp.where(expand, leaf, tree.capacity)].add(
             k, mode="drop"
         ),
+        first_child=tree.first_child.at[
+            rows, jnp.where(expand, leaf, tree.capacity), tree.num_children[rows, leaf] // k
+        ].set(tree.num_nodes, mode="drop"),
         num_nodes=tree.num_nodes + jnp.where(expand, k, 0),
     )
 
@@ -560,7 +587,7 @@ def run(
     """
     import time
 
-    tree = init_tree(batch_size, config.capacity, config.thought_length)
+    tree = init_tree(batch_size, config.capacity, config.thought_length, config.expansions_per_node)
     use_rewards = reward_fn is not None
     start = time.perf_counter()
     for sim in range(config.num_simulations):
@@ -609,7 +636,7 @@ def run_compiled(
     for patience only every fourth simulation; the simulations in between leave done trees
     untouched).
     """
-    tree = init_tree(batch_size, config.capacity, config.thought_length)
+    tree = init_tree(batch_size, config.capacity, config.thought_length, config.expansions_per_node)
 
     def cond(carry):
         sim, tree, _ = carry

@@ -4,8 +4,10 @@ Node 0 of every tree is the root: the problem itself, whose text is the prompt. 
 is one generated thought. Nodes are appended in expansion order, K at a time. A node's children
 are the slots whose `parent` is that node: one block of K per expansion, and a node that is
 widened (expanded again, `MCTSConfig.max_children`) has several blocks, not contiguous.
+`first_child` points at each block, so a descent reads a node's E * K children, not all N slots.
 
-Shapes: B trees, N node slots, K children per expansion, L tokens per thought.
+Shapes: B trees, N node slots, K children per expansion, E expansions a node can have, L tokens
+per thought.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ ROOT = 0
 class Tree:
     parent: jax.Array  # [B, N] int32, NO_NODE for the root and unused slots
     num_children: jax.Array  # [B, N] int32, children so far (0: unexpanded; K per expansion)
+    # [B, N, E] int32, slot of the first of the K children of each expansion (NO_NODE: not yet):
+    # a node's children are the K slots from each of these, so selection reads E * K of them
+    # instead of scanning `parent` over all N
+    first_child: jax.Array
     depth: jax.Array  # [B, N] int32, root 0
     visits: jax.Array  # [B, N] int32
     value_sum: jax.Array  # [B, N] float32, sum of backed-up (discounted) values
@@ -49,6 +55,10 @@ class Tree:
         return self.parent.shape[1]
 
     @property
+    def expansions(self) -> int:
+        return self.first_child.shape[-1]  # (also under vmap, without the batch axis)
+
+    @property
     def thought_length(self) -> int:
         return self.tokens.shape[2]
 
@@ -57,12 +67,13 @@ class Tree:
         return jnp.where(self.visits > 0, self.value_sum / jnp.maximum(self.visits, 1), self.rating)
 
 
-def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
-    """B empty trees holding only their roots."""
+def init_tree(batch_size: int, capacity: int, thought_length: int, expansions: int = 1) -> Tree:
+    """B empty trees holding only their roots; each node can be expanded `expansions` times."""
     b, n, length = batch_size, capacity, thought_length
     return Tree(
         parent=jnp.full((b, n), NO_NODE, jnp.int32),
         num_children=jnp.zeros((b, n), jnp.int32),
+        first_child=jnp.full((b, n, expansions), NO_NODE, jnp.int32),
         depth=jnp.zeros((b, n), jnp.int32),
         visits=jnp.zeros((b, n), jnp.int32),
         value_sum=jnp.zeros((b, n), jnp.float32),
@@ -80,6 +91,22 @@ def init_tree(batch_size: int, capacity: int, thought_length: int) -> Tree:
         num_nodes=jnp.ones((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
     )
+
+
+def first_children(parent: jax.Array, num_children: int, expansions: int) -> jax.Array:
+    """`Tree.first_child` [B, N, E] of trees given by their `parent` [B, N] whose children come in
+    blocks of `num_children` consecutive slots per expansion (as the search appends them): for
+    trees built by hand, which set `parent` directly. O(N^2); not for a per-step path."""
+    b, n = parent.shape
+    kids = parent[:, :, None] == jnp.arange(n)[None, None, :]  # [B, N(child), N(parent)]
+    rank = jnp.cumsum(kids, axis=1) - 1  # [B, N, N], the child's order among its siblings
+    starts = kids & (rank % num_children == 0)
+    slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, n))
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], (b, n, n))
+    owner = jnp.broadcast_to(jnp.arange(n)[None, None, :], (b, n, n))
+    block = jnp.where(starts, rank // num_children, expansions)  # out of range: dropped
+    out = jnp.full((b, n, expansions), NO_NODE, jnp.int32)
+    return out.at[rows, owner, block].set(slot, mode="drop")
 
 
 def ancestors(tree: Tree, node: jax.Array, max_depth: int) -> jax.Array:
