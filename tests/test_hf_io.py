@@ -145,6 +145,9 @@ def test_save_hf_names_the_dtype_its_weights_are_in(model, tmp_path, dtype):
     cfg, params = model
     save_hf(str(tmp_path), cfg, jax.tree.map(lambda x: x.astype(dtype), params))
     name = np.dtype(dtype).name
-    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == name
+    written = json.loads((tmp_path / "config.json").read_text())
+    # both names: "dtype" for transformers 5, "torch_dtype" for 4.x and other readers (vLLM)
+    assert written["dtype"] == written["torch_dtype"] == name
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == cfg.rope_theta
     hf = transformers.Gemma2ForCausalLM.from_pretrained(str(tmp_path))
     assert str(hf.dtype) == f"torch.{name}"

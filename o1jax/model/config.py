@@ -240,6 +240,7 @@ class Gemma2Config:
             "attn_logit_softcapping": self.attn_logit_softcapping,
             "final_logit_softcapping": self.final_logit_softcapping,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_theta": self.rope_theta,  # where transformers 4.x and other readers look
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "pad_token_id": self.pad_token_id,

@@ -223,8 +223,10 @@ def save_hf(
     """
     if lora is not None:
         params = merge(params, lora)
-    # transformers loads the weights in this dtype ("auto"): the one they are saved in.
-    config = cfg.to_hf() | {"dtype": np.dtype(jax.tree.leaves(params)[0].dtype).name}
+    # transformers loads the weights in this dtype ("auto"): the one they are saved in
+    # (transformers 4.x and other readers look for it as "torch_dtype").
+    dtype_name = np.dtype(jax.tree.leaves(params)[0].dtype).name
+    config = cfg.to_hf() | {"dtype": dtype_name, "torch_dtype": dtype_name}
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, ours, transposed in hf_tensor_names(cfg):
