@@ -78,9 +78,13 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     param_bytes = jnp.dtype(dtype).itemsize
     s = config.search
     prompt = 512 if config.model_dir else 64
-    context = prompt + s.max_depth * (s.thought_length + 16) + s.thought_length + 1
-    rows = config.rl.problems_per_iteration * s.leaves_per_tree * s.num_children
-    kv = 2 * cfg.num_layers * rows * context * cfg.num_kv_heads * cfg.head_dim * param_bytes
+    path = prompt + s.max_depth * (s.thought_length + 16)  # the prefix of an expansion
+    context = path + s.thought_length + 1  # + a thought and its <start_of_rating>
+    prefixes = config.rl.problems_per_iteration * s.leaves_per_tree
+    rows = prefixes * s.num_children
+    kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * param_bytes  # one token's
+    # The sampler stores each prefix once and each of its K rows' new tokens apart.
+    kv = kv_slot * (prefixes * path + rows * (context - path))
     experience = 4 * (context + 8) + 4 * s.thought_length
     data, fsdp, tensor = (mesh[a] for a in ("data", "fsdp", "tensor"))
     out = {"base params": per_device_bytes(params, mesh, cfg)}
@@ -91,9 +95,9 @@ def estimate(config, cfg, mesh: dict[str, int], devices: int) -> dict[str, float
     out[f"optimizer (Adam, {_dtype_name(opt_state)})"] = per_device_bytes(opt_state, mesh, cfg)
     # Self-play samples under the run's mesh, its rows split over data x fsdp and its kv heads
     # over tensor when they divide by it (else every device holds them all, as it does k_proj
-    # and v_proj); the prompts' own prefill cache ([B] rows) stays beside the repeated one.
+    # and v_proj).
     kv_split = tensor if cfg.num_kv_heads % tensor == 0 else 1
-    out["KV cache (self-play)"] = kv * (1 + 1 / s.num_children) / (data * fsdp * kv_split)
+    out["KV cache (self-play)"] = kv / (data * fsdp * kv_split)
     out["replay buffer (one device)"] = config.rl.buffer_capacity * experience
     return out
 

@@ -24,6 +24,7 @@ from o1jax.model import (
     save_hf,
     unembed,
 )
+from o1jax.model.gemma2 import with_shared_prefix
 from o1jax.model.hf_io import expected_shape, hf_tensor_names
 from o1jax.parallel.mesh import make_mesh
 
@@ -535,3 +536,51 @@ def test_hidden_states_unembed_to_the_logits_and_remat_changes_no_number():
     remat_grads = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads), strict=True):
         np.testing.assert_allclose(r, g, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_prefix_cache_equals_a_copy_of_the_prefix_per_row():
+    """Rows continuing shared prompts (the sampler's K samples) read each prompt's keys once
+    (`with_shared_prefix`) and get the logits of rows holding their own copy of it: GQA (2 query
+    heads per kv head), prompts of unequal length, chunks of 3, 1 and 2 tokens with padding in
+    them, past the window of 4, then default positions."""
+    cfg = Gemma2Config.tiny(
+        vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+        ffn_dim=64, sliding_window=4,
+    )  # fmt: skip
+    params = _random_params(cfg, seed=3)
+    prompts_n, width, copies, own = 2, 7, 3, 7
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(1, 64, (prompts_n, width)))
+    lengths = jnp.asarray([7, 4])
+    mask = jnp.arange(width)[None] < lengths[:, None]
+    pos = jnp.broadcast_to(jnp.arange(width), (prompts_n, width))
+    copied = init_cache(cfg, prompts_n, width + own)
+    _, copied = forward(params, cfg, prompts, positions=pos, attention_mask=mask, cache=copied)
+    copied = jax.tree.map(lambda x: jnp.repeat(x, copies, 0) if x.ndim else x, copied)
+    prefix = init_cache(cfg, prompts_n, width)
+    _, prefix = forward(params, cfg, prompts, positions=pos, attention_mask=mask, cache=prefix)
+    shared = with_shared_prefix(init_cache(cfg, prompts_n * copies, own), prefix)
+    start = jnp.repeat(lengths, copies)[:, None]  # [R, 1]
+    done = 0
+    for t in (3, 1, 2):
+        tokens = jnp.asarray(rng.integers(1, 64, (prompts_n * copies, t)))
+        positions = start + done + jnp.arange(t)[None]
+        keep = jnp.asarray(rng.random(tokens.shape) > 0.2)
+        a, copied = forward(
+            params, cfg, tokens, positions=positions, attention_mask=keep, cache=copied
+        )
+        b, shared = forward(
+            params, cfg, tokens, positions=positions, attention_mask=keep, cache=shared
+        )
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        assert float(jnp.max(jnp.abs(a))) > 0.1
+        done += t
+    assert shared["prefix"]["layer_0"]["k"].shape[0] == prompts_n  # never copied
+    tokens = jnp.asarray(rng.integers(1, 64, (prompts_n * copies, 1)))
+    np.testing.assert_allclose(
+        forward(params, cfg, tokens, cache=shared)[0],
+        forward(params, cfg, tokens, cache=copied)[0],
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="5 cache rows do not split into 2 groups"):
+        with_shared_prefix(init_cache(cfg, 5, own), prefix)

@@ -147,6 +147,60 @@ def cached_attention(q, k_cache, v_cache, allowed, *, scale: float, softcap: flo
     return out.reshape(b, t, h, hd)
 
 
+def shared_prefix_attention(
+    q, k_cache, v_cache, allowed, k_prefix, v_prefix, allowed_prefix, *, scale, softcap
+):
+    """`cached_attention` for rows that continue shared prefixes: one softmax over each row's
+    prefix keys (stored once per prefix) followed by its own cache.
+
+    q: [R, T, H, Hd] with R = P * C: row r continues prefix r // C. k_cache, v_cache: [R, K, S,
+    Hd] the rows' own keys and values; allowed: [R, T, S]. k_prefix, v_prefix: [P, K, S0, Hd];
+    allowed_prefix: [P, C * T, S0], the queries of a prefix's C rows in row order. Returns
+    [R, T, H, Hd]: what `cached_attention` gives over each row's copy of its prefix followed by
+    its own slots, without the C copies. The prefix matmuls are batched over (P, K) with the C
+    rows' queries folded in, so each prefix key and value is read once per prefix, not per row.
+    """
+    r, t, h, hd = q.shape
+    p, kv_heads, s0 = k_prefix.shape[:3]
+    c, g = r // p, h // kv_heads
+    rows = c * g * t  # a prefix's query rows, ordered (row of the group, head of the group, T)
+
+    def to_prefix_layout(x):  # [R, K, G, T, X] -> [P, K, C*G*T, X]
+        x = x.reshape(p, c, kv_heads, g, t, x.shape[-1]).transpose(0, 2, 1, 3, 4, 5)
+        return x.reshape(p, kv_heads, rows, x.shape[-1])
+
+    def to_row_layout(x):  # [P, K, C*G*T, X] -> [R, K, G, T, X]
+        x = x.reshape(p, kv_heads, c, g, t, x.shape[-1]).transpose(0, 2, 1, 3, 4, 5)
+        return x.reshape(r, kv_heads, g, t, x.shape[-1])
+
+    def capped(scores):
+        scores = scores * scale
+        return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+    qg = q.reshape(r, t, kv_heads, g, hd).transpose(0, 2, 3, 1, 4)  # [R, K, G, T, Hd]
+    qp = to_prefix_layout(qg)  # [P, K, C*G*T, Hd]
+    shared = capped(jnp.einsum("pkqd,pksd->pkqs", qp, k_prefix, preferred_element_type=jnp.float32))
+    mask = jnp.broadcast_to(
+        allowed_prefix.reshape(p, 1, c, 1, t, s0), (p, kv_heads, c, g, t, s0)
+    ).reshape(shared.shape)
+    shared = jnp.where(mask, shared, _MASKED)  # [P, K, C*G*T, S0]
+    own = capped(jnp.einsum("rkgtd,rksd->rkgts", qg, k_cache, preferred_element_type=jnp.float32))
+    own = jnp.where(allowed[:, None, None], own, _MASKED)  # [R, K, G, T, S]
+    scores = jnp.concatenate([shared, to_prefix_layout(own)], axis=-1)  # [P, K, C*G*T, S0 + S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum(
+        "pkqs,pksd->pkqd", probs[..., :s0], v_prefix, preferred_element_type=jnp.float32
+    )  # [P, K, C*G*T, Hd]
+    out_own = jnp.einsum(
+        "rkgts,rksd->rkgtd",
+        to_row_layout(probs[..., s0:]),
+        v_cache,
+        preferred_element_type=jnp.float32,
+    )  # [R, K, G, T, Hd]
+    out = (to_row_layout(out) + out_own).astype(v_cache.dtype)  # [R, K, G, T, Hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(r, t, h, hd)
+
+
 # ----------------------------------------------------------------------------- layers
 class Attention(nn.Module):
     cfg: Gemma2Config
@@ -177,14 +231,32 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], to_cache(v), index, 2)
             new_cache = {"k": k_all, "v": v_all}
             allowed = attention_mask_from_positions(positions, key_positions, window)
-            out = cached_attention(
-                q,
-                k_all.astype(q.dtype),
-                v_all.astype(q.dtype),
-                allowed,
-                scale=scale,
-                softcap=cfg.attn_logit_softcapping,
-            )
+            if "prefix" in cache:  # rows continuing shared prefixes (see `forward`)
+                prefix = cache["prefix"]
+                groups, prefix_positions = prefix["k"].shape[0], cache["prefix_positions"]
+                allowed_prefix = attention_mask_from_positions(
+                    positions.reshape(groups, -1), prefix_positions, window
+                )  # [P, C * T, S0]
+                out = shared_prefix_attention(
+                    q,
+                    k_all.astype(q.dtype),
+                    v_all.astype(q.dtype),
+                    allowed,
+                    prefix["k"].astype(q.dtype),
+                    prefix["v"].astype(q.dtype),
+                    allowed_prefix,
+                    scale=scale,
+                    softcap=cfg.attn_logit_softcapping,
+                )
+            else:
+                out = cached_attention(
+                    q,
+                    k_all.astype(q.dtype),
+                    v_all.astype(q.dtype),
+                    allowed,
+                    scale=scale,
+                    softcap=cfg.attn_logit_softcapping,
+                )
         elif cfg.attention_impl == "pallas":
             import kernels  # the Pallas kernels live in a top-level package beside o1jax
             from o1jax.parallel.mesh import BATCH_AXES
@@ -286,6 +358,9 @@ class Gemma2(nn.Module):
         for i in range(cfg.num_layers):
             name = f"layer_{i}"
             layer_cache = None if cache is None else {**cache[name], "index": cache["index"]}
+            if cache is not None and "prefix" in cache:
+                layer_cache["prefix"] = cache["prefix"][name]
+                layer_cache["prefix_positions"] = cache["prefix"]["positions"]
             x, new_layers[name] = layer_cls(cfg, i, name=name)(
                 x,
                 positions,
@@ -350,6 +425,22 @@ def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) ->
     return cache
 
 
+def with_shared_prefix(cache: Cache, prefix: Cache) -> Cache:
+    """`cache` [R rows] whose rows continue the prompts of `prefix` [P rows], R = P * C: row r
+    attends to prefix row r // C's keys, then to its own slots. The prefix is read, never
+    written, and stored once instead of C times (the sampler's K samples of one prompt).
+
+    prefix/layer_{i}/k, v   [P, K, S0, Hd]
+    prefix/positions        [P, S0]
+    """
+    rows, groups = cache["positions"].shape[0], prefix["positions"].shape[0]
+    if rows % groups:
+        raise ValueError(f"with_shared_prefix: {rows} cache rows do not split into {groups} groups")
+    shared = {name: {"k": layer["k"], "v": layer["v"]} for name, layer in prefix.items()
+              if name.startswith("layer_")}  # fmt: skip
+    return {**cache, "prefix": {**shared, "positions": prefix["positions"]}}
+
+
 def forward(
     params: Params,
     cfg: Gemma2Config,
@@ -369,10 +460,11 @@ def forward(
       cache is given (so each row continues from its own last real token).
     attention_mask: [B, T], 1 for real tokens, 0 for padding (padding is never attended).
     lora: a `LoRAParams` (see `o1jax.model.lora`) applied on the fly, or None.
-    cache: from `init_cache`; when given, the T new tokens are written at slots
-      [index, index + T) and `(logits, new_cache)` is returned. index + T must not exceed the
-      cache's length: a concrete index is checked (ValueError); under `jax.jit` it is not, and
-      an overflowing write would overwrite earlier slots.
+    cache: from `init_cache` (or `with_shared_prefix`: rows continuing shared prompts); when
+      given, the T new tokens are written at slots [index, index + T) and `(logits, new_cache)`
+      is returned. index + T must not exceed the cache's length: a concrete index is checked
+      (ValueError); under `jax.jit` it is not, and an overflowing write would overwrite earlier
+      slots.
     segment_ids: [B, T] document ids of packed rows (no cache): a token attends only to its own
       document. Give per-document `positions` with it.
     return_hidden: return the final (normed) hidden states [B, T, D], in the params' dtype,
@@ -450,7 +542,11 @@ def _forward(
         else:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is not None:
-            positions = positions + jnp.max(cache["positions"], axis=1, keepdims=True) + 1
+            last = jnp.max(cache["positions"], axis=1)  # [B]
+            if "prefix" in cache:  # a row's prefix comes before its own slots
+                prefix_last = jnp.max(cache["prefix"]["positions"], axis=1)  # [P]
+                last = jnp.maximum(last, jnp.repeat(prefix_last, b // prefix_last.shape[0]))
+            positions = positions + last[:, None] + 1
     chex.assert_shape(positions, (b, t))
     positions = positions.astype(jnp.int32)
     new_key_positions = jnp.where(valid, positions, -1)  # [B, T]
@@ -478,6 +574,8 @@ def _forward(
     if cache is None:
         return logits
     new_cache = dict(new_layers)
+    if "prefix" in cache:
+        new_cache["prefix"] = cache["prefix"]
     new_cache["positions"] = key_positions
     new_cache["index"] = cache["index"] + t
     return logits, new_cache

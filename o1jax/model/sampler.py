@@ -7,8 +7,9 @@
     out.logprobs  # [B * num_samples, max_new_tokens]  log p(token) under the raw model (T = 1)
 
 Prompts are right-padded `[B, P]` with per-row lengths; each prompt is prefilled once and its KV
-cache handed to its `num_samples` continuations (rows `b * num_samples + j`), so search can draw
-K candidate thoughts per leaf without prefilling the shared prefix K times. Everything from the
+cache shared by its `num_samples` continuations (rows `b * num_samples + j`), so search can draw
+K candidate thoughts per leaf without prefilling the shared prefix K times or storing it K times
+(`o1jax.model.gemma2.with_shared_prefix`). Everything from the
 prefill to the last decode step is one compiled program per distinct set of static arguments.
 """
 
@@ -25,7 +26,13 @@ import numpy as np
 from flax import struct
 
 from o1jax.model.config import Gemma2Config
-from o1jax.model.gemma2 import check_token_ids, forward, init_cache, unembed
+from o1jax.model.gemma2 import (
+    check_token_ids,
+    forward,
+    init_cache,
+    unembed,
+    with_shared_prefix,
+)
 
 
 @struct.dataclass
@@ -279,10 +286,13 @@ def _generate(
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     dtype = jax.tree.leaves(params)[0].dtype
 
-    # Prefill every prompt once; its cache then serves all of its samples.
+    # Prefill every prompt once. With one sample per prompt the cache holds prompt and new
+    # tokens; with several, the prompt's keys and values are stored once and shared by its
+    # samples, each of which has a cache of its own for its new tokens only.
     prompt_mask = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    cache = init_cache(cfg, b, p + max_new_tokens + len(score_suffix), dtype)
+    new_slots = max_new_tokens + len(score_suffix)
+    cache = init_cache(cfg, b, p + (new_slots if num_samples == 1 else 0), dtype)
     hidden, cache = forward(
         params,
         cfg,
@@ -296,10 +306,9 @@ def _generate(
     last_hidden = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
     last = unembed(params, cfg, last_hidden[:, 0])  # [B, V]
     if num_samples > 1:
-        repeat = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim and x.shape[0] == b else x
-        cache = jax.tree.map(repeat, cache)
-        last = repeat(last)
-        prompt_lengths = repeat(prompt_lengths)
+        cache = with_shared_prefix(init_cache(cfg, rows, new_slots, dtype), cache)
+        last = jnp.repeat(last, num_samples, axis=0)  # [R, V]
+        prompt_lengths = jnp.repeat(prompt_lengths, num_samples)  # [R]
     stop_ids = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
     def cond(state):
