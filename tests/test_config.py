@@ -64,6 +64,8 @@ def test_bad_values_are_caught_when_the_config_loads(override, message):
         ("seed=-1", "seed: must be in [0, 2**63)"),  # numpy's default_rng refused it after SFT
         ("seed=9223372036854775808", "seed: must be in [0, 2**63)"),  # jax.random.key's limit
         ("max_nonfinite=0", "max_nonfinite: must be >= 1"),  # RL stopped with nothing skipped
+        ("data.test_path=/x.jsonl", "data.test_path: needs data.path"),  # was silently unused
+        ("sft.learning_rate=1" + "0" * 400, "sft.learning_rate: 1000"),  # OverflowError
         ("search.discount=0", "search.discount: must be in (0, 1]"),  # MCTSConfig, after SFT
         ("search.discount=1.5", "search.discount: must be in (0, 1]"),
         ("search.discount=.nan", "search.discount: must be in (0, 1]"),
@@ -373,12 +375,12 @@ def test_an_override_below_a_value_names_it_as_no_section():
 def test_a_kill_while_config_yaml_is_written_leaves_no_partial_file(tmp_path, monkeypatch):
     """The next start reads a workdir's config.yaml as the run's: a partial one refused it."""
 
-    def killed(data, stream, **kwargs):
-        stream.write("seed: 0\nmodel:\n")
-        stream.flush()
+    from o1jax.train import files
+
+    def killed(fd):  # the text is written, not yet synced or renamed into place
         raise KeyboardInterrupt  # stands for the kill
 
-    monkeypatch.setattr(config_module.yaml, "safe_dump", killed)
+    monkeypatch.setattr(files.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         config_module.dump_config(load_config(SMOKE), str(tmp_path / "config.yaml"))
     assert not (tmp_path / "config.yaml").exists()

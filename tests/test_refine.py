@@ -403,7 +403,7 @@ def test_planted_tree_exports_to_longcot_and_feeds_sft(tok, tmp_path):
     with pytest.raises(ConfigError, match="no training example"):
         sft_examples(config, tok, [], held_out=[QUESTION])
     (tmp_path / "trees" / "p2.txt").write_text("<start_of_father_id>-1<end_of_father_id>oops")
-    with pytest.raises(DataError, match=r"p2\.txt: long-CoT text, offset \d+"):
+    with pytest.raises(DataError, match=r"^data.sft_trees: .*p2\.txt: long-CoT text, offset \d+"):
         sft_examples(config, tok, [])
 
 

@@ -80,15 +80,16 @@ def test_a_checkpointed_buffer_restores_and_one_of_the_old_layout_is_refused(tmp
 
 
 def test_a_skipped_update_leaves_its_items_priorities_alone():
-    """An update skipped for a non-finite loss returns NaN priorities; writing them would store
-    mass 0 and drop those items from replay for good. They keep their old priorities."""
+    """An update skipped for a non-finite loss or gradient may return NaN priorities; writing
+    them would store mass 0 and drop those items from replay for good. They keep their old
+    priorities."""
     items, width = _self_play_items()
     state = per.init(64, rl_loop._experience_item(width))
     state = rl_loop._add_to_buffer(state, items, np.abs(items["advantage"]) + 1e-6, chunk=4)
     before = np.asarray(state.leaf_mass).copy()
     _, indices, _ = per.sample(state, jax.random.key(1), 4, 0.4)
     nan = jnp.full((4,), jnp.nan)
-    state = rl_loop._write_priorities(state, indices, nan, float("nan"))
+    state = rl_loop._write_priorities(state, indices, nan, skipped=True)
     np.testing.assert_array_equal(np.asarray(state.leaf_mass), before)
-    state = rl_loop._write_priorities(state, indices, jnp.full((4,), 2.0), 0.5)
+    state = rl_loop._write_priorities(state, indices, jnp.full((4,), 2.0), skipped=False)
     assert np.all(np.asarray(state.leaf_mass)[np.asarray(indices)] == pytest.approx(2.0**0.6))

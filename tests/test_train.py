@@ -115,6 +115,24 @@ def _final_params(workdir):
     return jax.tree.map(np.asarray, (params, adapter))
 
 
+def test_a_reader_of_a_workdir_writes_nothing_and_leaves_a_save_in_flight_alone(
+    uninterrupted, tmp_path
+):
+    """evaluate / export / generate open a workdir that may be training: a reader that cleaned
+    up orbax's tmp directories deleted the trainer's half-written checkpoint under it."""
+    from o1jax.train.checkpoint import Checkpointer
+
+    work = tmp_path / "w"
+    shutil.copytree(uninterrupted, work)
+    in_flight = work / "checkpoints" / "999.orbax-checkpoint-tmp"
+    in_flight.mkdir()
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    _final_params(work)
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before
+    Checkpointer(str(work / "checkpoints")).close()  # the trainer's own cleans it up
+    assert not in_flight.exists()
+
+
 def _sft_losses(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return {r["step"]: r["sft/loss"] for r in rows if "sft/loss" in r}
@@ -248,6 +266,14 @@ def test_a_finished_run_started_again_keeps_its_report(uninterrupted, tmp_path):
     result = _train(workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read() == before
+    # A kill while the report was written left a cut file: it is written again, not read.
+    text = (workdir / "report.json").read_text()
+    (workdir / "report.json").write_text(text[:40])
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {k: v for k, v in read().items() if k != "wall_seconds"} == {
+        k: v for k, v in before.items() if k != "wall_seconds"
+    }
 
 
 def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
@@ -255,6 +281,20 @@ def test_nonfinite_losses_skip_updates_then_stop_the_run(tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "non-finite loss, update skipped" in result.stderr
     assert "2 non-finite losses (max_nonfinite=2)" in result.stderr
+
+
+def test_a_ppo_update_skipped_for_its_gradient_alone_is_reported(tmp_path):
+    """At lr 1e30 the first PPO update's loss is finite and its gradient is not: the update is
+    skipped, and that is logged as a loss would be (it went unreported)."""
+    workdir = tmp_path / "nan_grad"
+    result = _train(
+        workdir, "sft.steps=3", "sft.learning_rate=1e30", "rl.learning_rate=1e30",
+        "max_nonfinite=3", "eval.num_problems=2", "eval.search_simulations=1", "rl.iterations=3",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "rl iteration 1: non-finite PPO loss or gradient, updates skipped" in result.stderr
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert any("ppo/nonfinite_total" in r for r in rows)
 
 
 def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):

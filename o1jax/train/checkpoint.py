@@ -61,13 +61,19 @@ def config_fingerprint(config_dict: dict) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2, read_only: bool = False):
+        """read_only: for a reader of a workdir that may be training (evaluate, export,
+        generate): it restores and never saves, deletes or cleans up, so a save in flight (its
+        tmp directory) is left alone."""
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             # A save cut short by a kill leaves a tmp directory; the next run removes it.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, cleanup_tmp_directories=True
+                max_to_keep=keep,
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                read_only=read_only,
             ),
         )
 

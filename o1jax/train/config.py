@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 import typing
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 
 from o1jax.model.lora import ALL_TARGETS
 from o1jax.rl.experience import VALUE_SOURCES
+from o1jax.train.files import write_atomically
 
 
 class ConfigError(ValueError):
@@ -132,6 +132,8 @@ class DataConfig:
     def __post_init__(self):
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
                  "must be in (0, 1)")  # fmt: skip
+        _require(not self.test_path or self.path, "data.test_path", self.test_path,
+                 "needs data.path (the built-in task makes its own held-out problems)")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +420,9 @@ class RunConfig:
     pprm: PPRMSection = PPRMSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
-    # The run stops at this many non-finite losses (skipped updates), 1: at the first.
+    # A stage stops the run at this many skipped updates (a non-finite loss or gradient; 1: at
+    # the first), counted per stage: SFT's optimizer steps, then PPO's (one per epoch of an
+    # update). The PPRM stage stops at the first, whatever this says.
     max_nonfinite: int = 3
 
     def __post_init__(self):
@@ -512,7 +516,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range
+            raise ConfigError(f"{key}: {value} is too large for a number") from None
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -636,9 +643,4 @@ def to_dict(config) -> dict:
 def dump_config(config: RunConfig, path: str) -> None:
     """Writes the config as YAML, atomically: a kill mid-write leaves no partial file (which the
     next start would take for a run of another config)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -22,6 +22,8 @@ from collections import defaultdict
 
 import jax
 
+from o1jax.train.files import write_atomically
+
 EVAL_PREFIX = "eval/"
 
 
@@ -83,12 +85,7 @@ class MetricsWriter:
     def _rewrite(self, rows: list[tuple[str, dict]]) -> None:
         """Replaces the log with `rows` atomically, then TensorBoard's events with theirs (in
         a file of their own, closed so that every event is on disk before the run goes on)."""
-        tmp = self._log_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(line for line, _ in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._log_path)
+        write_atomically(self._log_path, "".join(line for line, _ in rows))
         self._tb.close()
         shutil.rmtree(self._tb_dir, ignore_errors=True)
         rebuilt = self._open_tensorboard(suffix=".resumed")

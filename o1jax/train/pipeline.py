@@ -42,6 +42,7 @@ from o1jax.train.config import (
     require_problems_per_iteration,
 )
 from o1jax.train.eval_stage import evaluate_policy
+from o1jax.train.files import write_atomically
 from o1jax.train.metrics import MetricsWriter
 from o1jax.train.pprm_stage import policy_pprm_pairs, pprm_pairs, pprm_trainer, run_pprm
 from o1jax.train.rl_loop import rl_structures, run_rl
@@ -103,17 +104,24 @@ def run(config: RunConfig, workdir: str) -> dict:
     if not run_metrics.is_primary():  # process 0 writes the report and the curves
         return report
     report_path = os.path.join(workdir, "report.json")
-    if os.path.exists(report_path):  # a finished run started again: keep its own wall time
-        with open(report_path) as f:
-            previous = json.load(f)
-        if {k: v for k, v in previous.items() if k != "wall_seconds"} == {
-            k: v for k, v in report.items() if k != "wall_seconds"
-        }:
-            report["wall_seconds"] = previous.get("wall_seconds", report["wall_seconds"])
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+    previous = _read_report(report_path)  # a finished run started again: keep its wall time
+    if {k: v for k, v in previous.items() if k != "wall_seconds"} == {
+        k: v for k, v in report.items() if k != "wall_seconds"
+    }:
+        report["wall_seconds"] = previous.get("wall_seconds", report["wall_seconds"])
+    write_atomically(report_path, json.dumps(report, indent=2))
     ctx.metrics.plot()
     return report
+
+
+def _read_report(path: str) -> dict:
+    """The report a finished run wrote ({} if none, or one that cannot be read: it is rewritten)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:

@@ -78,7 +78,7 @@ def run_rl(
         per_state = _add_to_buffer(per_state, items, np.abs(items["advantage"]) + 1e-6)
         selfplay_s = time.perf_counter() - t0
 
-        ppo_metrics = []
+        ppo_metrics, any_skipped = [], False
         # Nothing to learn from until some search has reached an outcome.
         updates = r.updates_per_iteration if int(per_state.size) > 0 else 0
         for u in range(updates):
@@ -88,9 +88,14 @@ def run_rl(
                 per_state, jax.random.fold_in(key, 1 + u), r.batch_size, beta
             )
             batch = _as_experience(sample, setup.search.thought_length)
+            skipped_before = nonfinite_count(trainer.state.opt_state)
             metrics, priorities = trainer.update(batch, weights)
             metrics = jax.tree.map(float, metrics)
-            per_state = _write_priorities(per_state, indices, priorities, metrics["loss"])
+            # An optimizer step is skipped for a non-finite gradient, also under a finite loss.
+            skipped = nonfinite_count(trainer.state.opt_state) > skipped_before
+            skipped |= not np.isfinite(metrics["loss"])
+            per_state = _write_priorities(per_state, indices, priorities, skipped)
+            any_skipped |= skipped
             ppo_metrics.append(metrics)
         found = np.asarray(tree.is_answer & (tree.reward > 0.5)).any(axis=1).mean()
         answer_reward = np.asarray(tree.reward)[np.asarray(tree.is_answer)]
@@ -118,9 +123,10 @@ def run_rl(
             if ppo_metrics:
                 scalars[f"ppo/{k}"] = float(np.mean([m[k] for m in ppo_metrics]))
         bad = nonfinite_count(trainer.state.opt_state)
-        if not all(np.isfinite(m["loss"]) for m in ppo_metrics):
+        if any_skipped:
             tqdm.write(
-                f"rl iteration {it + 1}: non-finite PPO loss, updates skipped ({bad} so far)",
+                f"rl iteration {it + 1}: non-finite PPO loss or gradient, updates skipped "
+                f"({bad} so far)",
                 file=sys.stderr,
             )
             scalars["ppo/nonfinite_total"] = float(bad)
@@ -256,12 +262,12 @@ def _as_experience(items: dict, thought_length: int) -> Experience:
     )
 
 
-def _write_priorities(state, indices, priorities, loss: float):
-    """The batch's new priorities [B] written at `indices` [B], unless its update was skipped
-    for a non-finite `loss`: its priorities are then NaN too, and `per.update` would store them
-    as mass 0, dropping those items from replay for good. The buffer lives on one device; the
-    priorities come back from the mesh."""
-    if not np.isfinite(loss):
+def _write_priorities(state, indices, priorities, skipped: bool):
+    """The batch's new priorities [B] written at `indices` [B], unless its update was `skipped`
+    (a non-finite loss or gradient): its priorities may then be NaN, and `per.update` would
+    store them as mass 0, dropping those items from replay for good. The buffer lives on one
+    device; the priorities come back from the mesh."""
+    if skipped:
         return state
     return per.update(state, indices, np.asarray(priorities))
 

@@ -136,10 +136,10 @@ def _first_difference(a, b, prefix="") -> str:
     return ""
 
 
-def build_tokenizer(config: RunConfig, workdir: str):
+def build_tokenizer(config: RunConfig, workdir: str, save: bool = True):
     """(tokenizer, first added id): the tokenizer of `tokenizer_dir` or `model_dir` with the
     long-CoT tokens added from that id on, or the built-in tiny one (saved under
-    `workdir/tokenizer` by process 0; nothing added: len(tokenizer))."""
+    `workdir/tokenizer` by process 0 when `save`; nothing added: len(tokenizer))."""
     source = config.tokenizer_dir or config.model_dir
     if source:
         key = "tokenizer_dir" if config.tokenizer_dir else "model_dir"
@@ -152,7 +152,7 @@ def build_tokenizer(config: RunConfig, workdir: str):
         first_added = len(tokenizer)
         add_longcot_tokens(tokenizer)
         return tokenizer, first_added
-    saved = os.path.join(workdir, "tokenizer") if run_metrics.is_primary() else None
+    saved = os.path.join(workdir, "tokenizer") if save and run_metrics.is_primary() else None
     tokenizer = build_tiny_tokenizer(saved)
     return tokenizer, len(tokenizer)
 
@@ -297,18 +297,24 @@ def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCT
     )
 
 
-def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preemption):
-    """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here)."""
+def build_context(
+    config: RunConfig, workdir: str, metrics: MetricsWriter, preemption, read_only: bool = False
+):
+    """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here).
+    read_only: a reader of the workdir (it writes nothing there, and leaves a save in flight
+    alone)."""
     m = config.mesh
     try:
         mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
     except ValueError as e:  # a shape that does not fit this host's devices
         raise ConfigError(str(e)) from None
     key = jax.random.key(config.seed)
-    tokenizer, first_added = build_tokenizer(config, workdir)
+    tokenizer, first_added = build_tokenizer(config, workdir, save=not read_only)
     train, test = load_problems(config)
     cfg, params = build_model(config, tokenizer, mesh, jax.random.fold_in(key, 0), first_added)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, read_only=read_only
+    )
     return RunContext(
         config,
         workdir,
@@ -326,6 +332,9 @@ def build_context(config: RunConfig, workdir: str, metrics: MetricsWriter, preem
 
 
 def open_run(workdir: str):
-    """A RunContext for an existing workdir (its saved config), for evaluation and export."""
+    """A RunContext for an existing workdir (its saved config), for evaluation and export: it
+    only reads the workdir, which a training run may be writing at the same time."""
     config = load_config(os.path.join(workdir, "config.yaml"))
-    return build_context(config, workdir, MetricsWriter(workdir, enabled=False), PreemptionFlag())
+    return build_context(
+        config, workdir, MetricsWriter(workdir, enabled=False), PreemptionFlag(), read_only=True
+    )

@@ -55,7 +55,6 @@ class SFTConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    max_nonfinite: int = 3  # non-finite losses tolerated (updates skipped) before the run stops
     # Memory knobs; the same loss and gradient up to float reassociation (see the docstring).
     loss_chunk: int = 0  # positions unembedded at a time in the loss; 0: all at once
     micro_batch_size: int = 0  # rows per gradient-accumulation pass; 0: the whole batch at once

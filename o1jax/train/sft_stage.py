@@ -61,7 +61,11 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
                 add(p.question, *flawed, train_thoughts=False)
     if config.data.sft_trees:
         skip, seen = {q.strip() for q in held_out}, set()
-        for nodes in tasks.load_trees(config.data.sft_trees):
+        try:
+            trees = tasks.load_trees(config.data.sft_trees)
+        except tasks.DataError as e:
+            raise tasks.DataError(f"data.sft_trees: {e}") from None
+        for nodes in trees:
             if nodes[0].thought.strip() in skip:
                 continue
             for path in longcot.right_paths(nodes):
