@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
         parser.error(f"--search: unknown {unknown[0]!r} (choose from none, {', '.join(SEARCHES)})")
+    if args.trees and not searches:
+        parser.error("--trees needs --search (the trees are the searches')")
     if "sr-mcts" in searches and not args.workdir:
         parser.error("--search sr-mcts needs --workdir (a run that trained a PPRM: pprm.steps > 0)")
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.workdir or args.model}: {e}", file=sys.stderr)
         return 2
     # Outputs that cannot be written fail now, not after the evaluation.
-    for flag, path in (("--out", out_dir), ("--trees", args.trees if searches else "")):
+    for flag, path in (("--out", out_dir), ("--trees", args.trees)):
         try:
             if path:
                 os.makedirs(path, exist_ok=True)

@@ -99,6 +99,9 @@ TEXTS = [
     ("so the result is \\boxed{\\frac{1}{\\sqrt{2}}} and done", "\\frac{1}{\\sqrt{2}}"),
     ("\\boxed{1} first, then \\boxed{\\{1, \\{2\\}\\}}", "\\{1, \\{2\\}\\}"),  # nested braces
     ("\\fbox{42}", "42"),
+    # A brace after a LaTeX line break "\\\\" is a brace (an even run of backslashes).
+    ("\\boxed{\\begin{pmatrix}1\\\\{-2}\\end{pmatrix}}", "\\begin{pmatrix}1\\\\{-2}\\end{pmatrix}"),
+    ("\\boxed{1\\\\}", "1\\\\"),
     ("\\boxed 7", "7"),
     ("\\boxed{3} then \\boxed{4", None),  # the last box is never closed: truncated
     ("Natalia sold 48/2 = 24 clips.\n#### 1,234", "1,234"),

@@ -268,7 +268,9 @@ def test_data_test_fraction_splits_the_built_in_task_too():
 def test_a_question_of_data_test_path_never_trains(tmp_path):
     rows = [{"question": f"What is {i} plus 1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}
             for i in range(6)]  # fmt: skip
-    for name, part in (("train.jsonl", rows), ("test.jsonl", rows[4:])):
+    # The held-out file's copy of question 5 differs in spacing only: still the same question.
+    spaced = {**rows[5], "question": "What  is 5 plus\t1? "}
+    for name, part in (("train.jsonl", rows), ("test.jsonl", [rows[4], spaced])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.test_path={tmp_path / 'test.jsonl'}"]
     train, test = run_context.load_problems(

@@ -20,6 +20,7 @@ from o1jax.train.config import RunConfig, dump_config
         (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
         (["--search", "mcts", "--simulations", "0"], "--simulations must be >= 1, got 0"),
         (["--search", "mctsr", "--rollouts", "0"], "--rollouts must be >= 1, got 0"),
+        (["--trees", "t"], "--trees needs --search"),  # it was ignored
     ],
 )
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, flags, message):

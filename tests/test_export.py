@@ -202,3 +202,31 @@ def test_tokenizer_special_tokens_sampled_in_a_thought_do_not_reach_sft():
 
 def _ids(tok, text):
     return list(tok.encode(text, add_special_tokens=False))
+
+
+def test_an_answer_is_rated_by_the_answer_its_written_text_states():
+    """The check reads a raw thought up to its first stray long-CoT token; the tree file holds
+    the thought with that token deleted, which may state another answer (here 7, checked as 5).
+    A right path for SFT must state the answer that was found right."""
+    tok = build_tiny_tokenizer()
+    stray = _ids(tok, "<conclusion>\\boxed{5}<start_of_rating>\\boxed{7}<end_of_thought>")
+    clean = _ids(tok, "<conclusion>\\boxed{5}<end_of_thought>")
+    tokens = np.zeros((1, 3, 32), np.int32)
+    tokens[0, 1, : len(stray)], tokens[0, 2, : len(clean)] = stray, clean
+    tree = init_tree(1, 3, 32).replace(
+        parent=jnp.asarray([[-1, 0, 0]]),
+        depth=jnp.asarray([[0, 1, 1]]),
+        rating=jnp.asarray([[0.0, 0.9, 0.9]]),
+        terminal=jnp.asarray([[False, True, True]]),
+        is_answer=jnp.asarray([[False, True, True]]),
+        reward=jnp.asarray([[0.0, 1.0, 1.0]]),  # both checked right: each raw thought says 5
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([[0, len(stray), len(clean)]]),
+        num_nodes=jnp.asarray([3]),
+    )
+    question = "Start with 2, add 3."
+    for kwargs in (dict(truth="5"), dict(checked=True)):
+        nodes = tree_to_longcot(tree, 0, tok, question, **kwargs)
+        assert nodes[1].text == "<conclusion>\\boxed{5}\\boxed{7}"
+        assert [n.rating for n in nodes[1:]] == [longcot.NEGATIVE_RATING, longcot.POSITIVE_RATING]
+        assert [p[-1].text for p in longcot.right_paths(nodes)] == ["<conclusion>\\boxed{5}"]

@@ -1,6 +1,7 @@
 """The arithmetic-chain task (correct, deterministic, disjoint splits), solutions, journeys,
 and the JSONL / HF-disk loaders."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -256,6 +257,9 @@ def test_gsm8k_steps_with_dollar_results_train_as_plain_chains(tmp_path):
         ('{"question": "q", "answer": "\\\\boxed{ }"}', "field 'answer' has an empty \\boxed{}"),
         ('{"question": "q", "answer": "#### 1\\n#### 2"}', "has 2 '####' markers"),
         ("[1, 2]", "data.jsonl:2: expected a JSON object"),
+        ('{"question": "q", "answer": NaN}', "data.jsonl:2: unreadable JSON value (NaN is not"),
+        ('{"question": "q", "answer": "\\\\boxed{5"}', "field 'answer' has an unclosed \\boxed{"),
+        ("[" * 100_000, "data.jsonl:2: JSON nested too deeply"),  # was a RecursionError
         (
             '{"question": "<end_of_thought>", "answer": "1"}',
             "data.jsonl:2: field 'question': question contains",
@@ -267,6 +271,14 @@ def test_load_jsonl_errors(tmp_path, line, message):
     with pytest.raises(DataError) as info:
         tasks.load_jsonl(path)
     assert message in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_numeric_answers_keep_their_literal_digits(tmp_path):
+    """str(float) wrote 0.00001 as '1e-05' and lost the digits of long numbers."""
+    rows = [{"question": "a", "answer": 0}, '{"question": "b", "answer": 0.00001}',
+            '{"question": "c", "answer": 123456789012345678.0}']  # fmt: skip
+    got = [p.answer for p in tasks.load_jsonl(_write(tmp_path, rows))]
+    assert got == ["0", "0.00001", "123456789012345678.0"]
 
 
 def test_load_jsonl_missing_file(tmp_path):
@@ -325,6 +337,13 @@ def test_load_trees_reads_the_per_search_subdirectories_evaluate_writes(tmp_path
     text = "\ufeff" + longcot.render_tree(tree).replace("\n", "\r\n") + "\r\n\r\n"
     edited.write_bytes(text.encode("utf-8"))
     assert tasks.load_trees(edited) == [tree]
+    # A thought's own CRLF is text, kept; a file that is not UTF-8 is named.
+    crlf = [tree[0], dataclasses.replace(tree[1], thought=tree[1].thought + "\r\nmore"), *tree[2:]]
+    (tmp_path / "crlf.txt").write_bytes(longcot.render_tree(crlf).encode("utf-8"))
+    assert tasks.load_trees(tmp_path / "crlf.txt") == [crlf]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
+        tasks.load_trees(tmp_path / "latin1.txt")
 
 
 def test_questions_that_differ_only_in_spacing_share_a_split():

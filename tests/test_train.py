@@ -289,9 +289,9 @@ def test_a_ppo_update_skipped_for_its_gradient_alone_is_reported(tmp_path):
     workdir = tmp_path / "nan_grad"
     result = _train(
         workdir, "sft.steps=3", "sft.learning_rate=1e30", "rl.learning_rate=1e30",
-        "max_nonfinite=3", "eval.num_problems=2", "eval.search_simulations=1", "rl.iterations=3",
+        "max_nonfinite=3", "eval.num_problems=2", "eval.search_simulations=1", "rl.iterations=1",
     )  # fmt: skip
-    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]  # 2 skipped, under max_nonfinite
     assert "rl iteration 1: non-finite PPO loss or gradient, updates skipped" in result.stderr
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert any("ppo/nonfinite_total" in r for r in rows)

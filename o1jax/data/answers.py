@@ -80,11 +80,17 @@ def last_boxed(text: str) -> str | None:
 
 
 def _closing_brace(text: str, start: int) -> int | None:
-    """Index of the `}` closing a group opened just before `start` (`\\{`, `\\}` skipped)."""
+    """Index of the `}` closing a group opened just before `start` (`\\{`, `\\}` skipped; a
+    brace after a line break `\\\\` is a brace: only an odd run of backslashes escapes)."""
     depth = 1
     for i in range(start, len(text)):
         c = text[i]
-        if c in "{}" and text[i - 1] != "\\":
+        if c in "{}":
+            j = i
+            while j > 0 and text[j - 1] == "\\":
+                j -= 1
+            if (i - j) % 2:  # an odd run of backslashes before it
+                continue
             depth += 1 if c == "{" else -1
             if depth == 0:
                 return i

@@ -13,6 +13,7 @@ Every problem carries its worked solution as long-CoT thoughts (`Problem.steps`)
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import json
 import re
@@ -99,10 +100,16 @@ class ArithmeticTask:
             )
 
 
+def question_key(question: str) -> str:
+    """A question with its whitespace collapsed: copies that differ only in spacing are one
+    question (for the train / held-out split and every held-out filter)."""
+    return " ".join(question.split())
+
+
 def question_split(question: str, test_fraction: float) -> str:
-    """The split a question belongs to, "test" or "train", fixed by the SHA-256 of its text with
-    its whitespace collapsed (copies that differ only in spacing land in the same split)."""
-    digest = hashlib.sha256(" ".join(question.split()).encode()).digest()
+    """The split a question belongs to, "test" or "train", fixed by the SHA-256 of its
+    `question_key` (copies that differ only in spacing land in the same split)."""
+    digest = hashlib.sha256(question_key(question).encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") < test_fraction * 2**64 else "train"
 
 
@@ -304,9 +311,13 @@ def flawed_chain(problem: Problem, rng: np.random.Generator | int):
 _CALC_RE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _field_str(row: Mapping, field: str, where: str) -> str:
     value = row[field]
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if isinstance(value, bool) or not isinstance(value, str | int | float | decimal.Decimal):
         raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     text = str(value).strip()
     if not text:
@@ -369,6 +380,8 @@ def _read_row(row: Mapping, where: str, default_id: str) -> tuple[Problem, str |
             boxed = last_boxed(raw)
             if boxed == "":
                 raise DataError(f"{where}: field 'answer' has an empty \\boxed{{}}")
+            if boxed is None and re.search(r"\\(?:boxed|fbox)\b", raw):
+                raise DataError(f"{where}: field 'answer' has an unclosed \\boxed{{")
             answer = boxed or raw
             if "\n" in answer:
                 raise DataError(
@@ -476,11 +489,16 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, int, object]]:
         if not line.strip():
             continue
         try:
-            yield where, lineno, json.loads(line)
+            # A number with a fraction or exponent is read exactly (a Decimal: "0.00001", not
+            # str(1e-05)); NaN and Infinity, which JSON does not have, are refused.
+            row = json.loads(line, parse_float=decimal.Decimal, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: broken JSON ({e.msg} at column {e.colno})") from e
         except ValueError as e:  # e.g. an integer of more digits than Python will convert
             raise DataError(f"{where}: unreadable JSON value ({e})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
+        yield where, lineno, row
 
 
 def load_jsonl(path: str | Path) -> list[Problem]:
@@ -568,8 +586,16 @@ def load_trees(path: str | Path) -> list[list[Node]]:
         raise DataError(f"{path}: no such file or directory")
     trees = []
     for file in files:
-        # Files saved by editors: a UTF-8 BOM, Windows line ends, blank lines after the tree.
-        text = file.read_text(encoding="utf-8-sig").replace("\r\n", "\n").rstrip("\n")
+        # Files saved by editors: a UTF-8 BOM, Windows line ends (between nodes; a thought's
+        # own text is kept), blank lines after the tree.
+        try:
+            text = file.read_bytes().decode("utf-8-sig")  # no newline translation
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file}: not UTF-8 text (byte {e.start + 1})") from None
+        except OSError as e:
+            raise DataError(f"{file}: cannot read ({e.strerror or e})") from None
+        end = longcot.END_OF_RATING
+        text = text.replace(end + "\r\n", end + "\n").rstrip("\r\n")
         try:
             trees.append(longcot.parse_tree(text))
         except ValueError as e:  # LongCoTParseError names the offset

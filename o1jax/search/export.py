@@ -89,7 +89,10 @@ def tree_to_longcot(
     alone cannot tell "checked and wrong" from "not checked"), else from the model's rating, as
     every other thought's does. With `truth` or `checked`, a <conclusion> that was cut off
     before its end (no answer to check) is rated negative: it is no right path to learn.
-    Thoughts are written without stray special tokens (`plain_text`)."""
+    Thoughts are written without stray special tokens (`plain_text`), and an answer is rated by
+    what its written text states: one whose raw thought stated another answer before a stray
+    token ("\\boxed{5}<start_of_rating>\\boxed{7}" is written "\\boxed{5}\\boxed{7}") is
+    checked again against `truth`, and with `checked` alone it is rated negative."""
     t = _host(tree, b)
     nodes = [
         longcot.Node(longcot.ROOT_FATHER_ID, 0, question, longcot.POSITIVE_RATING, longcot.PROBLEM)
@@ -97,17 +100,17 @@ def tree_to_longcot(
     for i in range(1, len(t["parent"])):
         text = thought_text(tokenizer, t["tokens"][i], t["lengths"][i])
         action, body = longcot.split_action(text)
+        body = plain_text(tokenizer, body)  # a sampled thought may contain stray tokens
+        written = extract_answer((action or "") + body) if t["is_answer"][i] else None
         if t["is_answer"][i] and truth is not None:
-            answer = extract_answer(text)
-            good = answer is not None and is_equivalent(answer, truth)
-        elif t["is_answer"][i] and checked:
-            good = t["reward"][i] > 0.5
+            good = written is not None and is_equivalent(written, truth)
+        elif t["is_answer"][i] and checked:  # the check read the raw thought
+            good = t["reward"][i] > 0.5 and written == extract_answer(text)
         elif action == longcot.CONCLUSION and (truth is not None or checked):
             good = False  # a conclusion cut off before its end states no answer
         else:
             good = t["rating"][i] >= 0.5
         rating = longcot.POSITIVE_RATING if good else longcot.NEGATIVE_RATING
-        body = plain_text(tokenizer, body)  # a sampled thought may contain stray tokens
         nodes.append(longcot.Node(int(t["parent"][i]), i, body, rating, action))
     return nodes
 

@@ -64,10 +64,10 @@ def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
         # No PPRM training pair may be on a problem the searches are tested on: a pair on one
         # of the run's held-out problems (the task's test split, or data.test_path) is held
         # out, and so is one whose question falls in the test split of the file's own hash.
-        held_out = {q.question.strip() for q in ctx.test}
+        held_out = {tasks.question_key(q.question) for q in ctx.test}
 
         def is_held_out(question: str) -> bool:
-            if question.strip() in held_out:
+            if tasks.question_key(question) in held_out:
                 return True
             return tasks.question_split(question, config.data.test_fraction) == "test"
 

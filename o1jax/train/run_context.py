@@ -176,8 +176,8 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
     problems = tasks.load_jsonl(data.path)
     if data.test_path:  # a question of the held-out file never trains
         test = tasks.load_jsonl(data.test_path)
-        held_out = {p.question.strip() for p in test}
-        train = [p for p in problems if p.question.strip() not in held_out]
+        held_out = {tasks.question_key(p.question) for p in test}
+        train = [p for p in problems if tasks.question_key(p.question) not in held_out]
         if not train:
             raise ConfigError(
                 f"data.path {data.path}: every one of its {len(problems)} questions is also in "

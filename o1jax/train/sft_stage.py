@@ -60,13 +60,13 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
             if flawed is not None:
                 add(p.question, *flawed, train_thoughts=False)
     if config.data.sft_trees:
-        skip, seen = {q.strip() for q in held_out}, set()
+        skip, seen = {tasks.question_key(q) for q in held_out}, set()
         try:
             trees = tasks.load_trees(config.data.sft_trees)
         except tasks.DataError as e:
             raise tasks.DataError(f"data.sft_trees: {e}") from None
         for nodes in trees:
-            if nodes[0].thought.strip() in skip:
+            if tasks.question_key(nodes[0].thought) in skip:
                 continue
             for path in longcot.right_paths(nodes):
                 chain = (nodes[0].thought, *((n.text, n.rating) for n in path[1:]))
