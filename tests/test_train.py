@@ -119,18 +119,20 @@ def test_a_reader_of_a_workdir_writes_nothing_and_leaves_a_save_in_flight_alone(
     uninterrupted, tmp_path
 ):
     """evaluate / export / generate open a workdir that may be training: a reader that cleaned
-    up orbax's tmp directories deleted the trainer's half-written checkpoint under it."""
-    from o1jax.train.checkpoint import Checkpointer
+    up orbax's tmp directories deleted the trainer's half-written checkpoint under it, and the
+    tokenizer was saved again."""
+    from o1jax.train.run_context import open_run
 
     work = tmp_path / "w"
     shutil.copytree(uninterrupted, work)
     in_flight = work / "checkpoints" / "999.orbax-checkpoint-tmp"
     in_flight.mkdir()
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    ctx = open_run(str(work))
+    assert ctx.checkpointer.read_only
     _final_params(work)
-    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before
-    Checkpointer(str(work / "checkpoints")).close()  # the trainer's own cleans it up
-    assert not in_flight.exists()
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before  # in_flight included
+    ctx.checkpointer.close()
 
 
 def _sft_losses(workdir):

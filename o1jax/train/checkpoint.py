@@ -66,6 +66,7 @@ class Checkpointer:
         generate): it restores and never saves, deletes or cleans up, so a save in flight (its
         tmp directory) is left alone."""
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         self._manager = ocp.CheckpointManager(
             self.directory,
             # A save cut short by a kill leaves a tmp directory; the next run removes it.
