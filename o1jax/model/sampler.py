@@ -9,8 +9,8 @@
 Prompts are right-padded `[B, P]` with per-row lengths; each prompt is prefilled once and its KV
 cache shared by its `num_samples` continuations (rows `b * num_samples + j`), so search can draw
 K candidate thoughts per leaf without prefilling the shared prefix K times or storing it K times
-(`o1jax.model.gemma2.with_shared_prefix`). Everything from the
-prefill to the last decode step is one compiled program per distinct set of static arguments.
+(`o1jax.model.gemma2.with_shared_prefix`). Everything from the prefill to the last decode step
+is one compiled program per distinct set of static arguments.
 """
 
 from __future__ import annotations
