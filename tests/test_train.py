@@ -222,6 +222,8 @@ def test_first_sft_losses_match_on_1_and_8_devices(uninterrupted, tmp_path):
         (["sft.steps=many"], "sft.steps: expected an integer, got 'many'"),
         (["model_dir=/no/such/dir"], "model_dir /no/such/dir: no such directory"),
         (["model.preset=gemma2_2b"], "model_dir: model.preset gemma2_2b needs its weights"),
+        # found before the weights are loaded (orbax's threads printed a traceback after it)
+        (["sft.micro_batch_size=4"], "sft.micro_batch_size: must be a multiple of the mesh's"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
@@ -232,6 +234,7 @@ def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 def test_malformed_yaml_and_broken_problem_file(tmp_path):

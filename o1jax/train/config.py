@@ -67,7 +67,8 @@ class ModelConfig:
     ffn_dim: int = 512
     sliding_window: int = 128
     # Gemma2 caps attention logits at 50; null turns the cap off (the tiny default does: on a
-    # CPU the tanh over [B, H, T, T] scores is a quarter of an SFT step). HF models keep theirs.
+    # CPU the tanh over [B, H, T, T] scores costs 4-13% of an SFT step, bench/RESULTS.md). HF
+    # models keep theirs.
     attn_logit_softcapping: float | None = 50.0
     # Recompute each decoder layer's activations in the backward pass (Gemma2Config.remat): a
     # training step then keeps one layer's activations instead of every layer's.

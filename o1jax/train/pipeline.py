@@ -54,6 +54,7 @@ from o1jax.train.run_context import (
     check_workdir,
     lora_config,
     require_same_config,
+    run_mesh,
     save_checkpoint,
 )
 from o1jax.train.sft import SFTConfig, SFTTrainer
@@ -69,23 +70,29 @@ def run(config: RunConfig, workdir: str) -> dict:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:  # a parent that is a file, no permission, a read-only filesystem
         raise ConfigError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
+    # Every stage's batch is split over the mesh: refuse one that does not fit now, before the
+    # weights are loaded, not after minutes of SFT.
+    mesh = run_mesh(config)
+    micro_batches = config.sft.steps > 0 and config.sft.micro_batch_size > 0
+    for key, size, used in (
+        ("sft.batch_size", config.sft.batch_size, config.sft.steps > 0),
+        ("sft.micro_batch_size", config.sft.micro_batch_size, micro_batches),
+        ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
+        ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
+        ("rl.micro_batch_size", config.rl.micro_batch_size,
+         config.rl.iterations > 0 and config.rl.micro_batch_size > 0),
+    ):  # fmt: skip
+        if used:
+            require_batch_fits_mesh(key, size, mesh)
     with PreemptionFlag() as flag:
         ctx = build_context(config, workdir, MetricsWriter(workdir), flag)
         ctx.started = started
-        # Every stage's batch is split over the mesh: refuse one that does not fit now, not
-        # after minutes of SFT.
-        micro_batches = config.sft.steps > 0 and config.sft.micro_batch_size > 0
-        for key, size, used in (
-            ("sft.batch_size", config.sft.batch_size, config.sft.steps > 0),
-            ("sft.micro_batch_size", config.sft.micro_batch_size, micro_batches),
-            ("pprm.batch_size", config.pprm.batch_size, config.pprm.steps > 0),
-            ("rl.batch_size", config.rl.batch_size, config.rl.iterations > 0),
-            ("rl.micro_batch_size", config.rl.micro_batch_size,
-             config.rl.iterations > 0 and config.rl.micro_batch_size > 0),
-        ):  # fmt: skip
-            if used:
-                require_batch_fits_mesh(key, size, ctx.mesh)
-        require_problems_per_iteration(config, len(ctx.train))  # self-play draws them
+        try:
+            require_problems_per_iteration(config, len(ctx.train))  # self-play draws them
+        except ConfigError:
+            ctx.metrics.close()
+            ctx.checkpointer.close()  # (its threads would print a traceback at exit)
+            raise
 
         def claim() -> None:
             """Only a run that could start claims the workdir: a start that failed on its data

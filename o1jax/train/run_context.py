@@ -297,17 +297,23 @@ def search_config(config: RunConfig, simulations: int | None = None) -> mcts.MCT
     )
 
 
+def run_mesh(config: RunConfig):
+    """The run's `jax.sharding.Mesh` from its `mesh` section (a ConfigError if it does not fit
+    this host's devices)."""
+    m = config.mesh
+    try:
+        return make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_context(
     config: RunConfig, workdir: str, metrics: MetricsWriter, preemption, read_only: bool = False
 ):
     """Mesh, tokenizer, problems, model and checkpointer of a run (nothing is trained here).
     read_only: a reader of the workdir (it writes nothing there, and leaves a save in flight
     alone)."""
-    m = config.mesh
-    try:
-        mesh = make_mesh({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
-    except ValueError as e:  # a shape that does not fit this host's devices
-        raise ConfigError(str(e)) from None
+    mesh = run_mesh(config)
     key = jax.random.key(config.seed)
     tokenizer, first_added = build_tokenizer(config, workdir, save=not read_only)
     train, test = load_problems(config)
