@@ -96,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
             from o1jax.train.run_context import open_run, search_config
 
             ctx = open_run(args.workdir)
-            params, adapter = restore_policy(ctx)
-            judge = None
-            if "sr-mcts" in searches:
-                from o1jax.search.refine import PPRMJudge
-                from o1jax.train.pipeline import restore_pprm
+            try:  # the checkpoints are read here, and only here
+                params, adapter = restore_policy(ctx)
+                judge = None
+                if "sr-mcts" in searches:
+                    from o1jax.search.refine import PPRMJudge
+                    from o1jax.train.pipeline import restore_pprm
 
-                base, pprm_adapter = restore_pprm(ctx)
-                rated = ctx.config.pprm.rates_steps
-                judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer, rated=rated)
+                    base, pprm_adapter = restore_pprm(ctx)
+                    rated = ctx.config.pprm.rates_steps
+                    judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer, rated=rated)
+            finally:
+                ctx.checkpointer.close()
             cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
             problems = load_jsonl(args.data) if args.data else ctx.test
             out_dir = args.out or args.workdir

@@ -57,7 +57,10 @@ def _load(args):
         from o1jax.train.run_context import open_run
 
         ctx = open_run(args.workdir)
-        params, adapter = restore_policy(ctx)
+        try:
+            params, adapter = restore_policy(ctx)
+        finally:
+            ctx.checkpointer.close()
         model_dir = ctx.config.model_dir  # a run of an HF checkpoint: its eos ids too
         return (
             params,

@@ -162,7 +162,10 @@ def test_a_workdir_of_a_model_directory_run_stops_on_its_eos_ids(plain_model_dir
 
     path, _ = plain_model_dir
     for model_dir, eos in ((str(path), (1, 5)), ("", ())):
-        ctx = SimpleNamespace(config=SimpleNamespace(model_dir=model_dir), cfg=None, tokenizer=None)
+        ctx = SimpleNamespace(
+            config=SimpleNamespace(model_dir=model_dir), cfg=None, tokenizer=None,
+            checkpointer=SimpleNamespace(close=lambda: None),
+        )  # fmt: skip
         monkeypatch.setattr(run_context, "open_run", lambda workdir, ctx=ctx: ctx)
         monkeypatch.setattr(pipeline, "restore_policy", lambda ctx: (None, None))
         assert cli._load(cli._parse(["--workdir", "w", "--prompt", "x"]))[4] == eos
