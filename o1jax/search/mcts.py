@@ -590,23 +590,23 @@ def run(
     tree = init_tree(batch_size, config.capacity, config.thought_length, config.expansions_per_node)
     use_rewards = reward_fn is not None
     start = time.perf_counter()
+    select_keys, expand_keys = simulation_keys(key, config.num_simulations)  # [S] each
+    expand_keys = list(expand_keys)
+    # The first selection; each later one runs in the same program as the backup before it.
+    chosen = _select(tree, select_keys, 0, config)  # leaf [B], or (nodes, fresh) [B, V]
     for sim in range(config.num_simulations):
-        key, k_select, k_expand = jax.random.split(key, 3)
-        if config.leaves_per_tree == 1:
-            leaf = select(tree, k_select, config)  # [B]
-        else:
-            leaf, fresh = select_with_virtual_loss(tree, k_select, config)  # [B, V]
+        leaf = chosen if config.leaves_per_tree == 1 else chosen[0]
         t0 = time.perf_counter()
-        expansion = expand_fn(tree, leaf, k_expand)
+        expansion = expand_fn(tree, leaf, expand_keys[sim])
         if use_rewards:
             expansion = _check_answers(expansion, reward_fn)
         if stats is not None:
             jax.block_until_ready(expansion.rating)
             stats.expand_seconds += time.perf_counter() - t0
-        if config.leaves_per_tree == 1:
-            tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
-        else:
-            tree = insert_and_backup_many(tree, leaf, fresh, expansion, config, use_rewards)
+        last = sim + 1 == config.num_simulations
+        tree, chosen = backup_then_select(
+            tree, chosen, expansion, select_keys, sim + 1, config, use_rewards, last
+        )
         if stats is not None:
             stats.simulations += 1
         if config.patience > 0 and sim % 4 == 3 and bool(jnp.all(tree.done)):
@@ -615,6 +615,42 @@ def run(
         jax.block_until_ready(tree.visits)
         stats.total_seconds += time.perf_counter() - start
     return tree
+
+
+@functools.partial(jax.jit, static_argnames=("num_simulations",))
+def simulation_keys(key: jax.Array, num_simulations: int) -> tuple[jax.Array, jax.Array]:
+    """The select and expand keys [S] of each simulation: `key, select, expand =
+    jax.random.split(key, 3)` once per simulation, in one call."""
+
+    def step(key, _):
+        key, k_select, k_expand = jax.random.split(key, 3)
+        return key, (k_select, k_expand)
+
+    _, (select_keys, expand_keys) = jax.lax.scan(step, key, None, length=num_simulations)
+    return select_keys, expand_keys
+
+
+def _select(tree: Tree, select_keys: jax.Array, sim, config: MCTSConfig):
+    """Simulation `sim`'s selection: leaf [B], or (nodes, fresh) [B, V] with virtual loss."""
+    if config.leaves_per_tree == 1:
+        return select(tree, select_keys[sim], config)
+    return select_with_virtual_loss(tree, select_keys[sim], config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_rewards", "last"), donate_argnums=(0,))
+def backup_then_select(tree, chosen, expansion, select_keys, sim, config, use_rewards, last):
+    """`insert_and_backup` (or `_many`) of the nodes `chosen` by the previous selection, then
+    simulation `sim`'s selection in the same program (`last`: none), so that a simulation of
+    `run` costs two dispatches around its expansion, not four.
+
+    Returns (tree, the next `chosen` or None). Donates `tree`.
+    """
+    if config.leaves_per_tree == 1:
+        tree = _insert_and_backup(tree, chosen, expansion, config, use_rewards, None)
+    else:
+        nodes, fresh = chosen
+        tree = insert_and_backup_many(tree, nodes, fresh, expansion, config, use_rewards)
+    return tree, None if last else _select(tree, select_keys, sim, config)
 
 
 @functools.partial(jax.jit, static_argnames=("expand_fn", "batch_size", "config", "use_rewards"))
