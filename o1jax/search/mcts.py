@@ -645,12 +645,16 @@ def backup_then_select(tree, chosen, expansion, select_keys, sim, config, use_re
 
     Returns (tree, the next `chosen` or None). Donates `tree`.
     """
-    if config.leaves_per_tree == 1:
-        tree = _insert_and_backup(tree, chosen, expansion, config, use_rewards, None)
-    else:
-        nodes, fresh = chosen
-        tree = insert_and_backup_many(tree, nodes, fresh, expansion, config, use_rewards)
+    tree = _backup(tree, chosen, expansion, config, use_rewards)
     return tree, None if last else _select(tree, select_keys, sim, config)
+
+
+def _backup(tree: Tree, chosen, expansion: Expansion, config: MCTSConfig, use_rewards: bool):
+    """Inserts and backs up the expansion of what `_select` chose (a leaf, or nodes + fresh)."""
+    if config.leaves_per_tree == 1:
+        return _insert_and_backup(tree, chosen, expansion, config, use_rewards, None)
+    nodes, fresh = chosen
+    return insert_and_backup_many(tree, nodes, fresh, expansion, config, use_rewards)
 
 
 @functools.partial(jax.jit, static_argnames=("expand_fn", "batch_size", "config", "use_rewards"))
@@ -673,28 +677,23 @@ def run_compiled(
     untouched).
     """
     tree = init_tree(batch_size, config.capacity, config.thought_length, config.expansions_per_node)
+    select_keys, expand_keys = simulation_keys(key, config.num_simulations)  # [S] each
 
     def cond(carry):
-        sim, tree, _ = carry
+        sim, tree = carry
         go_on = sim < config.num_simulations
         if config.patience > 0:
             go_on &= ~jnp.all(tree.done)
         return go_on
 
     def body(carry):
-        sim, tree, key = carry
-        key, k_select, k_expand = jax.random.split(key, 3)
-        if config.leaves_per_tree == 1:
-            leaf = select(tree, k_select, config)  # [B]
-            expansion = expand_fn(tree, leaf, k_expand)
-            tree = insert_and_backup(tree, leaf, expansion, config, use_rewards)
-        else:
-            leaf, fresh = select_with_virtual_loss(tree, k_select, config)  # [B, V]
-            expansion = expand_fn(tree, leaf, k_expand)
-            tree = insert_and_backup_many(tree, leaf, fresh, expansion, config, use_rewards)
-        return sim + 1, tree, key
+        sim, tree = carry
+        chosen = _select(tree, select_keys, sim, config)  # leaf [B], or (nodes, fresh) [B, V]
+        leaf = chosen if config.leaves_per_tree == 1 else chosen[0]
+        expansion = expand_fn(tree, leaf, expand_keys[sim])
+        return sim + 1, _backup(tree, chosen, expansion, config, use_rewards)
 
-    _, tree, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), tree, key))
+    _, tree = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), tree))
     return tree
 
 
