@@ -104,6 +104,14 @@ def test_training_on_task_pairs_learns_them(model):
     after = train_pprm.pairwise_accuracy(params, cfg, trainer.lora, pairs, trainer.answer_tokens)
     assert losses[-1] < 0.5 * losses[0]
     assert after == 1.0 and before < 1.0
+    # A non-finite gradient skips the update and is counted (as SFT's and PPO's do).
+    leaves, treedef = jax.tree.flatten(trainer.state.lora)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+    trainer.state = trainer.state.replace(lora=jax.tree.unflatten(treedef, leaves))
+    poisoned = jax.tree.map(np.asarray, trainer.state.lora)
+    metrics = trainer.train_step(pairs.batch(40, 16, 0))
+    assert not bool(metrics["finite"]) and int(metrics["nonfinite_total"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, poisoned, jax.tree.map(np.asarray, trainer.lora))
 
 
 # ----------------------------------------------------------------------------- review 14 fixes

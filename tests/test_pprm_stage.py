@@ -88,6 +88,14 @@ def test_sigkill_during_pprm_resumes_to_the_same_report_and_adapter(with_pprm, t
     assert pprm_rows(workdir) == pprm_rows(with_pprm)
 
 
+def test_nonfinite_pprm_losses_skip_updates_then_stop_the_run(tmp_path):
+    result = _train(tmp_path / "nan", *RUN, "pprm.learning_rate=1e30", "max_nonfinite=2")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "non-finite loss, update skipped (1 so far)" in result.stderr
+    assert "pprm: 2 non-finite losses (max_nonfinite=2)" in result.stderr
+    assert any("pprm/nonfinite_total" in r for r in _metrics(tmp_path / "nan"))
+
+
 def test_restore_pprm_gives_the_trained_adapter_over_the_sft_model(with_pprm):
     base, adapter, policy = _pprm_of(with_pprm)
     jax.tree.map(np.testing.assert_array_equal, base, policy)  # no RL: the SFT'd model

@@ -422,8 +422,8 @@ class RunConfig:
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     # A stage stops the run at this many skipped updates (a non-finite loss or gradient; 1: at
-    # the first), counted per stage: SFT's optimizer steps, then PPO's (one per epoch of an
-    # update). The PPRM stage stops at the first, whatever this says.
+    # the first), counted per stage: SFT's optimizer steps, the PPRM's, then PPO's (one per
+    # epoch of an update).
     max_nonfinite: int = 3
 
     def __post_init__(self):

@@ -213,7 +213,14 @@ def _pprm_step(state: PPRMState, params, batch, *, cfg, optimizer, answer_tokens
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
     new = PPRMState(optax.apply_updates(state.lora, updates), opt_state, state.step + 1)
-    return new, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    return new, {
+        "loss": loss,
+        "accuracy": accuracy,
+        "grad_norm": grad_norm,
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        "nonfinite_total": opt_state.total_notfinite,  # updates skipped so far
+    }
 
 
 class PPRMTrainer:
@@ -224,9 +231,13 @@ class PPRMTrainer:
 
         self.cfg, self.mesh = cfg, mesh
         self.answer_tokens = pprm.answer_format(tokenizer)[0]
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(config.max_grad_norm),
-            optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+        # Skips (and counts) updates whose gradients are not finite, as SFT's and PPO's do.
+        self.optimizer = optax.apply_if_finite(
+            optax.chain(
+                optax.clip_by_global_norm(config.max_grad_norm),
+                optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+            ),
+            max_consecutive_errors=1_000_000,
         )
         with jax.set_mesh(mesh):
             self.params = jax.device_put(params, param_shardings(params, mesh, heads=cfg))

@@ -4,6 +4,7 @@ then the PPRM's own adapter trained over the frozen SFT'd model, with its held-o
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import numpy as np
@@ -160,22 +161,45 @@ def run_pprm(
     if start_state is not None:
         trainer.state = start_state
     bar = tqdm(range(start_step, p.steps), desc="pprm", initial=start_step, total=p.steps)
+
+    def settle(done: int, metrics: dict) -> None:
+        """Host-side logs and checks of a finished step (the only place that waits for it)."""
+        if done % 10 == 0 or done == p.steps:
+            loss, accuracy = float(metrics["loss"]), float(metrics["accuracy"])
+            ctx.metrics.scalars(
+                s_steps + done,
+                {
+                    "pprm/loss": loss,
+                    "pprm/accuracy": accuracy,
+                    "pprm/grad_norm": float(metrics["grad_norm"]),
+                },
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+        if not bool(metrics["finite"]):
+            bad = int(metrics["nonfinite_total"])
+            tqdm.write(
+                f"pprm step {done}: non-finite loss, update skipped ({bad} so far)",
+                file=sys.stderr,
+            )
+            ctx.metrics.scalars(s_steps + done, {"pprm/nonfinite_total": bad})
+            if bad >= config.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"pprm: {bad} non-finite losses (max_nonfinite="
+                    f"{config.max_nonfinite}); stopped at step {done}"
+                )
+
+    # As in SFT: step s is settled after step s + 1 was dispatched, and before any checkpoint.
+    pending = None
     for step in bar:
         metrics = trainer.train_step(pairs.batch(step, p.batch_size, (config.seed, STAGE_PPRM)))
         done = step + 1
+        if pending is not None:
+            settle(*pending)
+        pending = (done, metrics)
         save = done < p.steps and (done % config.checkpoint.every == 0 or ctx.preemption.requested)
-        if done % 10 == 0 or done == p.steps or save:
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                # No update is skipped here: stop before a poisoned adapter is saved.
-                raise NonFiniteLoss(f"pprm: non-finite loss or gradient at step {done}")
-        if done % 10 == 0 or done == p.steps:
-            accuracy = float(metrics["accuracy"])
-            ctx.metrics.scalars(
-                s_steps + done,
-                {"pprm/loss": loss, "pprm/accuracy": accuracy, "pprm/grad_norm": grad_norm},
-            )
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+        if save or done == p.steps:
+            settle(*pending)
+            pending = None
         if save:
             save_checkpoint(
                 ctx,
