@@ -150,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     key = jax.random.key(args.seed)
     max_new = args.max_new_tokens or config.eval.max_new_tokens
+    refine_searches = {}  # checked before any evaluation runs
+    for name in [s for s in searches if s != "mcts"]:
+        from o1jax.search.refine import RefineConfig
+
+        value = "self_reward" if name == "mctsr" else "pprm"
+        try:
+            refine_searches[name] = RefineConfig(
+                rollouts=args.rollouts, value=value, solution_length=max_new
+            )
+        except ValueError as e:  # a solution budget too short for the search
+            print(
+                f"error: --search {name}: {e} (a solution's budget is --max-new-tokens, "
+                "else the run's eval.max_new_tokens)",
+                file=sys.stderr,
+            )
+            return 2
     result = ev.evaluate(
         params,
         cfg,
@@ -183,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
         ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
-    for name in [s for s in searches if s != "mcts"]:
-        from o1jax.search.refine import RefineConfig
-
-        value = "self_reward" if name == "mctsr" else "pprm"
-        search = RefineConfig(rollouts=args.rollouts, value=value, solution_length=max_new)
+    for name, search in refine_searches.items():
         found = ev.refine_evaluate(
             params,
             cfg,
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             key=key,
             batch_size=args.batch_size,
             lora=adapter,
-            judge=judge if value == "pprm" else None,
+            judge=judge if search.value == "pprm" else None,
             tree_dir=tree_dir(name),
         )
         rows[f"{name} accuracy ({args.rollouts} rollouts)"] = found.pass1

@@ -59,6 +59,13 @@ def test_an_output_directory_that_cannot_be_made_fails_before_evaluating(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith(f"error: {flags[-2]} {flags[-1]}: cannot create it")
         assert len(err.strip().splitlines()) == 1
+    # A solution budget too short for a refine search fails before the greedy pass (it ran,
+    # wrote its outputs, then died with a traceback).
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--search", "mctsr", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --search mctsr: RefineConfig.solution_length must be >= 8")
+    assert len(err.splitlines()) == 1 and not any(out.iterdir())
 
 
 def test_a_model_the_saved_config_cannot_build_names_the_workdir(tmp_path, capsys, monkeypatch):
