@@ -53,6 +53,25 @@ def test_a_cycle_is_re_ranked_by_summed_preference():
     np.testing.assert_allclose(soft, [1.42, 1.90, 2.38, 0.3], atol=1e-5)
 
 
+def test_soft_scores_within_the_tolerance_of_a_neighbour_tie_as_one_group():
+    """a within SOFT_TOL of b, b within it of c: all three tie (a pairwise tolerance tied a with
+    b and b with c, yet ranked a under c). A gap above SOFT_TOL still orders, invalid slots
+    count for nothing."""
+    tol = ebc.SOFT_TOL
+    wins = jnp.asarray([[2, 2, 2, 2, 0, 2]])
+    soft = jnp.asarray([[1.0, 1.0 + 0.6 * tol, 1.0 + 1.2 * tol, 0.5, 0.0, 9.0]], jnp.float32)
+    valid = jnp.asarray([[True, True, True, True, True, False]])
+    values = np.asarray(ebc.global_values(wins, valid, soft))[0]
+    np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 0.25, 0.0, 0.0], atol=1e-6)
+    rng = np.random.default_rng(0)  # without soft scores: ranks by Borda count alone
+    for _ in range(20):
+        wins, valid = rng.integers(0, 4, (1, 7)), rng.random((1, 7)) < 0.8
+        got = np.asarray(ebc.global_values(jnp.asarray(wins), jnp.asarray(valid)))[0]
+        above = [sum(valid[0, j] and wins[0, j] > wins[0, i] for j in range(7)) for i in range(7)]
+        want = 1 - np.asarray(above) / max(valid.sum() - 1, 1)
+        np.testing.assert_allclose(got, np.where(valid[0], want, 0.0), atol=1e-6)
+
+
 def test_soft_scores_never_reorder_different_borda_counts():
     # 0 beats only 1, barely (.51), but reaches everything through 1, which wins its other
     # pairs at .99: 1's summed preference (2.98) is larger than 0's (2.01), 0 still ranks first.

@@ -13,8 +13,9 @@ so they beat the same solutions and tie on Borda count. LLaMA-Berry re-ranks suc
 comparison: among equal Borda counts, the solution with the larger summed preference probability
 against the other valid solutions (`soft_scores`) ranks higher; different Borda counts keep
 their order. The global value is rank based: a solution's rank is the number of valid solutions
-ranked strictly above it (ties left, within `SOFT_TOL`, share the better rank), and its value is
-`1 - rank / (n_valid - 1)` (the paper's `1 - (rank - 1) / (|V| - 1)` with 1-based ranks).
+ranked strictly above it (ties left, soft scores within `SOFT_TOL` included, share the better
+rank), and its value is `1 - rank / (n_valid - 1)` (the paper's `1 - (rank - 1) / (|V| - 1)`
+with 1-based ranks).
 `mix_values` blends it with a local value, as LLaMA-Berry does for node values; the final answer
 is the solution ranked first.
 """
@@ -69,13 +70,21 @@ def global_values(wins: jax.Array, valid: jax.Array, soft: jax.Array | None = No
     """[B, n] float32 in [0, 1] from Borda counts: 1 for the top rank, 0 for the last; invalid 0.
 
     soft: [B, n] `soft_scores` or None; orders equal Borda counts (LLaMA-Berry's re-ranking).
+    Soft scores within `SOFT_TOL` of the next lower one tie with it, and a chain of such steps
+    is one tie: ranks stay a consistent order (a pairwise tolerance would tie a with b and b
+    with c yet rank a under c).
     """
-    better = wins[:, None, :] > wins[:, :, None]  # [B, i, j]: j has more wins than i
-    if soft is not None:
-        tied = wins[:, None, :] == wins[:, :, None]
-        better |= tied & (soft[:, None, :] > soft[:, :, None] + SOFT_TOL)
-    better &= valid[:, None, :]
-    rank = jnp.sum(better, axis=-1).astype(jnp.float32)
+    n = wins.shape[-1]
+    soft = jnp.zeros(wins.shape, jnp.float32) if soft is None else soft
+    # Valid first, then by Borda count, then by soft score, both descending.
+    order = jnp.lexsort((-soft, -wins, ~valid), axis=-1)  # [B, n]
+    w, s = (jnp.take_along_axis(x, order, axis=-1) for x in (wins, soft))
+    # A new rank starts where the count drops, or the soft score drops by more than SOFT_TOL.
+    drops = (w[:, 1:] != w[:, :-1]) | (s[:, :-1] - s[:, 1:] > SOFT_TOL)  # [B, n - 1]
+    starts = jnp.concatenate([jnp.ones_like(drops[:, :1]), drops], axis=-1)  # [B, n]
+    # The rank of a tie group is the sorted position of its first member.
+    first = jax.lax.cummax(jnp.where(starts, jnp.arange(n), 0), axis=1)  # [B, n]
+    rank = jnp.take_along_axis(first, jnp.argsort(order, axis=-1), axis=-1).astype(jnp.float32)
     n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
     value = 1.0 - rank / jnp.maximum(n_valid - 1.0, 1.0)
     return jnp.where(valid, value, 0.0)
