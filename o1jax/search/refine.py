@@ -366,7 +366,8 @@ def select(tree: SolutionTree, config: RefineConfig) -> jax.Array:
 # ----------------------------------------------------------------------------- expansion
 @jax.jit
 def critique_prefixes(tree: SolutionTree, node, prompts, prompt_lengths, fmt: RefineFormat):
-    """[B, W1] prompts that open a <critic> thought after the weakest step of each `node` [B].
+    """(tokens [B, W1], lengths [B]): prompts that open a <critic> thought after the weakest
+    step of each `node` [B].
 
     prompt + the solution up to the weakest step's rating + a negative rating + critic header.
     """
@@ -408,8 +409,9 @@ def _critique_piece(critique, c_len, stopped, eot: int):
 
 @jax.jit
 def rewrite_prefixes(prefix, prefix_lengths, tree: SolutionTree, node, critique, fmt):
-    """[B, W2] prompts that open the <refine> thought: the critique prefix + the critique
-    (`SampleOutput` of B rows) + a positive rating + the next header + <refine>."""
+    """(tokens [B, W2], lengths [B]): prompts that open the <refine> thought: the critique
+    prefix + the critique (`SampleOutput` of B rows) + a positive rating + the next header +
+    <refine>."""
     f = fmt.step
     h = f.headers.shape[1]
     width = prefix.shape[1] + critique.tokens.shape[1] + f.suffixes.shape[1] + h + 1
