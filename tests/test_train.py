@@ -292,9 +292,9 @@ def test_a_ppo_update_skipped_for_its_gradient_alone_is_reported(tmp_path):
     """At lr 1e30 the first PPO update's loss is finite and its gradient is not: the update is
     skipped, and that is logged as a loss would be (it went unreported)."""
     workdir = tmp_path / "nan_grad"
-    result = _train(
+    result = _train(  # the smoke run's shapes: its programs come from the compilation cache
         workdir, "sft.steps=3", "sft.learning_rate=1e30", "rl.learning_rate=1e30",
-        "max_nonfinite=3", "eval.num_problems=2", "eval.search_simulations=1", "rl.iterations=1",
+        "max_nonfinite=3", "rl.iterations=1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]  # 2 skipped, under max_nonfinite
     assert "rl iteration 1: non-finite PPO loss or gradient, updates skipped" in result.stderr
