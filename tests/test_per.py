@@ -214,6 +214,19 @@ def test_beta_schedule_anneals_linearly_to_one():
     assert per.beta_schedule(10**7) == 1.0
     with pytest.raises(ValueError, match="beta1 must be in"):
         per.beta_schedule(0, beta1=1.5)  # `sample` would refuse its betas only steps later
+    assert per.beta_schedule(0, steps=0) == 1.0  # no annealing (it started at beta0)
+
+
+def test_rl_anneals_beta_by_the_samples_ppo_drew():
+    """An iteration that ran no update (its buffer still empty) draws nothing, so beta stays
+    where it was (it advanced by the iteration's number before)."""
+    from o1jax.train.config import RLSection
+    from o1jax.train.rl_loop import update_beta
+
+    r = RLSection(batch_size=32, epochs=2, beta0=0.4, beta_steps=640)
+    assert update_beta(r, 0, 0) == 0.4  # the first update, whatever iteration it runs in
+    assert update_beta(r, 0, 3) == per.beta_schedule(3 * 32, 0.4, 1.0, 640)
+    assert update_beta(r, 2 * 5, 1) == per.beta_schedule(6 * 32, 0.4, 1.0, 640)
 
 
 def test_a_round_in_one_program_writes_the_tree_in_place():

@@ -392,10 +392,12 @@ def update(state: PERState, indices: jax.Array, priorities: jax.Array) -> PERSta
 
 
 def beta_schedule(step, beta0: float = 0.4, beta1: float = 1.0, steps: int = 100_000) -> float:
-    """LLaMA-O1's annealing of the importance-sampling exponent, linear over `steps` samples;
-    beta0 and beta1 in [0, 1] (`sample` takes no other)."""
+    """LLaMA-O1's annealing of the importance-sampling exponent, linear over `steps` samples
+    (0: beta1 from the first); beta0 and beta1 in [0, 1] (`sample` takes no other)."""
     for name, beta in (("beta0", beta0), ("beta1", beta1)):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"per.beta_schedule: {name} must be in [0, 1], got {beta}")
-    frac = min(max(float(step) / max(steps, 1), 0.0), 1.0)
+    if steps <= 0:
+        return beta1
+    frac = min(max(float(step) / steps, 0.0), 1.0)
     return beta0 + (beta1 - beta0) * frac

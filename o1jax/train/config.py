@@ -276,7 +276,7 @@ class RLSection:
     buffer_capacity: int = 16384  # LLaMA-O1: 100 000 (configs/gemma2-*.yaml)
     alpha: float = 0.6
     beta0: float = 0.4
-    beta_steps: int = 100_000
+    beta_steps: int = 100_000  # samples drawn over which beta anneals to 1 (0: 1 throughout)
     batch_size: int = 32  # experiences per PPO update
     updates_per_iteration: int = 4
     epochs: int = 2

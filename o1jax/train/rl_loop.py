@@ -81,9 +81,9 @@ def run_rl(
         ppo_metrics, any_skipped = [], False
         # Nothing to learn from until some search has reached an outcome.
         updates = r.updates_per_iteration if int(per_state.size) > 0 else 0
+        ppo_steps = int(trainer.state.step) if updates else 0  # optimizer steps so far
         for u in range(updates):
-            step = it * r.updates_per_iteration + u
-            beta = per.beta_schedule(step * r.batch_size, r.beta0, 1.0, r.beta_steps)
+            beta = update_beta(r, ppo_steps, u)
             sample, indices, weights = per.sample(
                 per_state, jax.random.fold_in(key, 1 + u), r.batch_size, beta
             )
@@ -161,6 +161,14 @@ class SelfPlaySetup:
     search: mcts.MCTSConfig
     prompt_width: int
     width: int
+
+
+def update_beta(r, ppo_steps: int, u: int) -> float:
+    """PER's importance exponent for an iteration's update `u`, annealed by the samples drawn
+    before it: `ppo_steps` optimizer steps (`r.epochs` per update) of `r.batch_size` items, so
+    an iteration that ran no update (an empty buffer) anneals nothing."""
+    drawn = (ppo_steps // r.epochs + u) * r.batch_size
+    return per.beta_schedule(drawn, r.beta0, 1.0, r.beta_steps)
 
 
 def self_play_setup(ctx: RunContext) -> SelfPlaySetup:
