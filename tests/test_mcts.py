@@ -9,7 +9,7 @@ import pytest
 
 from o1jax.search import mcts
 from o1jax.search.mcts import Expansion, MCTSConfig, StepFormat
-from o1jax.search.tree import NO_NODE, first_children, init_tree
+from o1jax.search.tree import NO_NODE, ROOT, first_children, init_tree
 
 CONCLUSION, EOT = 3, 4
 L = 6
@@ -780,3 +780,27 @@ def test_first_children_indexes_hand_built_trees_by_expansion_block():
     got = np.asarray(first_children(parent, num_children=2, expansions=3))
     assert got[0, 0].tolist() == [1, 3, NO_NODE] and got[0, 2].tolist() == [5, NO_NODE, NO_NODE]
     assert np.all(np.delete(got[0], [0, 2], axis=0) == NO_NODE)
+    # Children selection could not see are named: a block past E, a part block, a gap.
+    for bad, e in (([-1, 0, 0, 0, 0, 0, 0], 2), ([-1, 0, 0, 0], 3), ([-1, 0, 1, 0], 3)):
+        with pytest.raises(ValueError, match=r"tree 0, node 0 has children at slots"):
+            first_children(jnp.asarray([bad]), num_children=2, expansions=e)
+
+
+def test_select_ends_at_a_hand_built_node_whose_children_were_not_indexed():
+    """num_children set without first_child (trees built with .replace(parent=...)): the loop
+    read no child, went back to the root and never ended."""
+    import threading
+
+    tree = init_tree(1, 8, L).replace(
+        parent=jnp.asarray([[-1, 0, 0, -1, -1, -1, -1, -1]]),
+        num_children=jnp.asarray([[2, 0, 0, 0, 0, 0, 0, 0]]),
+        visits=jnp.asarray([[2, 1, 1, 0, 0, 0, 0, 0]]),
+        num_nodes=jnp.asarray([3]),
+    )
+    chosen = []
+    config = MCTSConfig(num_children=2, thought_length=L)
+    run = lambda: chosen.append(int(mcts.select(tree, jax.random.key(0), config)[0]))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert chosen == [ROOT]

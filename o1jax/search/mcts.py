@@ -225,7 +225,9 @@ def _select_one(tree: Tree, key, config: MCTSConfig):
         return room & ((node == ROOT) | disappoint)
 
     def cond(node):
-        return (tree.num_children[node] > 0) & ~tree.terminal[node] & ~widens(node)
+        # Children are read through first_child: a hand-built tree without it ends here.
+        expanded = (tree.num_children[node] > 0) & (tree.first_child[node, 0] != NO_NODE)
+        return expanded & ~tree.terminal[node] & ~widens(node)
 
     def body(node):
         slots, exists = children(node)  # [C]

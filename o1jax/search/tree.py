@@ -15,6 +15,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 NO_NODE = -1
@@ -96,7 +97,14 @@ def init_tree(batch_size: int, capacity: int, thought_length: int, expansions: i
 def first_children(parent: jax.Array, num_children: int, expansions: int) -> jax.Array:
     """`Tree.first_child` [B, N, E] of trees given by their `parent` [B, N] whose children come in
     blocks of `num_children` consecutive slots per expansion (as the search appends them): for
-    trees built by hand, which set `parent` directly. O(N^2); not for a per-step path."""
+    trees built by hand, which set `parent` directly. O(N^2); not for a per-step path.
+
+    Concrete `parent` is checked: a node's children must fill whole blocks of `num_children`
+    consecutive slots, at most `expansions` of them (ValueError naming the node); selection
+    would not see the others.
+    """
+    if not isinstance(parent, jax.core.Tracer):
+        _check_child_blocks(np.asarray(parent), num_children, expansions)
     b, n = parent.shape
     kids = parent[:, :, None] == jnp.arange(n)[None, None, :]  # [B, N(child), N(parent)]
     rank = jnp.cumsum(kids, axis=1) - 1  # [B, N, N], the child's order among its siblings
@@ -107,6 +115,21 @@ def first_children(parent: jax.Array, num_children: int, expansions: int) -> jax
     block = jnp.where(starts, rank // num_children, expansions)  # out of range: dropped
     out = jnp.full((b, n, expansions), NO_NODE, jnp.int32)
     return out.at[rows, owner, block].set(slot, mode="drop")
+
+
+def _check_child_blocks(parent: np.ndarray, k: int, expansions: int) -> None:
+    """`first_children`'s layout: each node's children are whole blocks of k consecutive slots."""
+    for b, row in enumerate(parent):
+        for node in np.unique(row[row >= 0]):
+            slots = np.flatnonzero(row == node)
+            blocks = [slots[i : i + k] for i in range(0, len(slots), k)]
+            whole = all(len(c) == k and c[-1] - c[0] == k - 1 for c in blocks)
+            if not whole or len(blocks) > expansions:
+                raise ValueError(
+                    f"first_children: tree {b}, node {node} has children at slots "
+                    f"{slots.tolist()}; they must come in blocks of {k} consecutive slots, at "
+                    f"most {expansions} block(s)"
+                )
 
 
 def ancestors(tree: Tree, node: jax.Array, max_depth: int) -> jax.Array:
