@@ -21,6 +21,7 @@ from test_train import (
 from o1jax.data.longcot import NEGATIVE_RATING, POSITIVE_RATING
 from o1jax.data.tasks import DataError, DataWarning
 from o1jax.search import pprm
+from o1jax.train.checkpoint import Checkpointer
 from o1jax.train.config import ConfigError, dump_config, load_config
 from o1jax.train.metrics import MetricsWriter
 
@@ -103,6 +104,35 @@ def test_restore_pprm_gives_the_trained_adapter_over_the_sft_model(with_pprm):
         ab["b"] for group in adapter.weights.values() for t in group.values() for ab in t.values()
     ]
     assert max(np.abs(b).max() for b in bs) > 0  # trained: every B starts at zero
+
+
+def test_a_pprm_saved_without_the_skip_counters_still_restores(with_pprm, tmp_path):
+    """Workdirs of o1jax before the PPRM's optimizer skipped non-finite updates hold its Adam
+    state bare: restoring reads that layout and starts the counters at zero."""
+    import shutil
+
+    from o1jax.train import pipeline
+    from o1jax.train.run_context import open_run
+
+    work = tmp_path / "legacy"
+    shutil.copytree(with_pprm, work)
+    ctx = open_run(str(work))
+    step, meta = pipeline._latest(ctx)
+    state = pipeline._restore(ctx, step, meta["stage"])
+    ctx.checkpointer.close()
+    bare = state["pprm"].replace(opt_state=state["pprm"].opt_state.inner_state)
+    shutil.rmtree(work / "checkpoints" / str(step))
+    writer = Checkpointer(str(work / "checkpoints"), keep=5)
+    writer.save(step, {**state, "pprm": bare}, meta)
+    writer.close()
+    jax.tree.map(np.testing.assert_array_equal, _pprm_of(work), _pprm_of(with_pprm))
+    ctx = open_run(str(work))
+    restored = pipeline._restore(ctx, step, meta["stage"])["pprm"].opt_state
+    ctx.checkpointer.close()
+    assert int(restored.total_notfinite) == 0 and bool(restored.last_finite)
+    jax.tree.map(
+        np.testing.assert_array_equal, restored.inner_state, state["pprm"].opt_state.inner_state
+    )
 
 
 def test_export_pprm_writes_the_sft_model_with_the_pprm_adapter_merged(with_pprm, tmp_path):

@@ -29,11 +29,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 
 from o1jax.model import lora
 from o1jax.parallel.mesh import maybe_initialize_distributed
 from o1jax.train import metrics as run_metrics
-from o1jax.train.checkpoint import PreemptionFlag, abstract_like
+from o1jax.train.checkpoint import CheckpointError, PreemptionFlag, abstract_like
 from o1jax.train.config import (
     ConfigError,
     RunConfig,
@@ -200,7 +201,7 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     # Everything the latest checkpoint holds (the SFT state is still in memory if SFT just ran).
     pprm_state = rl_state = per_state = None
     if sft_state is None:
-        state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, meta["stage"]))
+        state = _restore(ctx, latest, meta["stage"])
         sft_state = state["sft"]
         pprm_state, rl_state, per_state = state.get("pprm"), state.get("rl"), state.get("per")
     base = policy_params(ctx, sft_state)
@@ -299,6 +300,32 @@ def _checkpoint_like(ctx: RunContext, stage: str) -> dict:
     return like
 
 
+def _restore(ctx: RunContext, step: int, stage: str) -> dict:
+    """The trainer states (and buffer) of checkpoint `step` of `stage`.
+
+    A PPRM state saved before the PPRM's optimizer skipped non-finite updates (o1jax before
+    2026-12-01: no `optax.apply_if_finite` counters around its Adam state) is read in that
+    layout and given fresh counters, so those workdirs still evaluate and resume."""
+    like = _checkpoint_like(ctx, stage)
+    try:
+        return ctx.checkpointer.restore(step, like)[0]
+    except CheckpointError as error:
+        if "pprm" not in like or "does not match" not in str(error):
+            raise
+        pprm_like = like["pprm"]
+        legacy = {**like, "pprm": pprm_like.replace(opt_state=pprm_like.opt_state.inner_state)}
+        try:
+            state = ctx.checkpointer.restore(step, legacy)[0]
+        except CheckpointError:
+            raise error from None
+    counters = pprm_like.opt_state._replace(inner_state=None)  # [] int32 / bool, replicated
+    fresh = jax.tree.map(
+        lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), counters
+    )._replace(last_finite=jax.device_put(jnp.asarray(True), counters.last_finite.sharding))
+    opt_state = fresh._replace(inner_state=state["pprm"].opt_state)
+    return {**state, "pprm": state["pprm"].replace(opt_state=opt_state)}
+
+
 def _latest(ctx: RunContext) -> tuple[int | None, dict]:
     """(latest checkpoint step or None, its metadata; stage "new" without one)."""
     latest = ctx.checkpointer.latest_step()
@@ -310,7 +337,7 @@ def restore_policy(ctx: RunContext):
     latest, meta = _latest(ctx)
     if latest is None:
         raise ConfigError(f"{ctx.workdir}: no checkpoint yet (run train.py on it first)")
-    state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, meta["stage"]))
+    state = _restore(ctx, latest, meta["stage"])
     adapter = state["rl"].lora if "rl" in state else None
     return policy_params(ctx, state["sft"]), adapter
 
@@ -330,5 +357,5 @@ def restore_pprm(ctx: RunContext):
             f"{ctx.workdir}: this run has not finished its PPRM stage "
             f"({at.get(stage, f'stage {stage}')}); run train.py on it again to go on"
         )
-    state, _ = ctx.checkpointer.restore(latest, _checkpoint_like(ctx, stage))
+    state = _restore(ctx, latest, stage)
     return policy_params(ctx, state["sft"]), state["pprm"].lora
