@@ -118,6 +118,14 @@ TEXTS = [
     ("<conclusion>The value we get is 86 after all steps", None),  # prose, no marker
     ("<conclusion><end_of_thought>", None),
     ("<conclusion>\\boxed{1}<end_of_thought>\n<critic>no<end_of_thought>", "1"),
+    # The stating sentence ends before the commentary (the rest of the line was the answer).
+    ("The answer is 5. I hope it is correct.", "5"),
+    ("So the answer is 12, since 3 * 4 = 12.", "12"),
+    ("Answer: 12. Check: 3 * 4 = 12", "12"),
+    ("the answer is -3.5, as shown", "-3.5"),
+    ("The answer is 1, 2, 3.", "1, 2, 3"),  # a comma before a value: one answer
+    ("the answer is 2, 3, and 4", "2, 3, and 4"),
+    ("**Answer**: 5", "5"),  # Markdown emphasis between the marker and its colon
 ]
 
 
@@ -271,6 +279,10 @@ NUMBER_WORDS_EQUAL = [
     ("50 percent", "50\\%"),
     ("50\\text{ percent}", "0.5"),
     ("12.5 per cent", "\\frac{1}{8}"),
+    ("3 halves", "3/2"),
+    ("2 fifths", "0.4"),
+    ("1 quarter", "0.25"),
+    ("5 meters squared", "5"),  # after a unit word, "squared" is the unit's
 ]
 NUMBER_WORDS_UNEQUAL = [
     ("3 million", "3"),
@@ -280,6 +292,9 @@ NUMBER_WORDS_UNEQUAL = [
     ("2 thousand", "2"),
     ("2 pi", "2"),
     ("1 percent", "100\\%"),  # two percents compare as written, as "1%" vs "100%" does
+    ("3 halves", "3"),
+    ("4 squared", "4"),  # a power right after the value was dropped as a unit: "4" == "4 squared"
+    ("2 cubed", "2"),
 ]
 
 

@@ -48,3 +48,25 @@ def test_rating_only_chains_train_just_the_rating_tokens():
     full_ids, full_mask = encode_chain(tok, p.question, thoughts, ratings)
     np.testing.assert_array_equal(ids, full_ids)
     assert full_mask.sum() > mask.sum()
+
+
+def test_examples_longer_than_the_sft_context_are_left_out_with_one_warning():
+    """They were dropped silently: a user's long solutions vanished from SFT unnoticed."""
+    import os
+
+    import pytest
+
+    from o1jax.train.config import load_config
+    from o1jax.train.sft_stage import sft_examples
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.yaml")
+    short = tasks.Problem("s", "1 + 1?", "2", ("<expansion>1 + 1 = 2.", "<conclusion>\\boxed{2}"))
+    steps = tuple(f"<expansion>{k} + 1 = {k + 1}." for k in range(40))
+    long = tasks.Problem("l", "Count up.", "41", (*steps, "<conclusion>\\boxed{41}"))
+    config = load_config(
+        tiny, ["sft.seq_len=64", "data.task.journey_fraction=0", "data.task.flawed_fraction=0"]
+    )
+    message = r"sft: 1 of 2 training examples are longer than sft.seq_len 64 tokens \(the longest"
+    with pytest.warns(tasks.DataWarning, match=message + r" \d{3,}\) and are left out"):
+        examples = sft_examples(config, build_tiny_tokenizer(), [short, long])
+    assert len(examples) == 1 and len(examples[0].tokens) <= 64

@@ -260,6 +260,10 @@ def test_gsm8k_steps_with_dollar_results_train_as_plain_chains(tmp_path):
         ('{"question": "q", "answer": NaN}', "data.jsonl:2: unreadable JSON value (NaN is not"),
         ('{"question": "q", "answer": "\\\\boxed{5"}', "field 'answer' has an unclosed \\boxed{"),
         ("[" * 100_000, "data.jsonl:2: JSON nested too deeply"),  # was a RecursionError
+        (  # a tokenizer reads it as the EOS id: SFT would train on an EOS mid-question
+            '{"question": "Is <eos> a tag?", "answer": "1"}',
+            "data.jsonl:2: field 'question': question contains the control token '<eos>'",
+        ),
         (
             '{"question": "<end_of_thought>", "answer": "1"}',
             "data.jsonl:2: field 'question': question contains",
@@ -276,9 +280,24 @@ def test_load_jsonl_errors(tmp_path, line, message):
 def test_numeric_answers_keep_their_literal_digits(tmp_path):
     """str(float) wrote 0.00001 as '1e-05' and lost the digits of long numbers."""
     rows = [{"question": "a", "answer": 0}, '{"question": "b", "answer": 0.00001}',
-            '{"question": "c", "answer": 123456789012345678.0}']  # fmt: skip
+            '{"question": "c", "answer": 123456789012345678.0}',
+            '{"question": "d", "answer": 1e3}', '{"question": "e", "answer": 1E-7}',
+            '{"question": "f", "answer": 2.50}']  # fmt: skip
     got = [p.answer for p in tasks.load_jsonl(_write(tmp_path, rows))]
-    assert got == ["0", "0.00001", "123456789012345678.0"]
+    # An exponent is spelled out: str(Decimal) wrote 1e3 as "1E+3", which SFT then taught.
+    assert got == ["0", "0.00001", "123456789012345678.0", "1000", "0.0000001", "2.50"]
+
+
+def test_a_decimal_result_is_no_step_to_flaw(tmp_path):
+    """The result pattern matched the "1" of "= 12.5" (it backtracked into the number), so a
+    journey flawed a digit in the middle: "= 92.5", not a result off by 1..9."""
+    rows = [
+        {"question": "q", "answer": "He pays 25 / 2 = 12.5 dollars.\n#### 12.5"},
+        {"question": "r", "answer": "It is 1,000 + 72 = 1,072.5 - 0.5.\n#### 1072"},
+        {"question": "s", "answer": "It is 1,000 + 72 = 1,072 in all.\n#### 1072"},
+    ]
+    problems = tasks.load_jsonl(_write(tmp_path, rows))
+    assert [tasks.can_flaw(p) for p in problems] == [False, False, True]
 
 
 def test_load_jsonl_missing_file(tmp_path):

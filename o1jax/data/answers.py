@@ -55,7 +55,14 @@ WORKER_START_TIMEOUT_S = 60.0  # a fresh worker's import of math-verify (not cou
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{$])")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
-    r"(?:\bthe\s+)?(?:final\s+)?(answer|result)\s*(?:is|:)\s*:?\s*", re.IGNORECASE
+    r"(?:\bthe\s+)?(?:final\s+)?(answer|result)\**\s*(?:is|:)\s*:?\s*", re.IGNORECASE
+)
+# Where the sentence that states an answer ends and commentary begins: a sentence break before a
+# capital ("5. I hope it is correct", "12. Check: ..."), or a comma before a word that gives a
+# reason ("12, since 3 * 4 = 12"). Not a comma before a value: "1, 2, 3" is one answer.
+_ANSWER_END_RE = re.compile(
+    r"[.;!?]\s+(?=[A-Z])"
+    r"|,\s+(?=(?i:since|because|as|so|which|where|from|by|using|giving|then|thus|hence)\b)"
 )
 _PROSE_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _LONGCOT_MARKERS = (*ACTIONS, START_OF_THOUGHT, END_OF_THOUGHT)
@@ -113,7 +120,8 @@ def _answer_is(text: str) -> str | None:
     later one ("the result is 12, so the answer is 24" gives 24). When it opens with a maths
     span and the rest of the line holds no other number or maths, the span alone ("The final
     answer is $\\frac{1}{2}$. I hope it is correct." gives `\\frac{1}{2}`; "$5$ or $6$" stays
-    whole, an answer equal to neither)."""
+    whole, an answer equal to neither). Otherwise the line up to where its sentence ends
+    (`_ANSWER_END_RE`: "12, since 3 * 4 = 12" gives 12, "5. I hope it is correct." 5)."""
     marks = list(_ANSWER_IS_RE.finditer(text))
     if not marks:
         return None
@@ -125,7 +133,8 @@ def _answer_is(text: str) -> str | None:
     span = _MATH_SPAN_RE.match(lead)
     if span and not _MORE_MATH_RE.search(lead[span.end() :]):
         return _trim(next(g for g in span.groups() if g is not None)) or None
-    return _trim(line) or None
+    end = _ANSWER_END_RE.search(line)
+    return _trim(line[: end.start()] if end else line) or None
 
 
 def _marked_answer(text: str) -> str | None:
@@ -196,7 +205,20 @@ _MULTIPLIERS = {
     "hundredth": Fraction(1, 100),
     "thousandth": Fraction(1, 1000),
     "millionth": Fraction(1, 10**6),
+    "half": Fraction(1, 2),
+    "halves": Fraction(1, 2),
+    "third": Fraction(1, 3),
+    "quarter": Fraction(1, 4),
+    "fourth": Fraction(1, 4),
+    "fifth": Fraction(1, 5),
+    "sixth": Fraction(1, 6),
+    "seventh": Fraction(1, 7),
+    "eighth": Fraction(1, 8),
+    "ninth": Fraction(1, 9),
 }
+# A power written out right after the value ("4 squared" is 16): kept whole, never a unit.
+# After a unit word it belongs to the unit ("5 meters squared" is 5).
+_POWER_WORDS = frozenset({"squared", "cubed"})
 _CONSTANTS = {"pi": r"\pi"}
 # Digit groups of three split by single spaces ("1 000 000", "12 345.5"): one number.
 # LaTeX spacing between two digits ("1\\,000", "1\\ 2"): read as a space, so that it joins only
@@ -236,13 +258,16 @@ def _format(x: Fraction) -> str:
 def _without_unit(value: str, words: str) -> str | None:
     """`value` followed by the trailing `words`, with the unit dropped; None to keep it all.
 
-    Leading multiplier words scale the value ("3 million" -> "3000000"; kept whole when the
-    value is not a plain number), then "percent" / "per cent" becomes "%" and a constant its
-    command ("2 pi" -> "2\\pi"); the remaining words are the unit. Kept whole when a word is a
-    logical or comparative one (`_HEDGE_WORDS`): "3 or more" is no unit."""
+    Leading multiplier words scale the value ("3 million" -> "3000000", "3 halves" -> "3/2";
+    kept whole when the value is not a plain number), then "percent" / "per cent" becomes "%"
+    and a constant its command ("2 pi" -> "2\\pi"); the remaining words are the unit. Kept
+    whole when a word is a logical or comparative one (`_HEDGE_WORDS`): "3 or more" is no
+    unit; so is a power right after the value ("4 squared")."""
     if _is_hedge(words):
         return None
     tokens = re.findall(r"[a-z]+", words.lower())
+    if tokens[:1] and tokens[0] in _POWER_WORDS:
+        return None
     scale, i = Fraction(1), 0
     while i < len(tokens) and (factor := _multiplier(tokens[i])) is not None:
         scale, i = scale * factor, i + 1

@@ -61,6 +61,12 @@ SPECIAL_TOKENS = (
     EXPANSION,
 )
 
+# Gemma's control tokens (the tiny tokenizer has the first four): a tokenizer reads each as one
+# id wherever it stands in a text, so a question or thought that writes one out would silently
+# train or prompt on an EOS, a pad or a turn marker. Text must not hold them either.
+CONTROL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+_RESERVED_TOKENS = SPECIAL_TOKENS + CONTROL_TOKENS
+
 ROOT_FATHER_ID = -1
 _INT_RE = re.compile(r"-?(?:0|[1-9][0-9]*)")
 
@@ -74,13 +80,13 @@ class LongCoTParseError(ValueError):
 
 
 def _first_special(text: str) -> tuple[int, str] | None:
-    """(offset, token) of the first long-CoT token inside `text`, or None."""
-    hits = [(i, t) for t in SPECIAL_TOKENS if (i := text.find(t)) >= 0]
+    """(offset, token) of the first long-CoT or control token inside `text`, or None."""
+    hits = [(i, t) for t in _RESERVED_TOKENS if (i := text.find(t)) >= 0]
     return min(hits) if hits else None
 
 
 def strip_format_tokens(text: str) -> str:
-    """`text` without any long-CoT token, including those that removing one would form
+    """`text` without any long-CoT or control token, including those that removing one would form
     ("<start_of_<critic>rating>" -> "", not "<start_of_rating>")."""
     while (hit := _first_special(text)) is not None:
         text = text.replace(hit[1], "")
@@ -141,18 +147,21 @@ class Node:
 
 
 def _check_thought(text: str, what: str, allow_action: bool) -> None:
-    """Raises ValueError if `text` is not a str or holds a format token (bar a leading action)."""
+    """Raises ValueError if `text` is not a str or holds a format or control token (bar a
+    leading action)."""
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, got {type(text).__name__}")
     body = split_action(text)[1] if allow_action else text
     hit = _first_special(body)
     if hit is not None:
         offset = hit[0] + len(text) - len(body)
-        raise ValueError(f"{what} contains the format token {hit[1]!r} at offset {offset}")
+        kind = "format" if hit[1] in SPECIAL_TOKENS else "control"
+        raise ValueError(f"{what} contains the {kind} token {hit[1]!r} at offset {offset}")
 
 
 def check_thought(text: str, what: str = "thought") -> None:
-    """Raises ValueError if a thought (leading action tag allowed) holds a format token."""
+    """Raises ValueError if a thought (leading action tag allowed) holds a format or control
+    token."""
     _check_thought(text, what, allow_action=True)
 
 

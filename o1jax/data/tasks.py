@@ -200,7 +200,7 @@ def sft_text(problem: Problem) -> str:
 
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 # "= 24", "= 24.", "= 1,072" (the whole number), not "= 2.4" or "= 1,072.5"
-_RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+))(?![\d,]\d|\.\d)")
+_RESULT_RE = re.compile(r"(?<=[\d)\s])=\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+))(?!\d|[,.]\d)")
 
 
 def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
@@ -319,7 +319,9 @@ def _field_str(row: Mapping, field: str, where: str) -> str:
     value = row[field]
     if isinstance(value, bool) or not isinstance(value, str | int | float | decimal.Decimal):
         raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    text = str(value).strip()
+    # A Decimal in positional notation as written ("2.50"), an exponent spelled out: 1e3 is
+    # "1000", not str()'s "1E+3", which the SFT text would then teach as the answer.
+    text = (format(value, "f") if isinstance(value, decimal.Decimal) else str(value)).strip()
     if not text:
         raise DataError(f"{where}: field {field!r} is empty")
     return text

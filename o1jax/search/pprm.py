@@ -63,7 +63,9 @@ def solution_text(thoughts, ratings=None) -> str:
 
 
 def encode_pair(tokenizer, question: str, first: str, second: str) -> list[int]:
-    """Token ids of the comparison prompt (BOS included), ending right before the answer."""
+    """Token ids of the comparison prompt, ending right before the answer; `tokenizer.encode`
+    adds BOS where the tokenizer does (Gemma's; the tiny one adds none), in training and search
+    alike."""
     _, tail = answer_format(tokenizer)
     text = f"{question}\nSolution A: {first}\nSolution B: {second}\nBetter:{tail}"
     return tokenizer.encode(text)

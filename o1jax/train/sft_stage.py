@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -39,12 +40,14 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
     trees of a problem (`evaluate --search mctsr,sr-mcts --trees DIR`) share their root."""
     rng = np.random.default_rng([config.seed, STAGE_SFT])
     task = config.data.task
-    out = []
+    out, too_long = [], []  # too_long: the token count of each example left out
 
     def add(question, thoughts, ratings, train_thoughts=True):
         ids, mask = encode_chain(tokenizer, question, thoughts, ratings, train_thoughts)
         if len(ids) <= config.sft.seq_len:
             out.append(Example(ids, mask))
+        else:
+            too_long.append(len(ids))
 
     for p in problems:
         if not p.steps:
@@ -73,6 +76,14 @@ def sft_examples(config: RunConfig, tokenizer, problems, held_out=()) -> list[Ex
                 if chain not in seen:
                     seen.add(chain)
                     add(chain[0], [n.text for n in path[1:]], [n.rating for n in path[1:]])
+    if too_long and out:
+        warnings.warn(
+            f"sft: {len(too_long)} of {len(out) + len(too_long)} training examples are longer "
+            f"than sft.seq_len {config.sft.seq_len} tokens (the longest {max(too_long)}) and "
+            "are left out; raise sft.seq_len to train on them",
+            tasks.DataWarning,
+            stacklevel=2,
+        )
     if not out:
         source = f"data.path {config.data.path}" if config.data.path else "the built-in task"
         worked = sum(1 for p in problems if p.steps)
