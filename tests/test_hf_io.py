@@ -123,6 +123,10 @@ def test_config_json_that_is_not_an_object_or_has_a_null_pad_id(model, tmp_path)
         ({"num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
         ({"sliding_window": 0}, "sliding_window must be a positive int, got 0"),
         ({"num_key_value_heads": 3}, "is not a multiple of num_kv_heads=3"),
+        # a bare ZeroDivisionError while tracing, or a model that silently computes nothing
+        ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a finite number > 0"),
+        ({"attn_logit_softcapping": -50.0}, "attn_logit_softcapping must be a finite number"),
+        ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite number >= 0, got -1e-06"),
     ],
 )
 def test_config_json_with_a_bad_count_is_a_checkpoint_error_naming_file_and_key(
@@ -134,6 +138,37 @@ def test_config_json_with_a_bad_count_is_a_checkpoint_error_naming_file_and_key(
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **bad}))
     with pytest.raises(CheckpointError, match=rf"config\.json: .*{message}"):
         load_hf(str(tmp_path))
+
+
+def test_an_empty_eos_list_and_null_soft_caps_read_as_transformers_reads_them(model, tmp_path):
+    cfg, params = model
+    save_hf(str(tmp_path), cfg, params)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    edited = {**config, "eos_token_id": [], "final_logit_softcapping": None}
+    config_file.write_text(json.dumps(edited))  # the empty list was an IndexError
+    loaded_cfg, _ = load_hf(str(tmp_path))
+    assert loaded_cfg.eos_token_id == 1 and loaded_cfg.final_logit_softcapping is None
+
+
+def test_a_directory_with_both_layouts_reads_the_single_file_as_transformers_does(model, tmp_path):
+    """The index used to win here while transformers' from_pretrained reads model.safetensors:
+    the same directory loaded two different models."""
+    cfg, params = model
+    halved = jax.tree.map(lambda x: 0.5 * x, params)
+    save_hf(str(tmp_path / "sharded"), cfg, params, max_shard_bytes=SHARD_BYTES)
+    save_hf(str(tmp_path), cfg, halved)
+    for name in os.listdir(tmp_path / "sharded"):
+        if name.startswith("model"):
+            os.rename(tmp_path / "sharded" / name, tmp_path / name)
+    assert "model.safetensors.index.json" in _weight_files(tmp_path)
+    _assert_loads_as(tmp_path, halved)
+    import transformers
+
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(str(tmp_path))
+    np.testing.assert_array_equal(
+        hf.model.embed_tokens.weight.detach().numpy(), params["embedder"]["embedding"] * 0.5
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

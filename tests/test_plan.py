@@ -41,8 +41,8 @@ def test_cli_prints_a_table_and_rejects_a_bad_mesh(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--mesh", "data=0,fsdp=8,tensor=1"], "axis sizes must be >= 1, or -1 for the rest"),
-        (["--mesh", "data=-1,fsdp=0,tensor=1", "--devices", "8"], "axis sizes must be >= 1"),
+        (["--mesh", "data=0,fsdp=8,tensor=1"], "axis sizes must be ints >= 1, or -1 for the rest"),
+        (["--mesh", "data=-1,fsdp=0,tensor=1", "--devices", "8"], "axis sizes must be ints >= 1"),
         (["--mesh", "data=-1,fsdp=-1,tensor=1", "--devices", "8"], "at most one axis may be -1"),
         (["--mesh", "data=-1,fsdp=3,tensor=1", "--devices", "8"], "8 devices do not divide by 3"),
         (["--mesh", "data=2,fsdp=4,tensor=1", "--devices", "4"], "needs 8 devices, have 4"),

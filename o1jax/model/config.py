@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 # config.json keys a Gemma2 must give, and those that must hold positive ints (checked before
@@ -66,6 +68,22 @@ class Gemma2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Gemma2Config: {name} must be a positive int, got {value!r}")
+        positive_reals = {
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,  # queries scale by its **-0.5
+            "rope_theta": self.rope_theta,
+            "attn_logit_softcapping": self.attn_logit_softcapping,  # None: no soft-cap
+            "final_logit_softcapping": self.final_logit_softcapping,
+        }
+        for name, value in positive_reals.items():
+            if value is None and name.endswith("softcapping"):
+                continue
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Gemma2Config: {name} must be a finite number > 0, got {value!r}")
+        if not _is_real(self.rms_norm_eps) or not 0 <= self.rms_norm_eps < math.inf:
+            raise ValueError(
+                f"Gemma2Config: rms_norm_eps must be a finite number >= 0, got "
+                f"{self.rms_norm_eps!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"Gemma2Config: num_heads={self.num_heads} is not a multiple of "
@@ -254,8 +272,15 @@ class Gemma2Config:
         }
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _first(x):
-    return x[0] if isinstance(x, list | tuple) else x
+    """The first of a list of token ids (Gemma2-it lists two EOS ids); None for an empty one."""
+    if isinstance(x, list | tuple):
+        return x[0] if x else None
+    return x
 
 
 def _or(x, default):

@@ -118,9 +118,15 @@ def eos_token_ids(path: str) -> tuple[int, ...]:
 
 
 def _weight_map(path: str) -> dict[str, str]:
-    """HF tensor name -> safetensors file, from the index or the single-file layout."""
+    """HF tensor name -> safetensors file, from the single-file layout or the index.
+
+    A directory with both reads `model.safetensors`, as transformers' `from_pretrained` does:
+    the two would otherwise load different weights from the same directory."""
     index_file = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        with _open_safetensors(single) as f:
+            return dict.fromkeys(f.keys(), single)
     if os.path.isfile(index_file):
         index = _read_json(index_file)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -130,9 +136,6 @@ def _weight_map(path: str) -> dict[str, str]:
             if not os.path.isfile(os.path.join(path, file)):
                 raise CheckpointError(f"{index_file}: lists {file}, which is missing")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    if os.path.isfile(single):
-        with _open_safetensors(single) as f:
-            return dict.fromkeys(f.keys(), single)
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(path)):
         raise CheckpointError(
             f"{path}: only pickle-based weights found; o1jax loads safetensors only "

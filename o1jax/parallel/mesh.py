@@ -75,17 +75,21 @@ def maybe_initialize_distributed() -> bool:
 
 def mesh_shape(shape: dict[str, int], num_devices: int | None = None) -> dict[str, int]:
     """The size of every axis of `shape` (missing axes: 1), its -1 axis (at most one) given the
-    rest of `num_devices`. Raises ValueError for an unknown axis, a size that is neither >= 1 nor
-    -1, or a shape that does not use exactly `num_devices` devices (when given; it must be when
+    rest of `num_devices`. Raises ValueError for an unknown axis, a size that is not an int >= 1
+    or -1, or a shape that does not use exactly `num_devices` devices (when given; it must be when
     an axis is -1).
     """
     unknown = set(shape) - set(AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axes {sorted(unknown)}; axes are {AXES}")
-    sizes = {a: int(shape.get(a, 1)) for a in AXES}
-    bad = {a: s for a, s in sizes.items() if s != -1 and s < 1}
+    sizes = {a: shape.get(a, 1) for a in AXES}
+    bad = {
+        a: s
+        for a, s in sizes.items()
+        if not isinstance(s, int) or isinstance(s, bool) or (s != -1 and s < 1)
+    }
     if bad:
-        raise ValueError(f"mesh: axis sizes must be >= 1, or -1 for the rest; got {bad}")
+        raise ValueError(f"mesh: axis sizes must be ints >= 1, or -1 for the rest; got {bad}")
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {free}")
@@ -205,8 +209,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def constrain(x, *spec):
     """`x` laid out as `spec` (one mesh axis, a tuple of them, or None per dimension) on the
-    mesh of the enclosing `jax.set_mesh`; a dimension its axes do not divide, or an axis the mesh
-    lacks, stays as it is. No mesh: `x` unchanged.
+    mesh of the enclosing `jax.set_mesh`; a dimension its axes do not divide, or whose axes the
+    mesh lacks, is not split (replicated, whatever layout `x` had). No mesh: `x` unchanged.
 
     fsdp splits the params' D over the same devices that split the batch. Left to itself, with
     one or a few rows per device, XLA contracted over the split D instead of gathering the
