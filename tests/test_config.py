@@ -352,6 +352,20 @@ def test_rows_of_a_run_killed_before_its_first_checkpoint_are_logged_once(tmp_pa
     assert left not in rows
 
 
+def test_rl_straight_from_the_base_needs_no_sft_data_and_no_sft_batch(tmp_path):
+    """sft.steps 0 (self-play from a pretrained model) refused answer-only problems ("sft: no
+    training example") and, after claiming the workdir, an SFT batch that the mesh's 8 devices
+    do not split, although no SFT step runs."""
+    rows = [{"question": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(60)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = ["sft.steps=0", "sft.batch_size=3", f"data.path={path}", "rl.iterations=0"]
+    overrides += ["rl.problems_per_iteration=2", "eval.num_problems=2"]
+    overrides += ["eval.search_simulations=1", "eval.max_new_tokens=4"]
+    report = pipeline.run(load_config(SMOKE, overrides), str(tmp_path / "w"))
+    assert report["test_problems"] == 2 and 0.0 <= report["sft_pass1"] <= 1.0
+
+
 def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
     """Every process of a multi-host run runs the pipeline on the same shared workdir: only
     process 0 may write config.yaml, the report, the tokenizer, the metrics and curves, and the

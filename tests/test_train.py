@@ -224,6 +224,11 @@ def test_first_sft_losses_match_on_1_and_8_devices(uninterrupted, tmp_path):
         (["model.preset=gemma2_2b"], "model_dir: model.preset gemma2_2b needs its weights"),
         # found before the weights are loaded (orbax's threads printed a traceback after it)
         (["sft.micro_batch_size=4"], "sft.micro_batch_size: must be a multiple of the mesh's"),
+        (["model.head_dim=3"], "model.head_dim: must be even"),  # was a RoPE shape traceback
+        (  # a task with fewer distinct problems than asked for: was a ValueError traceback
+            ["data.task.num_train=500", "data.task.max_operand=2", "data.task.max_value=3"],
+            "data.task.num_train: generate_problems: found only",
+        ),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, message):

@@ -84,6 +84,11 @@ class Gemma2Config:
                 f"Gemma2Config: rms_norm_eps must be a finite number >= 0, got "
                 f"{self.rms_norm_eps!r}"
             )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"Gemma2Config: head_dim must be even (RoPE rotates pairs of dimensions), got "
+                f"{self.head_dim}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"Gemma2Config: num_heads={self.num_heads} is not a multiple of "

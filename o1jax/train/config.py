@@ -85,6 +85,8 @@ class ModelConfig:
             _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads", self.num_heads,
                  f"must be a multiple of model.num_kv_heads ({self.num_kv_heads})")  # fmt: skip
+        _require(self.head_dim % 2 == 0, "model.head_dim", self.head_dim,
+                 "must be even (RoPE rotates pairs of dimensions)")  # fmt: skip
         cap = self.attn_logit_softcapping
         _require(cap is None or (math.isfinite(cap) and cap > 0), "model.attn_logit_softcapping",
                  cap, "must be > 0 and finite, or null")  # fmt: skip

@@ -160,7 +160,7 @@ def _run_stages(ctx: RunContext, claim=lambda: None) -> dict:
     # once, before it claims the workdir.
     pairs = pprm_pairs(ctx) if pprm_pending else None
     examples = None
-    if meta["stage"] in ("new", "sft"):
+    if meta["stage"] in ("new", "sft") and config.sft.steps > 0:  # 0: RL straight from the base
         examples = sft_examples(config, ctx.tokenizer, ctx.train, [p.question for p in ctx.test])
     claim()
 
@@ -284,7 +284,7 @@ def _checkpoint_like(ctx: RunContext, stage: str) -> dict:
         if config.sft.full_finetune
         else lora.init(ctx.cfg, jax.random.fold_in(ctx.key, STAGE_SFT), lora_config(config))
     )
-    sft_config = SFTConfig(batch_size=config.sft.batch_size)
+    sft_config = SFTConfig(steps=config.sft.steps, batch_size=config.sft.batch_size)
     like = {
         "sft": abstract_like(
             SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter).state

@@ -169,10 +169,16 @@ def load_problems(config: RunConfig) -> tuple[list, list]:
             max_value=t.max_value,
             test_fraction=data.test_fraction,
         )
-        return (
-            tasks.generate_problems(task, t.num_train, config.seed, "train"),
-            tasks.generate_problems(task, t.num_test, config.seed, "test"),
-        )
+        split = {}
+        for name, count in (("train", t.num_train), ("test", t.num_test)):
+            try:
+                split[name] = tasks.generate_problems(task, count, config.seed, name)
+            except ValueError as e:  # the task has fewer distinct problems than asked for
+                raise ConfigError(
+                    f"data.task.num_{name}: {e}; ask for fewer problems, or widen the task "
+                    "(data.task.max_operand, max_value, max_ops)"
+                ) from None
+        return split["train"], split["test"]
     problems = tasks.load_jsonl(data.path)
     if data.test_path:  # a question of the held-out file never trains
         test = tasks.load_jsonl(data.test_path)

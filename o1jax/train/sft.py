@@ -216,8 +216,9 @@ class SFTTrainer:
     def __init__(self, cfg, params, config: SFTConfig, mesh, lora=None):
         self.cfg, self.config, self.mesh = cfg, config, mesh
         self.use_lora = lora is not None
-        require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
-        check_micro_batch(config, mesh)
+        if config.steps > 0:  # a trainer that takes no step (sft.steps 0) splits no batch
+            require_batch_fits_mesh("sft.batch_size", config.batch_size, mesh)
+            check_micro_batch(config, mesh)
         self.optimizer = make_optimizer(config)
         # The params' dtypes, when a full fine-tune trains a float32 master copy of them.
         self._master_of = master_dtypes(params, use_lora=lora is not None)

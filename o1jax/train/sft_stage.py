@@ -129,6 +129,8 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0, examples=Non
     trainer = SFTTrainer(ctx.cfg, ctx.params, sft_config, ctx.mesh, lora=adapter)
     if start_state is not None:
         trainer.state = start_state
+    if s.steps == 0:  # nothing to train: the fresh adapter (B = 0) or the params as loaded
+        return trainer
     if examples is None:
         examples = sft_examples(config, ctx.tokenizer, ctx.train, [p.question for p in ctx.test])
     packed = pack(
