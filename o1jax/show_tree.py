@@ -33,7 +33,12 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float (JSON integers have no bound)
+        return False
 
 
 def _is_count(x) -> bool:
@@ -63,6 +68,8 @@ def load_tree(path: str) -> dict:
         raise TreeFileError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from e
     except UnicodeDecodeError as e:
         raise TreeFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except ValueError as e:  # after its subclasses: an integer of more digits than Python reads
+        raise TreeFileError(f"{path}: unreadable JSON value ({e})") from e
     except RecursionError as e:
         raise TreeFileError(f"{path}: JSON nested too deeply") from e
     except OSError as e:

@@ -70,3 +70,22 @@ def test_examples_longer_than_the_sft_context_are_left_out_with_one_warning():
     with pytest.warns(tasks.DataWarning, match=message + r" \d{3,}\) and are left out"):
         examples = sft_examples(config, build_tiny_tokenizer(), [short, long])
     assert len(examples) == 1 and len(examples[0].tokens) <= 64
+
+
+def test_encode_chain_refuses_what_render_chain_refuses():
+    """An empty ratings list became all-positive, and a thought holding a token of its own
+    (an EOS, an <end_of_thought>) was encoded as is, where `longcot.render_chain` refuses both."""
+    import pytest
+
+    tok = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="1 thoughts but 0 ratings"):
+        encode_chain(tok, "q", ["<expansion>a"], [])
+    cases = [
+        ("x <eos> y", "control token '<eos>'"),
+        ("<expansion>a<end_of_thought>b", "format token '<end_of_thought>'"),
+    ]
+    for thought, token in cases:
+        with pytest.raises(ValueError, match=f"thought 1 contains the {token}"):
+            encode_chain(tok, "q", [thought])
+        with pytest.raises(ValueError, match=f"thought 1 contains the {token}"):
+            longcot.render_chain("q", [thought])

@@ -87,6 +87,11 @@ def _child(**fields) -> str:
             _child(visits=10**400),
             "node 1 field 'visits' is 1000000000000000000000000000000000000...",
         ),
+        (_child(value=10**400), "node 1 field 'value' is 1000000000000000000000000000000000000"),
+        (  # json.load's digit limit is a ValueError, not a JSONDecodeError: it was a traceback
+            _child(visits=0).replace('"visits": 0', '"visits": 1' + "0" * 5000),
+            "unreadable JSON value",
+        ),
         (_child(visits=2**63), "expected an integer in [0, 2**63)"),
         (_child(visits=-1), "node 1 field 'visits' is -1, expected an integer in [0, 2**63)"),
         (_child(text=5), "node 1 field 'text' is 5, expected a string"),

@@ -64,12 +64,17 @@ def encode_chain(
     """Token ids and loss mask of a whole chain, then EOS. The problem is never trained on.
 
     train_thoughts=False trains only the rating token of every step (a chain that teaches the
-    model to judge, e.g. a wrong solution, without teaching it to write one).
+    model to judge, e.g. a wrong solution, without teaching it to write one). Raises ValueError
+    for a thought holding a format or control token, or a ratings list of another length.
     """
-    ratings = ratings or [longcot.POSITIVE_RATING] * len(thoughts)
+    if ratings is None:
+        ratings = [longcot.POSITIVE_RATING] * len(thoughts)
+    if len(ratings) != len(thoughts):
+        raise ValueError(f"encode_chain: {len(thoughts)} thoughts but {len(ratings)} ratings")
     ids = encode_prompt(tokenizer, question)
     mask = [False] * len(ids)
     for k, (thought, rating) in enumerate(zip(thoughts, ratings, strict=True), start=1):
+        longcot.check_thought(thought, f"thought {k}")  # as render_chain: no token of its own
         head = _ids(tokenizer, longcot.step_header(k - 1, k)) + encode_thought(tokenizer, thought)
         suffix = rating_suffix(tokenizer, rating)  # <start_of_rating> R <end_of_rating> "\n"
         ids += head + suffix
