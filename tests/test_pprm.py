@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import random_tiny_model
+from tiny_models import full_forward_logits, random_tiny_model
 
 from o1jax.data.tokenizer import build_tiny_tokenizer
 from o1jax.model import lora
@@ -59,6 +59,11 @@ def test_batched_pairs_equal_one_prompt_at_a_time_and_lora_is_applied(model):
     )
     expected = 0.5 * (jax.nn.sigmoid(single[0]) + 1 - jax.nn.sigmoid(back[0]))
     np.testing.assert_allclose(p[2, 3], expected, atol=1e-5)
+    # ... and each logit is log P(a) - log P(b) at the prompt's last token of a plain forward
+    # (every other check here builds its expected values from first_better_logit itself).
+    for row, logit in ((ids, single[0]), (other, back[0])):
+        last = full_forward_logits(params, cfg, row)[-1]  # [V]
+        np.testing.assert_allclose(logit, last[a] - last[b], atol=1e-4)
     # The PPRM has its own adapter: a non-zero one changes its preferences.
     adapter = lora.init(cfg, jax.random.key(5), lora.LoRAConfig(rank=4, alpha=8.0))
     adapter = jax.tree.map(lambda x: x + 0.3, adapter)
@@ -70,7 +75,19 @@ def test_preferences_feed_the_borda_count(model):
     tok, cfg, params = model
     p = pprm.preferences(params, cfg, tok, QUESTION, SOLUTIONS)
     wins, values = ebc.enhanced_borda_count(jnp.asarray(p)[None], jnp.ones((1, len(p)), bool))
-    assert int(jnp.max(wins)) >= 1 and float(jnp.max(values)) == 1.0
+    # The counts of the PPRM's own preferences, by a plain transitive closure of P > 1/2
+    # (a count of 1 - p, or of another matrix, differs).
+    n = len(p)
+    reach = [[i != j and p[i, j] > 0.5 for j in range(n)] for i in range(n)]
+    for k in range(n):
+        for i in range(n):
+            for j in range(n):
+                reach[i][j] = reach[i][j] or (reach[i][k] and reach[k][j])
+    expected = [sum(reach[i][j] for j in range(n) if j != i) for i in range(n)]
+    assert np.asarray(wins[0]).tolist() == expected and len(set(expected)) > 1
+    soft = np.nansum(p, axis=1)  # every pair compared: no NaN off the diagonal
+    best = max(range(n), key=lambda i: (expected[i], soft[i]))
+    assert int(jnp.argmax(values[0])) == best and float(values[0, best]) == 1.0
 
 
 def test_training_on_task_pairs_learns_them(model):

@@ -125,6 +125,27 @@ def test_samples_follow_the_filtered_softmax(model, temperature, top_k, top_p):
     assert stats.chisquare(obs_pooled, exp_pooled).pvalue > 1e-3
 
 
+@pytest.mark.parametrize(
+    "top_p, top_k, kept",
+    [
+        (0.7, 0, [0, 1]),  # 0.5 < 0.7: the token that crosses the threshold (0.3) is kept
+        (0.49, 0, [0]),  # the mass before token 1 is 0.5
+        (0.51, 0, [0, 1]),
+        (0.81, 0, [0, 1, 2]),
+        (0.2, 0, [0]),  # the first token always
+        (1.0, 3, [0, 1, 2]),
+        (0.9, 2, [0, 1]),  # top-k first, then the nucleus of what is left
+    ],
+)
+def test_nucleus_and_top_k_keep_exactly_the_tokens_of_their_definition(top_p, top_k, kept):
+    """Hand-computed supports: the sampling test builds its expected law from filter_logits
+    itself, so it could not see a nucleus that dropped the token crossing top_p."""
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))  # [1, 4]
+    filtered = np.asarray(filter_logits(logits, 1.0, top_k, top_p))[0]
+    assert np.flatnonzero(np.isfinite(filtered)).tolist() == kept
+    np.testing.assert_allclose(filtered[kept], np.log([0.5, 0.3, 0.15])[kept] - np.log(0.5), 1e-6)
+
+
 def test_first_argmax_equals_argmax_with_ties_and_infinities():
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (64, 9)).astype(np.float32)  # many ties
