@@ -449,3 +449,93 @@ def test_rating_tokens_outside_the_vocabulary_are_refused(base):
     for tokens in ((POS, CFG.vocab_size), (-1, NEG), (POS,)):
         with pytest.raises(ValueError, match=r"rating_tokens .* must be two ids"):
             ppo.ppo_loss(adapter, base, CFG, _batch(), jnp.ones(M), None, PPOConfig(), tokens)
+
+
+def test_loss_terms_follow_the_clipped_surrogate_at_ratios_off_one(monkeypatch):
+    """policy_loss, value_loss, kl, entropy, clip_fraction and ratio_mean against the module's
+    formulas in NumPy, at ratios 0.5, 1 and 1.5 and advantages of both signs, with uneven
+    importance weights and an invalid row. Every other test sees ratio 1 (or only compares two
+    runs of the same code): an unclipped surrogate (`clipped = ratio`), a value loss against
+    1 - target or a misnormalised term passed them all."""
+    from o1jax.model import logprobs
+    from o1jax.rl import ppo
+
+    rng = np.random.default_rng(3)
+    pol = rng.normal(size=(M, W, CFG.vocab_size)).astype(np.float32)  # the policy's logits
+    ref = rng.normal(size=(M, W, CFG.vocab_size)).astype(np.float32)  # the base's
+
+    def stub_forward(params, cfg, tokens, attention_mask=None, lora=None, return_hidden=False):
+        return jnp.asarray(ref if lora is None else pol)  # stands for the hidden states as well
+
+    monkeypatch.setattr(ppo, "forward", stub_forward)
+    monkeypatch.setattr(ppo, "unembed", lambda params, cfg, hidden: hidden)
+    monkeypatch.setattr(logprobs, "unembed", lambda params, cfg, hidden: hidden)
+    # Only the embedding's shape is read: [V, D], D = V here (the "hidden states" are logits).
+    params = {"embedder": {"embedding": jnp.zeros((CFG.vocab_size, CFG.vocab_size))}}
+
+    def log_softmax(x):  # in float64
+        x = x.astype(np.float64)
+        top = x.max(-1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+    batch = _batch()
+    tokens, start = np.asarray(batch.tokens), np.asarray(batch.action_start)
+    length, act_len = np.asarray(batch.length), np.asarray(batch.action_length)
+    rows = np.arange(M)[:, None]
+    pos = np.clip(start[:, None] - 1 + np.arange(L)[None, :], 0, W - 1)  # [M, L] predicting
+    target = tokens[rows, np.clip(pos + 1, 0, W - 1)]  # [M, L]
+    lsm = log_softmax(pol)  # [M, W, V]
+    logp = lsm[rows, pos, target]  # [M, L]
+    ref_logp = log_softmax(ref)[rows, pos, target]
+    entropy_tok = -np.sum(np.exp(lsm) * lsm, -1)[rows, pos]  # [M, L]
+    rating = log_softmax(pol[np.arange(M), length - 1][:, [POS, NEG]])  # [M, 2]
+
+    ratio_of_row = np.array([0.5, 1.0, 1.5])[np.arange(M) % 3]  # with i % 2: every pair
+    old = (logp - np.log(ratio_of_row)[:, None]).astype(np.float32)  # [M, L]
+    valid = np.arange(M) != 7
+    raw_adv = np.where(np.arange(M) % 2 == 0, 1.0, -1.0) * (0.5 + 0.25 * (np.arange(M) % 4))
+    value_target = rng.uniform(0, 1, M)
+    batch = batch.replace(
+        advantage=jnp.asarray(np.where(valid, raw_adv, 1e3), jnp.float32),  # garbage if invalid
+        value_target=jnp.asarray(np.where(valid, value_target, np.nan), jnp.float32),
+        valid=jnp.asarray(valid),
+    )
+    weights = np.linspace(0.5, 1.0, M)
+    config = PPOConfig(kl_coef=0.05, entropy_coef=0.01)
+    assert config.value_coef > 0 and config.normalize_advantages
+
+    _, (aux, _, _) = ppo.ppo_loss(
+        1.0, params, CFG, batch, jnp.asarray(weights, jnp.float32), jnp.asarray(old), config,
+        (POS, NEG),
+    )  # fmt: skip
+
+    act = (np.arange(L)[None, :] < act_len[:, None]) & valid[:, None]  # [M, L]
+    w_tok = act * weights[:, None]
+    n_tok, n_valid = act.sum(), valid.sum()
+    adv = raw_adv - raw_adv[valid].mean()
+    adv = adv / (np.sqrt(np.mean(adv[valid] ** 2)) + 1e-6)
+    for r in (0.5, 1.5):  # both signs at both clipped ratios
+        assert {np.sign(a) for a in adv[valid & (ratio_of_row == r)]} == {-1.0, 1.0}
+    ratio = np.exp(logp - old)  # [M, L]
+    eps = config.clip_eps
+    surrogate = np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - eps, 1 + eps) * adv[:, None])
+    log_r = ref_logp - logp
+    t = np.where(valid, value_target, 0.0)
+    want = {
+        "policy_loss": np.sum(-surrogate * w_tok) / n_tok,
+        "kl": np.sum((np.exp(log_r) - log_r - 1) * w_tok) / n_tok,
+        "entropy": np.sum(entropy_tok * w_tok) / n_tok,
+        "value_loss": np.sum(-(t * rating[:, 0] + (1 - t) * rating[:, 1]) * weights * valid)
+        / n_valid,
+        "clip_fraction": np.sum((np.abs(ratio - 1) > eps) * act) / n_tok,
+        "ratio_mean": np.sum(ratio * act) / n_tok,
+    }
+    want["loss"] = (
+        want["policy_loss"]
+        + config.value_coef * want["value_loss"]
+        + config.kl_coef * want["kl"]
+        - config.entropy_coef * want["entropy"]
+    )
+    assert 0 < want["clip_fraction"] < 1 and want["kl"] > 0
+    for k, v in want.items():
+        np.testing.assert_allclose(float(aux[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
