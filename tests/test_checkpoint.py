@@ -194,3 +194,32 @@ def test_a_preemption_notice_to_one_host_is_seen_by_every_host():
     for host, (out, err) in zip(hosts, outputs, strict=True):
         assert host.returncode == 0, err[-2000:]
         assert [line for line in out.splitlines() if line.startswith("flag")] == ["flag False True"]
+
+
+def test_saving_a_replicated_state_on_eight_devices_compiles_nothing(tmp_path):
+    """Orbax's default replica-parallel write cut each replicated array into one slice per
+    device with an eager XLA op, lowering and compiling a program per shape at every first save
+    (on the smoke run: 8.3 s of saves instead of 2.6 s). Small arrays are written whole."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Shapes no other test uses, so no program for them is in jax's in-memory caches.
+    state = {
+        "a": jax.device_put(jnp.ones((8 * 37, 11)), replicated),
+        "b": jax.device_put(jnp.ones((8 * 5, 3, 19)), replicated),
+    }
+    lowered = []
+
+    def listen(event, seconds, **kwargs):
+        if event.startswith("/jax/core/compile/"):
+            lowered.append(event)
+
+    checkpointer = Checkpointer(str(tmp_path))
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        checkpointer.save(1, state, {"stage": "sft"})
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    restored, _ = checkpointer.restore(1, state)
+    checkpointer.close()
+    assert lowered == []
+    np.testing.assert_array_equal(np.asarray(restored["b"]), np.ones((40, 3, 19)))
