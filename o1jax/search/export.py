@@ -13,8 +13,10 @@ from o1jax.search.tree import Tree
 
 
 def _host(tree: Tree, b: int) -> dict[str, np.ndarray]:
-    """Tree `b` as numpy arrays, cut to the nodes in use."""
-    n = int(tree.num_nodes[b])
+    """Tree `b` as numpy arrays, cut to the nodes in use. Pass a host copy
+    (`jax.device_get(tree)`) when exporting many trees of a batch: each field of a device tree
+    is copied whole, as indexing it on the device would run (and first compile) a gather."""
+    n = int(np.asarray(tree.num_nodes)[b])
     fields = (
         "parent",
         "depth",
@@ -28,7 +30,7 @@ def _host(tree: Tree, b: int) -> dict[str, np.ndarray]:
         "tokens",
         "lengths",
     )
-    return {f: np.asarray(getattr(tree, f)[b])[:n] for f in fields}
+    return {f: np.asarray(getattr(tree, f))[b, :n] for f in fields}
 
 
 def thought_text(tokenizer, tokens: np.ndarray, length: int) -> str:

@@ -557,8 +557,9 @@ def trim_to_bucket(prompts: jax.Array, lengths: jax.Array) -> jax.Array:
     """Right-padded prompts [R, W] cut to their longest row rounded up to `PREFIX_BUCKET`, so
     the sampler prefills no padding beyond it (a padded slot costs as much as a real token);
     one compiled sampler per bucket. A host sync on `lengths`."""
-    longest = int(jnp.max(lengths))
-    return prompts[:, : min(prompts.shape[1], -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)]
+    longest = int(np.max(np.asarray(lengths)))
+    width = min(prompts.shape[1], -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET)
+    return jax.lax.slice_in_dim(prompts, 0, width, axis=1)  # one op (indexing: three)
 
 
 @dataclasses.dataclass
@@ -798,9 +799,11 @@ def draw_meta_actions(key: jax.Array, nodes: int, fmt: StepFormat, config: MCTSC
     return jnp.where(forced, tags, -1).reshape(-1)
 
 
+@functools.partial(jax.jit, static_argnames=("b", "k"))
 def expansion_from_samples(out, b: int, k: int, fmt: StepFormat, first_tokens=None) -> Expansion:
     """Sampler rows (b-major, K per leaf) -> an Expansion [B, K, ...]. first_tokens: the
-    [B * K] first tokens `generate` forced (-1: sampled), or None."""
+    [B * K] first tokens `generate` forced (-1: sampled), or None. Jitted: run eagerly, its
+    dozen small ops each compiled once per shape, and ran one by one every simulation."""
     shape = lambda x: x.reshape((b, k, *x.shape[1:]))
     tokens = shape(out.tokens)
     stopped = shape(out.stopped)

@@ -199,8 +199,10 @@ class SolutionTree:
         return jnp.arange(self.capacity)[None, :] < self.num_nodes[:, None]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def init_tree(batch_size: int, capacity: int, node_length: int) -> SolutionTree:
-    """An empty tree of `capacity` node slots of `node_length` (W) tokens."""
+    """An empty tree of `capacity` node slots of `node_length` (W) tokens (jitted, as
+    `tree.init_tree`)."""
     b, n, s = batch_size, capacity, node_length
     zeros = lambda dtype: jnp.zeros((b, n), dtype)
     return SolutionTree(

@@ -12,6 +12,8 @@ per thought.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -68,8 +70,10 @@ class Tree:
         return jnp.where(self.visits > 0, self.value_sum / jnp.maximum(self.visits, 1), self.rating)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def init_tree(batch_size: int, capacity: int, thought_length: int, expansions: int = 1) -> Tree:
-    """B empty trees holding only their roots; each node can be expanded `expansions` times."""
+    """B empty trees holding only their roots; each node can be expanded `expansions` times.
+    Jitted: one program per shape rather than a fill op compiled per field."""
     b, n, length = batch_size, capacity, thought_length
     return Tree(
         parent=jnp.full((b, n), NO_NODE, jnp.int32),

@@ -246,6 +246,7 @@ def search_evaluate(
             params, cfg, prompts, plens, fmt, search, lora=lora, stats=stats
         )
         tree = mcts.run(expand, batch_size, search, jax.random.fold_in(key, start), stats=stats)
+        tree = jax.device_get(tree)  # numpy: each problem's answer and files read one tree
         for b, problem in enumerate(chunk):
             answer = choose_answer(tree, b, tokenizer)
             correct = answer is not None and is_equivalent(answer, problem.answer)
