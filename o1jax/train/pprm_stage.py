@@ -4,7 +4,6 @@ then the PPRM's own adapter trained over the frozen SFT'd model, with its held-o
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import numpy as np
@@ -29,9 +28,9 @@ from o1jax.train.pprm import (
 )
 from o1jax.train.run_context import (
     STAGE_PPRM,
-    NonFiniteLoss,
     Preempted,
     RunContext,
+    check_finite,
     lora_config,
     save_checkpoint,
 )
@@ -175,18 +174,7 @@ def run_pprm(
                 },
             )
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
-        if not bool(metrics["finite"]):
-            bad = int(metrics["nonfinite_total"])
-            tqdm.write(
-                f"pprm step {done}: non-finite loss, update skipped ({bad} so far)",
-                file=sys.stderr,
-            )
-            ctx.metrics.scalars(s_steps + done, {"pprm/nonfinite_total": bad})
-            if bad >= config.max_nonfinite:
-                raise NonFiniteLoss(
-                    f"pprm: {bad} non-finite losses (max_nonfinite="
-                    f"{config.max_nonfinite}); stopped at step {done}"
-                )
+        check_finite(ctx, "pprm", done, metrics, log_step=s_steps + done)
 
     # As in SFT: step s is settled after step s + 1 was dispatched, and before any checkpoint.
     pending = None

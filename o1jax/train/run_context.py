@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 from o1jax.data import tasks
 from o1jax.data.tokenizer import (
@@ -87,6 +89,22 @@ def save_checkpoint(ctx: RunContext, step: int, state, meta: dict) -> None:
     meta = {**meta, "metrics_rows": ctx.metrics.num_rows(), "config": to_dict(ctx.config)}
     meta["elapsed_seconds"] = round(ctx.elapsed(), 1)
     ctx.checkpointer.save(step, state, meta)
+
+
+def check_finite(ctx: RunContext, stage: str, done: int, metrics: dict, log_step: int) -> None:
+    """After a train step whose `metrics` say its loss was not finite (the update was skipped):
+    one line on stderr, the `{stage}/nonfinite_total` scalar at `log_step`, and `NonFiniteLoss`
+    once the run's count reaches `max_nonfinite`. done: the stage's steps finished so far."""
+    if bool(metrics["finite"]):
+        return
+    bad, limit = int(metrics["nonfinite_total"]), ctx.config.max_nonfinite
+    line = f"{stage} step {done}: non-finite loss, update skipped ({bad} so far)"
+    tqdm.write(line, file=sys.stderr)
+    ctx.metrics.scalars(log_step, {f"{stage}/nonfinite_total": bad})
+    if bad >= limit:
+        raise NonFiniteLoss(
+            f"{stage}: {bad} non-finite losses (max_nonfinite={limit}); stopped at step {done}"
+        )
 
 
 def require_same_config(saved: dict, config: RunConfig, what: str) -> None:

@@ -3,7 +3,6 @@ policy as plain params."""
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 
@@ -20,9 +19,9 @@ from o1jax.train.config import (
 )
 from o1jax.train.run_context import (
     STAGE_SFT,
-    NonFiniteLoss,
     Preempted,
     RunContext,
+    check_finite,
     lora_config,
     save_checkpoint,
 )
@@ -155,17 +154,7 @@ def run_sft(ctx: RunContext, start_state=None, start_step: int = 0, examples=Non
                 },
             )
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-        if not bool(metrics["finite"]):
-            bad = int(metrics["nonfinite_total"])
-            tqdm.write(
-                f"sft step {done}: non-finite loss, update skipped ({bad} so far)", file=sys.stderr
-            )
-            ctx.metrics.scalars(done, {"sft/nonfinite_total": bad})
-            if bad >= config.max_nonfinite:
-                raise NonFiniteLoss(
-                    f"sft: {bad} non-finite losses (max_nonfinite="
-                    f"{config.max_nonfinite}); stopped at step {done}"
-                )
+        check_finite(ctx, "sft", done, metrics, log_step=done)
 
     # Step s is settled after step s + 1 was dispatched, so the host prepares the next batch
     # while the device computes; a checkpoint settles its own step first, so nothing logged
