@@ -223,3 +223,22 @@ def test_saving_a_replicated_state_on_eight_devices_compiles_nothing(tmp_path):
     checkpointer.close()
     assert lowered == []
     np.testing.assert_array_equal(np.asarray(restored["b"]), np.ones((40, 3, 19)))
+
+
+def test_a_save_does_not_report_waiting_for_the_one_before(tmp_path, monkeypatch, caplog):
+    """Each save returns once committed, so the next has nothing to wait for. With orbax's
+    background commit our own wait was logged at the next save as "Waiting for previous save to
+    complete took N seconds ... consider checkpointing less frequently" (the default run's last
+    save, 1.5 s). Here the threshold is 5 ms (a save's commit takes longer; looking for a
+    finished save, under 0.1 ms)."""
+    from orbax.checkpoint import checkpoint_manager
+
+    monkeypatch.setattr(checkpoint_manager, "_WAIT_FOR_PREV_SAVE_WARNING_THRESHOLD_SECS", 0.005)
+    checkpointer = Checkpointer(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        for step in (1, 2, 3):
+            state = _state(jax.random.normal(jax.random.key(step), (1 << 22,)))  # 16 MiB
+            checkpointer.save(step, state, {"stage": "sft"})
+    checkpointer.close()
+    assert not [r for r in caplog.records if "Waiting for previous save" in r.getMessage()]
+    assert checkpointer.latest_step() == 3

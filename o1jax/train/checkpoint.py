@@ -102,6 +102,9 @@ class Checkpointer:
                 create=not read_only,
                 cleanup_tmp_directories=not read_only,
                 read_only=read_only,
+                # A save returns once committed (`save`): with orbax's background commit, each
+                # next save logged our own wait as "Waiting for previous save ... took N s".
+                enable_async_checkpointing=False,
             ),
             item_handlers={
                 "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
