@@ -802,8 +802,8 @@ def draw_meta_actions(key: jax.Array, nodes: int, fmt: StepFormat, config: MCTSC
 @functools.partial(jax.jit, static_argnames=("b", "k"))
 def expansion_from_samples(out, b: int, k: int, fmt: StepFormat, first_tokens=None) -> Expansion:
     """Sampler rows (b-major, K per leaf) -> an Expansion [B, K, ...]. first_tokens: the
-    [B * K] first tokens `generate` forced (-1: sampled), or None. Jitted: run eagerly, its
-    dozen small ops each compiled once per shape, and ran one by one every simulation."""
+    [B * K] first tokens `generate` forced (-1: sampled), or None. Jitted: eagerly, its dozen
+    small ops were each compiled once per shape and dispatched one by one every simulation."""
     shape = lambda x: x.reshape((b, k, *x.shape[1:]))
     tokens = shape(out.tokens)
     stopped = shape(out.stopped)

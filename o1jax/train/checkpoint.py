@@ -57,7 +57,7 @@ def numbers_config(config_dict: dict) -> dict:
 # Orbax by default writes a replicated array "replica-parallel": each of its R copies writes 1/R
 # of it, cut out by an eager XLA slice (one compilation per shape). For arrays of a few MiB the
 # slices cost far more than the writes they share out: on the 8 host devices of the smoke run,
-# 7 saves took 8.3 s instead of 2.6 s. Only slices of at least this many bytes are written so.
+# 7 saves took 8.3 s instead of 2.4 s. Only slices of at least this many bytes are written so.
 MIN_REPLICA_SLICE_BYTES = 4 << 20
 
 
