@@ -91,3 +91,25 @@ def test_a_kill_while_the_log_is_cut_back_leaves_the_old_log_whole(tmp_path, mon
         writer.keep_rows(3)
     assert (tmp_path / "metrics.jsonl").read_text() == before
     writer.close()
+
+
+def test_tensorboard_logging_loads_no_pytorch_and_leaves_it_importable(tmp_path):
+    """tensorboardX imports torch when it can; a train.py process logs floats only and must not
+    pay for it (1.6 s, ~190 MB). A later `import torch` must still work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from o1jax.train.metrics import MetricsWriter\n"
+        f"writer = MetricsWriter({str(tmp_path)!r})\n"
+        "writer.scalars(1, {'sft/loss': 2.5})\n"
+        "writer.close()\n"
+        "assert 'torch' not in sys.modules, 'tensorboardX loaded torch'\n"
+        "import torch\n"
+        "print(torch.ones(2).sum().item())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "2.0"
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections import defaultdict
 
 import jax
@@ -41,6 +42,25 @@ def panels(names: list[str]) -> list[tuple[str, list[str]]]:
     return ([("held-out evaluation (eval/)", evals)] if evals else []) + rest
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch unless torch is already loaded.
+
+    tensorboardX imports torch whenever it is installed (to accept torch tensors): 1.6 s and
+    about 190 MB of a train.py process that logs only floats. With `sys.modules["torch"]` set to
+    None, `import torch` raises the ImportError tensorboardX falls back on; the entry is removed
+    again, so a later `import torch` loads it as usual.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.workdir = workdir
@@ -53,9 +73,7 @@ class MetricsWriter:
             self._tb = self._open_tensorboard()
 
     def _open_tensorboard(self, suffix: str = ""):
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter(self._tb_dir, filename_suffix=suffix)
+        return summary_writer_class()(self._tb_dir, filename_suffix=suffix)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
