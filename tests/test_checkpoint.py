@@ -242,3 +242,22 @@ def test_a_save_does_not_report_waiting_for_the_one_before(tmp_path, monkeypatch
     checkpointer.close()
     assert not [r for r in caplog.records if "Waiting for previous save" in r.getMessage()]
     assert checkpointer.latest_step() == 3
+
+
+def test_a_checkpoint_written_by_standard_save_still_restores(tmp_path):
+    """Before the twenty-second session a Checkpointer wrote its state with orbax's StandardSave;
+    the workdirs of those runs must still resume."""
+    import orbax.checkpoint as ocp
+
+    saved = _state((jnp.ones(1), jnp.full((16,), 2.0)))
+    manager = ocp.CheckpointManager(str(tmp_path))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave({"a": 1}))
+    manager.save(5, args=args)
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = Checkpointer(str(tmp_path))
+    restored, meta = checkpointer.restore(5, jax.tree.map(jnp.zeros_like, saved))
+    checkpointer.close()
+    assert meta == {"a": 1}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
