@@ -627,7 +627,7 @@ class PPRMJudge:
 
 @dataclasses.dataclass
 class SearchResult:
-    tree: SolutionTree
+    tree: SolutionTree  # numpy arrays (the search's final tree, copied to the host)
     steps: list[list[list[tuple[str, str]]]]  # [B][node] the decoded (thought, rating) steps
     answers: list[list[str | None]]  # [B][node] final answers (None: no conclusion)
     preferences: np.ndarray | None  # [B, N, N] symmetrised P(i better than j) (SR-MCTS)
@@ -828,7 +828,9 @@ def run(
         stats = stats_fn(prompts, prompt_lengths, child, child_len)
         tree = add_children(tree, node, child, child_len, stats, cut)
         tree = evaluate_new(tree, stats, rollout + 1)
-    return SearchResult(tree, steps, found, pref, global_value)
+    # The search is done: its reader indexes one tree at a time, which on device arrays is an
+    # eager gather per field and problem (as `export._host` says).
+    return SearchResult(jax.device_get(tree), steps, found, pref, global_value)
 
 
 def pprm_texts(judge: PPRMJudge, questions: list[str], solutions: list[list[tuple[str, str]]]):
