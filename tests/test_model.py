@@ -1,8 +1,10 @@
 """Gemma2: parity with transformers, cached decoding, LoRA, HF I/O, sharded loading, bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from o1jax.model import (
     CheckpointError,
     Gemma2Config,
+    PositionWarning,
     forward,
     gemma2,
     init_cache,
@@ -283,6 +286,32 @@ def test_token_ids_outside_the_vocabulary_are_refused():
         forward(params, cfg, np.full((2, 1), 64), cache=init_cache(cfg, 2, 4))
     forward(params, cfg, np.asarray(tokens))  # in range: numpy input is fine
     jax.jit(lambda t: forward(params, cfg, t))(tokens)  # traced tokens are not checked
+
+
+def test_rows_past_max_position_embeddings_draw_one_warning_per_shape():
+    """RoPE runs past the trained context silently: a row (a cache's slots, a shared prefix's
+    included) longer than `max_position_embeddings` draws a PositionWarning naming both
+    lengths, once per compilation under jit; rows that fit draw none."""
+    cfg, params = _small_model()
+    cfg = dataclasses.replace(cfg, max_position_embeddings=8)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(8, 64, (2, 9)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PositionWarning)
+        forward(params, cfg, tokens[:, :8])
+        forward(params, cfg, tokens[:, :4], cache=init_cache(cfg, 2, 8))
+    with pytest.warns(PositionWarning, match="up to 9 positions .* max_position_embeddings 8"):
+        forward(params, cfg, tokens)
+    with pytest.warns(PositionWarning, match="up to 10 positions"):
+        forward(params, cfg, tokens[:, :1], cache=init_cache(cfg, 2, 10))
+    _, prefix = forward(params, cfg, tokens[:, :5], cache=init_cache(cfg, 2, 5))
+    with pytest.warns(PositionWarning, match="up to 9 positions"):  # 5 shared + 4 own slots
+        forward(params, cfg, tokens[:, :1], cache=with_shared_prefix(init_cache(cfg, 2, 4), prefix))
+    step = jax.jit(lambda t: forward(params, cfg, t))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step(tokens)
+    assert [type(w.message) for w in caught] == [PositionWarning]  # traced once
 
 
 # ----------------------------------------------------------------------------- 3. LoRA

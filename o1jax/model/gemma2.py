@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import chex
@@ -477,12 +478,15 @@ def forward(
     them. Rows with holes in `attention_mask` need the "xla" path.
 
     Concrete `tokens` outside [0, vocab_size) and a `lora` that does not fit `params` raise a
-    ValueError (traced tokens are not checked: the embedding gather would clamp them).
+    ValueError (traced tokens are not checked: the embedding gather would clamp them). Rows
+    longer than `cfg.max_position_embeddings` (the cache's slots, with a shared prefix's, when a
+    cache is given) draw a `PositionWarning`.
     """
     if not isinstance(tokens, jax.core.Tracer):
         check_token_ids(tokens, cfg.vocab_size, "forward: tokens")
     if lora is not None:
         lora_lib.check_fits(params, lora, "forward")
+    span = tokens.shape[-1]  # positions a row can reach: [0, span) unless given explicitly
     if cache is not None:
         t, slots = tokens.shape[-1], cache["positions"].shape[-1]
         index = None if isinstance(cache["index"], jax.core.Tracer) else int(cache["index"])
@@ -491,6 +495,17 @@ def forward(
                 f"forward: writing {t} tokens at cache index {index} overflows the cache's "
                 f"{slots} slots"
             )
+        span = slots + (cache["prefix"]["positions"].shape[-1] if "prefix" in cache else 0)
+    if span > cfg.max_position_embeddings:  # shapes are static: once per compilation under jit
+        warnings.warn(
+            PositionWarning(
+                f"forward: rows of up to {span} positions run past the model's "
+                f"max_position_embeddings {cfg.max_position_embeddings}; it was never trained "
+                "on the positions beyond (RoPE extrapolates silently): shorten the sequences "
+                "(sft.seq_len, eval.max_new_tokens, search.max_depth * thought_length)"
+            ),
+            stacklevel=2,
+        )
     return _forward(
         params,
         cfg,
@@ -502,6 +517,11 @@ def forward(
         segment_ids=segment_ids,
         return_hidden=return_hidden,
     )
+
+
+class PositionWarning(UserWarning):
+    """A forward pass over more positions than `cfg.max_position_embeddings` (the context the
+    checkpoint was trained for); the message gives both numbers."""
 
 
 def check_token_ids(tokens, vocab_size: int, what: str) -> None:
