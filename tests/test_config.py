@@ -151,7 +151,7 @@ def test_string_fields_take_the_override_text_as_typed():
     assert config.data.path == "/data/set #1.jsonl"
     assert (config.model_dir, config.tokenizer_dir) == ("yes", "2024")
     config = load_config(SMOKE, ["sft={steps: 3}", "sft.batch_size=2", "lora.targets=[q_proj]"])
-    assert (config.sft.steps, config.sft.batch_size, config.sft.seq_len) == (3, 2, 128)
+    assert (config.sft.steps, config.sft.batch_size, config.sft.seq_len) == (3, 2, 144)
     assert config.lora.targets == ("q_proj",)
     with pytest.raises(ConfigError, match=re.escape("sft.steps: cannot parse")):
         load_config(SMOKE, ["sft.steps=[1"])
