@@ -495,32 +495,49 @@ def test_the_compiled_search_grows_the_tree_the_host_loop_grows(options, patienc
     assert rewarded or int(jnp.min(loop.num_nodes)) > 1 + 2 + 4  # past depth 2
 
 
-def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them():
-    """The LM expansion prefills prefixes cut to a multiple of PREFIX_BUCKET: a bounded set of
-    sampler programs, compiled once and reused by later simulations and batches."""
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them(on_mesh, monkeypatch):
+    """The LM expansion prefills prefixes cut to a multiple of PREFIX_BUCKET: one sampler
+    program per bucket the search reaches, compiled once and reused by later simulations and
+    batches. On a data mesh (as self-play and evaluation run) the first simulation's tree, and
+    so its prefixes, were replicated and the later ones split over the rows: each bucket the
+    first simulation used compiled twice."""
+    import contextlib
+
     from tiny_models import random_tiny_model
 
     from o1jax.data.tokenizer import build_tiny_tokenizer
     from o1jax.model import sampler
+    from o1jax.parallel.mesh import make_mesh, replicated
     from o1jax.search.format import encode_prompts, make_step_format
 
     tok = build_tiny_tokenizer()
     cfg, params = random_tiny_model(len(tok), seed=3)
     config = MCTSConfig(num_simulations=6, num_children=2, max_depth=3, thought_length=12)
     fmt = make_step_format(tok, config.max_depth)
-    prompts, lengths = encode_prompts(tok, ["Start with 4, add 5.", "Start with 7, add 1."], 24)
+    b = 8  # rows split evenly over the mesh's 8 devices
+    questions = [f"Start with {i}, add 5." for i in range(1, b + 1)]
+    prompts, lengths = encode_prompts(tok, questions, 24)
     width = fmt.max_prefix_length(24, config.max_depth, config.thought_length)
-    run = lambda seed: mcts.run(
-        mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, config),
-        2,
-        config,
-        jax.random.key(seed),
+    mesh = make_mesh({"data": 8}) if on_mesh else None
+    if on_mesh:
+        params = jax.device_put(params, replicated(mesh))
+    widths = set()
+    trim = mcts.trim_to_bucket
+    monkeypatch.setattr(
+        mcts, "trim_to_bucket", lambda *a: widths.add(trim(*a).shape[1]) or trim(*a)
     )
+
+    def run(seed):
+        with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
+            expand = mcts.make_lm_expand_fn(params, cfg, prompts, lengths, fmt, config)
+            return mcts.run(expand, b, config, jax.random.key(seed))
+
     # Other tests in this process may have compiled the same shapes already: start empty.
     sampler._generate.clear_cache()
     run(0)
     compiled = sampler._generate._cache_size()
-    assert 1 <= compiled <= -(-width // mcts.PREFIX_BUCKET)
+    assert compiled == len(widths) and compiled <= -(-width // mcts.PREFIX_BUCKET)
     run(0)  # the same shapes again: nothing new to compile
     assert sampler._generate._cache_size() == compiled
 

@@ -58,6 +58,7 @@ from flax import struct
 from o1jax.data import answers, longcot
 from o1jax.model.gemma2 import forward, unembed
 from o1jax.model.sampler import generate
+from o1jax.parallel.mesh import constrain_rows
 from o1jax.search import ebc, pprm
 from o1jax.search.format import make_step_format, special_id
 from o1jax.search.mcts import StepFormat, check_fields, trim_to_bucket
@@ -201,11 +202,11 @@ class SolutionTree:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def init_tree(batch_size: int, capacity: int, node_length: int) -> SolutionTree:
-    """An empty tree of `capacity` node slots of `node_length` (W) tokens (jitted, as
-    `tree.init_tree`)."""
+    """An empty tree of `capacity` node slots of `node_length` (W) tokens (jitted, and under a
+    mesh split over the batch axes, as `tree.init_tree`)."""
     b, n, s = batch_size, capacity, node_length
     zeros = lambda dtype: jnp.zeros((b, n), dtype)
-    return SolutionTree(
+    tree = SolutionTree(
         tokens=jnp.zeros((b, n, s), jnp.int32),
         lengths=zeros(jnp.int32),
         parent=jnp.full((b, n), NO_NODE, jnp.int32),
@@ -219,6 +220,7 @@ def init_tree(batch_size: int, capacity: int, node_length: int) -> SolutionTree:
         truncated=zeros(bool),
         num_nodes=jnp.zeros((b,), jnp.int32),
     )
+    return jax.tree.map(constrain_rows, tree)
 
 
 # ----------------------------------------------------------------------------- token plumbing

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from o1jax.parallel.mesh import constrain_rows
+
 NO_NODE = -1
 ROOT = 0
 
@@ -73,9 +75,12 @@ class Tree:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def init_tree(batch_size: int, capacity: int, thought_length: int, expansions: int = 1) -> Tree:
     """B empty trees holding only their roots; each node can be expanded `expansions` times.
-    Jitted: one program per shape rather than a fill op compiled per field."""
+    Jitted: one program per shape rather than a fill op compiled per field. Under a mesh
+    (`jax.set_mesh`) each field's trees are split over the batch axes, as the search's later
+    trees are (their nodes come from the sampler's row-sharded output): the first simulation's
+    programs then take the same shardings as the rest, and compile once."""
     b, n, length = batch_size, capacity, thought_length
-    return Tree(
+    tree = Tree(
         parent=jnp.full((b, n), NO_NODE, jnp.int32),
         num_children=jnp.zeros((b, n), jnp.int32),
         first_child=jnp.full((b, n, expansions), NO_NODE, jnp.int32),
@@ -96,6 +101,7 @@ def init_tree(batch_size: int, capacity: int, thought_length: int, expansions: i
         num_nodes=jnp.ones((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
     )
+    return jax.tree.map(constrain_rows, tree)
 
 
 def first_children(parent: jax.Array, num_children: int, expansions: int) -> jax.Array:
