@@ -14,6 +14,7 @@ Prints a summary table (greedy pass@1; pass@k and maj@k with --samples; search a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     judge = PPRMJudge(base, ctx.cfg, pprm_adapter, ctx.tokenizer, rated=rated)
             finally:
                 ctx.checkpointer.close()
-            cfg, tokenizer, config = ctx.cfg, ctx.tokenizer, ctx.config
+            cfg, tokenizer, config, mesh = ctx.cfg, ctx.tokenizer, ctx.config, ctx.mesh
             problems = load_jsonl(args.data) if args.data else ctx.test
             out_dir = args.out or args.workdir
             stop_tokens = None  # the run's own tokenizer: its EOS
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer, first_added = build_tokenizer(config, args.out or "eval")
             key = jax.random.key(args.seed)
             cfg, params = build_model(config, tokenizer, None, key, first_added)
-            adapter = judge = None
+            adapter = judge = mesh = None  # the model on one device (build_model's default)
             out_dir = args.out or "eval"
             # Stop where transformers' generate would: the tokenizer's EOS and every
             # eos_token_id of the directory (Gemma2-it also ends a turn on <end_of_turn>).
@@ -166,59 +167,64 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    result = ev.evaluate(
-        params,
-        cfg,
-        tokenizer,
-        problems,
-        key=key,
-        max_new_tokens=max_new,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        lora=adapter,
-        stop_tokens=stop_tokens,
-    )
-    rows = {"problems": len(problems), "greedy pass@1": result.pass1}
-    if args.samples > 1:
-        rows |= {f"pass@{args.samples}": result.pass_k, f"maj@{args.samples}": result.maj_k}
-    ev.write_records(os.path.join(out_dir, "eval_outputs.jsonl"), result.records)
-    tree_dir = lambda name: (
-        None if not args.trees else args.trees if len(searches) == 1 else f"{args.trees}/{name}"
-    )
-    if "mcts" in searches:
-        found = ev.search_evaluate(
+    # A run's params lie on its mesh (restore_policy): under it each device decodes and searches
+    # its share of the rows, where without it every device ran the whole batch.
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        result = ev.evaluate(
             params,
             cfg,
             tokenizer,
             problems,
-            search_config(config, args.simulations),
             key=key,
+            max_new_tokens=max_new,
+            samples=args.samples,
             batch_size=args.batch_size,
             lora=adapter,
-            tree_dir=tree_dir("mcts"),
+            stop_tokens=stop_tokens,
         )
-        rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
-        ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
-    for name, search in refine_searches.items():
-        found = ev.refine_evaluate(
-            params,
-            cfg,
-            tokenizer,
-            problems,
-            search,
-            key=key,
-            batch_size=args.batch_size,
-            lora=adapter,
-            judge=judge if search.value == "pprm" else None,
-            tree_dir=tree_dir(name),
+        rows = {"problems": len(problems), "greedy pass@1": result.pass1}
+        if args.samples > 1:
+            rows |= {f"pass@{args.samples}": result.pass_k, f"maj@{args.samples}": result.maj_k}
+        ev.write_records(os.path.join(out_dir, "eval_outputs.jsonl"), result.records)
+        tree_dir = lambda name: (
+            None if not args.trees else args.trees if len(searches) == 1 else f"{args.trees}/{name}"
         )
-        rows[f"{name} accuracy ({args.rollouts} rollouts)"] = found.pass1
-        rows[f"{name} any solution right"] = sum(r["any_correct"] for r in found.records) / max(
-            len(found.records), 1
-        )
-        cut = sum(r["truncated_children"] for r in found.records)
-        rows[f"{name} refinements cut for room"] = cut / max(len(found.records) * args.rollouts, 1)
-        ev.write_records(os.path.join(out_dir, f"{name}_outputs.jsonl"), found.records)
+        if "mcts" in searches:
+            found = ev.search_evaluate(
+                params,
+                cfg,
+                tokenizer,
+                problems,
+                search_config(config, args.simulations),
+                key=key,
+                batch_size=args.batch_size,
+                lora=adapter,
+                tree_dir=tree_dir("mcts"),
+            )
+            rows[f"mcts accuracy ({args.simulations} sims)"] = found.pass1
+            ev.write_records(os.path.join(out_dir, "search_outputs.jsonl"), found.records)
+        for name, search in refine_searches.items():
+            found = ev.refine_evaluate(
+                params,
+                cfg,
+                tokenizer,
+                problems,
+                search,
+                key=key,
+                batch_size=args.batch_size,
+                lora=adapter,
+                judge=judge if search.value == "pprm" else None,
+                tree_dir=tree_dir(name),
+            )
+            rows[f"{name} accuracy ({args.rollouts} rollouts)"] = found.pass1
+            rows[f"{name} any solution right"] = sum(r["any_correct"] for r in found.records) / max(
+                len(found.records), 1
+            )
+            cut = sum(r["truncated_children"] for r in found.records)
+            rows[f"{name} refinements cut for room"] = cut / max(
+                len(found.records) * args.rollouts, 1
+            )
+            ev.write_records(os.path.join(out_dir, f"{name}_outputs.jsonl"), found.records)
     print(ev.summary_table(rows))
     with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
         json.dump(rows, f, indent=2)

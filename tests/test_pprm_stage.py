@@ -288,12 +288,20 @@ def test_pairs_file_never_trains_on_the_runs_held_out_problems(tmp_path, test_fr
     assert questions(held_out) == set(held) | hashed and questions(train) == set(seen) - hashed
 
 
-def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path):
+def test_task_pairs_carry_the_sft_models_verdicts_unless_rated_is_off(tmp_path, monkeypatch):
+    from o1jax.train import pprm_stage
     from o1jax.train.pprm_stage import pprm_pairs
 
     ctx = _context(tmp_path / "w", "pprm.steps=1", "pprm.eval_pairs=3")
     assert ctx.config.pprm.rated and pprm_pairs(ctx) is None  # needs the SFT'd model first
+    meshes, rate = [], pprm_stage.thought_ratings
+    monkeypatch.setattr(
+        pprm_stage,
+        "thought_ratings",
+        lambda *a, **k: meshes.append(jax.sharding.get_abstract_mesh().shape) or rate(*a, **k),
+    )
     rated = pprm_pairs(ctx, ctx.params)
+    assert meshes and all(m == dict(ctx.mesh.shape) for m in meshes)  # rows split over the mesh
     ctx.checkpointer.close()
     plain_ctx = _context(tmp_path / "w2", "pprm.steps=1", "pprm.eval_pairs=3", "pprm.rated=false")
     plain = pprm_pairs(plain_ctx)
@@ -314,13 +322,14 @@ def test_policy_source_mines_pairs_from_the_sft_policy_after_sft(tmp_path, monke
     calls = []
 
     def fake_triples(params, cfg, tokenizer, problems, *, key, samples, seed, **kw):
-        calls.append((len(problems), samples, seed))
+        calls.append((len(problems), samples, seed, jax.sharding.get_abstract_mesh().shape))
         return [(p.question, "right", "wrong") for p in problems]
 
     monkeypatch.setattr(pprm_mining, "policy_triples", fake_triples)
     train, held_out = pprm_stage.policy_pprm_pairs(ctx, ctx.params)
     assert train.num_pairs == 5 and held_out.num_pairs == 1
     assert calls[0][:2] == (5, 3) and calls[0][2] != calls[1][2]  # train and held-out draws
+    assert calls[0][3] == dict(ctx.mesh.shape)  # under the run's mesh: rows split over it
     monkeypatch.setattr(pprm_mining, "policy_triples", lambda *a, **k: [])
     with pytest.raises(ConfigError, match=r"pprm\.source policy: .* 0 train / 0 held-out"):
         pprm_stage.policy_pprm_pairs(ctx, ctx.params)

@@ -307,14 +307,23 @@ def test_a_ppo_update_skipped_for_its_gradient_alone_is_reported(tmp_path):
     assert any("ppo/nonfinite_total" in r for r in rows)
 
 
-def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys):
+def test_clis_on_a_trained_workdir(uninterrupted, tmp_path, capsys, monkeypatch):
     """evaluate (greedy, pass@k, search with tree export), show_tree and generate on a real run."""
     from o1jax import evaluate, generate, show_tree
+    from o1jax.train import evaluate as ev
 
+    meshes = []  # evaluate runs under the run's mesh: each device decodes its share of the rows
+    for name in ("evaluate", "search_evaluate", "refine_evaluate"):
+        real = getattr(ev, name)
+        spy = lambda *a, real=real, **k: (
+            meshes.append(jax.sharding.get_abstract_mesh().shape) or (real(*a, **k))
+        )
+        monkeypatch.setattr(ev, name, spy)
     trees = tmp_path / "trees"
     argv = ["--workdir", str(uninterrupted), "--limit", "4", "--samples", "2", "--out"]
     argv += [str(tmp_path), "--search", "mcts,mctsr", "--simulations", "3", "--rollouts", "2"]
     assert evaluate.main([*argv, "--trees", str(trees)]) == 0
+    assert meshes == [{"data": 8, "fsdp": 1, "tensor": 1}] * 3
     summary = json.load(open(tmp_path / "eval_summary.json"))
     assert summary["problems"] == 4 and 0 <= summary["pass@2"] <= 1
     assert summary["maj@2"] <= summary["pass@2"] and "mcts accuracy (3 sims)" in summary

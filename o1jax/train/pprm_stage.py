@@ -85,12 +85,13 @@ def pprm_pairs(ctx: RunContext, base_params=None) -> tuple[Pairs, Pairs] | None:
         return None  # made from the SFT'd policy in the PPRM stage
     rate = step_rater(ctx, base_params)
     try:
-        train = task_pairs(
-            ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0]), rate
-        )
-        test = task_pairs(
-            ctx.tokenizer, ctx.test, np.random.default_rng([config.seed, STAGE_PPRM, 1]), rate
-        )
+        with jax.set_mesh(ctx.mesh):  # `rate` runs the model: each device its share of rows
+            train = task_pairs(
+                ctx.tokenizer, ctx.train, np.random.default_rng([config.seed, STAGE_PPRM, 0]), rate
+            )
+            test = task_pairs(
+                ctx.tokenizer, ctx.test, np.random.default_rng([config.seed, STAGE_PPRM, 1]), rate
+            )
     except ValueError as e:
         raise ConfigError(
             f"pprm: cannot make (correct, flawed) pairs from the problems ({e}); "
@@ -118,8 +119,9 @@ def policy_pprm_pairs(ctx: RunContext, base_params) -> tuple[Pairs, Pairs]:
         progress=f"pprm pairs ({'train' if part == 0 else 'held-out'})",
         rate=step_rater(ctx, base_params),
     )
-    train = mine(ctx.train[: p.mine_problems], 0)
-    test = mine(ctx.test[: config.eval.num_problems], 1)
+    with jax.set_mesh(ctx.mesh):  # each device samples its share of the rows
+        train = mine(ctx.train[: p.mine_problems], 0)
+        test = mine(ctx.test[: config.eval.num_problems], 1)
     if not train or not test:
         raise ConfigError(
             f"pprm.source policy: the SFT'd policy's samples gave {len(train)} train / "
