@@ -73,9 +73,7 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x, lora: dict | None = None, lora_scale: float = 0.0):
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
-        )
+        kernel = self.param("kernel", scaled_normal, (x.shape[-1], self.features), jnp.float32)
         y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
         if lora is not None:
             a, b = lora["a"], lora["b"]  # [in, r], [r, out]
@@ -344,7 +342,7 @@ class Gemma2(nn.Module):
         cfg = self.cfg
         embedding = self.param(
             "embedder",
-            lambda key, shape: {"embedding": jax.random.normal(key, shape) * 0.02},
+            lambda key, shape: {"embedding": scaled_normal(key, shape)},
             (cfg.vocab_size, cfg.d_model),
         )["embedding"]
         dtype = embedding.dtype
@@ -405,11 +403,27 @@ def unembed(params: Params, cfg: Gemma2Config, hidden, token_ids=None):
 
 # ----------------------------------------------------------------------------- public API
 def init_params(cfg: Gemma2Config, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random params (normal(0.02) kernels, zero norm weights), cast to `dtype`."""
+    """Random params (normal(0.02) kernels, zero norm weights), cast to `dtype`.
+
+    Jitted: linen's `init` runs the model on a token, which eagerly was a few hundred ops, each
+    compiled once per shape (about 3 s per process for the tiny model); under jit that forward is
+    dead code. The values are those of an eager init to the bit (`scaled_normal`)."""
+    return _init_params(cfg, key, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(cfg: Gemma2Config, key: jax.Array, dtype) -> Params:
     tokens = jnp.zeros((1, 1), jnp.int32)
     pos = jnp.zeros((1, 1), jnp.int32)
     params = Gemma2(cfg).init(key, tokens, pos, pos, None, 0.0, None, None)["params"]
     return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def scaled_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """normal(0, 0.02) draws. The barrier keeps XLA from folding the 0.02 into the sampler's own
+    constant factors when this runs inside a jitted program (`init_params`): the draws stay
+    those of the eager `jax.random.normal(key, shape) * 0.02`, to the bit."""
+    return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * 0.02
 
 
 def init_cache(cfg: Gemma2Config, batch: int, length: int, dtype=jnp.float32) -> Cache:
