@@ -21,7 +21,8 @@ def _random_model(d_model: int, ffn_dim: int, window: int, seed: int):
     )
     keys = iter(jax.random.split(jax.random.key(seed), 64))
     params = jax.tree.map(
-        lambda x: jax.random.normal(next(keys), x.shape) * 0.2, init_params(cfg, jax.random.key(1))
+        lambda x: jax.random.normal(next(keys), x.shape) * 0.2,
+        jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(1)),  # shapes: none run
     )
     return cfg, params
 

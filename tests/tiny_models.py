@@ -20,7 +20,7 @@ def random_tiny_model(vocab_size: int, seed: int, sliding_window: int = 16):
     keys = iter(jax.random.split(jax.random.key(seed), 64))
     params = jax.tree.map(
         lambda x: jax.random.normal(next(keys), x.shape) * (0.5 if x.ndim == 1 else 0.2),
-        init_params(cfg, jax.random.key(0)),
+        jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0)),  # shapes: none run
     )
     return cfg, params
 
