@@ -522,11 +522,14 @@ def test_lm_search_compiles_one_sampler_per_prefix_bucket_and_reuses_them(on_mes
     mesh = make_mesh({"data": 8}) if on_mesh else None
     if on_mesh:
         params = jax.device_put(params, replicated(mesh))
-    widths = set()
-    trim = mcts.trim_to_bucket
-    monkeypatch.setattr(
-        mcts, "trim_to_bucket", lambda *a: widths.add(trim(*a).shape[1]) or trim(*a)
-    )
+    widths, trim = set(), mcts.trim_to_bucket
+
+    def trim_and_record(prefixes, lengths):
+        out = trim(prefixes, lengths)
+        widths.add(out.shape[1])  # the prefix widths the search compiled the sampler for
+        return out
+
+    monkeypatch.setattr(mcts, "trim_to_bucket", trim_and_record)
 
     def run(seed):
         with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
