@@ -22,7 +22,7 @@ def model():
         vocab_size=64, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16,
         ffn_dim=64,
     )  # fmt: skip
-    # Random arrays of the right shapes (`init_params` costs seconds of eager dispatch).
+    # Random arrays of the right shapes (`init_params` compiles a program per config).
     rng = np.random.default_rng(0)
     params = {}
     for _, path, _ in hf_tensor_names(cfg):

@@ -232,7 +232,7 @@ def test_cached_decoding_equals_full_forward(hf_dir):
 
 
 def _random_params(cfg, seed=0):
-    """Random params of `cfg`'s shapes (`init_params` costs seconds of eager dispatch)."""
+    """Random params of `cfg`'s shapes (`init_params` compiles a program per config)."""
     rng = np.random.default_rng(seed)
     params = {}
     for _, path, _ in hf_tensor_names(cfg):
